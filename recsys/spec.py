@@ -1,0 +1,158 @@
+"""The dataset spec: one YAML file that names every column's type and role.
+
+Every step reads column names from here; nothing downstream knows AliCCP's column names.
+Plain dataclasses (not pydantic) because the same module runs in both Python environments,
+and the trainer environment is pinned to pydantic 1 by TensorFlow 2.12's typing-extensions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Types a spec may name, mapped to pyarrow type names (pyarrow is imported lazily by callers).
+SUPPORTED_TYPES = ("int8", "int16", "int32", "int64", "float32", "float64", "string")
+
+DEFAULT_SPEC_PATH = Path(__file__).resolve().parent.parent / "specs" / "aliccp.yaml"
+
+
+class SpecError(ValueError):
+    """A dataset spec that cannot be used; the message names the file and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Categorify:
+    """How the NVTabular workflow encodes categorical columns."""
+
+    freq_threshold: int = 0
+    # Per-column caps for huge cardinalities: the N most frequent values keep their own id,
+    # the rest share the out-of-vocabulary id.
+    max_size: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """Thresholds for the Great Expectations suite."""
+
+    max_null_fraction: float = 0.5
+    value_ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    # Glob patterns of the raw CSV files for each original split, e.g. {"train": "train*.csv"}.
+    splits: dict[str, str]
+    # Column name -> type, in the order the generator writes them.
+    columns: dict[str, str]
+    user_id: str
+    item_id: str
+    timestamp: str
+    user_features: tuple[str, ...]
+    item_features: tuple[str, ...]
+    user_item_features: tuple[str, ...]
+    context_features: tuple[str, ...]
+    targets: tuple[str, ...]
+    categorify: Categorify = Categorify()
+    validation: Validation = Validation()
+    source: str = "<memory>"
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """Columns that count as features for null cleaning (ids, targets and time excluded)."""
+        return self.user_features + self.item_features + self.user_item_features + self.context_features
+
+    @property
+    def categorical_columns(self) -> tuple[str, ...]:
+        return (self.user_id, self.item_id, *self.features)
+
+    @property
+    def primary_target(self) -> str:
+        return self.targets[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+def _require(raw: dict[str, Any], key: str, source: str) -> Any:
+    if key not in raw:
+        raise SpecError(f"{source}: missing field '{key}'")
+    return raw[key]
+
+
+def parse_spec(raw: dict[str, Any], source: str = "<memory>") -> DatasetSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a spec must be a YAML mapping")
+    columns = _require(raw, "columns", source)
+    if not isinstance(columns, dict) or not columns:
+        raise SpecError(f"{source}: 'columns' must map column names to types")
+    for column, type_name in columns.items():
+        if type_name not in SUPPORTED_TYPES:
+            raise SpecError(
+                f"{source}: columns.{column}: unsupported type '{type_name}' (one of {', '.join(SUPPORTED_TYPES)})"
+            )
+    roles = _require(raw, "roles", source)
+
+    def role_list(key: str) -> tuple[str, ...]:
+        value = roles.get(key, [])
+        if not isinstance(value, list):
+            raise SpecError(f"{source}: roles.{key} must be a list of column names")
+        return tuple(value)
+
+    spec = DatasetSpec(
+        name=str(_require(raw, "name", source)),
+        splits=dict(_require(raw, "splits", source)),
+        columns=dict(columns),
+        user_id=_require(roles, "user_id", source),
+        item_id=_require(roles, "item_id", source),
+        timestamp=_require(roles, "timestamp", source),
+        user_features=role_list("user_features"),
+        item_features=role_list("item_features"),
+        user_item_features=role_list("user_item_features"),
+        context_features=role_list("context_features"),
+        targets=role_list("targets"),
+        categorify=Categorify(**raw.get("categorify", {})),
+        validation=Validation(
+            max_null_fraction=raw.get("validation", {}).get("max_null_fraction", 0.5),
+            value_ranges={
+                column: (float(bounds[0]), float(bounds[1]))
+                for column, bounds in raw.get("validation", {}).get("value_ranges", {}).items()
+            },
+        ),
+        source=source,
+    )
+    _check_roles(spec)
+    return spec
+
+
+def _check_roles(spec: DatasetSpec) -> None:
+    named = [spec.user_id, spec.item_id, spec.timestamp, *spec.features, *spec.targets]
+    for column in named:
+        if column not in spec.columns:
+            raise SpecError(f"{spec.source}: role names column '{column}', which is not in 'columns'")
+    duplicated = sorted({column for column in named if named.count(column) > 1})
+    if duplicated:
+        raise SpecError(f"{spec.source}: columns with more than one role: {', '.join(duplicated)}")
+    if not spec.targets:
+        raise SpecError(f"{spec.source}: roles.targets must name at least one target")
+    if not {"train", "test"} <= set(spec.splits):
+        raise SpecError(f"{spec.source}: splits must name 'train' and 'test' file patterns")
+    for column in spec.validation.value_ranges:
+        if column not in spec.columns:
+            raise SpecError(f"{spec.source}: validation.value_ranges names unknown column '{column}'")
+
+
+def load_spec(path: str | Path | None = None) -> DatasetSpec:
+    spec_path = Path(path) if path else DEFAULT_SPEC_PATH
+    try:
+        raw = yaml.safe_load(spec_path.read_text())
+    except FileNotFoundError as error:
+        raise SpecError(f"dataset spec not found: {spec_path}") from error
+    except yaml.YAMLError as error:
+        raise SpecError(f"{spec_path}: not valid YAML: {error}") from error
+    return parse_spec(raw, source=str(spec_path))

@@ -1,0 +1,276 @@
+"""Step 1 of the data stage: raw CSV files to typed, partitioned Parquet.
+
+The fast path is pyarrow's streaming CSV reader with the spec's column types (bounded memory, one
+block at a time). pyarrow stops at the first malformed row without saying which line it was on, so
+when it fails the file is read again on a careful path (Python's csv module, which knows line numbers):
+malformed rows go to a quarantine file with their line, column and reason, and the step fails only
+when they exceed `max_bad_row_fraction` of the file. Output appears atomically or not at all.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+
+from recsys.errors import InputDataError
+from recsys.outputs import atomic_output_dir
+from recsys.parquet_io import ROWS_PER_FILE, PartitionWriter, directory_bytes
+from recsys.sampling import row_fraction_mask
+from recsys.spec import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+SNIFF_BYTES = 64 * 1024
+CAREFUL_CHUNK_ROWS = 50_000
+_INTEGER = re.compile(r"^\s*[+-]?\d+\s*$")
+_FLOAT = re.compile(r"^\s*([+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity))\s*$", re.IGNORECASE)
+SAMPLE_SALT = 0x5A3F
+
+
+@dataclasses.dataclass(frozen=True)
+class CsvToParquetConfig:
+    max_bad_row_fraction: float = 0.001  # above this share of malformed rows in a file, the step fails
+    sample_fraction: float = 1.0  # keep this share of rows (deterministic), for quick runs
+    rows_per_file: int = ROWS_PER_FILE
+    block_size: int = 16 << 20  # bytes pyarrow parses at a time
+
+
+@dataclasses.dataclass
+class BadRow:
+    line: int
+    column: str
+    reason: str
+    text: str
+
+    def describe(self, path: Path) -> str:
+        where = f"{path.name} line {self.line}" + (f", column {self.column}" if self.column else "")
+        return f"{where}: {self.reason}"
+
+
+class _FastPathFailed(Exception):
+    pass
+
+
+def input_files(input_dir: Path, spec: DatasetSpec) -> dict[str, list[Path]]:
+    files = {split: sorted(Path(input_dir).glob(pattern)) for split, pattern in spec.splits.items()}
+    missing = [f"{split} ({spec.splits[split]})" for split, paths in files.items() if not paths]
+    if missing:
+        raise InputDataError(f"{input_dir}: no CSV files for split {', '.join(missing)}")
+    return files
+
+
+def check_header(path: Path, spec: DatasetSpec) -> list[str]:
+    """Refuse files that are empty, binary or lack spec columns; return the header."""
+    if path.stat().st_size == 0:
+        raise InputDataError(f"{path}: the file is empty (expected a CSV header line)")
+    with path.open("rb") as handle:
+        sample = handle.read(SNIFF_BYTES)
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
+    except UnicodeDecodeError as error:
+        raise InputDataError(f"{path}: not a CSV text file (byte {error.start} is not UTF-8)") from error
+    if "\x00" in text:
+        raise InputDataError(f"{path}: not a CSV text file (it contains NUL bytes)")
+    header = next(csv.reader(text.splitlines()[:1]), [])
+    if not header or header == [""]:
+        raise InputDataError(f"{path} line 1: the header line is empty")
+    missing = [column for column in spec.columns if column not in header]
+    if missing:
+        raise InputDataError(
+            f"{path} line 1: missing column(s) {', '.join(missing)} required by spec {spec.source}; "
+            f"header has {', '.join(header[:40])}"
+        )
+    duplicated = sorted({column for column in header if header.count(column) > 1})
+    if duplicated:
+        raise InputDataError(f"{path} line 1: duplicated column(s) {', '.join(duplicated)}")
+    return header
+
+
+def _arrow_schema(spec: DatasetSpec) -> pa.Schema:
+    return pa.schema([(name, pa.type_for_alias(type_name)) for name, type_name in spec.columns.items()])
+
+
+def _fast_batches(path: Path, spec: DatasetSpec, config: CsvToParquetConfig) -> Iterator[pa.RecordBatch]:
+    schema = _arrow_schema(spec)
+    try:
+        reader = pa_csv.open_csv(
+            path,
+            read_options=pa_csv.ReadOptions(block_size=config.block_size),
+            convert_options=pa_csv.ConvertOptions(
+                column_types=schema,
+                include_columns=list(spec.columns),
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=True,
+            ),
+        )
+        for batch in reader:
+            yield batch
+    except pa.ArrowInvalid as error:
+        raise _FastPathFailed(str(error)) from error
+
+
+def _bad_values(values: pa.Array, type_name: str) -> np.ndarray:
+    """Mask of non-empty strings that do not parse as `type_name`."""
+    present = pc.fill_null(pc.not_equal(values, ""), False)
+    if type_name == "string":
+        return np.zeros(len(values), dtype=bool)
+    pattern = _INTEGER.pattern if type_name.startswith("int") else _FLOAT.pattern
+    parses = pc.fill_null(pc.match_substring_regex(values, pattern, ignore_case=True), False)
+    bad = pc.and_(present, pc.invert(parses)).to_numpy(zero_copy_only=False)
+    if type_name.startswith("int"):  # digits that overflow the column's type
+        info = np.iinfo(np.dtype(type_name))
+        candidates = np.flatnonzero(~bad & present.to_numpy(zero_copy_only=False))
+        for index in candidates:
+            number = int(values[int(index)].as_py())
+            if not info.min <= number <= info.max:
+                bad[index] = True
+    return bad
+
+
+def _careful_batches(path: Path, header: list[str], spec: DatasetSpec, bad_rows: list[BadRow]
+                     ) -> Iterator[pa.RecordBatch]:  # fmt: skip
+    """Parse with line numbers; append malformed rows to `bad_rows` and yield the good ones."""
+    schema = _arrow_schema(spec)
+    positions = [header.index(column) for column in spec.columns]
+    width = len(header)
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle)
+        next(reader)
+        while True:
+            lines: list[int] = []
+            texts: list[list[str]] = []
+            start_line = reader.line_num + 1
+            for row in reader:
+                if len(row) != width:
+                    bad_rows.append(BadRow(start_line, "", f"expected {width} fields, found {len(row)}", ",".join(row)))
+                else:
+                    lines.append(start_line)
+                    texts.append(row)
+                start_line = reader.line_num + 1
+                if len(texts) >= CAREFUL_CHUNK_ROWS:
+                    break
+            if not texts:
+                return
+            keep = np.ones(len(texts), dtype=bool)
+            columns: list[pa.Array] = []
+            for column, position in zip(spec.columns, positions, strict=True):
+                values = pa.array([row[position] for row in texts], type=pa.string())
+                bad = _bad_values(values, spec.columns[column]) & keep
+                for index in np.flatnonzero(bad):
+                    reason = f"{texts[index][position]!r} is not {spec.columns[column]}"
+                    bad_rows.append(BadRow(lines[index], column, reason, ",".join(texts[index])))
+                keep &= ~bad
+                columns.append(values)
+            mask = pa.array(keep)
+            arrays = []
+            for column, values in zip(spec.columns, columns, strict=True):
+                values = pc.filter(values, mask)
+                if spec.columns[column] != "string":
+                    values = pc.utf8_trim_whitespace(values)
+                # Empty fields are nulls, as on the fast path.
+                values = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+                arrays.append(values.cast(pa.type_for_alias(spec.columns[column])))
+            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _write_quarantine(path: Path, bad_rows: list[BadRow]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["line", "column", "reason", "row"])
+        for bad in sorted(bad_rows, key=lambda row: row.line):
+            writer.writerow([bad.line, bad.column, bad.reason, bad.text])
+
+
+def _write_sampled(batch: pa.RecordBatch, writer: PartitionWriter, first_row: int,
+                   config: CsvToParquetConfig) -> int:  # fmt: skip
+    if config.sample_fraction < 1.0:
+        mask = row_fraction_mask(first_row, batch.num_rows, config.sample_fraction, SAMPLE_SALT)
+        writer.write(batch.filter(pa.array(mask)))
+    else:
+        writer.write(batch)
+    return batch.num_rows
+
+
+def _convert_split(files: list[Path], split: str, spec: DatasetSpec, config: CsvToParquetConfig, out_dir: Path,
+                   careful: bool) -> list[dict]:  # fmt: skip
+    """Write one split's partition; the careful path quarantines bad rows instead of failing fast."""
+    results = []
+    seen = 0
+    with PartitionWriter(out_dir / split, _arrow_schema(spec), config.rows_per_file) as writer:
+        for path in files:
+            header = check_header(path, spec)
+            rows_before = writer.rows
+            bad_rows: list[BadRow] = []
+            read = 0
+            batches = _careful_batches(path, header, spec, bad_rows) if careful else _fast_batches(path, spec, config)
+            for batch in batches:
+                read += _write_sampled(batch, writer, seen + read, config)
+            total = read + len(bad_rows)
+            if bad_rows:
+                _check_bad_rows(path, bad_rows, total, config)
+                quarantine = out_dir / "quarantine" / f"{split}-{path.stem}.csv"
+                quarantine.parent.mkdir(exist_ok=True)
+                _write_quarantine(quarantine, bad_rows)
+                log.warning("%s: %d malformed row(s) quarantined in %s", path, len(bad_rows), quarantine.name)
+            seen += read
+            results.append({
+                "split": split, "file": path.name, "bytes_in": path.stat().st_size, "rows_in": total,
+                "rows_out": writer.rows - rows_before, "rows_quarantined": len(bad_rows),
+            })  # fmt: skip
+    return results
+
+
+def _check_bad_rows(path: Path, bad_rows: list[BadRow], total: int, config: CsvToParquetConfig) -> None:
+    if len(bad_rows) > config.max_bad_row_fraction * max(total, 1):
+        examples = "; ".join(bad.describe(path) for bad in sorted(bad_rows, key=lambda row: row.line)[:5])
+        raise InputDataError(
+            f"{path}: {len(bad_rows)} of {total} rows are malformed, more than the allowed "
+            f"{config.max_bad_row_fraction:.2%}; first ones: {examples}"
+        )
+
+
+def csv_to_parquet(input_dir: Path, output_dir: Path, spec: DatasetSpec,
+                   config: CsvToParquetConfig = CsvToParquetConfig()) -> dict:  # fmt: skip
+    """Convert every split's CSV files under `input_dir` to `output_dir/<split>/part-*.parquet`."""
+    files = input_files(input_dir, spec)
+    for paths in files.values():
+        for path in paths:
+            check_header(path, spec)  # refuse bad files before any work
+    results: list[dict] = []
+    with atomic_output_dir(Path(output_dir)) as staging:
+        for split, paths in files.items():
+            try:
+                results += _convert_split(paths, split, spec, config, staging, careful=False)
+            except _FastPathFailed as error:
+                log.warning("split %s: %s; reading again with line numbers", split, error)
+                for leftover in (staging / split).glob("*"):
+                    leftover.unlink()
+                results += _convert_split(paths, split, spec, config, staging, careful=True)
+        metrics = {
+            "files": results,
+            "rows_in": sum(result["rows_in"] for result in results),
+            "rows_out": sum(result["rows_out"] for result in results),
+            "rows_quarantined": sum(result["rows_quarantined"] for result in results),
+            "bytes_in": sum(result["bytes_in"] for result in results),
+            "bytes_out": directory_bytes(staging),
+            "rows_out_by_split": {
+                split: sum(r["rows_out"] for r in results if r["split"] == split) for split in files
+            },
+        }
+        (staging / "_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info(
+        "csv_to_parquet: %d rows (%d bytes) in, %d rows (%d bytes) out, %d quarantined",
+        metrics["rows_in"], metrics["bytes_in"], metrics["rows_out"], metrics["bytes_out"], metrics["rows_quarantined"],
+    )  # fmt: skip
+    return metrics
