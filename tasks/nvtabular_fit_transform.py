@@ -1,0 +1,106 @@
+"""Step 5 of the data stage (trainer environment): fit the NVTabular workflow on train, transform both splits.
+
+The workflow is built from the dataset spec: Categorify every categorical column (with the spec's
+frequency threshold and per-column caps for huge cardinalities), tag ids, user, item and context
+features and targets the way Merlin Models selects inputs, fit on train only, and save it so that
+batch scoring and the Triton ensemble reuse the very same transforms. It also writes the per-user and
+per-item feature tables (encoded features, raw entity ids, event timestamps) that Feast serves.
+
+This module imports NVTabular and runs only in the trainer environment (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from recsys.outputs import atomic_output_dir
+from recsys.spec import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+RAW_SUFFIX = "_raw"  # raw id columns kept next to the encoded ones, for joins with the web tier's ids
+RAW_ID_TAG = "raw_id"
+
+
+def build_workflow(spec: DatasetSpec):  # type: ignore[no-untyped-def]
+    import nvtabular as nvt
+    from merlin.schema import Tags
+    from nvtabular import ops
+
+    def categorify(columns: list[str]):  # type: ignore[no-untyped-def]
+        # One op per column so each can carry its own cap (max_size) for huge cardinalities.
+        node = None
+        for column in columns:
+            op = ops.Categorify(
+                freq_threshold=spec.categorify.freq_threshold,
+                max_size=spec.categorify.max_size.get(column, 0),
+            )
+            encoded = [column] >> op
+            node = encoded if node is None else node + encoded
+        return node
+
+    user_id = categorify([spec.user_id]) >> ops.TagAsUserID()
+    item_id = categorify([spec.item_id]) >> ops.TagAsItemID()
+    outputs = user_id + item_id
+    if spec.user_features:
+        outputs += categorify(list(spec.user_features)) >> ops.TagAsUserFeatures()
+    if spec.item_features:
+        outputs += categorify(list(spec.item_features)) >> ops.TagAsItemFeatures()
+    if spec.user_item_features:
+        outputs += categorify(list(spec.user_item_features)) >> ops.AddTags(["user_item"])
+    if spec.context_features:
+        outputs += categorify(list(spec.context_features)) >> ops.AddTags([Tags.CONTEXT])
+    outputs += list(spec.targets) >> ops.AddTags([Tags.BINARY_CLASSIFICATION, Tags.TARGET])
+    raw_ids = [spec.user_id, spec.item_id] >> ops.Rename(postfix=RAW_SUFFIX) >> ops.AddTags([RAW_ID_TAG])
+    timestamp = [spec.timestamp] >> ops.AddTags(["time"])
+    return nvt.Workflow(outputs + raw_ids + timestamp)
+
+
+def _feature_table(frame, entity_raw: str, entity_encoded: str, features: list[str], timestamp: str):  # type: ignore[no-untyped-def]
+    """Latest encoded features per entity, with the entity's latest event time as Feast's timestamp."""
+    import pandas as pd
+
+    latest = frame.sort_values([entity_raw, timestamp], kind="stable").groupby(entity_raw, sort=True).tail(1)
+    table = latest[[entity_raw, entity_encoded, *features, timestamp]].reset_index(drop=True)
+    table["event_timestamp"] = pd.to_datetime(table.pop(timestamp), unit="s", utc=True)
+    return table.rename(columns={entity_raw: entity_raw.removesuffix(RAW_SUFFIX), entity_encoded: f"{entity_encoded}_encoded"})
+
+
+def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec) -> dict:
+    """Fit on `input_dir/train`, write workflow/, train/, valid/, user_features.parquet, item_features.parquet."""
+    import nvtabular as nvt
+
+    source = Path(input_dir)
+    workflow = build_workflow(spec)
+    train = nvt.Dataset(sorted(str(p) for p in (source / "train").glob("part-*.parquet")), engine="parquet", cpu=True)
+    valid = nvt.Dataset(sorted(str(p) for p in (source / "valid").glob("part-*.parquet")), engine="parquet", cpu=True)
+    with atomic_output_dir(Path(output_dir)) as staging:
+        workflow.fit(train)
+        workflow.save(str(staging / "workflow"))
+        # shuffle=None keeps row order, so a rerun on the same input writes the same files.
+        workflow.transform(train).to_parquet(str(staging / "train"), shuffle=None, out_files_per_proc=None)
+        workflow.transform(valid).to_parquet(str(staging / "valid"), shuffle=None, out_files_per_proc=None)
+        transformed = nvt.Dataset(str(staging / "train" / "*.parquet"), engine="parquet", cpu=True).to_ddf().compute()
+        user_raw, item_raw = spec.user_id + RAW_SUFFIX, spec.item_id + RAW_SUFFIX
+        users = _feature_table(transformed, user_raw, spec.user_id, list(spec.user_features), spec.timestamp)
+        items = _feature_table(transformed, item_raw, spec.item_id, list(spec.item_features), spec.timestamp)
+        users.to_parquet(staging / "user_features.parquet", index=False)
+        items.to_parquet(staging / "item_features.parquet", index=False)
+        cardinalities = {
+            column.name: int(column.int_domain.max) + 1
+            for column in workflow.output_schema
+            if column.int_domain is not None and column.int_domain.max is not None and column.name in spec.categorical_columns
+        }
+        metrics = {
+            "train_rows": int(len(transformed)),
+            "users": int(len(users)),
+            "items": int(len(items)),
+            "cardinalities": cardinalities,
+            "output_columns": list(workflow.output_schema.column_names),
+        }
+        (staging / "_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("nvtabular_fit_transform: %d train rows, %d users, %d items", metrics["train_rows"], metrics["users"],
+             metrics["items"])  # fmt: skip
+    return metrics
