@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys.errors import InputDataError
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import part_files
 from recsys.spec import DatasetSpec
@@ -33,7 +34,7 @@ PANDAS_DTYPES = {
 GX_TYPE_NAMES = {name: ("str" if name == "string" else name) for name in PANDAS_DTYPES}
 
 
-class DataValidationError(ValueError):
+class DataValidationError(InputDataError):
     """The data failed its expectation suite; the message is the readable report."""
 
 
@@ -66,6 +67,9 @@ def build_suite(spec: DatasetSpec) -> Any:
 
 def suite_json(spec: DatasetSpec) -> dict:
     """The suite as the JSON GX stores, without the volatile id fields."""
+    import great_expectations as gx
+
+    gx.get_context(mode="ephemeral")  # GX serializes only with an active context
     data = build_suite(spec).to_json_dict()
     data.pop("id", None)
     for expectation in data["expectations"]:

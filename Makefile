@@ -1,0 +1,37 @@
+# Run `make` to list the commands.
+SHELL := /bin/bash
+ROOT := $(CURDIR)
+export AIRFLOW_HOME := $(ROOT)/var/airflow
+export AIRFLOW_CONFIG := $(ROOT)/airflow.cfg
+VENV := $(ROOT)/.venv/bin
+ROWS ?= 50000
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test lint unit generate-data airflow benchmark-data expectations
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+setup:  ## install both environments, Redis if missing, airflow.cfg and Airflow's database
+	./scripts/setup.sh
+
+test: lint unit  ## the whole test suite: lint, types, unit, DAG and end-to-end tests
+
+lint:  ## ruff (with Airflow's AIR rules) and mypy
+	$(VENV)/ruff check .
+	$(VENV)/mypy
+
+unit:  ## pytest only
+	$(VENV)/pytest
+
+generate-data:  ## generate ROWS rows of AliCCP-format CSV into the landing zone
+	$(VENV)/recsys generate-data --rows $(ROWS) --out var/data/landing
+
+airflow:  ## start Airflow (api server, scheduler, dag processor) on http://localhost:8080
+	$(VENV)/airflow standalone
+
+expectations:  ## rewrite the committed expectation suite of the default spec
+	$(VENV)/recsys write-expectations --out great_expectations/expectations
+
+benchmark-data:  ## data-stage throughput against pyarrow and pandas references (1M and 4M rows)
+	$(VENV)/python benchmarks/data_stage.py
