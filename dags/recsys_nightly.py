@@ -23,7 +23,6 @@ from pathlib import Path
 from airflow.sdk import Param, dag, get_current_context, task
 
 
-
 @dag(
     dag_id="recsys_nightly",
     schedule="0 2 * * *",
@@ -102,7 +101,11 @@ def recsys_nightly() -> None:
         run_trainer_step(get_settings().trainer_python, "nvtabular-fit-transform", arguments)
         return str(output)
 
-    nvtabular_fit_transform(validate(resplit(clean_null_rows(csv_to_parquet()))))
+    # Each task returns the path of its output; TaskFlow hands it to the next as an XComArg (a str at run time).
+    parquet = csv_to_parquet()
+    cleaned = clean_null_rows(parquet)  # type: ignore[arg-type]
+    validated = validate(resplit(cleaned))  # type: ignore[arg-type]
+    nvtabular_fit_transform(validated)  # type: ignore[arg-type]
 
 
 recsys_nightly()

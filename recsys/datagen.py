@@ -216,7 +216,10 @@ AUC_BINS = 1_000_000
 
 def generate_dataset(config: GeneratorConfig, out_dir: Path, spec: DatasetSpec | None = None,
                      progress: bool = True) -> dict:  # fmt: skip
-    """Write train.csv, test.csv, oracle_click_probability.csv (true click probability of each test row) and generation.json into `out_dir`."""
+    """Write train.csv, test.csv, generation.json and oracle_click_probability.csv into `out_dir`.
+
+    The oracle file holds the true click probability of each test row, in test.csv's order.
+    """
     spec = spec or load_spec()
     missing = [name for name in _generated_columns() if name not in spec.columns]
     if missing:

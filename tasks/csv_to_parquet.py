@@ -114,8 +114,7 @@ def _fast_batches(path: Path, spec: DatasetSpec, config: CsvToParquetConfig) -> 
                 quoted_strings_can_be_null=True,
             ),
         )
-        for batch in reader:
-            yield batch
+        yield from reader
     except pa.ArrowInvalid as error:
         raise _FastPathFailed(str(error)) from error
 

@@ -65,7 +65,8 @@ def _feature_table(frame, entity_raw: str, entity_encoded: str, features: list[s
     latest = frame.sort_values([entity_raw, timestamp], kind="stable").groupby(entity_raw, sort=True).tail(1)
     table = latest[[entity_raw, entity_encoded, *features, timestamp]].reset_index(drop=True)
     table["event_timestamp"] = pd.to_datetime(table.pop(timestamp), unit="s", utc=True)
-    return table.rename(columns={entity_raw: entity_raw.removesuffix(RAW_SUFFIX), entity_encoded: f"{entity_encoded}_encoded"})
+    names = {entity_raw: entity_raw.removesuffix(RAW_SUFFIX), entity_encoded: f"{entity_encoded}_encoded"}
+    return table.rename(columns=names)
 
 
 def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec) -> dict:
@@ -91,12 +92,13 @@ def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec
         cardinalities = {
             column.name: int(column.int_domain.max) + 1
             for column in workflow.output_schema
-            if column.int_domain is not None and column.int_domain.max is not None and column.name in spec.categorical_columns
+            if column.name in spec.categorical_columns and column.int_domain is not None
+            and column.int_domain.max is not None
         }
         metrics = {
-            "train_rows": int(len(transformed)),
-            "users": int(len(users)),
-            "items": int(len(items)),
+            "train_rows": len(transformed),
+            "users": len(users),
+            "items": len(items),
             "cardinalities": cardinalities,
             "output_columns": list(workflow.output_schema.column_names),
         }

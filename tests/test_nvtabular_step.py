@@ -1,0 +1,79 @@
+"""The NVTabular step, run the way the DAG runs it: the trainer environment's CLI in a subprocess."""
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from recsys.parquet_io import count_rows
+from recsys.settings import get_settings
+from recsys.trainer_env import TrainerStepError, run_trainer_step
+from tasks.clean_null_rows import clean_null_rows
+from tasks.csv_to_parquet import csv_to_parquet
+from tasks.resplit import resplit
+
+
+def read_nvtabular_output(directory: Path) -> pd.DataFrame:
+    """NVTabular writes part_<n>.parquet next to schema and metadata files."""
+    files = sorted(directory.glob("part_*.parquet"), key=lambda path: int(path.stem.split("_")[1]))
+    return pd.concat([pd.read_parquet(path) for path in files], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def nvtabular_run(small_raw: Path, tmp_path_factory: pytest.TempPathFactory, spec) -> tuple[Path, Path, dict]:
+    base = tmp_path_factory.mktemp("nvt")
+    csv_to_parquet(small_raw, base / "parquet", spec)
+    clean_null_rows(base / "parquet", base / "clean", spec)
+    resplit(base / "clean", base / "resplit", spec)
+    metrics = run_trainer_step(
+        get_settings().trainer_python, "nvtabular-fit-transform",
+        ["--input", str(base / "resplit"), "--output", str(base / "nvtabular")],
+    )  # fmt: skip
+    return base / "resplit", base / "nvtabular", metrics
+
+
+def test_transforms_both_splits_row_for_row(nvtabular_run, spec):
+    resplit_dir, out, metrics = nvtabular_run
+    assert (out / "workflow" / "workflow.pkl").exists()
+    valid = read_nvtabular_output(out / "valid")
+    assert len(valid) == count_rows(resplit_dir / "valid")
+    assert metrics["train_rows"] == count_rows(resplit_dir / "train")
+    raw_valid = pq.read_table(resplit_dir / "valid").to_pandas()
+    assert (valid["user_id_raw"].to_numpy() == raw_valid[spec.user_id].to_numpy()).all()  # order kept
+
+
+def test_categorical_columns_are_encoded_within_their_cardinality(nvtabular_run, spec):
+    _, out, metrics = nvtabular_run
+    train = read_nvtabular_output(out / "train")
+    for column in spec.categorical_columns:
+        assert train[column].min() >= 0
+        assert train[column].max() < metrics["cardinalities"][column], column
+    assert set(train[spec.primary_target].unique()) <= {0, 1}
+
+
+def test_schema_tags_select_model_inputs(nvtabular_run):
+    _, out, _ = nvtabular_run
+    schema = (out / "train" / "schema.pbtxt").read_text()
+    for tag in ("user_id", "item_id", "user", "item", "context", "binary_classification", "target"):
+        assert f'"{tag}"' in schema
+
+
+def test_feature_tables_have_one_row_per_entity_with_event_time(nvtabular_run, spec):
+    resplit_dir, out, metrics = nvtabular_run
+    train_raw = pq.read_table(resplit_dir / "train").to_pandas()
+    users = pd.read_parquet(out / "user_features.parquet")
+    items = pd.read_parquet(out / "item_features.parquet")
+    assert users[spec.user_id].is_unique and len(users) == train_raw[spec.user_id].nunique() == metrics["users"]
+    assert items[spec.item_id].is_unique and len(items) == train_raw[spec.item_id].nunique()
+    assert set(spec.user_features) <= set(users.columns) and f"{spec.user_id}_encoded" in users.columns
+    assert str(users["event_timestamp"].dtype).startswith("datetime64") and users["event_timestamp"].dt.tz is not None
+    latest = pd.to_datetime(train_raw.groupby(spec.user_id)[spec.timestamp].max(), unit="s", utc=True)
+    assert (users.set_index(spec.user_id)["event_timestamp"] == latest.loc[users[spec.user_id]]).all()
+
+
+def test_a_failing_trainer_step_reports_its_output(tmp_path: Path):
+    with pytest.raises(TrainerStepError, match="nvtabular-fit-transform' failed"):
+        run_trainer_step(get_settings().trainer_python, "nvtabular-fit-transform",
+                         ["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])  # fmt: skip
+    assert not (tmp_path / "out").exists()
