@@ -24,7 +24,8 @@ UV=("$PYTHON" -m uv)
 install_env() {  # venv, lock file
   say "environment $1 from $2"
   [ -x "$1/bin/python" ] || "${UV[@]}" venv --quiet --python "$PYTHON" "$1"
-  "${UV[@]}" pip sync --quiet --python "$1/bin/python" "$2"
+  # Byte-compiled at install, so the first import of pandas or TensorFlow in a task does not pay for it.
+  "${UV[@]}" pip sync --quiet --compile-bytecode --python "$1/bin/python" "$2"
   # The project itself, so Airflow tasks and the trainer CLI import the same `recsys` and `tasks`.
   "${UV[@]}" pip install --quiet --python "$1/bin/python" --no-deps -e .
 }

@@ -1,0 +1,201 @@
+"""Data-stage benchmark: rows/s and peak memory of each step, with references measured in the same run.
+
+    .venv/bin/python benchmarks/data_stage.py [--rows 1000000 4000000] [--work DIR]
+
+References, on the same file in the same run:
+- csv_to_parquet  vs pyarrow's own streaming CSV -> Parquet (open_csv + ParquetWriter, same types);
+- Categorify      vs plain pandas `factorize` of the same categorical columns (trainer environment).
+Every measurement runs in a fresh process so its peak RSS is its own. Goals (issue 2): csv_to_parquet
+at 0.8 or better of pyarrow's rate; rows/s at 4M no worse than at 1M (linear scaling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _step_function(name: str):  # type: ignore[no-untyped-def]
+    """The callable `(input, output, spec)` of a step; imported before the clock starts."""
+    if name == "pyarrow_reference":
+        return _pyarrow_reference
+    module = __import__(f"tasks.{name}", fromlist=[name])
+    return getattr(module, name)
+
+
+def _pyarrow_reference(source: Path, output: Path, spec) -> None:  # type: ignore[no-untyped-def]
+    """pyarrow's own streaming CSV -> Parquet with the same column types and block size."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(column, pa.type_for_alias(kind)) for column, kind in spec.columns.items()])
+    output.mkdir(parents=True)
+    for split in ("train", "test"):
+        reader = pa_csv.open_csv(
+            source / f"{split}.csv",
+            read_options=pa_csv.ReadOptions(block_size=16 << 20),
+            convert_options=pa_csv.ConvertOptions(column_types=schema, strings_can_be_null=True),
+        )
+        with pq.ParquetWriter(output / f"{split}.parquet", reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+
+
+def _child(name: str, arguments: dict, queue: multiprocessing.Queue) -> None:
+    import pandas  # noqa: F401  (pyarrow.parquet imports it lazily; not part of any step's cost)
+    import pyarrow  # noqa: F401
+
+    from recsys.spec import load_spec
+
+    spec = load_spec()
+    function = _step_function(name)
+    started = time.perf_counter()
+    function(Path(arguments["input"]), Path(arguments["output"]), spec)
+    queue.put({"seconds": time.perf_counter() - started, "peak_rss_mb": _peak_rss_mb()})
+
+
+def measure(name: str, **arguments: str) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(name, arguments, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def trainer_part(resplit_dir: Path, output: Path) -> dict:
+    """Runs in the trainer environment: NVTabular Categorify and the whole step vs pandas factorize."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import nvtabular as nvt
+    import pandas as pd
+    from nvtabular import ops
+
+    from recsys.spec import load_spec
+    from tasks.nvtabular_fit_transform import nvtabular_fit_transform
+
+    spec = load_spec()
+    columns = list(spec.categorical_columns)
+    files = sorted(str(path) for path in (resplit_dir / "train").glob("part-*.parquet"))
+    frame = pd.concat([pd.read_parquet(path, columns=columns) for path in files], ignore_index=True)
+    rows = len(frame)
+    started = time.perf_counter()
+    for column in columns:
+        pd.factorize(frame[column], sort=False)
+    factorize_seconds = time.perf_counter() - started
+
+    dataset = nvt.Dataset(files, engine="parquet", cpu=True)
+    started = time.perf_counter()
+    workflow = nvt.Workflow(columns >> ops.Categorify())
+    workflow.fit(dataset)
+    workflow.transform(dataset).to_ddf().compute()
+    categorify_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    nvtabular_fit_transform(resplit_dir, output, spec)
+    step_seconds = time.perf_counter() - started
+    return {"rows": rows, "factorize_seconds": factorize_seconds, "categorify_seconds": categorify_seconds,
+            "step_seconds": step_seconds, "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
+
+
+def run(rows: int, work: Path) -> dict:
+    from recsys.datagen import GeneratorConfig, generate_dataset
+    from recsys.parquet_io import count_rows
+
+    raw = work / f"raw-{rows}"
+    generate_dataset(GeneratorConfig(rows=rows, seed=1), raw, progress=False)
+    run_dir = work / f"run-{rows}"
+    results: dict = {"rows": rows}
+    steps = [  # (step, input, output)
+        ("pyarrow_reference", raw, run_dir / "reference"),
+        ("csv_to_parquet", raw, run_dir / "parquet"),
+        ("clean_null_rows", run_dir / "parquet", run_dir / "clean"),
+        ("resplit", run_dir / "clean", run_dir / "resplit"),
+        ("validate", run_dir / "resplit", run_dir / "validate"),
+    ]
+    for step, source, target in steps:
+        results[step] = measure(step, input=str(source), output=str(target))
+    # The reference runs again after our step; the faster of its two runs counts (page cache, warm disk).
+    again = measure("pyarrow_reference", input=str(raw), output=str(run_dir / "reference-again"))
+    results["pyarrow_reference"] = min(results["pyarrow_reference"], again, key=lambda result: result["seconds"])
+    trainer = subprocess.run(
+        [str(PROJECT_ROOT / ".venv-trainer/bin/python"), __file__, "--trainer-part", str(run_dir / "resplit"),
+         "--work", str(run_dir / "nvtabular")],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    results["nvtabular"] = json.loads(trainer.stdout.strip().splitlines()[-1])
+    for step, source, _ in steps:
+        splits = [path for path in source.iterdir() if path.is_dir() and path.name != "quarantine"]
+        count = sum(count_rows(split) for split in splits) if splits else rows
+        results[step]["rows_per_second"] = count / results[step]["seconds"]
+    return results
+
+
+def report(all_results: list[dict]) -> str:
+    lines = ["| rows | step | rows/s | peak RSS MB | reference | ratio |", "|---:|---|---:|---:|---|---:|"]
+    for results in all_results:
+        rows = results["rows"]
+        reference = results["pyarrow_reference"]["rows_per_second"]
+        for step in ("csv_to_parquet", "clean_null_rows", "resplit", "validate"):
+            measured = results[step]
+            against, ratio = "", ""
+            if step == "csv_to_parquet":
+                against = f"pyarrow CSV->Parquet {reference:,.0f} rows/s"
+                ratio = f"{measured['rows_per_second'] / reference:.2f}"
+            lines.append(f"| {rows:,} | {step} | {measured['rows_per_second']:,.0f} | {measured['peak_rss_mb']:,.0f} | "
+                         f"{against} | {ratio} |")  # fmt: skip
+        nvt = results["nvtabular"]
+        categorify_rate = nvt["rows"] / nvt["categorify_seconds"]
+        factorize_rate = nvt["rows"] / nvt["factorize_seconds"]
+        lines.append(f"| {rows:,} | Categorify (NVTabular CPU) | {categorify_rate:,.0f} | | pandas factorize "
+                     f"{factorize_rate:,.0f} rows/s | {categorify_rate / factorize_rate:.2f} |")  # fmt: skip
+        lines.append(f"| {rows:,} | nvtabular_fit_transform (whole step) | {nvt['rows'] / nvt['step_seconds']:,.0f} | "
+                     f"{nvt['peak_rss_mb']:,.0f} | | |")  # fmt: skip
+    if len(all_results) >= 2:
+        small, large = all_results[0], all_results[-1]
+        lines.append("")
+        lines.append(f"Scaling {small['rows']:,} -> {large['rows']:,} rows "
+                     "(rows/s at the large size / rows/s at the small one; 1.0 = linear):")
+        for step in ("csv_to_parquet", "clean_null_rows", "resplit", "validate"):
+            lines.append(f"- {step}: {large[step]['rows_per_second'] / small[step]['rows_per_second']:.2f}")
+        step_rate = [r["nvtabular"]["rows"] / r["nvtabular"]["step_seconds"] for r in (small, large)]
+        lines.append(f"- nvtabular_fit_transform: {step_rate[1] / step_rate[0]:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--trainer-part", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trainer_part:
+        print(json.dumps(trainer_part(args.trainer_part, args.work)))
+        return
+    with tempfile.TemporaryDirectory(dir=args.work) as scratch:
+        all_results = [run(rows, Path(scratch)) for rows in args.rows]
+    print(report(all_results))
+    results_dir = PROJECT_ROOT / "benchmarks" / "results"
+    results_dir.mkdir(exist_ok=True)
+    (results_dir / "data_stage.json").write_text(json.dumps(all_results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(PROJECT_ROOT))
+    main()
