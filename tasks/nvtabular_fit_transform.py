@@ -58,15 +58,41 @@ def build_workflow(spec: DatasetSpec):  # type: ignore[no-untyped-def]
     return nvt.Workflow(outputs + raw_ids + timestamp)
 
 
-def _feature_table(frame, entity_raw: str, entity_encoded: str, features: list[str], timestamp: str):  # type: ignore[no-untyped-def]
-    """Latest encoded features per entity, with the entity's latest event time as Feast's timestamp."""
-    import pandas as pd
+def _latest_per_entity(frame, entity: str, timestamp: str):  # type: ignore[no-untyped-def]
+    return frame.sort_values([entity, timestamp], kind="stable").groupby(entity, sort=True).tail(1)
 
-    latest = frame.sort_values([entity_raw, timestamp], kind="stable").groupby(entity_raw, sort=True).tail(1)
-    table = latest[[entity_raw, entity_encoded, *features, timestamp]].reset_index(drop=True)
-    table["event_timestamp"] = pd.to_datetime(table.pop(timestamp), unit="s", utc=True)
-    names = {entity_raw: entity_raw.removesuffix(RAW_SUFFIX), entity_encoded: f"{entity_encoded}_encoded"}
-    return table.rename(columns=names)
+
+def feature_tables(transformed_dir: Path, spec: DatasetSpec) -> tuple[object, object, int]:
+    """Latest encoded features per user and per item, with the entity's latest event time.
+
+    Reads the transformed train files one at a time and keeps only the running latest row per
+    entity, so memory is bounded by the number of users and items, not by the number of rows.
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    tables = {
+        "user": (spec.user_id + RAW_SUFFIX, spec.user_id, list(spec.user_features)),
+        "item": (spec.item_id + RAW_SUFFIX, spec.item_id, list(spec.item_features)),
+    }
+    latest: dict[str, pd.DataFrame | None] = {"user": None, "item": None}
+    rows = 0
+    files = sorted(transformed_dir.glob("part_*.parquet"), key=lambda path: int(path.stem.split("_")[1]))
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1_000_000):
+            frame = batch.to_pandas()
+            rows += len(frame)
+            for name, (raw, encoded, features) in tables.items():
+                part = frame[[raw, encoded, *features, spec.timestamp]]
+                previous = latest[name]
+                combined = part if previous is None else pd.concat([previous, part], ignore_index=True)
+                latest[name] = _latest_per_entity(combined, raw, spec.timestamp)
+    results = []
+    for name, (raw, encoded, _) in tables.items():
+        table = latest[name].reset_index(drop=True)  # type: ignore[union-attr]
+        table["event_timestamp"] = pd.to_datetime(table.pop(spec.timestamp), unit="s", utc=True)
+        results.append(table.rename(columns={raw: raw.removesuffix(RAW_SUFFIX), encoded: f"{encoded}_encoded"}))
+    return results[0], results[1], rows
 
 
 def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec) -> dict:
@@ -83,10 +109,7 @@ def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec
         # shuffle=None keeps row order, so a rerun on the same input writes the same files.
         workflow.transform(train).to_parquet(str(staging / "train"), shuffle=None, out_files_per_proc=None)
         workflow.transform(valid).to_parquet(str(staging / "valid"), shuffle=None, out_files_per_proc=None)
-        transformed = nvt.Dataset(str(staging / "train" / "*.parquet"), engine="parquet", cpu=True).to_ddf().compute()
-        user_raw, item_raw = spec.user_id + RAW_SUFFIX, spec.item_id + RAW_SUFFIX
-        users = _feature_table(transformed, user_raw, spec.user_id, list(spec.user_features), spec.timestamp)
-        items = _feature_table(transformed, item_raw, spec.item_id, list(spec.item_features), spec.timestamp)
+        users, items, train_rows = feature_tables(staging / "train", spec)
         users.to_parquet(staging / "user_features.parquet", index=False)
         items.to_parquet(staging / "item_features.parquet", index=False)
         cardinalities = {
@@ -96,7 +119,7 @@ def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec
             and column.int_domain.max is not None
         }
         metrics = {
-            "train_rows": len(transformed),
+            "train_rows": train_rows,
             "users": len(users),
             "items": len(items),
             "cardinalities": cardinalities,
