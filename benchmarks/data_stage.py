@@ -78,8 +78,12 @@ def measure(name: str, **arguments: str) -> dict:
     return result
 
 
-def trainer_part(resplit_dir: Path, output: Path) -> dict:
-    """Runs in the trainer environment: NVTabular Categorify and the whole step vs pandas factorize."""
+def trainer_part(mode: str, resplit_dir: Path, output: Path) -> dict:
+    """Runs in the trainer environment, one mode per process so each peak RSS is its own.
+
+    mode "step": the whole nvtabular_fit_transform step; mode "categorify": NVTabular's Categorify
+    alone against pandas factorize of the same columns.
+    """
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -91,27 +95,34 @@ def trainer_part(resplit_dir: Path, output: Path) -> dict:
     from tasks.nvtabular_fit_transform import nvtabular_fit_transform
 
     spec = load_spec()
-    columns = list(spec.categorical_columns)
     files = sorted(str(path) for path in (resplit_dir / "train").glob("part-*.parquet"))
+    if mode == "step":
+        started = time.perf_counter()
+        metrics = nvtabular_fit_transform(resplit_dir, output, spec)
+        return {"rows": metrics["train_rows"], "step_seconds": time.perf_counter() - started,
+                "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
+    columns = list(spec.categorical_columns)
     frame = pd.concat([pd.read_parquet(path, columns=columns) for path in files], ignore_index=True)
-    rows = len(frame)
     started = time.perf_counter()
     for column in columns:
         pd.factorize(frame[column], sort=False)
     factorize_seconds = time.perf_counter() - started
-
     dataset = nvt.Dataset(files, engine="parquet", cpu=True)
     started = time.perf_counter()
     workflow = nvt.Workflow(columns >> ops.Categorify())
     workflow.fit(dataset)
     workflow.transform(dataset).to_ddf().compute()
-    categorify_seconds = time.perf_counter() - started
+    return {"rows": len(frame), "factorize_seconds": factorize_seconds,
+            "categorify_seconds": time.perf_counter() - started}  # fmt: skip
 
-    started = time.perf_counter()
-    nvtabular_fit_transform(resplit_dir, output, spec)
-    step_seconds = time.perf_counter() - started
-    return {"rows": rows, "factorize_seconds": factorize_seconds, "categorify_seconds": categorify_seconds,
-            "step_seconds": step_seconds, "peak_rss_mb": _peak_rss_mb()}  # fmt: skip
+
+def _run_trainer_part(mode: str, resplit_dir: Path, output: Path) -> dict:
+    process = subprocess.run(
+        [str(PROJECT_ROOT / ".venv-trainer/bin/python"), __file__, "--trainer-part", mode,
+         "--resplit", str(resplit_dir), "--work", str(output)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(process.stdout.strip().splitlines()[-1])
 
 
 def run(rows: int, work: Path) -> dict:
@@ -137,12 +148,10 @@ def run(rows: int, work: Path) -> dict:
         for step, source, target in steps[:2]:
             again = measure(step, input=str(source), output=str(target.with_name(f"{target.name}-{attempt}")))
             results[step] = min(results[step], again, key=lambda result: result["seconds"])
-    trainer = subprocess.run(
-        [str(PROJECT_ROOT / ".venv-trainer/bin/python"), __file__, "--trainer-part", str(run_dir / "resplit"),
-         "--work", str(run_dir / "nvtabular")],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    results["nvtabular"] = json.loads(trainer.stdout.strip().splitlines()[-1])
+    results["nvtabular"] = {
+        **_run_trainer_part("step", run_dir / "resplit", run_dir / "nvtabular"),
+        **_run_trainer_part("categorify", run_dir / "resplit", run_dir / "unused"),
+    }
     for step, source, _ in steps:
         splits = [path for path in source.iterdir() if path.is_dir() and path.name != "quarantine"]
         count = sum(count_rows(split) for split in splits) if splits else rows
@@ -186,10 +195,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 4_000_000])
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--trainer-part", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--trainer-part", choices=["step", "categorify"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--resplit", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trainer_part:
-        print(json.dumps(trainer_part(args.trainer_part, args.work)))
+        print(json.dumps(trainer_part(args.trainer_part, args.resplit, args.work)))
         return
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         all_results = [run(rows, Path(scratch)) for rows in args.rows]

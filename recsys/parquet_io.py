@@ -56,8 +56,12 @@ class PartitionWriter:
     def __enter__(self) -> PartitionWriter:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._writer is not None:  # failing: release the file, write nothing more
+            self._writer.close()
+            self._writer = None
 
 
 def part_files(directory: Path) -> list[Path]:

@@ -120,21 +120,27 @@ def _fast_batches(path: Path, spec: DatasetSpec, config: CsvToParquetConfig) -> 
 
 
 def _bad_values(values: pa.Array, type_name: str) -> np.ndarray:
-    """Mask of non-empty strings that do not parse as `type_name`."""
-    present = pc.fill_null(pc.not_equal(values, ""), False)
+    """Mask of non-empty strings that do not parse as `type_name` (including integers out of range)."""
     if type_name == "string":
         return np.zeros(len(values), dtype=bool)
+    trimmed = pc.utf8_trim_whitespace(values)
+    present = pc.fill_null(pc.not_equal(trimmed, ""), False)
     pattern = _INTEGER.pattern if type_name.startswith("int") else _FLOAT.pattern
-    parses = pc.fill_null(pc.match_substring_regex(values, pattern, ignore_case=True), False)
-    bad = pc.and_(present, pc.invert(parses)).to_numpy(zero_copy_only=False)
-    if type_name.startswith("int"):  # digits that overflow the column's type
-        info = np.iinfo(np.dtype(type_name))
-        candidates = np.flatnonzero(~bad & present.to_numpy(zero_copy_only=False))
-        for index in candidates:
-            number = int(values[int(index)].as_py())
-            if not info.min <= number <= info.max:
-                bad[index] = True
-    return bad
+    parses = pc.fill_null(pc.match_substring_regex(trimmed, pattern, ignore_case=True), False)
+    bad = pc.and_(present, pc.invert(parses))
+    if type_name.startswith("int"):
+        bad = pc.or_(bad, _out_of_range(pc.if_else(pc.or_(bad, pc.invert(present)), "0", trimmed), type_name))
+    return bad.to_numpy(zero_copy_only=False)
+
+
+def _out_of_range(digits: pa.Array, type_name: str) -> pa.Array:
+    """Which integer strings do not fit `type_name`; vectorized unless some overflow int64 itself."""
+    info = np.iinfo(np.dtype(type_name))
+    try:
+        numbers = pc.cast(digits, pa.int64())
+    except pa.ArrowInvalid:  # more digits than int64 holds: rare, so the slow exact check is fine
+        return pa.array([not info.min <= int(text) <= info.max for text in digits.to_pylist()])
+    return pc.or_(pc.less(numbers, info.min), pc.greater(numbers, info.max))
 
 
 def _careful_batches(path: Path, header: list[str], spec: DatasetSpec, bad_rows: list[BadRow]

@@ -14,9 +14,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recsys.outputs import atomic_output_dir
 from recsys.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +62,11 @@ def build_workflow(spec: DatasetSpec):  # type: ignore[no-untyped-def]
     return nvt.Workflow(outputs + raw_ids + timestamp)
 
 
-def _latest_per_entity(frame, entity: str, timestamp: str):  # type: ignore[no-untyped-def]
+def _latest_per_entity(frame: pd.DataFrame, entity: str, timestamp: str) -> pd.DataFrame:
     return frame.sort_values([entity, timestamp], kind="stable").groupby(entity, sort=True).tail(1)
 
 
-def feature_tables(transformed_dir: Path, spec: DatasetSpec) -> tuple[object, object, int]:
+def feature_tables(transformed_dir: Path, spec: DatasetSpec) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """Latest encoded features per user and per item, with the entity's latest event time.
 
     Reads the transformed train files one at a time and keeps only the running latest row per

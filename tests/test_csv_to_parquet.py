@@ -111,3 +111,25 @@ def test_missing_split_files_are_named(tmp_path: Path, spec):
     (tmp_path / "raw").mkdir()
     with pytest.raises(InputDataError, match=r"no CSV files for split train \(train\*.csv\), test"):
         csv_to_parquet(tmp_path / "raw", tmp_path / "parquet", spec)
+
+
+def test_out_of_range_values_and_quoted_newlines_on_the_careful_path(small_raw: Path, tmp_path: Path, spec):
+    raw = _copy(small_raw, tmp_path / "raw")
+    lines = (raw / "test.csv").read_text().splitlines()
+    header = lines[0].replace('"', "").split(",")
+    click = header.index("click")
+    device = header.index("device")
+    fields = lines[1].split(",")
+    fields[click] = "300"  # does not fit int8
+    overflowing = ",".join(fields)
+    fields = lines[2].split(",")
+    fields[device] = '"mobile\nphone"'  # a valid CSV field spanning two lines
+    multiline = ",".join(fields)
+    _edit_lines(raw / "test.csv", {2: overflowing, 3: multiline, 4: "99999999999999999999999" + lines[3][1:]})
+    metrics = csv_to_parquet(raw, tmp_path / "parquet", spec, CsvToParquetConfig(max_bad_row_fraction=0.01))
+    quarantine = (tmp_path / "parquet" / "quarantine" / "test-test.csv").read_text()
+    assert "2,click,'300' is not int8" in quarantine
+    assert "5,user_id,'99999999999999999999999" in quarantine  # line numbers count the quoted newline
+    assert metrics["rows_quarantined"] == 2
+    devices = pq.read_table(tmp_path / "parquet" / "test", columns=["device"]).column("device").to_pylist()
+    assert "mobile\nphone" in devices
