@@ -86,7 +86,7 @@ def test_failed_validation_stops_the_run_before_nvtabular(airflow_env, small_raw
     report = (run / "validate" / "report.md").read_text()
     assert "Result: FAILED" in report and "column click" in report
     assert not (run / "nvtabular").exists()  # nothing downstream ran
-    assert process.returncode != 0 or _failed_tasks(output)
+    assert process.returncode != 0  # airflow dags test exits non-zero when the DagRun failed
 
 
 def test_second_dataset_with_its_own_spec(airflow_env, small_raw: Path, tmp_path: Path):
