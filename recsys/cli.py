@@ -67,6 +67,18 @@ def _nvtabular_fit_transform(args: argparse.Namespace) -> dict:
     return nvtabular_fit_transform(args.input, args.output, load_spec(args.spec))
 
 
+def _train_ranker(args: argparse.Namespace) -> dict:
+    try:
+        from tasks.train_ranker import RankerConfig, train_ranker
+    except ImportError as error:  # TensorFlow lives in the trainer environment only
+        raise SystemExit(f"{error}: run this command with .venv-trainer/bin/recsys") from error
+    config = RankerConfig(
+        model=args.model, epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+        embedding_dim=args.embedding_dim, learning_rate=args.learning_rate, seed=args.seed,
+    )  # fmt: skip
+    return train_ranker(args.input, args.output, load_spec(args.spec), config)
+
+
 def _step_parser(subparsers: argparse._SubParsersAction, name: str, handler: Callable, help_text: str
                  ) -> argparse.ArgumentParser:  # fmt: skip
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -97,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("resplit", _resplit, "move a share of test rows into train"),
         ("validate", _validate, "validate with the Great Expectations suite of the spec"),
         ("nvtabular-fit-transform", _nvtabular_fit_transform, "fit and apply the NVTabular workflow (trainer env)"),
+        ("train-ranker", _train_ranker, "train the ranking model: DLRM, DCN-v2 or MLP (trainer env)"),
     ]
     for name, handler, help_text in steps:
         step = _step_parser(subparsers, name, handler, help_text)
@@ -107,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--sample-fraction", type=float, default=1.0)
         if name == "clean-null-rows":
             step.add_argument("--max-null-features", type=int, default=5)
+        if name == "train-ranker":
+            step.add_argument("--model", choices=["dlrm", "dcn", "mlp"], default="dlrm")
+            step.add_argument("--epochs", type=int, default=8)
+            step.add_argument("--patience", type=int, default=2)
+            step.add_argument("--batch-size", type=int, default=1024)
+            step.add_argument("--embedding-dim", type=int, default=32)
+            step.add_argument("--learning-rate", type=float, default=1e-3)
+            step.add_argument("--seed", type=int, default=0)
         if name == "resplit":
             step.add_argument("--fraction", type=float, default=0.6)
             step.add_argument("--seed", type=int, default=0)

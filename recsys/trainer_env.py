@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import tempfile
 from collections import deque
@@ -30,7 +31,9 @@ def run_trainer_step(python: Path, command: str, arguments: list[str]) -> dict:
         argv = [str(python), "-m", "recsys.cli", command, *arguments, "--metrics-json", str(metrics_path)]
         log.info("running in the trainer environment: %s", " ".join(argv))
         tail: deque[str] = deque(maxlen=40)
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        # TensorFlow's C++ INFO lines (one per graph placeholder) would drown the step's own log.
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1")}
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
             assert process.stdout is not None
             for line in process.stdout:
                 tail.append(line.rstrip())

@@ -2,10 +2,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from recsys.datagen import GeneratorConfig, generate_dataset
+from recsys.settings import get_settings
 from recsys.spec import DatasetSpec, load_spec
+from recsys.trainer_env import run_trainer_step
+from tasks.clean_null_rows import clean_null_rows
+from tasks.csv_to_parquet import csv_to_parquet
+from tasks.resplit import resplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,3 +35,23 @@ def medium_raw(tmp_path_factory: pytest.TempPathFactory, spec: DatasetSpec) -> P
     out = tmp_path_factory.mktemp("raw") / "medium"
     generate_dataset(GeneratorConfig(rows=50_000, seed=11), out, spec, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def nvtabular_output(medium_raw: Path, tmp_path_factory: pytest.TempPathFactory, spec) -> tuple[Path, Path, dict]:
+    """The data stage on the 50k rows, NVTabular run as the DAG runs it: (resplit dir, output dir, metrics)."""
+    base = tmp_path_factory.mktemp("nvt")
+    csv_to_parquet(medium_raw, base / "parquet", spec)
+    clean_null_rows(base / "parquet", base / "clean", spec)
+    resplit(base / "clean", base / "resplit", spec)
+    metrics = run_trainer_step(
+        get_settings().trainer_python, "nvtabular-fit-transform",
+        ["--input", str(base / "resplit"), "--output", str(base / "nvtabular")],
+    )  # fmt: skip
+    return base / "resplit", base / "nvtabular", metrics
+
+
+def read_nvtabular_output(directory: Path) -> pd.DataFrame:
+    """NVTabular writes part_<n>.parquet next to schema and metadata files."""
+    files = sorted(directory.glob("part_*.parquet"), key=lambda path: int(path.stem.split("_")[1]))
+    return pd.concat([pd.read_parquet(path) for path in files], ignore_index=True)

@@ -9,28 +9,12 @@ import pytest
 from recsys.parquet_io import count_rows
 from recsys.settings import get_settings
 from recsys.trainer_env import TrainerStepError, run_trainer_step
-from tasks.clean_null_rows import clean_null_rows
-from tasks.csv_to_parquet import csv_to_parquet
-from tasks.resplit import resplit
-
-
-def read_nvtabular_output(directory: Path) -> pd.DataFrame:
-    """NVTabular writes part_<n>.parquet next to schema and metadata files."""
-    files = sorted(directory.glob("part_*.parquet"), key=lambda path: int(path.stem.split("_")[1]))
-    return pd.concat([pd.read_parquet(path) for path in files], ignore_index=True)
+from tests.conftest import read_nvtabular_output
 
 
 @pytest.fixture(scope="module")
-def nvtabular_run(small_raw: Path, tmp_path_factory: pytest.TempPathFactory, spec) -> tuple[Path, Path, dict]:
-    base = tmp_path_factory.mktemp("nvt")
-    csv_to_parquet(small_raw, base / "parquet", spec)
-    clean_null_rows(base / "parquet", base / "clean", spec)
-    resplit(base / "clean", base / "resplit", spec)
-    metrics = run_trainer_step(
-        get_settings().trainer_python, "nvtabular-fit-transform",
-        ["--input", str(base / "resplit"), "--output", str(base / "nvtabular")],
-    )  # fmt: skip
-    return base / "resplit", base / "nvtabular", metrics
+def nvtabular_run(nvtabular_output) -> tuple[Path, Path, dict]:
+    return nvtabular_output
 
 
 def test_transforms_both_splits_row_for_row(nvtabular_run, spec):

@@ -1,0 +1,1 @@
+"""Model definitions (Merlin Models on TensorFlow); imported only in the trainer environment."""
