@@ -5,6 +5,7 @@ The nightly training pipeline of the recommender. This file only wires steps tog
 calls one function in `tasks/` (also runnable by hand as `recsys <step>`).
 
 Data stage: `csv_to_parquet` -> `clean_null_rows` -> `resplit` -> `validate` -> `nvtabular_fit_transform`.
+Model stage (so far): `train_ranker` (DLRM by default; logged and registered in MLflow as `ranker`).
 
 Every output goes to `<RECSYS_DATA_ROOT>/runs/<run id>/<step>` and appears atomically; a rerun of a
 task replaces its output. A failed validation fails the run and nothing downstream runs; the report
@@ -38,6 +39,8 @@ from airflow.sdk import Param, dag, get_current_context, task
         "max_null_features": Param(5, type="integer", minimum=0, description="drop rows with more null features"),
         "resplit_fraction": Param(0.6, type="number", minimum=0, maximum=1, description="share of test moved to train"),
         "sample_fraction": Param(1.0, type="number", exclusiveMinimum=0, maximum=1, description="share of rows kept"),
+        "ranker_model": Param("dlrm", enum=["dlrm", "dcn", "mlp"], description="ranking model (report figure 5.4)"),
+        "ranker_epochs": Param(8, type="integer", minimum=1, description="most epochs; early stopping on AUC"),
         "max_bad_row_fraction": Param(0.001, type="number", minimum=0, maximum=1,
                                       description="malformed rows tolerated (quarantined) per file"),
     },
@@ -101,11 +104,36 @@ def recsys_nightly() -> None:
         run_trainer_step(get_settings().trainer_python, "nvtabular-fit-transform", arguments)
         return str(output)
 
+    @task
+    def train_ranker(nvtabular_dir: str) -> dict:
+        from recsys.settings import get_settings
+        from recsys.spec import load_spec
+        from recsys.trainer_env import run_trainer_step
+        from tasks.track_training import log_ranker_run, oracle_click_probabilities
+
+        context = get_current_context()
+        params, settings = context["params"], get_settings()
+        run_dir = Path(nvtabular_dir).parent
+        output = run_dir / "ranker"
+        arguments = ["--input", nvtabular_dir, "--output", str(output), "--model", params["ranker_model"],
+                     "--epochs", str(params["ranker_epochs"])]  # fmt: skip
+        if params["spec"]:
+            arguments += ["--spec", params["spec"]]
+        run_trainer_step(settings.trainer_python, "train-ranker", arguments)
+        spec = load_spec(params["spec"])
+        input_dir = Path(params["input_dir"]) if params["input_dir"] else settings.default_landing_dir
+        return log_ranker_run(
+            output, Path(nvtabular_dir), spec,
+            tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root,
+            run_name=f"{params['ranker_model']} {context['run_id']}",
+            oracle_probabilities=oracle_click_probabilities(input_dir, run_dir / "resplit" / "valid", spec),
+        )  # fmt: skip
+
     # Each task returns the path of its output; TaskFlow hands it to the next as an XComArg (a str at run time).
     parquet = csv_to_parquet()
     cleaned = clean_null_rows(parquet)  # type: ignore[arg-type]
     validated = validate(resplit(cleaned))  # type: ignore[arg-type]
-    nvtabular_fit_transform(validated)  # type: ignore[arg-type]
+    train_ranker(nvtabular_fit_transform(validated))  # type: ignore[arg-type]
 
 
 recsys_nightly()

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     # Interpreter of the trainer environment (TensorFlow 2.12 + Merlin 23.08), see README.
     trainer_python: Path = PROJECT_ROOT / ".venv-trainer" / "bin" / "python"
 
+    # MLflow: a local SQLite store and artifact folder by default; any tracking URI (http://, postgresql://).
+    mlflow_tracking_uri: str = f"sqlite:///{PROJECT_ROOT / 'var' / 'mlflow' / 'mlflow.db'}"
+    mlflow_artifact_root: Path = PROJECT_ROOT / "var" / "mlflow" / "artifacts"
+
     @property
     def default_landing_dir(self) -> Path:
         return self.landing_dir or self.data_root / "landing"

@@ -7,7 +7,7 @@ import pytest
 from airflow.dag_processing.dagbag import DagBag
 
 DAGS = Path(__file__).resolve().parent.parent / "dags"
-DATA_STAGE = ["csv_to_parquet", "clean_null_rows", "resplit", "validate", "nvtabular_fit_transform"]
+DATA_STAGE = ["csv_to_parquet", "clean_null_rows", "resplit", "validate", "nvtabular_fit_transform", "train_ranker"]
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +48,4 @@ def test_manual_trigger_params_and_defaults(dagbag: DagBag):
     assert params["resplit_fraction"] == 0.6  # the report's resplit
     assert params["sample_fraction"] == 1.0
     assert 0 < params["max_bad_row_fraction"] < 0.05
+    assert params["ranker_model"] == "dlrm"  # the report's choice; dcn and mlp for comparison

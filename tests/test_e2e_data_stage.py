@@ -30,6 +30,8 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "AIRFLOW_CONFIG": str(config),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        "RECSYS_MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+        "RECSYS_MLFLOW_ARTIFACT_ROOT": str(home / "mlartifacts"),
     }
     subprocess.run([str(PROJECT_ROOT / ".venv/bin/airflow"), "db", "migrate"], env=env, check=True,
                    capture_output=True, timeout=300)  # fmt: skip
@@ -69,6 +71,22 @@ def test_data_stage_end_to_end(airflow_env, medium_raw: Path, tmp_path: Path, sp
     users = pd.read_parquet(run / "nvtabular" / "user_features.parquet")
     assert len(users) == nvtabular["users"] > 300
     assert (run / "nvtabular" / "workflow" / "workflow.pkl").exists()
+
+    # the ranker: trained, logged and registered in MLflow, with its AUC next to the oracle's
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=airflow_env["RECSYS_MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("recsys_ranker")
+    [ranker_run] = client.search_runs([experiment.experiment_id])
+    metrics = ranker_run.data.metrics
+    print(f"ranker validation AUC {metrics['best_valid_auc']:.3f}, oracle AUC {metrics['oracle_auc']:.3f}")
+    assert 0.6 < metrics["best_valid_auc"] < metrics["oracle_auc"]
+    epochs_logged = len(client.get_metric_history(ranker_run.info.run_id, "valid_auc"))  # one point per epoch
+    assert metrics["best_epoch"] <= epochs_logged <= int(ranker_run.data.params["epochs"])
+    artifacts = {item.path for item in client.list_artifacts(ranker_run.info.run_id, "plots")}
+    assert {"plots/auc_per_epoch.png", "plots/loss_per_epoch.png", "plots/roc.png"} <= artifacts
+    [version] = client.search_model_versions("name='ranker'")
+    assert version.run_id == ranker_run.info.run_id
 
 
 def test_failed_validation_stops_the_run_before_nvtabular(airflow_env, small_raw: Path, tmp_path: Path, spec):

@@ -1,0 +1,27 @@
+"""MLflow pyfunc wrapper of a saved Merlin/Keras model, so the registry can hold it with a signature.
+
+The platform environment (where MLflow tracks and registers) has no TensorFlow: this module
+imports TensorFlow only when MLflow loads the model, which happens in the trainer environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlflow.pyfunc import PythonModel
+
+
+class SavedKerasModel(PythonModel):
+    """Scores a frame of NVTabular-encoded features with the Keras SavedModel in the 'saved_model' artifact."""
+
+    def load_context(self, context: Any) -> None:
+        import merlin.models.tf  # noqa: F401  (registers Merlin's layers with Keras)
+        import tensorflow as tf
+
+        self._model = tf.keras.models.load_model(context.artifacts["saved_model"])
+
+    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+        import tensorflow as tf
+
+        features = {name: tf.constant(model_input[name].to_numpy()) for name in model_input.columns}
+        return self._model(features, training=False).numpy().reshape(-1)

@@ -1,0 +1,177 @@
+"""Log a training run to MLflow and register its model (platform environment).
+
+Training runs in the trainer environment and leaves files (saved model, per-epoch history,
+validation predictions); this step turns them into an MLflow run a reviewer can judge: parameters,
+per-epoch metrics (step = epoch), plots (AUC and loss per epoch, ROC), the dataset spec and the
+NVTabular workflow, and a registered model version with a signature and an input example.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from recsys.spec import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+RANKER_EXPERIMENT = "recsys_ranker"
+RANKER_MODEL_NAME = "ranker"
+
+
+def configure_mlflow(tracking_uri: str, artifact_root: Path, experiment: str) -> str:
+    """Point MLflow at the tracking store; create the experiment with its artifact location; return its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    existing = mlflow.get_experiment_by_name(experiment)
+    if existing is not None:
+        return existing.experiment_id
+    return mlflow.create_experiment(experiment, artifact_location=(Path(artifact_root) / experiment).as_uri())
+
+
+def _epoch_plots(history: list[dict], directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    paths = []
+    for name, keys, ylabel in (
+        ("auc_per_epoch.png", ("train_auc", "valid_auc"), "AUC"),  # the report's figure 5.3
+        ("loss_per_epoch.png", ("train_loss", "valid_logloss"), "log loss"),
+    ):
+        figure, axis = plt.subplots(figsize=(6, 4))
+        for key in keys:
+            axis.plot(epochs, [row[key] for row in history], marker="o", label=key)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(ylabel)
+        axis.legend()
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(directory / name, dpi=100)
+        plt.close(figure)
+        paths.append(directory / name)
+    return paths
+
+
+def _roc_plot(labels: Any, scores: Any, directory: Path, oracle: tuple[Any, Any] | None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    figure, axis = plt.subplots(figsize=(5, 5))
+    false_positive, true_positive, _ = roc_curve(labels, scores)
+    axis.plot(false_positive, true_positive, label=f"model (AUC {roc_auc_score(labels, scores):.3f})")
+    if oracle is not None:
+        oracle_fp, oracle_tp, _ = roc_curve(*oracle)
+        axis.plot(oracle_fp, oracle_tp, linestyle="--", label=f"oracle (AUC {roc_auc_score(*oracle):.3f})")
+    axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel("true positive rate")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    path = directory / "roc.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def log_ranker_run(ranker_dir: Path, nvtabular_dir: Path, spec: DatasetSpec, *, tracking_uri: str,
+                   artifact_root: Path, run_name: str, oracle_probabilities: Any | None = None) -> dict:  # fmt: skip
+    """Log the ranker in `ranker_dir` as an MLflow run and register it as a new version of 'ranker'."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from models.pyfunc import SavedKerasModel
+
+    ranker_dir, nvtabular_dir = Path(ranker_dir), Path(nvtabular_dir)
+    metrics = json.loads((ranker_dir / "history.json").read_text())
+    predictions = pd.read_parquet(ranker_dir / "valid_predictions.parquet")
+    labels = predictions[spec.primary_target]
+    oracle = None if oracle_probabilities is None else (labels, oracle_probabilities)
+    experiment_id = configure_mlflow(tracking_uri, artifact_root, RANKER_EXPERIMENT)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run, \
+            tempfile.TemporaryDirectory() as scratch:  # fmt: skip
+        mlflow.log_params({**metrics["config"], "train_rows": metrics["train_rows"], "dataset": spec.name})
+        for row in metrics["history"]:
+            mlflow.log_metrics({key: row[key] for key in ("train_auc", "train_loss", "valid_auc", "valid_logloss")},
+                               step=row["epoch"])  # fmt: skip
+        final = {
+            "best_valid_auc": metrics["valid_auc"],
+            "best_valid_logloss": metrics["valid_logloss"],
+            "best_epoch": metrics["best_epoch"],
+            "train_samples_per_second": metrics["train_samples_per_second"],
+        }
+        if oracle is not None:  # the best AUC any model could reach on these rows: the gap is the headroom
+            from sklearn.metrics import roc_auc_score
+
+            final["oracle_auc"] = float(roc_auc_score(*oracle))
+        mlflow.log_metrics(final)
+        for plot in _epoch_plots(metrics["history"], Path(scratch)):
+            mlflow.log_artifact(str(plot), artifact_path="plots")
+        mlflow.log_artifact(
+            str(_roc_plot(labels, predictions["score"], Path(scratch), oracle)),
+            artifact_path="plots",
+        )
+        mlflow.log_artifact(str(ranker_dir / "history.json"))
+        mlflow.log_dict(spec.to_dict(), "dataset_spec.json")
+        mlflow.log_artifacts(str(nvtabular_dir / "workflow"), artifact_path="nvtabular_workflow")
+        columns = metrics["input_columns"]
+        signature = ModelSignature(inputs=Schema([ColSpec("long", name) for name in columns]),
+                                   outputs=Schema([ColSpec("float", spec.primary_target)]))  # fmt: skip
+        example = _input_example(nvtabular_dir, columns)
+        # MLflow tries the input example in this environment, which has no TensorFlow, and warns; the
+        # model is meant to be loaded in the trainer environment (its pip requirements say so).
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=SavedKerasModel(),
+            artifacts={"saved_model": str(ranker_dir / "model")},
+            signature=signature,
+            input_example=example,
+            registered_model_name=RANKER_MODEL_NAME,
+            # The model runs in the trainer environment: its lock is the model's requirements.
+            pip_requirements=str(Path(__file__).resolve().parent.parent / "requirements" / "trainer.txt"),
+        )
+        version = info.registered_model_version
+        log.info("MLflow run %s: ranker registered as version %s", run.info.run_id, version)
+        return {"run_id": run.info.run_id, "model_version": str(version), "model_uri": info.model_uri,
+                "valid_auc": metrics["valid_auc"], "oracle_auc": final.get("oracle_auc")}  # fmt: skip
+
+
+def oracle_click_probabilities(input_dir: Path, valid_dir: Path, spec: DatasetSpec) -> Any | None:
+    """The generator's true click probability of each validation row, in row order; None without an oracle file.
+
+    Joined on (user id, item id, timestamp), which identify a generated row; rows without a match
+    (none, for generated data) make the oracle unavailable rather than wrong.
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    oracle_file = Path(input_dir) / "oracle_click_probability.csv"
+    if not oracle_file.exists():
+        return None
+    keys = [spec.user_id, spec.item_id, spec.timestamp]
+    oracle = pd.read_csv(oracle_file, usecols=[*keys, "click_probability"]).drop_duplicates(keys)
+    files = sorted(Path(valid_dir).glob("part-*.parquet"))
+    valid = pd.concat([pq.read_table(path, columns=keys).to_pandas() for path in files], ignore_index=True)
+    joined = valid.merge(oracle, on=keys, how="left")
+    if joined["click_probability"].isna().any():
+        log.warning("oracle file %s does not cover every validation row: no oracle AUC", oracle_file)
+        return None
+    return joined["click_probability"].to_numpy()
+
+
+def _input_example(nvtabular_dir: Path, columns: list[str]) -> Any:
+    import pyarrow.parquet as pq
+
+    first = sorted(Path(nvtabular_dir, "valid").glob("part_*.parquet"))[0]
+    return pq.ParquetFile(first).read_row_group(0, columns=columns).slice(0, 5).to_pandas().astype("int64")
