@@ -79,6 +79,16 @@ def _train_ranker(args: argparse.Namespace) -> dict:
     return train_ranker(args.input, args.output, load_spec(args.spec), config)
 
 
+def _train_two_tower(args: argparse.Namespace) -> dict:
+    try:
+        from tasks.train_two_tower import TwoTowerConfig, train_two_tower
+    except ImportError as error:  # TensorFlow lives in the trainer environment only
+        raise SystemExit(f"{error}: run this command with .venv-trainer/bin/recsys") from error
+    config = TwoTowerConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
+                            learning_rate=args.learning_rate, seed=args.seed)  # fmt: skip
+    return train_two_tower(args.input, args.output, load_spec(args.spec), config)
+
+
 def _step_parser(subparsers: argparse._SubParsersAction, name: str, handler: Callable, help_text: str
                  ) -> argparse.ArgumentParser:  # fmt: skip
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -110,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("validate", _validate, "validate with the Great Expectations suite of the spec"),
         ("nvtabular-fit-transform", _nvtabular_fit_transform, "fit and apply the NVTabular workflow (trainer env)"),
         ("train-ranker", _train_ranker, "train the ranking model: DLRM, DCN-v2 or MLP (trainer env)"),
+        ("train-two-tower", _train_two_tower, "train the two-tower retrieval model (trainer env)"),
     ]
     for name, handler, help_text in steps:
         step = _step_parser(subparsers, name, handler, help_text)
@@ -127,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--batch-size", type=int, default=1024)
             step.add_argument("--embedding-dim", type=int, default=32)
             step.add_argument("--learning-rate", type=float, default=1e-3)
+            step.add_argument("--seed", type=int, default=0)
+        if name == "train-two-tower":
+            step.add_argument("--epochs", type=int, default=5)
+            step.add_argument("--patience", type=int, default=2)
+            step.add_argument("--batch-size", type=int, default=512)
+            step.add_argument("--learning-rate", type=float, default=3e-3)
             step.add_argument("--seed", type=int, default=0)
         if name == "resplit":
             step.add_argument("--fraction", type=float, default=0.6)

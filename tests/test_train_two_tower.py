@@ -1,0 +1,54 @@
+"""The two-tower step in the trainer environment, and its whole-catalog metrics on hand-made cases."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recsys.settings import get_settings
+from recsys.trainer_env import run_trainer_step
+from tasks.train_two_tower import exact_top_k, ranking_metrics  # metrics need no TensorFlow
+
+
+def test_whole_catalog_metrics_on_a_hand_computed_case():
+    # user 0 finds its one relevant item at rank 1, user 1 finds one of two at rank 2
+    top = np.array([[7, 1, 2], [3, 5, 9]])
+    metrics = ranking_metrics(top, [{7}, {5, 8}], cutoffs=(1, 3))
+    assert metrics["recall_at_1"] == pytest.approx(0.5)
+    assert metrics["recall_at_3"] == pytest.approx((1 + 0.5) / 2)
+    ndcg_user1 = (1 / np.log2(3)) / (1 + 1 / np.log2(3))
+    assert metrics["ndcg_at_3"] == pytest.approx((1 + ndcg_user1) / 2)
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]])
+    items = np.array([[0.9, 0.1], [0.1, 0.9], [0.5, 0.5]])
+    assert exact_top_k(queries, items, 2).tolist() == [[0, 2], [1, 2]]
+
+
+@pytest.fixture(scope="module")
+def two_tower_run(nvtabular_output, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    _, nvtabular_dir, _ = nvtabular_output
+    out = tmp_path_factory.mktemp("two_tower") / "two_tower"
+    metrics = run_trainer_step(get_settings().trainer_python, "train-two-tower",
+                               ["--input", str(nvtabular_dir), "--output", str(out), "--epochs", "4"])  # fmt: skip
+    return out, metrics
+
+
+def test_retrieval_beats_random_over_the_whole_catalog(two_tower_run):
+    _, metrics = two_tower_run
+    best = metrics["best"]
+    random_recall_500 = 500 / metrics["catalog_items"]  # expected recall of 500 random items
+    print(f"two-tower {best}, popularity {metrics['popularity_baseline']}")
+    assert best["recall_at_500"] > 1.3 * random_recall_500
+    assert best["recall_at_10"] <= best["recall_at_20"] <= best["recall_at_100"] <= best["recall_at_500"]
+    assert metrics["best_epoch"] == 1 + int(np.argmax([row["recall_at_100"] for row in metrics["history"]]))
+
+
+def test_saves_the_query_tower_and_one_embedding_per_catalog_item(two_tower_run):
+    out, metrics = two_tower_run
+    assert (out / "query_tower" / "saved_model.pb").exists()
+    embeddings = pd.read_parquet(out / "item_embeddings.parquet")
+    assert len(embeddings) == metrics["catalog_items"]
+    assert embeddings["item_id"].is_unique
+    assert embeddings.shape[1] == 1 + 64  # id + the tower's output dimension
+    assert json.loads((out / "history.json").read_text())["best_epoch"] == metrics["best_epoch"]
