@@ -68,6 +68,11 @@ def part_files(directory: Path) -> list[Path]:
     return sorted(Path(directory).glob("part-*.parquet"))
 
 
+def nvtabular_part_files(directory: Path) -> list[Path]:
+    """NVTabular's output files `part_0.parquet`, `part_1.parquet`, ... in numeric order (row order)."""
+    return sorted(Path(directory).glob("part_*.parquet"), key=lambda path: int(path.stem.split("_")[1]))
+
+
 def read_schema(directory: Path) -> pa.Schema:
     files = part_files(directory)
     if not files:

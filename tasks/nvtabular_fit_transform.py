@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recsys.outputs import atomic_output_dir
+from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
 
 if TYPE_CHECKING:
@@ -81,8 +82,7 @@ def feature_tables(transformed_dir: Path, spec: DatasetSpec) -> tuple[pd.DataFra
     }
     latest: dict[str, pd.DataFrame | None] = {"user": None, "item": None}
     rows = 0
-    files = sorted(transformed_dir.glob("part_*.parquet"), key=lambda path: int(path.stem.split("_")[1]))
-    for path in files:
+    for path in nvtabular_part_files(transformed_dir):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1_000_000):
             frame = batch.to_pandas()
             rows += len(frame)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -173,5 +174,5 @@ def oracle_click_probabilities(input_dir: Path, valid_dir: Path, spec: DatasetSp
 def _input_example(nvtabular_dir: Path, columns: list[str]) -> Any:
     import pyarrow.parquet as pq
 
-    first = sorted(Path(nvtabular_dir, "valid").glob("part_*.parquet"))[0]
+    first = nvtabular_part_files(Path(nvtabular_dir, "valid"))[0]
     return pq.ParquetFile(first).read_row_group(0, columns=columns).slice(0, 5).to_pandas().astype("int64")

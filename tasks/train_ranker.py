@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.outputs import atomic_output_dir
+from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,7 @@ def _auc_and_logloss(labels: Any, scores: Any) -> tuple[float, float]:
 def _dataset(directory: Path) -> Any:
     from merlin.io import Dataset
 
-    files = sorted(directory.glob("part_*.parquet"), key=lambda path: int(path.stem.split("_")[1]))
-    return Dataset([str(path) for path in files], engine="parquet", cpu=True)
+    return Dataset([str(path) for path in nvtabular_part_files(directory)], engine="parquet", cpu=True)
 
 
 def predict(model: Any, dataset: Any, batch_size: int) -> Any:

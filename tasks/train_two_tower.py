@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys.outputs import atomic_output_dir
+from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
 
 if TYPE_CHECKING:
@@ -43,8 +44,7 @@ class TwoTowerConfig:
 def _read(directory: Path) -> pd.DataFrame:
     import pandas as pd
 
-    files = sorted(directory.glob("part_*.parquet"), key=lambda path: int(path.stem.split("_")[1]))
-    return pd.concat([pd.read_parquet(path) for path in files], ignore_index=True)
+    return pd.concat([pd.read_parquet(path) for path in nvtabular_part_files(directory)], ignore_index=True)
 
 
 def ranking_metrics(top_items: np.ndarray, relevant: list[set[int]], cutoffs: tuple[int, ...] = CUTOFFS) -> dict:

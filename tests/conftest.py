@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from recsys.datagen import GeneratorConfig, generate_dataset
+from recsys.parquet_io import nvtabular_part_files
 from recsys.settings import get_settings
 from recsys.spec import DatasetSpec, load_spec
 from recsys.trainer_env import run_trainer_step
@@ -53,5 +54,4 @@ def nvtabular_output(medium_raw: Path, tmp_path_factory: pytest.TempPathFactory,
 
 def read_nvtabular_output(directory: Path) -> pd.DataFrame:
     """NVTabular writes part_<n>.parquet next to schema and metadata files."""
-    files = sorted(directory.glob("part_*.parquet"), key=lambda path: int(path.stem.split("_")[1]))
-    return pd.concat([pd.read_parquet(path) for path in files], ignore_index=True)
+    return pd.concat([pd.read_parquet(path) for path in nvtabular_part_files(directory)], ignore_index=True)
