@@ -12,8 +12,36 @@ def two_tower_schema(schema: Any) -> Any:
     return schema.select_by_tag([Tags.USER, Tags.ITEM]).excluding_by_tag("raw_id")
 
 
-def build_two_tower(schema: Any, *, tower_layers: tuple[int, ...] = (128, 64)) -> Any:
-    """Query (user) and candidate (item) towers scored by dot product, trained with in-batch negatives."""
+def frequency_in_batch_sampler(item_probabilities: Any) -> Any:
+    """In-batch negatives that report each item's sampling probability, for the logQ correction.
+
+    Merlin 23.08's in-batch sampler reports none, so its logQ correction cannot run. An item's chance
+    to be an in-batch negative is its share of the training positives, known exactly from the data.
+    """
+    import merlin.models.tf as mm
+    import tensorflow as tf
+
+    class FrequencyInBatchSampler(mm.InBatchSamplerV2):  # type: ignore[misc, name-defined]
+        def __init__(self, probabilities: Any, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._log_table = tf.constant(probabilities, dtype=tf.float32)
+
+        def with_sampling_probs(self, items: Any) -> Any:
+            ids = tf.reshape(tf.cast(items.id, tf.int32), [-1])
+            # (n, 1): ContrastiveOutput subtracts log(p) from (batch, 1) positive and, transposed, from negative scores.
+            return items.with_sampling_prob(tf.expand_dims(tf.gather(self._log_table, ids), -1))
+
+    return FrequencyInBatchSampler(item_probabilities)
+
+
+def build_two_tower(schema: Any, *, tower_layers: tuple[int, ...] = (128, 64),
+                    item_probabilities: Any | None = None) -> Any:  # fmt: skip
+    """Query (user) and candidate (item) towers scored by dot product, trained with in-batch negatives.
+
+    With `item_probabilities` (indexed by encoded item id), the sampling-bias (logQ) correction of
+    Yi et al., RecSys 2019: in-batch negatives are drawn in proportion to popularity, which without
+    the correction teaches the towers to push popular items down.
+    """
     import merlin.models.tf as mm
     from merlin.schema import Tags
 
@@ -21,4 +49,7 @@ def build_two_tower(schema: Any, *, tower_layers: tuple[int, ...] = (128, 64)) -
     layers = list(tower_layers)
     query = mm.Encoder(schema.select_by_tag(Tags.USER), mm.MLPBlock(layers, no_activation_last_layer=True))
     candidate = mm.Encoder(schema.select_by_tag(Tags.ITEM), mm.MLPBlock(layers, no_activation_last_layer=True))
-    return mm.TwoTowerModelV2(query, candidate)
+    if item_probabilities is None:
+        return mm.TwoTowerModelV2(query, candidate)
+    sampler = frequency_in_batch_sampler(item_probabilities)
+    return mm.TwoTowerModelV2(query, candidate, negative_samplers=[sampler], logq_sampling_correction=True)

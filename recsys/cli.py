@@ -85,7 +85,8 @@ def _train_two_tower(args: argparse.Namespace) -> dict:
     except ImportError as error:  # TensorFlow lives in the trainer environment only
         raise SystemExit(f"{error}: run this command with .venv-trainer/bin/recsys") from error
     config = TwoTowerConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
-                            learning_rate=args.learning_rate, seed=args.seed)  # fmt: skip
+                            learning_rate=args.learning_rate, seed=args.seed,
+                            logq_sampling_correction=args.logq_correction)  # fmt: skip
     return train_two_tower(args.input, args.output, load_spec(args.spec), config)
 
 
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--patience", type=int, default=2)
             step.add_argument("--batch-size", type=int, default=512)
             step.add_argument("--learning-rate", type=float, default=3e-3)
+            step.add_argument("--logq-correction", action=argparse.BooleanOptionalAction, default=True,
+                              help="sampling-bias (logQ) correction of in-batch negatives")  # fmt: skip
             step.add_argument("--seed", type=int, default=0)
         if name == "resplit":
             step.add_argument("--fraction", type=float, default=0.6)

@@ -40,6 +40,7 @@ def test_retrieval_beats_random_over_the_whole_catalog(two_tower_run):
     random_recall_500 = 500 / metrics["catalog_items"]  # expected recall of 500 random items
     print(f"two-tower {best}, popularity {metrics['popularity_baseline']}")
     assert best["recall_at_500"] > 1.3 * random_recall_500
+    assert metrics["config"]["logq_sampling_correction"] is True  # the default
     assert best["recall_at_10"] <= best["recall_at_20"] <= best["recall_at_100"] <= best["recall_at_500"]
     assert metrics["best_epoch"] == 1 + int(np.argmax([row["recall_at_100"] for row in metrics["history"]]))
 
