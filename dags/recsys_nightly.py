@@ -5,7 +5,8 @@ The nightly training pipeline of the recommender. This file only wires steps tog
 calls one function in `tasks/` (also runnable by hand as `recsys <step>`).
 
 Data stage: `csv_to_parquet` -> `clean_null_rows` -> `resplit` -> `validate` -> `nvtabular_fit_transform`.
-Model stage (so far): `train_ranker` (DLRM by default; logged and registered in MLflow as `ranker`).
+Model stage (so far): `train_two_tower` and `train_ranker` (DLRM by default), both after
+`nvtabular_fit_transform`, logged and registered in MLflow as `two_tower` and `ranker`.
 
 Every output goes to `<RECSYS_DATA_ROOT>/runs/<run id>/<step>` and appears atomically; a rerun of a
 task replaces its output. A failed validation fails the run and nothing downstream runs; the report
@@ -129,11 +130,33 @@ def recsys_nightly() -> None:
             oracle_probabilities=oracle_click_probabilities(input_dir, run_dir / "resplit" / "valid", spec),
         )  # fmt: skip
 
+    @task
+    def train_two_tower(nvtabular_dir: str) -> dict:
+        from recsys.settings import get_settings
+        from recsys.spec import load_spec
+        from recsys.trainer_env import run_trainer_step
+        from tasks.track_training import log_two_tower_run
+
+        context = get_current_context()
+        params, settings = context["params"], get_settings()
+        output = Path(nvtabular_dir).parent / "two_tower"
+        arguments = ["--input", nvtabular_dir, "--output", str(output)]
+        if params["spec"]:
+            arguments += ["--spec", params["spec"]]
+        run_trainer_step(settings.trainer_python, "train-two-tower", arguments)
+        return log_two_tower_run(
+            output, Path(nvtabular_dir), load_spec(params["spec"]),
+            tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root,
+            run_name=f"two_tower {context['run_id']}",
+        )  # fmt: skip
+
     # Each task returns the path of its output; TaskFlow hands it to the next as an XComArg (a str at run time).
     parquet = csv_to_parquet()
     cleaned = clean_null_rows(parquet)  # type: ignore[arg-type]
     validated = validate(resplit(cleaned))  # type: ignore[arg-type]
-    train_ranker(nvtabular_fit_transform(validated))  # type: ignore[arg-type]
+    nvtabular = nvtabular_fit_transform(validated)  # type: ignore[arg-type]
+    train_two_tower(nvtabular)  # type: ignore[arg-type]
+    train_ranker(nvtabular)  # type: ignore[arg-type]
 
 
 recsys_nightly()

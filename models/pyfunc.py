@@ -12,7 +12,7 @@ from mlflow.pyfunc import PythonModel
 
 
 class SavedKerasModel(PythonModel):
-    """Scores a frame of NVTabular-encoded features with the Keras SavedModel in the 'saved_model' artifact."""
+    """Runs the Keras SavedModel in the 'saved_model' artifact on a frame of NVTabular-encoded features."""
 
     def load_context(self, context: Any) -> None:
         import merlin.models.tf  # noqa: F401  (registers Merlin's layers with Keras)
@@ -24,4 +24,5 @@ class SavedKerasModel(PythonModel):
         import tensorflow as tf
 
         features = {name: tf.constant(model_input[name].to_numpy()) for name in model_input.columns}
-        return self._model(features, training=False).numpy().reshape(-1)
+        output = self._model(features, training=False).numpy()
+        return output.reshape(-1) if output.shape[-1] == 1 else output  # a score per row, or an embedding

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
 
@@ -21,6 +23,9 @@ log = logging.getLogger(__name__)
 
 RANKER_EXPERIMENT = "recsys_ranker"
 RANKER_MODEL_NAME = "ranker"
+TWO_TOWER_EXPERIMENT = "recsys_two_tower"
+TWO_TOWER_MODEL_NAME = "two_tower"
+TRAINER_REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements" / "trainer.txt"
 
 
 def configure_mlflow(tracking_uri: str, artifact_root: Path, experiment: str) -> str:
@@ -34,30 +39,24 @@ def configure_mlflow(tracking_uri: str, artifact_root: Path, experiment: str) ->
     return mlflow.create_experiment(experiment, artifact_location=(Path(artifact_root) / experiment).as_uri())
 
 
-def _epoch_plots(history: list[dict], directory: Path) -> list[Path]:
+def _line_plot(history: list[dict], keys: tuple[str, ...], ylabel: str, path: Path) -> Path:
+    """One curve per history key against the epoch (the report's figures 5.2 and 5.3)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [row["epoch"] for row in history]
-    paths = []
-    for name, keys, ylabel in (
-        ("auc_per_epoch.png", ("train_auc", "valid_auc"), "AUC"),  # the report's figure 5.3
-        ("loss_per_epoch.png", ("train_loss", "valid_logloss"), "log loss"),
-    ):
-        figure, axis = plt.subplots(figsize=(6, 4))
-        for key in keys:
-            axis.plot(epochs, [row[key] for row in history], marker="o", label=key)
-        axis.set_xlabel("epoch")
-        axis.set_ylabel(ylabel)
-        axis.legend()
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(directory / name, dpi=100)
-        plt.close(figure)
-        paths.append(directory / name)
-    return paths
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        axis.plot([row["epoch"] for row in history], [row[key] for row in history], marker="o", label=key)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(ylabel)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def _roc_plot(labels: Any, scores: Any, directory: Path, oracle: tuple[Any, Any] | None) -> Path:
@@ -117,7 +116,11 @@ def log_ranker_run(ranker_dir: Path, nvtabular_dir: Path, spec: DatasetSpec, *, 
 
             final["oracle_auc"] = float(roc_auc_score(*oracle))
         mlflow.log_metrics(final)
-        for plot in _epoch_plots(metrics["history"], Path(scratch)):
+        history, plots = metrics["history"], Path(scratch)
+        for plot in (
+            _line_plot(history, ("train_auc", "valid_auc"), "AUC", plots / "auc_per_epoch.png"),  # figure 5.3
+            _line_plot(history, ("train_loss", "valid_logloss"), "log loss", plots / "loss_per_epoch.png"),
+        ):
             mlflow.log_artifact(str(plot), artifact_path="plots")
         mlflow.log_artifact(
             str(_roc_plot(labels, predictions["score"], Path(scratch), oracle)),
@@ -140,12 +143,68 @@ def log_ranker_run(ranker_dir: Path, nvtabular_dir: Path, spec: DatasetSpec, *, 
             input_example=example,
             registered_model_name=RANKER_MODEL_NAME,
             # The model runs in the trainer environment: its lock is the model's requirements.
-            pip_requirements=str(Path(__file__).resolve().parent.parent / "requirements" / "trainer.txt"),
+            pip_requirements=str(TRAINER_REQUIREMENTS),
         )
         version = info.registered_model_version
         log.info("MLflow run %s: ranker registered as version %s", run.info.run_id, version)
         return {"run_id": run.info.run_id, "model_version": str(version), "model_uri": info.model_uri,
                 "valid_auc": metrics["valid_auc"], "oracle_auc": final.get("oracle_auc")}  # fmt: skip
+
+
+def log_two_tower_run(two_tower_dir: Path, nvtabular_dir: Path, spec: DatasetSpec, *, tracking_uri: str,
+                      artifact_root: Path, run_name: str) -> dict:  # fmt: skip
+    """Log the two-tower model as an MLflow run and register its query tower as a version of 'two_tower'."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    from models.pyfunc import SavedKerasModel
+
+    two_tower_dir, nvtabular_dir = Path(two_tower_dir), Path(nvtabular_dir)
+    result = json.loads((two_tower_dir / "history.json").read_text())
+    history = result["history"]
+    experiment_id = configure_mlflow(tracking_uri, artifact_root, TWO_TOWER_EXPERIMENT)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run, \
+            tempfile.TemporaryDirectory() as scratch:  # fmt: skip
+        mlflow.log_params({**result["config"], "positives": result["positives"],
+                           "catalog_items": result["catalog_items"], "dataset": spec.name})  # fmt: skip
+        for row in history:
+            mlflow.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=row["epoch"])
+        best = result["best"]
+        mlflow.log_metrics({f"best_{key}": value for key, value in best.items() if key.startswith(("recall", "ndcg"))})
+        mlflow.log_metrics({f"popularity_{key}": value for key, value in result["popularity_baseline"].items()})
+        mlflow.log_metric("best_epoch", result["best_epoch"])
+        recall_keys = tuple(key for key in best if key.startswith("recall_at_"))
+        plots = Path(scratch)
+        for plot in (  # the report's figure 5.2: retrieval loss and recall@k per epoch
+            _line_plot(history, ("train_loss",), "loss", plots / "loss_per_epoch.png"),
+            _line_plot(history, recall_keys, "recall@k (whole catalog)", plots / "recall_per_epoch.png"),
+        ):
+            mlflow.log_artifact(str(plot), artifact_path="plots")
+        mlflow.log_artifact(str(two_tower_dir / "history.json"))
+        mlflow.log_artifact(str(two_tower_dir / "item_embeddings.parquet"))
+        mlflow.log_dict(spec.to_dict(), "dataset_spec.json")
+        mlflow.log_artifacts(str(nvtabular_dir / "workflow"), artifact_path="nvtabular_workflow")
+        columns = result["query_columns"]
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("long", name) for name in columns]),
+            outputs=Schema([TensorSpec(np.dtype("float32"), (-1, result["embedding_dim"]), "query_embedding")]),
+        )
+        # MLflow tries the input example in this environment, which has no TensorFlow, and warns.
+        info = mlflow.pyfunc.log_model(
+            name="query_tower",
+            python_model=SavedKerasModel(),
+            artifacts={"saved_model": str(two_tower_dir / "query_tower")},
+            signature=signature,
+            input_example=_input_example(nvtabular_dir, columns),
+            registered_model_name=TWO_TOWER_MODEL_NAME,
+            pip_requirements=str(TRAINER_REQUIREMENTS),
+        )
+        version = info.registered_model_version
+        log.info("MLflow run %s: two_tower registered as version %s", run.info.run_id, version)
+        return {"run_id": run.info.run_id, "model_version": str(version), "model_uri": info.model_uri,
+                "recall_at_100": best["recall_at_100"],
+                "popularity_recall_at_100": result["popularity_baseline"]["recall_at_100"]}  # fmt: skip
 
 
 def oracle_click_probabilities(input_dir: Path, valid_dir: Path, spec: DatasetSpec) -> Any | None:

@@ -165,6 +165,8 @@ def train_two_tower(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,
             "best_epoch": best["epoch"],
             "best": history[best["epoch"] - 1],
             "popularity_baseline": popularity,
+            "query_columns": user_columns,
+            "embedding_dim": int(item_embeddings.shape[1]),
             "train_samples_per_second": len(positives) * len(history) / sum(row["seconds"] for row in history),
             "seconds": time.perf_counter() - started,
         }

@@ -35,6 +35,11 @@ def test_data_stage_runs_in_order(dagbag: DagBag):
         assert dag.get_task(downstream).upstream_task_ids == {upstream}
 
 
+def test_both_models_train_after_nvtabular(dagbag: DagBag):
+    dag = dagbag.dags["recsys_nightly"]
+    assert dag.get_task("train_two_tower").upstream_task_ids == {"nvtabular_fit_transform"}
+
+
 def test_every_task_retries_with_backoff(dagbag: DagBag):
     for task in dagbag.dags["recsys_nightly"].tasks:
         assert task.retries >= 1, task.task_id

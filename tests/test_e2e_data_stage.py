@@ -88,6 +88,18 @@ def test_data_stage_end_to_end(airflow_env, medium_raw: Path, tmp_path: Path, sp
     [version] = client.search_model_versions("name='ranker'")
     assert version.run_id == ranker_run.info.run_id
 
+    # the two-tower model: whole-catalog recall per epoch, a popularity baseline, a registered query tower
+    [two_tower_run] = client.search_runs([client.get_experiment_by_name("recsys_two_tower").experiment_id])
+    retrieval = two_tower_run.data.metrics
+    print(f"two-tower recall@100 {retrieval['best_recall_at_100']:.3f}, "
+          f"popularity {retrieval['popularity_recall_at_100']:.3f}")  # fmt: skip
+    assert retrieval["best_recall_at_500"] > 500 / int(two_tower_run.data.params["catalog_items"])  # beats random
+    assert len(client.get_metric_history(two_tower_run.info.run_id, "recall_at_100")) >= retrieval["best_epoch"]
+    plots = {item.path for item in client.list_artifacts(two_tower_run.info.run_id, "plots")}
+    assert {"plots/loss_per_epoch.png", "plots/recall_per_epoch.png"} <= plots
+    [two_tower_version] = client.search_model_versions("name='two_tower'")
+    assert two_tower_version.run_id == two_tower_run.info.run_id
+
 
 def test_failed_validation_stops_the_run_before_nvtabular(airflow_env, small_raw: Path, tmp_path: Path, spec):
     raw = tmp_path / "raw"
