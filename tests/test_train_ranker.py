@@ -65,3 +65,14 @@ def test_saved_model_reloads_with_the_same_predictions(ranker_run, nvtabular_out
     result = json.loads(process.stdout.strip().splitlines()[-1])
     assert result["n"] == len(pd.read_parquet(out / "valid_predictions.parquet"))
     assert result["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("model", ["dcn", "mlp"])
+def test_the_other_rankers_of_figure_5_4_train(model, nvtabular_output, tmp_path: Path):
+    _, nvtabular_dir, _ = nvtabular_output
+    metrics = run_trainer_step(get_settings().trainer_python, "train-ranker",
+                               ["--input", str(nvtabular_dir), "--output", str(tmp_path / model), "--model", model,
+                                "--epochs", "2"])  # fmt: skip
+    assert metrics["model"] == model
+    assert metrics["valid_auc"] > 0.55
+    assert (tmp_path / model / "model" / "saved_model.pb").exists()
