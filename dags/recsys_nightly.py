@@ -23,6 +23,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+
+def _fail_without_retry(error: Exception) -> AirflowFailException:
+    """Bad input data does not get better with retries: fail the task at once, with the readable message."""
+    return AirflowFailException(str(error))
 
 
 @dag(
@@ -49,6 +55,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 def recsys_nightly() -> None:
     @task
     def csv_to_parquet() -> str:
+        from recsys.errors import InputDataError
         from recsys.settings import get_settings
         from recsys.spec import load_spec
         from tasks.csv_to_parquet import CsvToParquetConfig
@@ -60,7 +67,10 @@ def recsys_nightly() -> None:
         config = CsvToParquetConfig(max_bad_row_fraction=params["max_bad_row_fraction"],
                                     sample_fraction=params["sample_fraction"])  # fmt: skip
         input_dir = Path(params["input_dir"]) if params["input_dir"] else settings.default_landing_dir
-        step(input_dir, output, load_spec(params["spec"]), config)
+        try:
+            step(input_dir, output, load_spec(params["spec"]), config)
+        except InputDataError as error:
+            raise _fail_without_retry(error) from error
         return str(output)
 
     @task
@@ -86,10 +96,14 @@ def recsys_nightly() -> None:
     @task
     def validate(resplit_dir: str) -> str:
         from recsys.spec import load_spec
+        from tasks.validate import DataValidationError
         from tasks.validate import validate as step
 
         params = get_current_context()["params"]
-        step(Path(resplit_dir), Path(resplit_dir).parent / "validate", load_spec(params["spec"]))
+        try:
+            step(Path(resplit_dir), Path(resplit_dir).parent / "validate", load_spec(params["spec"]))
+        except DataValidationError as error:
+            raise _fail_without_retry(error) from error
         return resplit_dir  # downstream reads the validated data, not the report
 
     @task

@@ -117,6 +117,7 @@ def test_failed_validation_stops_the_run_before_nvtabular(airflow_env, small_raw
     assert "Result: FAILED" in report and "column click" in report
     assert not (run / "nvtabular").exists()  # nothing downstream ran
     assert process.returncode != 0  # airflow dags test exits non-zero when the DagRun failed
+    assert "AirflowFailException" in output  # bad data fails at once, without the retries meant for outages
 
 
 def test_second_dataset_with_its_own_spec(airflow_env, small_raw: Path, tmp_path: Path):
