@@ -17,6 +17,14 @@ from recsys.parquet_io import count_rows
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
 
+LOAD_REGISTERED_MODEL = """
+import json, sys
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+example = pd.read_json(sys.argv[1] + "/input_example.json", orient="split")
+print(json.dumps([float(score) for score in model.predict(example)]))
+"""
+
 
 @pytest.fixture(scope="module")
 def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
@@ -87,6 +95,18 @@ def test_data_stage_end_to_end(airflow_env, medium_raw: Path, tmp_path: Path, sp
     assert {"plots/auc_per_epoch.png", "plots/loss_per_epoch.png", "plots/roc.png"} <= artifacts
     [version] = client.search_model_versions("name='ranker'")
     assert version.run_id == ranker_run.info.run_id
+    # the registered version loads and scores in the trainer environment, where it is meant to run
+    from urllib.parse import urlparse
+
+    [logged_model] = client.search_logged_models([experiment.experiment_id])
+    local_model = urlparse(logged_model.artifact_location).path
+    scored = subprocess.run(
+        [str(PROJECT_ROOT / ".venv-trainer/bin/python"), "-c", LOAD_REGISTERED_MODEL, local_model],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    scores = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert len(scores) == 5 and all(0.0 < score < 1.0 for score in scores)
 
     # the two-tower model: whole-catalog recall per epoch, a popularity baseline, a registered query tower
     [two_tower_run] = client.search_runs([client.get_experiment_by_name("recsys_two_tower").experiment_id])
