@@ -16,10 +16,12 @@ say() { printf '\n==> %s\n' "$*"; }
 }
 
 say "uv $UV_VERSION (installs the locked environments; pip 24+ refuses merlin-models 23.8.0's metadata)"
-if ! "$PYTHON" -m uv --version 2>/dev/null | grep -q "$UV_VERSION"; then
-  "$PYTHON" -m pip install --quiet --user "uv==$UV_VERSION" 2>/dev/null || "$PYTHON" -m pip install --quiet "uv==$UV_VERSION"
+# In a small venv of its own: Debian's system Python refuses `pip install --user` (PEP 668).
+if ! .venv-tools/bin/uv --version 2>/dev/null | grep -q "$UV_VERSION"; then
+  "$PYTHON" -m venv .venv-tools
+  .venv-tools/bin/pip install --quiet "uv==$UV_VERSION"
 fi
-UV=("$PYTHON" -m uv)
+UV=(.venv-tools/bin/uv)
 
 install_env() {  # venv, lock file
   say "environment $1 from $2"

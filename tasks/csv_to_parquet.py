@@ -207,14 +207,14 @@ def _write_sampled(batch: pa.RecordBatch, writer: PartitionWriter, first_row: in
     return batch.num_rows
 
 
-def _convert_split(files: list[Path], split: str, spec: DatasetSpec, config: CsvToParquetConfig, out_dir: Path,
-                   careful: bool) -> list[dict]:  # fmt: skip
+def _convert_split(files: list[Path], headers: dict[Path, list[str]], split: str, spec: DatasetSpec,
+                   config: CsvToParquetConfig, out_dir: Path, careful: bool) -> list[dict]:  # fmt: skip
     """Write one split's partition; the careful path quarantines bad rows instead of failing fast."""
     results = []
     seen = 0
     with PartitionWriter(out_dir / split, _arrow_schema(spec), config.rows_per_file) as writer:
         for path in files:
-            header = check_header(path, spec)
+            header = headers[path]
             rows_before = writer.rows
             bad_rows: list[BadRow] = []
             read = 0
@@ -249,19 +249,18 @@ def csv_to_parquet(input_dir: Path, output_dir: Path, spec: DatasetSpec,
                    config: CsvToParquetConfig = CsvToParquetConfig()) -> dict:  # fmt: skip
     """Convert every split's CSV files under `input_dir` to `output_dir/<split>/part-*.parquet`."""
     files = input_files(input_dir, spec)
-    for paths in files.values():
-        for path in paths:
-            check_header(path, spec)  # refuse bad files before any work
+    # Refuse bad files before any work.
+    headers = {path: check_header(path, spec) for paths in files.values() for path in paths}
     results: list[dict] = []
     with atomic_output_dir(Path(output_dir)) as staging:
         for split, paths in files.items():
             try:
-                results += _convert_split(paths, split, spec, config, staging, careful=False)
+                results += _convert_split(paths, headers, split, spec, config, staging, careful=False)
             except _FastPathFailed as error:
                 log.warning("split %s: %s; reading again with line numbers", split, error)
                 for leftover in (staging / split).glob("*"):
                     leftover.unlink()
-                results += _convert_split(paths, split, spec, config, staging, careful=True)
+                results += _convert_split(paths, headers, split, spec, config, staging, careful=True)
         metrics = {
             "files": results,
             "rows_in": sum(result["rows_in"] for result in results),
