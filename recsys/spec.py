@@ -56,6 +56,10 @@ class DatasetSpec:
     user_item_features: tuple[str, ...]
     context_features: tuple[str, ...]
     targets: tuple[str, ...]
+    # Context columns whose values make a new visitor's segment (seed 000: location and device).
+    segment_features: tuple[str, ...] = ()
+    # The target whose positive rows are purchases: those items are not recommended to the buyer again.
+    purchase_target: str | None = None
     categorify: Categorify = Categorify()
     validation: Validation = Validation()
     source: str = "<memory>"
@@ -116,6 +120,8 @@ def parse_spec(raw: dict[str, Any], source: str = "<memory>") -> DatasetSpec:
         user_item_features=role_list("user_item_features"),
         context_features=role_list("context_features"),
         targets=role_list("targets"),
+        segment_features=role_list("segment_features"),
+        purchase_target=roles.get("purchase_target"),
         categorify=Categorify(**raw.get("categorify", {})),
         validation=Validation(
             max_null_fraction=raw.get("validation", {}).get("max_null_fraction", 0.5),
@@ -142,6 +148,11 @@ def _check_roles(spec: DatasetSpec) -> None:
         raise SpecError(f"{spec.source}: roles.targets must name at least one target")
     if not {"train", "test"} <= set(spec.splits):
         raise SpecError(f"{spec.source}: splits must name 'train' and 'test' file patterns")
+    for column in spec.segment_features:
+        if column not in spec.context_features:
+            raise SpecError(f"{spec.source}: roles.segment_features names '{column}', which is not a context feature")
+    if spec.purchase_target is not None and spec.purchase_target not in spec.targets:
+        raise SpecError(f"{spec.source}: roles.purchase_target '{spec.purchase_target}' is not one of the targets")
     for column in spec.validation.value_ranges:
         if column not in spec.columns:
             raise SpecError(f"{spec.source}: validation.value_ranges names unknown column '{column}'")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,8 @@ RAW_SUFFIX = "_raw"  # raw id columns kept next to the encoded ones, for joins w
 RAW_ID_TAG = "raw_id"
 
 
-def build_workflow(spec: DatasetSpec):  # type: ignore[no-untyped-def]
+def build_workflow(spec: DatasetSpec, categories_dir: Path):  # type: ignore[no-untyped-def]
+    """The workflow; Categorify writes its category tables under `categories_dir` (default would be the cwd)."""
     import nvtabular as nvt
     from merlin.schema import Tags
     from nvtabular import ops
@@ -41,6 +43,7 @@ def build_workflow(spec: DatasetSpec):  # type: ignore[no-untyped-def]
             op = ops.Categorify(
                 freq_threshold=spec.categorify.freq_threshold,
                 max_size=spec.categorify.max_size.get(column, 0),
+                out_path=str(categories_dir),
             )
             encoded = [column] >> op
             node = encoded if node is None else node + encoded
@@ -67,11 +70,12 @@ def _latest_per_entity(frame: pd.DataFrame, entity: str, timestamp: str) -> pd.D
     return frame.sort_values([entity, timestamp], kind="stable").groupby(entity, sort=True).tail(1)
 
 
-def feature_tables(transformed_dir: Path, spec: DatasetSpec) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+def feature_tables(transformed_dirs: list[Path], spec: DatasetSpec) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """Latest encoded features per user and per item, with the entity's latest event time.
 
-    Reads the transformed train files one at a time and keeps only the running latest row per
-    entity, so memory is bounded by the number of users and items, not by the number of rows.
+    Reads the transformed files one at a time and keeps only the running latest row per entity, so
+    memory is bounded by the number of users and items, not by the number of rows. Serving needs
+    every known user, so the validation split (the newest data) counts too.
     """
     import pandas as pd
     import pyarrow.parquet as pq
@@ -82,7 +86,7 @@ def feature_tables(transformed_dir: Path, spec: DatasetSpec) -> tuple[pd.DataFra
     }
     latest: dict[str, pd.DataFrame | None] = {"user": None, "item": None}
     rows = 0
-    for path in nvtabular_part_files(transformed_dir):
+    for path in [path for directory in transformed_dirs for path in nvtabular_part_files(directory)]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1_000_000):
             frame = batch.to_pandas()
             rows += len(frame)
@@ -91,29 +95,50 @@ def feature_tables(transformed_dir: Path, spec: DatasetSpec) -> tuple[pd.DataFra
                 previous = latest[name]
                 combined = part if previous is None else pd.concat([previous, part], ignore_index=True)
                 latest[name] = _latest_per_entity(combined, raw, spec.timestamp)
+    # Every row of a snapshot carries the snapshot's time (the newest event it saw), not its entity's
+    # own last event: a refitted workflow may give an old entity new codes, and Feast's Redis store only
+    # overwrites a row whose event time is newer than the stored one (DESIGN.md), so each new snapshot
+    # must be newer for every entity. A rerun on the same data has the same time and the same codes.
+    snapshot = max(int(frame[spec.timestamp].max()) for frame in latest.values() if frame is not None and len(frame))
     results = []
     for name, (raw, encoded, _) in tables.items():
         table = latest[name].reset_index(drop=True)  # type: ignore[union-attr]
-        table["event_timestamp"] = pd.to_datetime(table.pop(spec.timestamp), unit="s", utc=True)
+        table["last_event_timestamp"] = pd.to_datetime(table.pop(spec.timestamp), unit="s", utc=True)
+        table["event_timestamp"] = pd.Timestamp(snapshot, unit="s", tz="UTC")
         results.append(table.rename(columns={raw: raw.removesuffix(RAW_SUFFIX), encoded: f"{encoded}_encoded"}))
     return results[0], results[1], rows
+
+
+def null_encodings(spec: DatasetSpec) -> dict[str, int]:
+    """The code Categorify gives a missing value, per categorical column.
+
+    Serving fills ranker inputs it cannot know for a new (user, item) pair (user-item crosses, the
+    position an item will be shown at) with this code, the one the model saw for nulls in training.
+    """
+    from nvtabular.ops.categorify import NULL_OFFSET
+
+    return {name: NULL_OFFSET for name in spec.categorical_columns}
 
 
 def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec) -> dict:
     """Fit on `input_dir/train`, write workflow/, train/, valid/, user_features.parquet, item_features.parquet."""
     import nvtabular as nvt
+    import pyarrow.parquet as pq
 
     source = Path(input_dir)
-    workflow = build_workflow(spec)
     train = nvt.Dataset(sorted(str(p) for p in (source / "train").glob("part-*.parquet")), engine="parquet", cpu=True)
     valid = nvt.Dataset(sorted(str(p) for p in (source / "valid").glob("part-*.parquet")), engine="parquet", cpu=True)
     with atomic_output_dir(Path(output_dir)) as staging:
+        # Category tables are fitted aside; save() copies them into workflow/ (NVTabular's default is ./categories).
+        workflow = build_workflow(spec, staging / "_categories")
         workflow.fit(train)
         workflow.save(str(staging / "workflow"))
+        shutil.rmtree(staging / "_categories")
         # shuffle=None keeps row order, so a rerun on the same input writes the same files.
         workflow.transform(train).to_parquet(str(staging / "train"), shuffle=None, out_files_per_proc=None)
         workflow.transform(valid).to_parquet(str(staging / "valid"), shuffle=None, out_files_per_proc=None)
-        users, items, train_rows = feature_tables(staging / "train", spec)
+        users, items, _ = feature_tables([staging / "train", staging / "valid"], spec)
+        train_rows = sum(pq.ParquetFile(path).metadata.num_rows for path in nvtabular_part_files(staging / "train"))
         users.to_parquet(staging / "user_features.parquet", index=False)
         items.to_parquet(staging / "item_features.parquet", index=False)
         cardinalities = {
@@ -128,6 +153,7 @@ def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec
             "items": len(items),
             "cardinalities": cardinalities,
             "output_columns": list(workflow.output_schema.column_names),
+            "null_encodings": null_encodings(spec),
         }
         (staging / "_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("nvtabular_fit_transform: %d train rows, %d users, %d items", metrics["train_rows"], metrics["users"],

@@ -43,17 +43,27 @@ def test_schema_tags_select_model_inputs(nvtabular_run):
         assert f'"{tag}"' in schema
 
 
-def test_feature_tables_have_one_row_per_entity_with_event_time(nvtabular_run, spec):
+def test_feature_tables_have_one_row_per_known_entity_with_snapshot_time(nvtabular_run, spec):
     resplit_dir, out, metrics = nvtabular_run
-    train_raw = pq.read_table(resplit_dir / "train").to_pandas()
+    raw = pd.concat([pq.read_table(resplit_dir / split).to_pandas() for split in ("train", "valid")])
     users = pd.read_parquet(out / "user_features.parquet")
     items = pd.read_parquet(out / "item_features.parquet")
-    assert users[spec.user_id].is_unique and len(users) == train_raw[spec.user_id].nunique() == metrics["users"]
-    assert items[spec.item_id].is_unique and len(items) == train_raw[spec.item_id].nunique()
+    # Serving needs every known user and item: the validation split (the newest data) counts too.
+    assert users[spec.user_id].is_unique and len(users) == raw[spec.user_id].nunique() == metrics["users"]
+    assert items[spec.item_id].is_unique and len(items) == raw[spec.item_id].nunique()
     assert set(spec.user_features) <= set(users.columns) and f"{spec.user_id}_encoded" in users.columns
     assert str(users["event_timestamp"].dtype).startswith("datetime64") and users["event_timestamp"].dt.tz is not None
-    latest = pd.to_datetime(train_raw.groupby(spec.user_id)[spec.timestamp].max(), unit="s", utc=True)
-    assert (users.set_index(spec.user_id)["event_timestamp"] == latest.loc[users[spec.user_id]]).all()
+    latest = pd.to_datetime(raw.groupby(spec.user_id)[spec.timestamp].max(), unit="s", utc=True)
+    assert (users.set_index(spec.user_id)["last_event_timestamp"] == latest.loc[users[spec.user_id]]).all()
+    # One snapshot time for every row, so that a newer snapshot overwrites every entity in Feast.
+    assert users["event_timestamp"].nunique() == items["event_timestamp"].nunique() == 1
+    assert users["event_timestamp"].iloc[0] == latest.max() == items["event_timestamp"].iloc[0]
+
+
+def test_categorify_writes_its_tables_inside_the_output(nvtabular_run):
+    _, out, _ = nvtabular_run
+    assert any((out / "workflow" / "categories").glob("unique.*.parquet"))
+    assert not (Path.cwd() / "categories").exists()
 
 
 def test_a_failing_trainer_step_reports_its_output(tmp_path: Path):
