@@ -27,6 +27,21 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str = f"sqlite:///{PROJECT_ROOT / 'var' / 'mlflow' / 'mlflow.db'}"
     mlflow_artifact_root: Path = PROJECT_ROOT / "var" / "mlflow" / "artifacts"
 
+    # Triton Inference Server: where `make setup` installed it (see README, "Triton server"), and the
+    # HTTP endpoint the serving tier sends inference requests to.
+    triton_env: Path = PROJECT_ROOT / ".venv-triton"
+    triton_url: str = "http://127.0.0.1:8000"
+
+    # Feast: the online store is Redis, in a DB index of its own (not 0) so that Feast's keys never mix
+    # with ours (redis://[:password@]host:port/db, rediss:// for TLS); the registry is a local file.
+    feast_redis_url: str = "redis://127.0.0.1:6379/1"
+    feast_registry_path: Path = PROJECT_ROOT / "var" / "feast" / "registry.db"
+
+    # Redis that the web tier reads the published batch recommendations from
+    # (tasks/publish_recommendations.py); every key written there starts with the prefix.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_key_prefix: str = "recsys:"
+
     @property
     def default_landing_dir(self) -> Path:
         return self.landing_dir or self.data_root / "landing"

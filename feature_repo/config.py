@@ -1,0 +1,90 @@
+"""Where the feature store lives: the Redis online store, the registry file and the Feast project."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+
+from feast import RepoConfig
+from feast.infra.offline_stores.dask import DaskOfflineStoreConfig
+from feast.infra.online_stores.redis import RedisOnlineStoreConfig
+
+from recsys.settings import Settings, get_settings
+from recsys.spec import DatasetSpec
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+@dataclasses.dataclass(frozen=True)
+class FeastStoreConfig:
+    """The online store's Redis URL and the registry file; `from_settings` reads RECSYS_FEAST_*."""
+
+    redis_url: str
+    registry_path: Path
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> FeastStoreConfig:
+        settings = settings or get_settings()
+        return cls(redis_url=settings.feast_redis_url, registry_path=settings.feast_registry_path)
+
+
+def project_name(spec: DatasetSpec) -> str:
+    """The Feast project of a dataset: its spec's name (Feast allows letters, digits and '_')."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", spec.name).lstrip("_")
+    if not name:
+        raise ValueError(f"{spec.source}: spec name {spec.name!r} gives no usable Feast project name")
+    return name
+
+
+def redis_connection_string(url: str) -> str:
+    """Feast's Redis connection string (`host:port,db=1,password=...,ssl=true`) for a `redis://` URL.
+
+    Settings hold a standard URL (`redis://[[user]:password@]host[:port][/db][?option=value]`,
+    `rediss://` for TLS) like every other Redis client takes; Feast parses its own comma-separated
+    format, which cannot carry a comma inside a value.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"Feast Redis URL must start with redis:// or rediss://, got {redact_url(url)!r}")
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        raise ValueError(f"Feast's Redis connection string cannot address an IPv6 host: {redact_url(url)!r}")
+    database = parts.path.strip("/") or "0"
+    if not database.isdigit():
+        raise ValueError(f"Redis database in {redact_url(url)!r} must be a number, got {database!r}")
+    options = [("db", str(int(database)))]
+    if parts.username:
+        options.append(("username", unquote(parts.username)))
+    if parts.password:
+        options.append(("password", unquote(parts.password)))
+    if parts.scheme == "rediss":
+        options.append(("ssl", "true"))
+    options += parse_qsl(parts.query)
+    for key, value in options:
+        if "," in key or "," in value or "=" in key:
+            raise ValueError(f"Feast's Redis connection string cannot carry ',' in option {key!r}")
+    return ",".join([f"{host}:{parts.port or 6379}", *(f"{key}={value}" for key, value in options)])
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and metrics."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def repo_config(project: str, config: FeastStoreConfig) -> RepoConfig:
+    """Feast's RepoConfig: local provider, file registry, Redis online store, Dask reading the Parquet tables."""
+    return RepoConfig(
+        project=project,
+        provider="local",
+        registry=str(config.registry_path),
+        online_store=RedisOnlineStoreConfig(connection_string=redis_connection_string(config.redis_url)),
+        offline_store=DaskOfflineStoreConfig(),
+        entity_key_serialization_version=3,
+        repo_path=REPO_DIR,
+    )
