@@ -34,6 +34,29 @@ install_env() {  # venv, lock file
 install_env .venv requirements.txt
 install_env .venv-trainer requirements/trainer.txt
 
+say "Triton Inference Server (the tritonserver binary inside PyTriton's wheel) in .venv-triton"
+# Its own venv, without dependencies: only the binary and its Python backend are used, and the stub that
+# runs Python-backend models executes in the trainer environment (serving/triton_server.py sets that up).
+[ -x .venv-triton/bin/python ] || "${UV[@]}" venv --quiet --python "$PYTHON" .venv-triton
+"${UV[@]}" pip sync --quiet --require-hashes --python .venv-triton/bin/python requirements/triton.txt
+# Located without importing pytriton, whose dependencies are deliberately not installed.
+TRITON=$(.venv-triton/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib") + "/pytriton/tritonserver")')
+# The Python backend runs models in `backends/python/triton_python_backend_stub`, which the wheel ships
+# per Python version elsewhere: copy the one built for the trainer's Python (its RPATH to the wheel's
+# bundled libraries is relative, so it must sit at this depth in the wheel).
+TRAINER_PY_VERSION=$(.venv-trainer/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+STUB_SOURCE="$TRITON/python_backend_stubs/$TRAINER_PY_VERSION/triton_python_backend_stub"
+cmp -s "$STUB_SOURCE" "$TRITON/backends/python/triton_python_backend_stub" \
+  || install -m 755 "$STUB_SOURCE" "$TRITON/backends/python/triton_python_backend_stub"
+# The stub links libpython dynamically: the trainer's Python must be a shared build (Debian's python3.11
+# with libpython3.11, or pyenv with PYTHON_CONFIGURE_OPTS=--enable-shared).
+LIBPYTHON_DIR=$(.venv-trainer/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
+if LD_LIBRARY_PATH="$LIBPYTHON_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    ldd "$TRITON/bin/tritonserver" "$TRITON/backends/python/triton_python_backend_stub" | grep 'not found'; then
+  echo "tritonserver or its Python stub is missing the shared libraries above (is $PYTHON built with --enable-shared?)" >&2
+  exit 1
+fi
+
 say "Redis"
 if ! command -v redis-server >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

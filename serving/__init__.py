@@ -1,0 +1,1 @@
+"""The serving tier: the Triton Inference Server launcher (`serving.triton_server`)."""
