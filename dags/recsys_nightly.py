@@ -5,8 +5,12 @@ The nightly training pipeline of the recommender. This file only wires steps tog
 calls one function in `tasks/` (also runnable by hand as `recsys <step>`).
 
 Data stage: `csv_to_parquet` -> `clean_null_rows` -> `resplit` -> `validate` -> `nvtabular_fit_transform`.
-Model stage (so far): `train_two_tower` and `train_ranker` (DLRM by default), both after
-`nvtabular_fit_transform`, logged and registered in MLflow as `two_tower` and `ranker`.
+Model stage: `train_two_tower` and `train_ranker` (DLRM by default), both after
+`nvtabular_fit_transform`, logged and registered in MLflow as `two_tower` and `ranker`;
+`build_faiss_index` over the item embeddings; `feast_apply` -> `feast_materialize` of the user and
+item feature tables into the Redis online store; `batch_score` of every user (plus generic lists per
+segment and similar items) and `publish_recommendations` to Redis under the run's version, switched
+atomically; `export_triton_ensemble` of the online pipeline, logged as an MLflow artifact.
 
 Every output goes to `<RECSYS_DATA_ROOT>/runs/<run id>/<step>` and appears atomically; a rerun of a
 task replaces its output. A failed validation fails the run and nothing downstream runs; the report
@@ -19,6 +23,7 @@ malformed rows tolerated (they are quarantined).
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -41,7 +46,8 @@ def _fail_without_retry(error: Exception) -> AirflowFailException:
     tags=["recsys", "training"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True},
     params={
-        "input_dir": Param(None, type=["null", "string"], description="raw CSV folder (default: landing zone)"),
+        "input_dir": Param(None, type=["null", "string"],
+                           description="raw CSV folder or s3://bucket/prefix (default: landing zone)"),
         "spec": Param(None, type=["null", "string"], description="dataset spec YAML (default: specs/aliccp.yaml)"),
         "max_null_features": Param(5, type="integer", minimum=0, description="drop rows with more null features"),
         "resplit_fraction": Param(0.6, type="number", minimum=0, maximum=1, description="share of test moved to train"),
@@ -50,12 +56,17 @@ def _fail_without_retry(error: Exception) -> AirflowFailException:
         "ranker_epochs": Param(8, type="integer", minimum=1, description="most epochs; early stopping on AUC"),
         "max_bad_row_fraction": Param(0.001, type="number", minimum=0, maximum=1,
                                       description="malformed rows tolerated (quarantined) per file"),
+        "top_k": Param(500, type="integer", minimum=1, description="candidates retrieved per user"),
+        "top_n": Param(100, type="integer", minimum=1, description="recommendations kept per user"),
+        "unavailable_items": Param(None, type=["null", "string"],
+                                   description="CSV with an item id column: items never recommended"),
     },
 )
 def recsys_nightly() -> None:
     @task
     def csv_to_parquet() -> str:
         from recsys.errors import InputDataError
+        from recsys.locations import fetch_input
         from recsys.settings import get_settings
         from recsys.spec import load_spec
         from tasks.csv_to_parquet import CsvToParquetConfig
@@ -63,11 +74,14 @@ def recsys_nightly() -> None:
 
         context = get_current_context()
         params, settings = context["params"], get_settings()
-        output = settings.run_dir(context["run_id"]) / "parquet"
+        run_dir = settings.run_dir(context["run_id"])
+        output = run_dir / "parquet"
         config = CsvToParquetConfig(max_bad_row_fraction=params["max_bad_row_fraction"],
                                     sample_fraction=params["sample_fraction"])  # fmt: skip
-        input_dir = Path(params["input_dir"]) if params["input_dir"] else settings.default_landing_dir
         try:
+            # An s3:// location is copied into <run>/landing first; a local folder is read where it is.
+            input_dir = fetch_input(params["input_dir"] or settings.landing_location, run_dir / "landing",
+                                    endpoint_url=settings.s3_endpoint_url)  # fmt: skip
             step(input_dir, output, load_spec(params["spec"]), config)
         except InputDataError as error:
             raise _fail_without_retry(error) from error
@@ -121,6 +135,7 @@ def recsys_nightly() -> None:
 
     @task
     def train_ranker(nvtabular_dir: str) -> dict:
+        from recsys.locations import fetched_input_dir
         from recsys.settings import get_settings
         from recsys.spec import load_spec
         from recsys.trainer_env import run_trainer_step
@@ -136,13 +151,13 @@ def recsys_nightly() -> None:
             arguments += ["--spec", params["spec"]]
         run_trainer_step(settings.trainer_python, "train-ranker", arguments)
         spec = load_spec(params["spec"])
-        input_dir = Path(params["input_dir"]) if params["input_dir"] else settings.default_landing_dir
-        return log_ranker_run(
+        input_dir = fetched_input_dir(params["input_dir"] or settings.landing_location, run_dir / "landing")
+        return {"output": str(output), **log_ranker_run(
             output, Path(nvtabular_dir), spec,
             tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root,
             run_name=f"{params['ranker_model']} {context['run_id']}",
             oracle_probabilities=oracle_click_probabilities(input_dir, run_dir / "resplit" / "valid", spec),
-        )  # fmt: skip
+        )}  # fmt: skip
 
     @task
     def train_two_tower(nvtabular_dir: str) -> dict:
@@ -158,19 +173,104 @@ def recsys_nightly() -> None:
         if params["spec"]:
             arguments += ["--spec", params["spec"]]
         run_trainer_step(settings.trainer_python, "train-two-tower", arguments)
-        return log_two_tower_run(
+        return {"output": str(output), **log_two_tower_run(
             output, Path(nvtabular_dir), load_spec(params["spec"]),
             tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root,
             run_name=f"two_tower {context['run_id']}",
-        )  # fmt: skip
+        )}  # fmt: skip
+
+    @task
+    def build_faiss_index(two_tower: dict) -> str:
+        from recsys.settings import get_settings
+        from recsys.trainer_env import run_trainer_step
+        from tasks.track_training import log_step_metrics
+
+        params, settings = get_current_context()["params"], get_settings()
+        run_dir = Path(two_tower["output"]).parent
+        output = run_dir / "faiss_index"
+        arguments = ["--input", two_tower["output"], "--output", str(output), "--nvtabular", str(run_dir / "nvtabular")]
+        if params["spec"]:
+            arguments += ["--spec", params["spec"]]
+        metrics = run_trainer_step(settings.trainer_python, "build-faiss-index", arguments)
+        # The approximate index's recall against exact search belongs next to the model it serves.
+        log_step_metrics(two_tower["run_id"], metrics, tracking_uri=settings.mlflow_tracking_uri, prefix="faiss_")
+        return str(output)
+
+    @task
+    def feast_apply(nvtabular_dir: str) -> str:
+        from recsys.spec import load_spec
+        from tasks.feast_features import feast_apply as step
+
+        step(Path(nvtabular_dir), load_spec(get_current_context()["params"]["spec"]))
+        return nvtabular_dir
+
+    @task
+    def feast_materialize(nvtabular_dir: str) -> dict:
+        from recsys.spec import load_spec
+        from tasks.feast_features import feast_materialize as step
+
+        return step(Path(nvtabular_dir), load_spec(get_current_context()["params"]["spec"]))
+
+    @task
+    def batch_score(faiss_dir: str, two_tower: dict, ranker: dict) -> str:
+        from recsys.settings import get_settings
+        from recsys.trainer_env import run_trainer_step
+
+        params = get_current_context()["params"]
+        run_dir = Path(faiss_dir).parent
+        output = run_dir / "batch_score"
+        versions = {"two_tower": two_tower["model_version"], "ranker": ranker["model_version"]}
+        arguments = ["--input", str(run_dir), "--output", str(output), "--top-k", str(params["top_k"]),
+                     "--top-n", str(params["top_n"]), "--model-versions", json.dumps(versions)]  # fmt: skip
+        if params["spec"]:
+            arguments += ["--spec", params["spec"]]
+        if params["unavailable_items"]:
+            arguments += ["--unavailable-items", params["unavailable_items"]]
+        run_trainer_step(get_settings().trainer_python, "batch-score", arguments)
+        return str(output)
+
+    @task
+    def export_triton_ensemble(faiss_dir: str, two_tower: dict, ranker: dict) -> str:
+        from recsys.settings import get_settings
+        from recsys.spec import load_spec
+        from tasks.export_triton_ensemble import TritonEnsembleConfig, log_triton_repository
+        from tasks.export_triton_ensemble import export_triton_ensemble as step
+
+        params, settings = get_current_context()["params"], get_settings()
+        run_dir = Path(faiss_dir).parent
+        output = run_dir / "triton_repository"
+        unavailable = Path(params["unavailable_items"]) if params["unavailable_items"] else None
+        config = TritonEnsembleConfig(top_k=params["top_k"], top_n=params["top_n"], unavailable_items=unavailable)
+        versions = {"two_tower": two_tower["model_version"], "ranker": ranker["model_version"]}
+        step(run_dir, output, load_spec(params["spec"]), config, model_versions=versions)
+        # The repository is reviewed and fetched with the ranker run it serves.
+        log_triton_repository(output, tracking_uri=settings.mlflow_tracking_uri, run_id=ranker["run_id"])
+        return str(output)
+
+    @task
+    def publish_recommendations(batch_dir: str) -> dict:
+        from recsys.errors import InputDataError
+        from recsys.settings import get_settings, safe_run_id
+        from tasks.publish_recommendations import publish_recommendations as step
+
+        context, settings = get_current_context(), get_settings()
+        try:
+            return step(Path(batch_dir), redis_url=settings.redis_url, version=safe_run_id(context["run_id"]),
+                        key_prefix=settings.redis_key_prefix, progress=False)  # fmt: skip
+        except InputDataError as error:
+            raise _fail_without_retry(error) from error
 
     # Each task returns the path of its output; TaskFlow hands it to the next as an XComArg (a str at run time).
     parquet = csv_to_parquet()
     cleaned = clean_null_rows(parquet)  # type: ignore[arg-type]
     validated = validate(resplit(cleaned))  # type: ignore[arg-type]
     nvtabular = nvtabular_fit_transform(validated)  # type: ignore[arg-type]
-    train_two_tower(nvtabular)  # type: ignore[arg-type]
-    train_ranker(nvtabular)  # type: ignore[arg-type]
+    two_tower = train_two_tower(nvtabular)  # type: ignore[arg-type]
+    ranker = train_ranker(nvtabular)  # type: ignore[arg-type]
+    feast_materialize(feast_apply(nvtabular))  # type: ignore[arg-type]
+    faiss_index = build_faiss_index(two_tower)  # type: ignore[arg-type]
+    publish_recommendations(batch_score(faiss_index, two_tower, ranker))  # type: ignore[arg-type]
+    export_triton_ensemble(faiss_index, two_tower, ranker)  # type: ignore[arg-type]
 
 
 recsys_nightly()

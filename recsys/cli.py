@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 
 from recsys.errors import InputDataError
@@ -90,6 +91,89 @@ def _train_two_tower(args: argparse.Namespace) -> dict:
     return train_two_tower(args.input, args.output, load_spec(args.spec), config)
 
 
+def _build_faiss_index(args: argparse.Namespace) -> dict:
+    from tasks.build_faiss_index import FaissIndexConfig, build_faiss_index, user_queries
+
+    config = FaissIndexConfig(exact_max_items=args.exact_max_items, nprobe=args.nprobe)
+    queries = None
+    if args.nvtabular:
+        queries = user_queries(args.nvtabular, args.input, load_spec(args.spec), config.recall_queries)
+    return build_faiss_index(args.input, args.output, config, queries=queries)
+
+
+def _batch_score(args: argparse.Namespace) -> dict:
+    from tasks.batch_score import BatchScoreConfig, batch_score
+
+    config = BatchScoreConfig(top_k=args.top_k, top_n=args.top_n, similar_n=args.similar_n,
+                              unavailable_items=args.unavailable_items)  # fmt: skip
+    versions = json.loads(args.model_versions) if args.model_versions else None
+    return batch_score(args.input, args.output, load_spec(args.spec), config, model_versions=versions)
+
+
+def _export_triton_ensemble(args: argparse.Namespace) -> dict:
+    from tasks.export_triton_ensemble import TritonEnsembleConfig, export_triton_ensemble, log_triton_repository
+
+    config = TritonEnsembleConfig(top_k=args.top_k, top_n=args.top_n, similar_n=args.similar_n,
+                                  temperature=args.temperature, unavailable_items=args.unavailable_items)  # fmt: skip
+    versions = json.loads(args.model_versions) if args.model_versions else None
+    metrics = export_triton_ensemble(args.input, args.output, load_spec(args.spec), config, model_versions=versions)
+    if args.mlflow_run_id:
+        from recsys.settings import get_settings
+
+        metrics["mlflow"] = log_triton_repository(args.output, tracking_uri=get_settings().mlflow_tracking_uri,
+                                                  run_id=args.mlflow_run_id)  # fmt: skip
+    return metrics
+
+
+def _feast_apply(args: argparse.Namespace) -> dict:
+    from tasks.feast_features import feast_apply
+
+    return feast_apply(args.input, load_spec(args.spec))
+
+
+def _feast_materialize(args: argparse.Namespace) -> dict:
+    from tasks.feast_features import feast_materialize
+
+    return feast_materialize(args.input, load_spec(args.spec), check_sample=args.check_sample)
+
+
+def _publish_recommendations(args: argparse.Namespace) -> dict:
+    from recsys.settings import get_settings
+    from tasks.publish_recommendations import publish_recommendations
+
+    settings = get_settings()
+    return publish_recommendations(
+        args.input, redis_url=args.redis_url or settings.redis_url, version=args.version,
+        key_prefix=args.key_prefix or settings.redis_key_prefix, keep_versions=args.keep_versions,
+        expire_after_s=args.expire_after_s, progress=not args.quiet,
+    )  # fmt: skip
+
+
+def _rollback_recommendations(args: argparse.Namespace) -> dict:
+    from recsys.settings import get_settings
+    from tasks.publish_recommendations import rollback
+
+    settings = get_settings()
+    return rollback(args.redis_url or settings.redis_url, args.key_prefix or settings.redis_key_prefix)
+
+
+def _extract_interactions(args: argparse.Namespace) -> dict:
+    from recsys.settings import get_settings
+    from tasks.extract_interactions import extract_interactions
+
+    settings = get_settings()
+    return extract_interactions(args.database_url or settings.database_url, args.output or settings.default_landing_dir,
+                                args.day, spec=load_spec(args.spec))  # fmt: skip
+
+
+def _export_unavailable_items(args: argparse.Namespace) -> dict:
+    from recsys.settings import get_settings
+    from tasks.extract_interactions import export_unavailable_items
+
+    return export_unavailable_items(args.database_url or get_settings().database_url, args.output,
+                                    spec=load_spec(args.spec))  # fmt: skip
+
+
 def _step_parser(subparsers: argparse._SubParsersAction, name: str, handler: Callable, help_text: str
                  ) -> argparse.ArgumentParser:  # fmt: skip
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -122,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("nvtabular-fit-transform", _nvtabular_fit_transform, "fit and apply the NVTabular workflow (trainer env)"),
         ("train-ranker", _train_ranker, "train the ranking model: DLRM, DCN-v2 or MLP (trainer env)"),
         ("train-two-tower", _train_two_tower, "train the two-tower retrieval model (trainer env)"),
+        ("build-faiss-index", _build_faiss_index, "index the two-tower item embeddings (input: two_tower dir)"),
+        ("batch-score", _batch_score, "recommendations for every user, segment and item (input: run dir)"),
+        ("export-triton-ensemble", _export_triton_ensemble,
+         "write the run's online pipeline as a Triton model repository (input: run dir)"),
     ]
     for name, handler, help_text in steps:
         step = _step_parser(subparsers, name, handler, help_text)
@@ -148,13 +236,69 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--logq-correction", action=argparse.BooleanOptionalAction, default=True,
                               help="sampling-bias (logQ) correction of in-batch negatives")  # fmt: skip
             step.add_argument("--seed", type=int, default=0)
+        if name == "build-faiss-index":
+            step.add_argument("--exact-max-items", type=int, default=100_000, help="larger catalogs get IVF")
+            step.add_argument("--nprobe", type=int, default=32)
+            step.add_argument("--nvtabular", type=Path, default=None,
+                              help="NVTabular output: user queries measure the IVF index's recall")  # fmt: skip
+        if name == "batch-score":
+            step.add_argument("--top-k", type=int, default=500)
+            step.add_argument("--top-n", type=int, default=100)
+            step.add_argument("--similar-n", type=int, default=50)
+            step.add_argument("--unavailable-items", type=Path, default=None,
+                              help="CSV with an item id column: items never recommended")  # fmt: skip
+            step.add_argument("--model-versions", default=None, help="JSON: registered versions scored with")
+        if name == "export-triton-ensemble":
+            step.add_argument("--top-k", type=int, default=500, help="default candidates per request")
+            step.add_argument("--top-n", type=int, default=100, help="default items per user")
+            step.add_argument("--similar-n", type=int, default=50, help="default similar products per item")
+            step.add_argument("--temperature", type=float, default=0.0, help="default sampling temperature")
+            step.add_argument("--unavailable-items", type=Path, default=None,
+                              help="CSV with an item id column: items never recommended")  # fmt: skip
+            step.add_argument("--model-versions", default=None, help="JSON: registered versions exported")
+            step.add_argument("--mlflow-run-id", default=None, help="also log the repository to this MLflow run")
         if name == "resplit":
             step.add_argument("--fraction", type=float, default=0.6)
             step.add_argument("--seed", type=int, default=0)
 
+    feast_steps: list[tuple[str, Callable, str]] = [
+        ("feast-apply", _feast_apply, "register the spec's Feast definitions, sources at this run's feature tables"),
+        ("feast-materialize", _feast_materialize, "load the feature tables' newer rows into Feast's Redis store"),
+    ]
+    for name, handler, help_text in feast_steps:
+        feast = _step_parser(subparsers, name, handler, help_text)
+        feast.add_argument("--input", type=Path, required=True, help="the run's nvtabular output folder")
+        if name == "feast-materialize":
+            feast.add_argument("--check-sample", type=int, default=1000,
+                               help="rows per table read back from the online store and compared")  # fmt: skip
+
     expectations = _step_parser(subparsers, "write-expectations", _write_expectations,
                                 "write the spec's expectation suite as JSON")  # fmt: skip
     expectations.add_argument("--out", type=Path, default=Path("great_expectations/expectations"))
+
+    publish = _step_parser(subparsers, "publish-recommendations", _publish_recommendations,
+                           "load a batch_score output into Redis as a new version, switch readers to it")  # fmt: skip
+    publish.add_argument("--input", type=Path, required=True, help="batch_score output (users/, segments/, similar/)")
+    publish.add_argument("--version", required=True, help="letters, digits and . _ + -, e.g. the run id made safe")
+    publish.add_argument("--keep-versions", type=int, default=2, help="versions kept, current and previous included")
+    publish.add_argument("--expire-after-s", type=int, default=24 * 3600, help="grace period of retired versions")
+    publish.add_argument("--quiet", action="store_true", help="no progress bar")
+    rollback = _step_parser(subparsers, "rollback-recommendations", _rollback_recommendations,
+                            "switch readers back to the previous published version (again: forward)")  # fmt: skip
+    for command in (publish, rollback):
+        command.add_argument("--redis-url", default=None, help="default: RECSYS_REDIS_URL")
+        command.add_argument("--key-prefix", default=None, help="default: RECSYS_REDIS_KEY_PREFIX")
+
+    extract = _step_parser(subparsers, "extract-interactions", _extract_interactions,
+                           "export one day (UTC) of the gateway's interactions to the landing zone")  # fmt: skip
+    extract.add_argument("--day", type=date.fromisoformat, required=True, help="YYYY-MM-DD")
+    extract.add_argument("--output", type=Path, default=None,
+                         help="landing dir for interactions/day=.../ (default: RECSYS_LANDING_DIR)")  # fmt: skip
+    unavailable = _step_parser(subparsers, "export-unavailable-items", _export_unavailable_items,
+                               "write unavailable products as batch-score's --unavailable-items CSV")  # fmt: skip
+    unavailable.add_argument("--output", type=Path, required=True, help="CSV file to write")
+    for command in (extract, unavailable):
+        command.add_argument("--database-url", default=None, help="default: RECSYS_DATABASE_URL")
     return parser
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from recsys.locations import local_path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,14 +21,21 @@ class Settings(BaseSettings):
 
     # Root of run-scoped outputs: <data_root>/runs/<run id>/<step>.
     data_root: Path = PROJECT_ROOT / "var" / "data"
-    # Where raw CSV files land when a run does not name an input location.
-    landing_dir: Path | None = None
+    # Where raw CSV files land when a run does not name an input location: a local folder, or
+    # s3://bucket/prefix, which a run first fetches into <run>/landing (recsys/locations.py).
+    landing_dir: str | None = None
     # Interpreter of the trainer environment (TensorFlow 2.12 + Merlin 23.08), see README.
     trainer_python: Path = PROJECT_ROOT / ".venv-trainer" / "bin" / "python"
 
     # MLflow: a local SQLite store and artifact folder by default; any tracking URI (http://, postgresql://).
     mlflow_tracking_uri: str = f"sqlite:///{PROJECT_ROOT / 'var' / 'mlflow' / 'mlflow.db'}"
-    mlflow_artifact_root: Path = PROJECT_ROOT / "var" / "mlflow" / "artifacts"
+    # Artifact root: a local folder or a URI (s3://bucket/prefix, file:///...); experiment X's artifacts go to <root>/X.
+    mlflow_artifact_root: str = str(PROJECT_ROOT / "var" / "mlflow" / "artifacts")
+    # Endpoint of an S3-compatible store (MinIO, Ceph, ...); None is AWS S3. Read from the standard variables,
+    # not a RECSYS_ one, because boto3 reads them too, and so MLflow's S3 artifact store sees the same endpoint.
+    # Credentials are never settings: boto3 takes them from the environment, ~/.aws or an instance role.
+    s3_endpoint_url: str | None = Field(default=None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3",
+                                                                                    "AWS_ENDPOINT_URL"))
 
     # Triton Inference Server: where `make setup` installed it (see README, "Triton server"), and the
     # HTTP endpoint the serving tier sends inference requests to.
@@ -42,9 +52,31 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_key_prefix: str = "recsys:"
 
+    # The API gateway's main database (customers, products, interactions; serving/api/): a SQLite file by
+    # default, PostgreSQL by URL (postgresql://user:password@host:port/db, driven by psycopg 3). Created and
+    # upgraded by the migrations (`make migrate`), never by the application.
+    database_url: str = f"sqlite:///{PROJECT_ROOT / 'var' / 'serving' / 'recsys.db'}"
+    # Budget of one database call on the request path, well below the 500 ms SLA of a whole request:
+    # PostgreSQL's statement and lock timeouts, SQLite's busy timeout, the wait for a pooled connection.
+    database_timeout_ms: int = Field(default=200, gt=0)
+    # Request bodies above this many bytes are refused with 413 before they reach a route.
+    max_request_bytes: int = Field(default=65_536, gt=0)
+    # Budgets of the gateway's other calls on the request path (well inside the 500 ms SLA), the TTL of
+    # cached online (Triton) answers, and the promotion rule's threshold (report 4.4.7).
+    redis_timeout_ms: int = Field(default=50, gt=0)
+    triton_timeout_ms: int = Field(default=250, gt=0)
+    online_cache_ttl_s: int = Field(default=600, gt=0)
+    promotion_threshold: float = Field(default=0.5, ge=0, le=1)
+
+    @property
+    def landing_location(self) -> str:
+        """The landing zone: a local folder or an s3:// URI (`recsys.locations.fetch_input` makes it local)."""
+        return self.landing_dir or str(self.data_root / "landing")
+
     @property
     def default_landing_dir(self) -> Path:
-        return self.landing_dir or self.data_root / "landing"
+        """The landing zone as a local folder; refused when it is remote (use `landing_location`)."""
+        return local_path(self.landing_location)
 
     def run_dir(self, run_id: str) -> Path:
         return self.data_root / "runs" / safe_run_id(run_id)

@@ -1,1 +1,2 @@
-"""The serving tier: the Triton Inference Server launcher (`serving.triton_server`)."""
+"""The serving tier: the REST gateway (`serving.api`) and the Triton Inference Server launcher
+(`serving.triton_server`)."""

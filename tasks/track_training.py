@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from recsys.locations import as_uri
 from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
 
@@ -28,15 +29,36 @@ TWO_TOWER_MODEL_NAME = "two_tower"
 TRAINER_REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements" / "trainer.txt"
 
 
-def configure_mlflow(tracking_uri: str, artifact_root: Path, experiment: str) -> str:
-    """Point MLflow at the tracking store; create the experiment with its artifact location; return its id."""
+def configure_mlflow(tracking_uri: str, artifact_root: str | Path, experiment: str) -> str:
+    """Point MLflow at the tracking store; create the experiment with its artifact location; return its id.
+
+    `artifact_root` is a local folder or a URI (`s3://bucket/prefix`: MLflow writes there with boto3, which
+    takes endpoint and credentials from the standard AWS variables); the experiment's artifacts go to
+    `<root>/<experiment>`. An existing experiment keeps the location it was created with.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
+    location = f"{as_uri(artifact_root).rstrip('/')}/{experiment}"
     existing = mlflow.get_experiment_by_name(experiment)
     if existing is not None:
+        if existing.artifact_location != location:
+            log.warning("MLflow experiment %s keeps its artifact location %s (the configured root gives %s)",
+                        experiment, existing.artifact_location, location)  # fmt: skip
         return existing.experiment_id
-    return mlflow.create_experiment(experiment, artifact_location=(Path(artifact_root) / experiment).as_uri())
+    return mlflow.create_experiment(experiment, artifact_location=location)
+
+
+def log_step_metrics(run_id: str, metrics: dict, *, tracking_uri: str, prefix: str) -> dict:
+    """Log a later step's numeric metrics (e.g. the Faiss index's recall) on a training run, prefixed."""
+    from mlflow.tracking import MlflowClient
+
+    numeric = {f"{prefix}{key}": float(value) for key, value in metrics.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}  # fmt: skip
+    client = MlflowClient(tracking_uri)
+    for key, value in numeric.items():
+        client.log_metric(run_id, key, value)
+    return numeric
 
 
 def _line_plot(history: list[dict], keys: tuple[str, ...], ylabel: str, path: Path) -> Path:
@@ -84,7 +106,8 @@ def _roc_plot(labels: Any, scores: Any, directory: Path, oracle: tuple[Any, Any]
 
 
 def log_ranker_run(ranker_dir: Path, nvtabular_dir: Path, spec: DatasetSpec, *, tracking_uri: str,
-                   artifact_root: Path, run_name: str, oracle_probabilities: Any | None = None) -> dict:  # fmt: skip
+                   artifact_root: str | Path, run_name: str,
+                   oracle_probabilities: Any | None = None) -> dict:  # fmt: skip
     """Log the ranker in `ranker_dir` as an MLflow run and register it as a new version of 'ranker'."""
     import mlflow
     import pandas as pd
@@ -152,7 +175,7 @@ def log_ranker_run(ranker_dir: Path, nvtabular_dir: Path, spec: DatasetSpec, *, 
 
 
 def log_two_tower_run(two_tower_dir: Path, nvtabular_dir: Path, spec: DatasetSpec, *, tracking_uri: str,
-                      artifact_root: Path, run_name: str) -> dict:  # fmt: skip
+                      artifact_root: str | Path, run_name: str) -> dict:  # fmt: skip
     """Log the two-tower model as an MLflow run and register its query tower as a version of 'two_tower'."""
     import mlflow
     from mlflow.models import ModelSignature

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -59,6 +62,68 @@ def nvtabular_output(medium_raw: Path, tmp_path_factory: pytest.TempPathFactory,
     return base / "resplit", base / "nvtabular", metrics
 
 
+@pytest.fixture(scope="session")
+def trained_run(nvtabular_output: tuple[Path, Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<run>/nvtabular, two_tower, ranker, faiss_index as the DAG lays them out, trained for real (briefly)."""
+    _, nvtabular, _ = nvtabular_output
+    run = tmp_path_factory.mktemp("trained") / "run"
+    run.mkdir()
+    (run / "nvtabular").symlink_to(nvtabular)
+    python = get_settings().trainer_python
+    steps = [
+        ("train-two-tower", ["--input", str(nvtabular), "--output", str(run / "two_tower"), "--epochs", "2"]),
+        ("train-ranker", ["--input", str(nvtabular), "--output", str(run / "ranker"), "--epochs", "1"]),
+        ("build-faiss-index", ["--input", str(run / "two_tower"), "--output", str(run / "faiss_index")]),
+    ]
+    for command, arguments in steps:
+        run_trainer_step(python, command, arguments)
+    return run
+
+
 def read_nvtabular_output(directory: Path) -> pd.DataFrame:
     """NVTabular writes part_<n>.parquet next to schema and metadata files."""
     return pd.concat([pd.read_parquet(path) for path in nvtabular_part_files(directory)], ignore_index=True)
+
+
+# The gateway's main database (serving/api/): every test that takes `database_url` runs on a fresh SQLite
+# file and on a throw-away PostgreSQL database (dropped afterwards). PostgreSQL is expected on this machine
+# at 127.0.0.1:5432, user postgres, trust authentication; RECSYS_TEST_POSTGRES_URL names another server
+# (a database the user may CREATE DATABASE from). Without one, the PostgreSQL half is skipped, saying why.
+POSTGRES_ADMIN_URL = os.environ.get("RECSYS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database (no tables: tests create them with the migrations)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gateway.db'}"
+        return
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    from serving.api.db import database_url as driver_url
+
+    admin_url = driver_url(POSTGRES_ADMIN_URL)
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    name = f"recsys_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    except OperationalError as error:
+        admin.dispose()
+        pytest.skip(f"PostgreSQL not reachable at {admin_url.render_as_string()}: {error.orig}")
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
+@pytest.fixture
+def migrated_database_url(database_url: str) -> str:
+    """`database_url` with the gateway's tables, made by the migrations as `make migrate` makes them."""
+    from serving.api.migrate import upgrade
+
+    upgrade(database_url)
+    return database_url

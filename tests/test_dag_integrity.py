@@ -35,9 +35,17 @@ def test_data_stage_runs_in_order(dagbag: DagBag):
         assert dag.get_task(downstream).upstream_task_ids == {upstream}
 
 
-def test_both_models_train_after_nvtabular(dagbag: DagBag):
+def test_model_stage_wiring(dagbag: DagBag):
     dag = dagbag.dags["recsys_nightly"]
-    assert dag.get_task("train_two_tower").upstream_task_ids == {"nvtabular_fit_transform"}
+    upstream = {task_id: dag.get_task(task_id).upstream_task_ids for task_id in dag.task_ids}
+    assert upstream["train_two_tower"] == upstream["train_ranker"] == {"nvtabular_fit_transform"}
+    assert upstream["feast_apply"] == {"nvtabular_fit_transform"}
+    assert upstream["feast_materialize"] == {"feast_apply"}
+    assert upstream["build_faiss_index"] == {"train_two_tower"}
+    # Batch scores need the index and both models; publishing happens only after scoring succeeded.
+    assert upstream["batch_score"] == {"build_faiss_index", "train_two_tower", "train_ranker"}
+    assert upstream["publish_recommendations"] == {"batch_score"}
+    assert upstream["export_triton_ensemble"] == {"build_faiss_index", "train_two_tower", "train_ranker"}
 
 
 def test_every_task_retries_with_backoff(dagbag: DagBag):

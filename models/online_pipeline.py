@@ -1,0 +1,492 @@
+"""The recommendation pipeline of one nightly run: retrieval, filtering, scoring, ordering (trainer env).
+
+One implementation serves both `batch_score` (every user, offline) and the Triton ensemble (one
+request online), so the two cannot drift. The stages follow the report's four-stage design:
+
+1. retrieval: the query tower embeds the user's features; Faiss returns the top-K items by inner
+   product (the score the towers were trained with), distances kept;
+2. filtering: business rules remove candidates (items the user bought, unavailable items) and
+   Faiss's -1 padding when the catalog has fewer than K items;
+3. scoring: the user's features are unrolled against every candidate's item features, held in
+   memory as arrays indexed by encoded item id (the report fetched them from Feast per candidate,
+   which made latency grow with K), and the ranker scores every pair in one call;
+4. ordering: the promotion rule (report 4.4.7), then softmax sampling with temperature T over
+   `score / T` (report formula 2.2; T -> 0 gives the ranked order, unlike NVIDIA's example, which
+   multiplies by T), with the sampling probabilities returned.
+
+Ranker inputs that cannot be known for a new (user, item) pair (user-item crosses, the position an
+item will be shown at) get Categorify's code for a missing value, as in training rows with nulls.
+
+Each stage loads on its own (`UserFeatureTable`, `ItemCatalog`, `ItemEmbeddings`, `QueryTower`,
+`Ranker`, the Faiss index) from the files a run wrote, so a Triton model of one stage holds only what
+that stage needs (`tasks/export_triton_ensemble.py`, `serving/triton_models/`);
+`RecommendationPipeline` loads them all for one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from recsys.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    import faiss
+
+MISSING = -1  # a filtered or absent candidate
+RANKER_ROWS_PER_CALL = 262_144  # users x candidates scored per ranker call: bounds memory, keeps calls large
+USER_FEATURES_FILE = "user_features.parquet"  # written by nvtabular_fit_transform
+ITEM_FEATURES_FILE = "item_features.parquet"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineArtifacts:
+    """Where one nightly run keeps what the pipeline loads."""
+
+    nvtabular_dir: Path
+    two_tower_dir: Path
+    ranker_dir: Path
+    faiss_index_dir: Path
+
+    @classmethod
+    def of_run(cls, run_dir: Path) -> PipelineArtifacts:
+        run = Path(run_dir)
+        return cls(run / "nvtabular", run / "two_tower", run / "ranker", run / "faiss_index")
+
+
+def filter_candidates(candidates: np.ndarray, *, excluded: Sequence[np.ndarray] | None = None,
+                      unavailable: np.ndarray | None = None,
+                      known: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Candidates with filtered items replaced by MISSING (-1, as Faiss pads short results).
+
+    `excluded[i]` holds the encoded item ids removed for row i (items that user bought);
+    `unavailable` is a boolean mask indexed by encoded item id; `known[i]` False empties row i (a user
+    the run has no features for: retrieval ran on placeholder features, so nothing it found is theirs).
+    """
+    kept = candidates.copy()
+    if known is not None:
+        kept[~np.asarray(known, dtype=bool)] = MISSING
+    valid = kept >= 0
+    if unavailable is not None and len(unavailable):
+        in_range = valid & (kept < len(unavailable))
+        blocked = np.zeros_like(valid)
+        blocked[in_range] = unavailable[kept[in_range]]
+        kept[blocked] = MISSING
+    if excluded is not None:
+        for row, items in enumerate(excluded):
+            if len(items):
+                kept[row, np.isin(kept[row], items)] = MISSING
+    return kept
+
+
+
+class Purchases:
+    """Encoded ids of the items each raw user id bought (the filter's exclusions), as three flat arrays."""
+
+    def __init__(self, user_ids: np.ndarray, offsets: np.ndarray, items: np.ndarray) -> None:
+        self.user_ids = user_ids  # sorted raw user ids
+        self.offsets = offsets  # user i's items are items[offsets[i] : offsets[i + 1]]
+        self.items = items
+
+    @classmethod
+    def from_mapping(cls, bought: Mapping[int, np.ndarray]) -> Purchases:
+        user_ids = np.array(sorted(bought), dtype=np.int64)
+        lists = [np.asarray(bought[int(user)], dtype=np.int64) for user in user_ids]
+        offsets = np.concatenate([[0], np.cumsum([len(items) for items in lists])]).astype(np.int64)
+        items = np.concatenate(lists) if lists else np.empty(0, dtype=np.int64)
+        return cls(user_ids, offsets, items.astype(np.int64))
+
+    def of_users(self, raw_user_ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        """One array per given user, empty for users who bought nothing (or are unknown)."""
+        ids = np.asarray(raw_user_ids, dtype=np.int64)
+        empty = np.empty(0, dtype=np.int64)
+        if not len(self.user_ids):
+            return [empty for _ in ids]
+        rows = np.searchsorted(self.user_ids, ids)
+        found = (rows < len(self.user_ids)) & (self.user_ids[np.minimum(rows, len(self.user_ids) - 1)] == ids)
+        return [self.items[self.offsets[row] : self.offsets[row + 1]] if hit else empty
+                for row, hit in zip(rows, found, strict=True)]  # fmt: skip
+
+    def save(self, path: Path) -> None:
+        np.savez(path, user_ids=self.user_ids, offsets=self.offsets, items=self.items)
+
+    @classmethod
+    def load(cls, path: Path) -> Purchases:
+        with np.load(path) as arrays:
+            return cls(arrays["user_ids"], arrays["offsets"], arrays["items"])
+
+
+def nearest_other_items(codes: np.ndarray, found: np.ndarray, distances: np.ndarray, n: int, *,
+                        unavailable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The first `n` neighbours of each item among an index search's results (n + 1 or more per row).
+
+    The item itself, Faiss's -1 padding and unavailable items are skipped; rows whose code is MISSING
+    (an unknown item) come back empty. (MISSING-padded ids, similarities with NaN padding.)
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    found = filter_candidates(np.asarray(found, dtype=np.int64), unavailable=unavailable)
+    keep = (found >= 0) & (found != codes[:, None]) & (codes[:, None] >= 0)
+    # A stable sort of "not kept" moves the kept neighbours to the front in search order.
+    positions = np.argsort(~keep, axis=1, kind="stable")[:, :n]
+    chosen = np.take_along_axis(keep, positions, axis=1)
+    ids = np.where(chosen, np.take_along_axis(found, positions, axis=1), MISSING)
+    similarity = np.where(chosen, np.take_along_axis(np.asarray(distances), positions, axis=1), np.nan)
+    width = ids.shape[1]
+    if width < n:  # fewer search results than asked for
+        ids = np.pad(ids, ((0, 0), (0, n - width)), constant_values=MISSING)
+        similarity = np.pad(similarity, ((0, 0), (0, n - width)), constant_values=np.nan)
+    return ids.astype(np.int64), similarity.astype(np.float32)
+
+
+def order(candidates: np.ndarray, scores: np.ndarray, top_n: int, *, temperature: float = 0.0,
+          rng: np.random.Generator | None = None, promoted: np.ndarray | None = None,
+          promotion_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The top-n (item ids, scores, sampling probabilities) per row; MISSING pads short rows.
+
+    Promotion rule (report 4.4.7): a promoted item whose score is at least `promotion_threshold`
+    gets score 1.0. With temperature T > 0, the order is a sample without replacement from
+    softmax(score / T) (drawn with the Gumbel top-k trick, the same distribution as sampling one
+    item after another); with T = 0 it is the ranked order and the probabilities are one-hot-like
+    (1 for the top item, the softmax limit).
+    """
+    scores = np.where(candidates >= 0, scores, -np.inf).astype(np.float64)
+    if promoted is not None and len(promoted):
+        valid = candidates >= 0
+        flagged = np.zeros_like(valid)
+        in_range = valid & (candidates < len(promoted))
+        flagged[in_range] = promoted[candidates[in_range]]
+        scores = np.where(flagged & (scores >= promotion_threshold), 1.0, scores)
+    if temperature > 0:
+        logits = scores / temperature
+        finite = np.isfinite(logits)
+        with np.errstate(invalid="ignore"):  # rows with no candidate: -inf - -inf, masked out just below
+            shifted = np.where(finite, logits - np.max(np.where(finite, logits, -np.inf), axis=1, keepdims=True),
+                               -np.inf)  # fmt: skip
+        weights = np.exp(shifted)
+        probabilities = weights / np.maximum(weights.sum(axis=1, keepdims=True), np.finfo(float).tiny)
+        generator = rng if rng is not None else np.random.default_rng()
+        keys = np.where(finite, logits + generator.gumbel(size=logits.shape), -np.inf)
+    else:
+        keys = scores
+        probabilities = np.zeros_like(scores)
+        best = np.argmax(scores, axis=1)
+        probabilities[np.arange(len(scores)), best] = np.isfinite(scores[np.arange(len(scores)), best])
+    # Stable sort on -key: ties keep retrieval order, so results are reproducible.
+    positions = np.argsort(-keys, axis=1, kind="stable")[:, :top_n]
+    chosen = np.take_along_axis(candidates, positions, axis=1)
+    chosen_scores = np.take_along_axis(scores, positions, axis=1)
+    chosen_probabilities = np.take_along_axis(probabilities, positions, axis=1)
+    absent = ~np.isfinite(chosen_scores) | (chosen < 0)
+    chosen = np.where(absent, MISSING, chosen)
+    return chosen, np.where(absent, np.nan, chosen_scores).astype(np.float32), chosen_probabilities.astype(np.float32)
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(encoded item ids, inner products), best first; -1 where the catalog has fewer than k items."""
+    distances, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return ids.astype(np.int64), distances
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineColumns:
+    """What every stage must know about columns: names from the spec and the models, Categorify's null codes.
+
+    Written next to each exported Triton model (`pipeline_columns.json`), so a stage loads without
+    the dataset spec or the run's other files.
+    """
+
+    user_id: str
+    item_id: str
+    user_features: tuple[str, ...]
+    item_features: tuple[str, ...]
+    context_features: tuple[str, ...]
+    query_columns: tuple[str, ...]  # the query tower's inputs
+    ranker_columns: tuple[str, ...]  # the ranker's inputs
+    null_codes: dict[str, int]
+    item_cardinality: int  # Categorify's item id codes: the size of the arrays indexed by encoded item id
+
+    FILE = "pipeline_columns.json"
+
+    @property
+    def user_columns(self) -> tuple[str, ...]:
+        """The user table's columns: the encoded user id (named like the raw one, as the models call it), features."""
+        return (self.user_id, *self.user_features)
+
+    def null_code(self, column: str) -> int:
+        return self.null_codes.get(column, 1)
+
+    @classmethod
+    def of_run(cls, artifacts: PipelineArtifacts, spec: DatasetSpec) -> PipelineColumns:
+        nvtabular = json.loads((artifacts.nvtabular_dir / "_metrics.json").read_text())
+        two_tower = json.loads((artifacts.two_tower_dir / "history.json").read_text())
+        ranker = json.loads((artifacts.ranker_dir / "history.json").read_text())
+        return cls(
+            user_id=spec.user_id, item_id=spec.item_id, user_features=tuple(spec.user_features),
+            item_features=tuple(spec.item_features), context_features=tuple(spec.context_features),
+            query_columns=tuple(two_tower["query_columns"]), ranker_columns=tuple(ranker["input_columns"]),
+            null_codes=dict(nvtabular["null_encodings"]),
+            item_cardinality=int(nvtabular["cardinalities"][spec.item_id]),
+        )  # fmt: skip
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / self.FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> PipelineColumns:
+        data: dict[str, Any] = json.loads((Path(directory) / cls.FILE).read_text())
+        tuples = ("user_features", "item_features", "context_features", "query_columns", "ranker_columns")
+        values: dict[str, Any] = {key: tuple(value) if key in tuples else value for key, value in data.items()}
+        return cls(**values)
+
+
+class UserFeatureTable:
+    """Encoded features of every user the run knows, looked up by raw user id (retrieval and ranking inputs)."""
+
+    def __init__(self, frame: pd.DataFrame, columns: PipelineColumns) -> None:
+        self.frame = frame  # index: raw user id; columns: `columns.user_columns`, int64
+        self.columns = columns
+
+    @classmethod
+    def read(cls, path: Path, columns: PipelineColumns) -> UserFeatureTable:
+        users = pd.read_parquet(path)
+        encoded = users.pop(f"{columns.user_id}_encoded")
+        users = users.set_index(columns.user_id)
+        users[columns.user_id] = encoded.to_numpy()  # the model input named like the id is the encoded id
+        return cls(users[list(columns.user_columns)].astype(np.int64), columns)
+
+    @property
+    def raw_user_ids(self) -> np.ndarray:
+        return self.frame.index.to_numpy(dtype=np.int64)
+
+    def lookup(self, raw_user_ids: Sequence[int] | np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Encoded features of the known users among `raw_user_ids` and a mask of which ids are known."""
+        rows = self.frame.reindex(np.asarray(raw_user_ids, dtype=np.int64))
+        mask = rows[self.columns.user_id].notna().to_numpy()
+        rows = rows[mask]
+        return {column: rows[column].to_numpy(dtype=np.int64) for column in rows.columns}, mask
+
+
+class ItemCatalog:
+    """Raw and encoded item ids and the item features, as arrays indexed by encoded item id.
+
+    A candidate's features are one gather away (the report fetched them from Feast per candidate).
+    """
+
+    def __init__(self, raw_ids: np.ndarray, code_of_raw: pd.Series, feature_columns: dict[str, np.ndarray]) -> None:
+        self.raw_ids = raw_ids  # encoded id -> raw id; MISSING for codes no item has
+        self.code_of_raw = code_of_raw  # raw id -> encoded id
+        self.columns = feature_columns  # ranker input name -> values indexed by encoded item id
+
+    @classmethod
+    def read(cls, path: Path, columns: PipelineColumns) -> ItemCatalog:
+        items = pd.read_parquet(path)
+        codes = items[f"{columns.item_id}_encoded"].to_numpy(dtype=np.int64)
+        size = max(columns.item_cardinality, int(codes.max()) + 1 if len(codes) else 0)
+        raw_ids = np.full(size, MISSING, dtype=np.int64)
+        raw_ids[codes] = items[columns.item_id].to_numpy(dtype=np.int64)
+        code_of_raw = pd.Series(codes, index=items[columns.item_id].to_numpy(dtype=np.int64))
+        feature_columns: dict[str, np.ndarray] = {columns.item_id: np.arange(size, dtype=np.int64)}
+        for column in columns.item_features:
+            values = np.full(size, columns.null_code(column), dtype=np.int64)
+            values[codes] = items[column].to_numpy(dtype=np.int64)
+            feature_columns[column] = values
+        return cls(raw_ids, code_of_raw, feature_columns)
+
+    def __len__(self) -> int:
+        return len(self.raw_ids)
+
+    def encode(self, raw_item_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Encoded ids of raw item ids; MISSING for items the run does not know."""
+        codes = self.code_of_raw.reindex(np.asarray(raw_item_ids, dtype=np.int64))
+        return codes.fillna(MISSING).to_numpy(dtype=np.int64)
+
+    def raw(self, codes: np.ndarray) -> np.ndarray:
+        """Raw ids of encoded ids; MISSING stays MISSING."""
+        codes = np.asarray(codes, dtype=np.int64)
+        safe = np.where(codes >= 0, codes, 0)
+        return np.where(codes >= 0, self.raw_ids[safe], MISSING)
+
+
+class ItemEmbeddings:
+    """The two-tower item embeddings indexed by encoded item id: the queries of "similar items"."""
+
+    def __init__(self, embeddings: np.ndarray, retrievable: np.ndarray) -> None:
+        self.embeddings = embeddings  # float32 [catalog size, dim]; zeros for items without one
+        self.retrievable = retrievable  # bool [catalog size]: the item has an embedding (it is in the index)
+
+    @classmethod
+    def read(cls, two_tower_dir: Path, catalog_size: int) -> ItemEmbeddings:
+        from tasks.build_faiss_index import read_item_embeddings
+
+        ids, vectors = read_item_embeddings(two_tower_dir)
+        size = max(catalog_size, int(ids.max()) + 1 if len(ids) else 0)
+        embeddings = np.zeros((size, vectors.shape[1]), dtype=np.float32)
+        embeddings[ids] = vectors
+        retrievable = np.zeros(size, dtype=bool)
+        retrievable[ids] = True
+        return cls(embeddings, retrievable)
+
+    def queries(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings, known): zeros and False for MISSING codes and items without an embedding."""
+        codes = np.asarray(codes, dtype=np.int64)
+        in_range = (codes >= 0) & (codes < len(self.retrievable))
+        known = in_range & self.retrievable[np.where(in_range, codes, 0)]
+        vectors = np.where(known[:, None], self.embeddings[np.where(known, codes, 0)], 0.0).astype(np.float32)
+        return np.ascontiguousarray(vectors), known
+
+
+class QueryTower:
+    """The two-tower model's query tower: encoded user features in, user embeddings out."""
+
+    def __init__(self, saved_model_dir: Path, columns: PipelineColumns) -> None:
+        import tensorflow as tf
+
+        self.model = tf.keras.models.load_model(str(saved_model_dir))
+        self.input_columns = columns.query_columns
+
+    def embed(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        import tensorflow as tf
+
+        inputs = {column: tf.constant(np.asarray(features[column], dtype=np.int64)) for column in self.input_columns}
+        return np.ascontiguousarray(self.model(inputs, training=False).numpy(), dtype=np.float32)
+
+
+class Ranker:
+    """The ranking model, scoring every (user, candidate) pair with the candidates' features from memory."""
+
+    def __init__(self, saved_model_dir: Path, columns: PipelineColumns, catalog: ItemCatalog) -> None:
+        import tensorflow as tf
+
+        self.model = tf.keras.models.load_model(str(saved_model_dir))
+        self.columns = columns
+        self.item_columns = catalog.columns
+
+    def score(self, features: Mapping[str, np.ndarray], candidates: np.ndarray,
+              context: Mapping[str, np.ndarray] | None = None) -> np.ndarray:  # fmt: skip
+        """Ranker scores of every (user row, candidate) pair; NaN where the candidate is MISSING.
+
+        `features` holds one row per user (user id and features); `context` optionally holds one
+        encoded value per user row for context columns (e.g. location, device of the request).
+        The user's features are unrolled (repeated) against every candidate's item features.
+        """
+        import tensorflow as tf
+
+        users, width = candidates.shape
+        scores = np.full(candidates.shape, np.nan, dtype=np.float32)
+        rows_per_call = max(1, RANKER_ROWS_PER_CALL // max(width, 1))
+        for start in range(0, users, rows_per_call):
+            block = candidates[start : start + rows_per_call]
+            valid = block >= 0
+            user_rows = np.repeat(np.arange(start, start + len(block)), width)[valid.reshape(-1)]
+            items = block[valid]
+            if not len(items):
+                continue
+            inputs = {}
+            for column in self.columns.ranker_columns:
+                if column in self.item_columns:
+                    values = self.item_columns[column][items]
+                elif column in features:
+                    values = np.asarray(features[column])[user_rows]
+                elif context is not None and column in context:
+                    values = np.asarray(context[column])[user_rows]
+                else:
+                    values = np.full(len(items), self.columns.null_code(column), dtype=np.int64)
+                inputs[column] = tf.constant(values.astype(np.int64))
+            predicted = self.model(inputs, training=False).numpy().reshape(-1)
+            block_scores = np.full(block.shape, np.nan, dtype=np.float32)
+            block_scores[valid] = predicted
+            scores[start : start + len(block)] = block_scores
+        return scores
+
+
+class RecommendationPipeline:
+    """The models, index and feature arrays of one run, loaded once and kept in memory."""
+
+    def __init__(self, artifacts: PipelineArtifacts, spec: DatasetSpec) -> None:
+        from tasks.build_faiss_index import load_index
+
+        self.spec = spec
+        self.artifacts = artifacts
+        self.columns = PipelineColumns.of_run(artifacts, spec)
+        self.user_table = UserFeatureTable.read(artifacts.nvtabular_dir / USER_FEATURES_FILE, self.columns)
+        self.catalog = ItemCatalog.read(artifacts.nvtabular_dir / ITEM_FEATURES_FILE, self.columns)
+        self.item_embeddings = ItemEmbeddings.read(artifacts.two_tower_dir, len(self.catalog))
+        self.query_tower = QueryTower(artifacts.two_tower_dir / "query_tower", self.columns)
+        self.ranker = Ranker(artifacts.ranker_dir / "model", self.columns, self.catalog)
+        self.index = load_index(artifacts.faiss_index_dir)
+
+    @property
+    def users(self) -> pd.DataFrame:
+        """Encoded features of every known user, indexed by raw user id."""
+        return self.user_table.frame
+
+    @property
+    def item_raw_ids(self) -> np.ndarray:
+        return self.catalog.raw_ids
+
+    @property
+    def retrievable(self) -> np.ndarray:
+        return self.item_embeddings.retrievable
+
+    # -- features ---------------------------------------------------------------------------------
+
+    def user_features(self, raw_user_ids: Sequence[int] | np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Encoded features of known users (model input names) and a mask of which ids are known."""
+        return self.user_table.lookup(raw_user_ids)
+
+    def encode_items(self, raw_item_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Encoded ids of raw item ids; MISSING for items the run does not know."""
+        return self.catalog.encode(raw_item_ids)
+
+    def raw_items(self, codes: np.ndarray) -> np.ndarray:
+        return self.catalog.raw(codes)
+
+    # -- stages -----------------------------------------------------------------------------------
+
+    def embed_users(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.query_tower.embed(features)
+
+    def retrieve(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(encoded item ids, inner products), best first; -1 where the catalog has fewer than k items."""
+        return search(self.index, queries, k)
+
+    def score(self, features: Mapping[str, np.ndarray], candidates: np.ndarray,
+              context: Mapping[str, np.ndarray] | None = None) -> np.ndarray:  # fmt: skip
+        """Ranker scores of every (user row, candidate) pair; NaN where the candidate is MISSING."""
+        return self.ranker.score(features, candidates, context)
+
+    def similar_items(self, codes: np.ndarray, n: int, *,
+                      unavailable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Items nearest to each given item in the two-tower embedding space (itself and unavailable items excluded)."""
+        codes = np.asarray(codes, dtype=np.int64)
+        queries, known = self.item_embeddings.queries(codes)
+        ids = np.full((len(codes), n), MISSING, dtype=np.int64)
+        similarity = np.full((len(codes), n), np.nan, dtype=np.float32)
+        if known.any():
+            found, distances = self.retrieve(queries[known], n + 1)  # n + 1: the item itself is usually first
+            ids[known], similarity[known] = nearest_other_items(codes[known], found, distances, n,
+                                                                unavailable=unavailable)  # fmt: skip
+        return ids, similarity
+
+    def recommend(self, features: Mapping[str, np.ndarray], *, top_k: int, top_n: int,
+                  excluded: Sequence[np.ndarray] | None = None, unavailable: np.ndarray | None = None,
+                  context: Mapping[str, np.ndarray] | None = None, temperature: float = 0.0,
+                  rng: np.random.Generator | None = None, promoted: np.ndarray | None = None,
+                  promotion_threshold: float = 0.5) -> dict[str, np.ndarray]:  # fmt: skip
+        """All four stages for a batch of known users; encoded item ids out (MISSING pads)."""
+        candidates, _ = self.retrieve(self.embed_users(features), top_k)
+        candidates = filter_candidates(candidates, excluded=excluded, unavailable=unavailable)
+        scores = self.score(features, candidates, context)
+        items, ordered_scores, probabilities = order(
+            candidates, scores, top_n, temperature=temperature, rng=rng, promoted=promoted,
+            promotion_threshold=promotion_threshold,
+        )  # fmt: skip
+        return {"candidates": candidates, "items": items, "scores": ordered_scores, "probabilities": probabilities}

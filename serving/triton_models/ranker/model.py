@@ -1,0 +1,43 @@
+"""Triton model `ranker`: scores every (user, candidate) pair with the ranking model.
+
+The user's features are unrolled against the candidates' item features, which this model holds in
+memory as arrays indexed by encoded item id (one gather per request, no feature-store call per
+candidate): `models.online_pipeline.Ranker`. Context features (encoded, one value per user or one for
+all) are optional inputs; left out, the ranker sees Categorify's missing-value code, as for
+user-item crosses, which a new pair cannot have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from models.online_pipeline import ITEM_FEATURES_FILE, ItemCatalog, Ranker
+from serving.triton_models.stage import RANKER_DIR, RequestError, StageModel, required
+
+
+class TritonPythonModel(StageModel):
+    def load(self) -> None:
+        catalog = ItemCatalog.read(self.directory / ITEM_FEATURES_FILE, self.columns)
+        self.ranker = Ranker(self.directory / RANKER_DIR, self.columns, catalog)
+        self.context_columns = [column for column in self.columns.context_features
+                                if column in self.columns.ranker_columns]  # fmt: skip
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        candidates = np.asarray(required(inputs, "candidates"), dtype=np.int64)
+        matrix = np.asarray(required(inputs, "user_features"), dtype=np.int64)
+        user_columns = self.columns.user_columns
+        if matrix.shape != (len(candidates), len(user_columns)):
+            raise RequestError(f"user_features must have shape [{len(candidates)}, {len(user_columns)}]")
+        features = {column: matrix[:, position] for position, column in enumerate(user_columns)}
+        context = {}
+        for column in self.context_columns:
+            if column in inputs:
+                values = np.asarray(inputs[column], dtype=np.int64).reshape(-1)
+                if len(values) == 1:
+                    values = np.repeat(values, len(candidates))
+                if len(values) != len(candidates):
+                    raise RequestError(f"context input '{column}' needs one value, or one per user")
+                context[column] = values
+        return {"ranker_scores": self.ranker.score(features, candidates, context)}

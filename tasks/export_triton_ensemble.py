@@ -1,0 +1,353 @@
+"""Write a run's online pipeline as a Triton model repository (platform environment: it only copies and writes).
+
+Two ensembles over seven Python-backend models (the code in `serving/triton_models/`, which calls the
+one pipeline implementation in `models/online_pipeline.py`, as batch scoring does):
+
+    recommend:         query_tower -> faiss_retrieval -> filter_candidates -> ranker -> ordering
+    similar_products:  item_lookup -> faiss_retrieval -> similar_items
+
+The repository is self-contained: each model's version folder `<model>/1/` holds its `model.py` and
+copies of what that stage loads (the query tower or ranker SavedModel, the Faiss index, the user or
+item feature table, the item embeddings, each user's purchases, the unavailable items) and
+`pipeline_columns.json`, so it keeps working after the run's folder is gone and each stage process
+holds only its own share. `config.pbtxt` files are written from the tensor lists below. The models
+run in the trainer environment inside Triton's Python backend (README, "Triton server"), so this
+step needs no TensorFlow. `log_triton_repository` records the repository as an MLflow artifact.
+
+Requests and responses (README, "Triton ensemble"): raw ids are `<id>_raw` (the NVTabular output's
+name for them), since the models' `<id>` input is the encoded id; lists are padded with item id -1
+and score NaN (an unknown user or item gets a padded list and `known_*` False, not an error);
+invalid parameters (top_k or top_n below 1, a negative temperature) get HTTP 400 with a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from models.online_pipeline import (
+    ITEM_FEATURES_FILE,
+    USER_FEATURES_FILE,
+    ItemCatalog,
+    PipelineArtifacts,
+    PipelineColumns,
+    Purchases,
+)
+from recsys.outputs import atomic_output_dir
+from recsys.spec import DatasetSpec
+from serving import triton_models
+from serving.triton_models.stage import PURCHASES_FILE, QUERY_TOWER_DIR, RANKER_DIR, UNAVAILABLE_FILE
+from tasks.build_faiss_index import INDEX_FILE
+from tasks.nvtabular_fit_transform import RAW_SUFFIX
+
+log = logging.getLogger(__name__)
+
+MODEL_CODE_DIR = Path(triton_models.__file__).parent  # <model>/model.py of every stage
+VERSION = "1"
+RECOMMEND = "recommend"
+SIMILAR_PRODUCTS = "similar_products"
+# Tensor names of the recommend ensemble that are not dataset columns; a spec column named like one is refused.
+RESERVED_NAMES = ("top_k", "top_n", "temperature", "seed", "item_ids", "scores", "probabilities", "known_users",
+                  "query_embeddings", "user_features", "candidates", "filtered_candidates",
+                  "ranker_scores")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonEnsembleConfig:
+    top_k: int = 500  # default retrieved candidates per user (the report's TopK); a request may ask for others
+    top_n: int = 100  # default items returned per user
+    similar_n: int = 50  # default similar products per item
+    temperature: float = 0.0  # default softmax sampling temperature (0: the ranked order)
+    max_top_k: int = 10_000  # requests asking for more candidates are refused
+    # CSV with a column named like the spec's item id: items never recommended nor returned as similar.
+    unavailable_items: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorConfig:
+    """One input or output of a model's config.pbtxt."""
+
+    name: str
+    data_type: str  # TYPE_INT64, TYPE_FP32, TYPE_INT32, TYPE_BOOL
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    def pbtxt(self) -> str:
+        dims = ", ".join(str(dim) for dim in self.dims)
+        optional = " optional: true" if self.optional else ""
+        return f'{{ name: "{self.name}" data_type: {self.data_type} dims: [ {dims} ]{optional} }}'
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """A Python-backend model: its tensors and the defaults its model.py reads from `parameters`."""
+
+    name: str
+    inputs: tuple[TensorConfig, ...]
+    outputs: tuple[TensorConfig, ...]
+    parameters: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def pbtxt(self) -> str:
+        lines = [f'name: "{self.name}"', 'backend: "python"', "max_batch_size: 0", *_tensor_lists(self)]
+        # One process per model (each loads TensorFlow or Faiss: ~0.5 GB for the towers).
+        lines.append("instance_group [ { kind: KIND_CPU count: 1 } ]")
+        for key, value in self.parameters.items():
+            lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+        return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleStep:
+    model: str
+    inputs: Mapping[str, str]  # model input -> ensemble tensor
+    outputs: Mapping[str, str]  # model output -> ensemble tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleConfig:
+    name: str
+    inputs: tuple[TensorConfig, ...]
+    outputs: tuple[TensorConfig, ...]
+    steps: tuple[EnsembleStep, ...]
+
+    def pbtxt(self) -> str:
+        lines = [f'name: "{self.name}"', 'platform: "ensemble"', "max_batch_size: 0", *_tensor_lists(self)]
+        lines.append("ensemble_scheduling {\n  step [")
+        steps = []
+        for step in self.steps:
+            maps = [f'      input_map {{ key: "{key}" value: "{value}" }}' for key, value in step.inputs.items()]
+            maps += [f'      output_map {{ key: "{key}" value: "{value}" }}' for key, value in step.outputs.items()]
+            steps.append("    {\n" + f'      model_name: "{step.model}"\n      model_version: -1\n'
+                         + "\n".join(maps) + "\n    }")  # fmt: skip
+        lines.append(",\n".join(steps))
+        lines.append("  ]\n}")
+        return "\n".join(lines) + "\n"
+
+
+def _tensor_lists(model: StageConfig | EnsembleConfig) -> list[str]:
+    return [
+        "input [\n" + ",\n".join(f"  {tensor.pbtxt()}" for tensor in model.inputs) + "\n]",
+        "output [\n" + ",\n".join(f"  {tensor.pbtxt()}" for tensor in model.outputs) + "\n]",
+    ]
+
+
+def _ids(name: str, optional: bool = False) -> TensorConfig:
+    return TensorConfig(name, "TYPE_INT64", (-1,), optional)
+
+
+def _matrix(name: str, data_type: str) -> TensorConfig:
+    return TensorConfig(name, data_type, (-1, -1))
+
+
+def _one(name: str, data_type: str, optional: bool = True) -> TensorConfig:
+    return TensorConfig(name, data_type, (1,), optional)
+
+
+def raw_id_name(column: str) -> str:
+    """The tensor name of raw ids: the NVTabular output's name (the models' `<id>` input is the encoded id)."""
+    return column + RAW_SUFFIX
+
+
+def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> list[StageConfig]:
+    query_inputs = tuple(_ids(column, optional=True) for column in columns.query_columns)
+    context_inputs = tuple(_ids(column, optional=True) for column in _context_columns(columns))
+    candidates, known_users = _matrix("candidates", "TYPE_INT64"), TensorConfig("known_users", "TYPE_BOOL", (-1,))
+    query_embeddings, user_features = _matrix("query_embeddings", "TYPE_FP32"), _matrix("user_features", "TYPE_INT64")
+    scores, ranker_scores = _matrix("candidate_scores", "TYPE_FP32"), _matrix("ranker_scores", "TYPE_FP32")
+    top_n, item_codes = _one("top_n", "TYPE_INT32"), _ids("item_codes")
+    item_lists = (_matrix("item_ids", "TYPE_INT64"), _matrix("scores", "TYPE_FP32"))
+    query_tower = StageConfig("query_tower", (_ids("raw_user_ids"), *query_inputs),
+                              (query_embeddings, user_features, known_users))  # fmt: skip
+    retrieval = StageConfig("faiss_retrieval", (query_embeddings, _one("top_k", "TYPE_INT32")), (candidates, scores),
+                            {"top_k": str(config.top_k), "max_top_k": str(config.max_top_k)})  # fmt: skip
+    filtering = StageConfig("filter_candidates", (_ids("raw_user_ids"), candidates, known_users),
+                            (_matrix("filtered_candidates", "TYPE_INT64"),))  # fmt: skip
+    ranker = StageConfig("ranker", (user_features, candidates, *context_inputs), (ranker_scores,))
+    ordering = StageConfig(
+        "ordering",
+        (candidates, ranker_scores, top_n, _one("temperature", "TYPE_FP32"), _one("seed", "TYPE_INT64")),
+        (*item_lists, _matrix("probabilities", "TYPE_FP32")),
+        {"top_n": str(config.top_n), "temperature": repr(float(config.temperature))},
+    )
+    item_lookup = StageConfig(
+        "item_lookup",
+        (_ids("raw_item_ids"), top_n),
+        (item_codes, query_embeddings, _one("search_k", "TYPE_INT32", optional=False),
+         TensorConfig("known_items", "TYPE_BOOL", (-1,))),
+        {"top_n": str(config.similar_n)},
+    )  # fmt: skip
+    similar = StageConfig("similar_items", (item_codes, candidates, scores), item_lists)
+    return [query_tower, retrieval, filtering, ranker, ordering, item_lookup, similar]
+
+
+def _context_columns(columns: PipelineColumns) -> list[str]:
+    return [column for column in columns.context_features if column in columns.ranker_columns]
+
+
+def ensemble_configs(columns: PipelineColumns) -> list[EnsembleConfig]:
+    raw_user, raw_item = raw_id_name(columns.user_id), raw_id_name(columns.item_id)
+    features = {column: column for column in columns.query_columns}
+    context = {column: column for column in _context_columns(columns)}
+    recommend = EnsembleConfig(
+        RECOMMEND,
+        inputs=(
+            _ids(raw_user),
+            *(_ids(column, optional=True) for column in [*features, *context]),
+            _one("top_k", "TYPE_INT32"), _one("top_n", "TYPE_INT32"), _one("temperature", "TYPE_FP32"),
+            _one("seed", "TYPE_INT64"),
+        ),
+        outputs=(_matrix("item_ids", "TYPE_INT64"), _matrix("scores", "TYPE_FP32"),
+                 _matrix("probabilities", "TYPE_FP32"), TensorConfig("known_users", "TYPE_BOOL", (-1,))),
+        steps=(
+            EnsembleStep("query_tower", {"raw_user_ids": raw_user, **features},
+                         {"query_embeddings": "query_embeddings", "user_features": "user_features",
+                          "known_users": "known_users"}),
+            EnsembleStep("faiss_retrieval", {"query_embeddings": "query_embeddings", "top_k": "top_k"},
+                         {"candidates": "candidates"}),
+            EnsembleStep("filter_candidates", {"raw_user_ids": raw_user, "candidates": "candidates",
+                                               "known_users": "known_users"},
+                         {"filtered_candidates": "filtered_candidates"}),
+            EnsembleStep("ranker", {"user_features": "user_features", "candidates": "filtered_candidates", **context},
+                         {"ranker_scores": "ranker_scores"}),
+            EnsembleStep("ordering", {"candidates": "filtered_candidates", "ranker_scores": "ranker_scores",
+                                      "top_n": "top_n", "temperature": "temperature", "seed": "seed"},
+                         {"item_ids": "item_ids", "scores": "scores", "probabilities": "probabilities"}),
+        ),
+    )  # fmt: skip
+    similar = EnsembleConfig(
+        SIMILAR_PRODUCTS,
+        inputs=(_ids(raw_item), _one("top_n", "TYPE_INT32")),
+        outputs=(_matrix("item_ids", "TYPE_INT64"), _matrix("scores", "TYPE_FP32"),
+                 TensorConfig("known_items", "TYPE_BOOL", (-1,))),
+        steps=(
+            EnsembleStep("item_lookup", {"raw_item_ids": raw_item, "top_n": "top_n"},
+                         {"item_codes": "item_codes", "query_embeddings": "item_embeddings",
+                          "search_k": "search_k", "known_items": "known_items"}),
+            EnsembleStep("faiss_retrieval", {"query_embeddings": "item_embeddings", "top_k": "search_k"},
+                         {"candidates": "neighbours", "candidate_scores": "neighbour_scores"}),
+            EnsembleStep("similar_items", {"item_codes": "item_codes", "candidates": "neighbours",
+                                           "candidate_scores": "neighbour_scores"},
+                         {"item_ids": "item_ids", "scores": "scores"}),
+        ),
+    )  # fmt: skip
+    return [recommend, similar]
+
+
+def _check_names(columns: PipelineColumns) -> None:
+    clashes = sorted(set(RESERVED_NAMES) & {*columns.query_columns, *_context_columns(columns),
+                                             raw_id_name(columns.user_id)})  # fmt: skip
+    if clashes:
+        raise ValueError(f"dataset columns named like tensors of the recommend ensemble: {', '.join(clashes)}")
+
+
+def _stage_files(artifacts: PipelineArtifacts) -> dict[str, list[tuple[Path, str]]]:
+    """(source in the run, name in the version folder) of what each stage loads, besides generated files."""
+    items = (artifacts.nvtabular_dir / ITEM_FEATURES_FILE, ITEM_FEATURES_FILE)
+    return {
+        "query_tower": [(artifacts.two_tower_dir / "query_tower", QUERY_TOWER_DIR),
+                        (artifacts.nvtabular_dir / USER_FEATURES_FILE, USER_FEATURES_FILE)],
+        "faiss_retrieval": [(artifacts.faiss_index_dir / INDEX_FILE, INDEX_FILE)],
+        "filter_candidates": [],
+        "ranker": [(artifacts.ranker_dir / "model", RANKER_DIR), items],
+        "ordering": [items],
+        "item_lookup": [items, (artifacts.two_tower_dir / "item_embeddings.parquet", "item_embeddings.parquet")],
+        "similar_items": [items],
+    }  # fmt: skip
+
+
+def _copy(source: Path, target: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, target)
+    else:
+        shutil.copy2(source, target)
+
+
+def _size(path: Path) -> int:
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def _tensor_summary(tensors: Sequence[TensorConfig]) -> list[dict]:
+    return [{"name": tensor.name, "data_type": tensor.data_type.removeprefix("TYPE_"), "dims": list(tensor.dims),
+             "optional": tensor.optional} for tensor in tensors]  # fmt: skip
+
+
+def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
+                           config: TritonEnsembleConfig = TritonEnsembleConfig(),
+                           model_versions: dict[str, str] | None = None) -> dict:  # fmt: skip
+    """Write the run's `recommend` and `similar_products` ensembles into `output_dir` (atomically); return metrics.
+
+    `run_dir` holds nvtabular/, two_tower/, ranker/ and faiss_index/ (`PipelineArtifacts.of_run`).
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from tasks.batch_score import purchases_by_user, read_unavailable
+
+    started = time.perf_counter()
+    artifacts = PipelineArtifacts.of_run(Path(run_dir))
+    columns = PipelineColumns.of_run(artifacts, spec)
+    _check_names(columns)
+    catalog = ItemCatalog.read(artifacts.nvtabular_dir / ITEM_FEATURES_FILE, columns)
+    unavailable_raw = read_unavailable(config.unavailable_items, spec)
+    unavailable = np.zeros(len(catalog), dtype=bool)
+    codes = catalog.encode(sorted(unavailable_raw))
+    unavailable[codes[codes >= 0]] = True
+    purchases = Purchases.from_mapping(purchases_by_user(artifacts.nvtabular_dir, spec))
+    stages = stage_configs(columns, config)
+    ensembles = ensemble_configs(columns)
+    files = _stage_files(artifacts)
+
+    with atomic_output_dir(Path(output_dir)) as staging:
+        for stage in stages:
+            version_dir = staging / stage.name / VERSION
+            version_dir.mkdir(parents=True)
+            (staging / stage.name / "config.pbtxt").write_text(stage.pbtxt())
+            shutil.copy2(MODEL_CODE_DIR / stage.name / "model.py", version_dir / "model.py")
+            columns.write(version_dir)
+            for source, name in files[stage.name]:
+                _copy(source, version_dir / name)
+        purchases.save(staging / "filter_candidates" / VERSION / PURCHASES_FILE)
+        for stage_name in ("filter_candidates", "similar_items"):
+            np.save(staging / stage_name / VERSION / UNAVAILABLE_FILE, unavailable)
+        for ensemble in ensembles:
+            (staging / ensemble.name / VERSION).mkdir(parents=True)  # an ensemble needs an (empty) version folder
+            (staging / ensemble.name / "config.pbtxt").write_text(ensemble.pbtxt())
+        interfaces = {ensemble.name: {"inputs": _tensor_summary(ensemble.inputs),
+                                      "outputs": _tensor_summary(ensemble.outputs),
+                                      "steps": [step.model for step in ensemble.steps]}
+                      for ensemble in ensembles}  # fmt: skip
+        metrics = {
+            "ensembles": interfaces,
+            "models": [stage.name for stage in stages],
+            "model_bytes": {stage.name: _size(staging / stage.name) for stage in stages},
+            "users": pq.ParquetFile(artifacts.nvtabular_dir / USER_FEATURES_FILE).metadata.num_rows,
+            "items": int((catalog.raw_ids >= 0).sum()),
+            "users_with_purchases": len(purchases.user_ids),
+            "unavailable_items": int(unavailable.sum()),
+            "config": {**dataclasses.asdict(config), "unavailable_items": str(config.unavailable_items or "")},
+            "source_run": str(Path(run_dir).absolute()),
+            "model_versions": model_versions or {},
+            "seconds": time.perf_counter() - started,
+        }
+        (staging / "_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("export_triton_ensemble: %s and %s with %d models, %.1f MB, in %.1f s", RECOMMEND, SIMILAR_PRODUCTS,
+             len(stages), sum(metrics["model_bytes"].values()) / 1e6, metrics["seconds"])  # fmt: skip
+    return metrics
+
+
+def log_triton_repository(repository_dir: Path, *, tracking_uri: str, run_id: str,
+                          artifact_path: str = "triton_repository") -> dict:  # fmt: skip
+    """Log the exported repository as artifacts of MLflow run `run_id` (e.g. the two-tower or ranker run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    # The output is a link to a hidden staging folder: log the folder it points at.
+    client.log_artifacts(run_id, str(Path(repository_dir).resolve()), artifact_path=artifact_path)
+    artifact_uri = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    log.info("Triton repository %s logged to MLflow run %s at %s", repository_dir, run_id, artifact_uri)
+    return {"run_id": run_id, "artifact_uri": artifact_uri}

@@ -1,0 +1,78 @@
+"""The in-process pipeline's answers for given users and items, as JSON (run in the trainer environment).
+
+`tests/test_triton_ensemble.py` compares the Triton ensembles with these. The business rules are the
+ones batch scoring applies: each user's purchases and the unavailable items are filtered out
+("unfiltered" is the same ranking without them). "recommend" is the ranked order (temperature 0),
+"sampled" the order drawn at `--temperature` with `--seed`.
+
+    .venv-trainer/bin/python tests/in_process_pipeline.py --run RUN --users 1,2 --items 3,4 --output out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from models.online_pipeline import PipelineArtifacts, RecommendationPipeline
+from recsys.spec import load_spec
+from tasks.batch_score import purchases_by_user, read_unavailable
+
+
+def _ids(text: str) -> np.ndarray:
+    return np.array([int(value) for value in text.split(",") if value], dtype=np.int64)
+
+
+def _rows(matrix: np.ndarray) -> list[list]:
+    """Rows as lists, NaN as None (JSON has no NaN)."""
+    return [[None if isinstance(value, float) and np.isnan(value) else value for value in row]
+            for row in matrix.tolist()]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--users", type=_ids, required=True, help="raw user ids, comma-separated (all known)")
+    parser.add_argument("--items", type=_ids, required=True, help="raw item ids, comma-separated")
+    parser.add_argument("--top-k", type=int, required=True)
+    parser.add_argument("--top-n", type=int, required=True)
+    parser.add_argument("--similar-n", type=int, required=True)
+    parser.add_argument("--temperature", type=float, required=True, help="of the sampled answer")
+    parser.add_argument("--seed", type=int, required=True, help="of the sampled answer")
+    parser.add_argument("--unavailable-items", type=Path, default=None)
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+
+    spec = load_spec()
+    pipeline = RecommendationPipeline(PipelineArtifacts.of_run(args.run), spec)
+    features, known = pipeline.user_features(args.users)
+    if not known.all():
+        raise SystemExit(f"unknown users: {args.users[~known].tolist()}")
+    unavailable = np.zeros(len(pipeline.item_raw_ids), dtype=bool)
+    codes = pipeline.encode_items(sorted(read_unavailable(args.unavailable_items, spec)))
+    unavailable[codes[codes >= 0]] = True
+    purchases = purchases_by_user(args.run / "nvtabular", spec)
+    excluded = [purchases.get(int(user), np.empty(0, dtype=np.int64)) for user in args.users]
+
+    def recommend(temperature: float, **rules: object) -> dict:
+        result = pipeline.recommend(features, top_k=args.top_k, top_n=args.top_n, temperature=temperature,
+                                    rng=np.random.default_rng(args.seed), **rules)  # type: ignore[arg-type]  # fmt: skip
+        return {"item_ids": pipeline.raw_items(result["items"]).tolist(), "scores": _rows(result["scores"]),
+                "probabilities": _rows(result["probabilities"])}  # fmt: skip
+
+    similar_ids, similarity = pipeline.similar_items(pipeline.encode_items(args.items), args.similar_n,
+                                                     unavailable=unavailable)  # fmt: skip
+    answer = {
+        "recommend": recommend(0.0, excluded=excluded, unavailable=unavailable),
+        "sampled": recommend(args.temperature, excluded=excluded, unavailable=unavailable),
+        "unfiltered": recommend(0.0),
+        "purchases": [pipeline.raw_items(items).tolist() for items in excluded],
+        "similar": {"item_ids": pipeline.raw_items(similar_ids).tolist(), "scores": _rows(similarity)},
+    }
+    args.output.write_text(json.dumps(answer))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The pipeline's pure stages (filtering, ordering) and the Faiss index step, on hand-made arrays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.online_pipeline import MISSING, filter_candidates, order
+from tasks.build_faiss_index import FaissIndexConfig, build_faiss_index, build_index, load_index
+
+CANDIDATES = np.array([[10, 11, 12, 13], [20, 21, MISSING, MISSING]])
+SCORES = np.array([[0.2, 0.9, 0.5, 0.7], [0.1, 0.3, np.nan, np.nan]], dtype=np.float32)
+
+
+def test_filter_removes_bought_and_unavailable_items_and_keeps_faiss_padding():
+    unavailable = np.zeros(30, dtype=bool)
+    unavailable[12] = True
+    kept = filter_candidates(CANDIDATES, excluded=[np.array([11]), np.array([], dtype=np.int64)],
+                             unavailable=unavailable)  # fmt: skip
+    assert kept.tolist() == [[10, MISSING, MISSING, 13], [20, 21, MISSING, MISSING]]
+    assert CANDIDATES[0, 1] == 11  # the input is not changed
+
+
+def test_zero_temperature_is_the_ranked_order_and_short_rows_are_padded():
+    items, scores, probabilities = order(CANDIDATES, SCORES, 3)
+    assert items.tolist() == [[11, 13, 12], [21, 20, MISSING]]
+    assert scores[0].tolist() == pytest.approx([0.9, 0.7, 0.5])
+    assert np.isnan(scores[1, 2])
+    assert probabilities[:, 0].tolist() == [1.0, 1.0]
+
+
+def test_softmax_sampling_is_reproducible_with_a_seed_and_follows_score_over_temperature():
+    def sample(seed: int, temperature: float) -> list:
+        return order(CANDIDATES, SCORES, 4, temperature=temperature, rng=np.random.default_rng(seed))[0].tolist()
+
+    assert sample(1, 0.5) == sample(1, 0.5)
+    assert len({str(sample(seed, 5.0)) for seed in range(30)}) > 3  # high temperature: diverse orders
+    assert all(sample(seed, 1e-4) == [[11, 13, 12, 10], [21, 20, MISSING, MISSING]] for seed in range(10))
+    # softmax(score / T): the first item is drawn with the softmax probability (report formula 2.2)
+    firsts = [sample(seed, 0.2)[0][0] for seed in range(2000)]
+    expected = np.exp(SCORES[0] / 0.2) / np.exp(SCORES[0] / 0.2).sum()
+    assert np.mean(np.array(firsts) == 11) == pytest.approx(expected[1], abs=0.04)
+    _, _, probabilities = order(CANDIDATES, SCORES, 4, temperature=0.2, rng=np.random.default_rng(0))
+    assert sorted(probabilities[0].tolist(), reverse=True) == pytest.approx(sorted(expected, reverse=True), abs=1e-6)
+
+
+def test_promotion_rule_lifts_promoted_items_above_the_threshold_only():
+    promoted = np.zeros(30, dtype=bool)
+    promoted[[10, 12]] = True  # 10 scores 0.2 (below the threshold), 12 scores 0.5
+    items, scores, _ = order(CANDIDATES, SCORES, 4, promoted=promoted, promotion_threshold=0.4)
+    assert items[0].tolist() == [12, 11, 13, 10]
+    assert scores[0, 0] == 1.0
+
+
+@pytest.fixture
+def item_embeddings(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(5_000)[:2_000] + 3  # encoded ids are not positions
+    frame = pd.DataFrame(rng.normal(size=(2_000, 16)).astype(np.float32), columns=[str(i) for i in range(16)])
+    frame.insert(0, "item_id", ids)
+    two_tower = tmp_path / "two_tower"
+    two_tower.mkdir()
+    frame.to_parquet(two_tower / "item_embeddings.parquet", index=False)
+    return two_tower
+
+
+def test_small_catalog_gets_an_exact_index_with_encoded_ids(item_embeddings: Path, tmp_path: Path):
+    metrics = build_faiss_index(item_embeddings, tmp_path / "index")
+    assert metrics["kind"] == "flat" and metrics["items"] == 2_000 and metrics["recall_at_100_vs_exact"] == 1.0
+    frame = pd.read_parquet(item_embeddings / "item_embeddings.parquet")
+    query = frame.iloc[:3, 1:].to_numpy(dtype=np.float32)
+    distances, ids = load_index(tmp_path / "index").search(query, 5)
+    products = query @ frame.iloc[:, 1:].to_numpy(dtype=np.float32).T
+    expected = np.argsort(-products, axis=1)[:, :5]
+    assert ids.tolist() == frame["item_id"].to_numpy()[expected].tolist()  # inner product, kept distances
+    assert distances[:, 0] == pytest.approx(products.max(axis=1), rel=1e-5)
+
+
+def test_large_catalog_gets_ivf_with_its_recall_against_exact_measured(item_embeddings: Path, tmp_path: Path):
+    config = FaissIndexConfig(exact_max_items=1_000, nprobe=4)
+    metrics = build_faiss_index(item_embeddings, tmp_path / "index", config)
+    assert metrics["kind"] == "ivf_flat" and metrics["nprobe"] == 4
+    assert 0.1 < metrics["recall_at_100_vs_exact"] < 1.0  # approximate, and the loss is measured
+    more = build_index(*_read(item_embeddings), FaissIndexConfig(exact_max_items=1_000, nprobe=1_000))[1]
+    assert more["nprobe"] == more["nlist"]  # nprobe is capped at the cell count
+    assert json.loads((tmp_path / "index" / "_metrics.json").read_text()) == metrics
+
+
+def _read(two_tower: Path) -> tuple[np.ndarray, np.ndarray]:
+    from tasks.build_faiss_index import read_item_embeddings
+
+    return read_item_embeddings(two_tower)

@@ -1,0 +1,116 @@
+"""Unit tests of the pipeline pieces the Triton stages add, and of a stage model's request handling without a
+server (`tests/test_triton_ensemble.py` runs them all in a real `tritonserver`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.online_pipeline import (
+    ITEM_FEATURES_FILE,
+    MISSING,
+    PipelineColumns,
+    Purchases,
+    filter_candidates,
+    nearest_other_items,
+)
+from serving.triton_models.ordering.model import TritonPythonModel as OrderingModel
+from serving.triton_models.stage import RequestError
+
+COLUMNS = PipelineColumns(
+    user_id="user", item_id="item", user_features=("age",), item_features=("shop",), context_features=("device",),
+    query_columns=("user", "age"), ranker_columns=("user", "item", "age", "shop", "device"),
+    null_codes={"user": 1, "item": 1, "age": 1, "shop": 1, "device": 1}, item_cardinality=6,
+)  # fmt: skip
+
+
+def test_nearest_other_items_skips_the_item_itself_padding_and_unavailable():
+    codes = np.array([2, 3, MISSING])
+    found = np.array([[2, 4, 5, 1], [5, 3, -1, -1], [1, 2, 3, 4]])
+    distances = np.array([[1.0, 0.9, 0.8, 0.7], [0.6, 0.5, 0.0, 0.0], [0.4, 0.3, 0.2, 0.1]], dtype=np.float32)
+    unavailable = np.zeros(6, dtype=bool)
+    unavailable[5] = True
+
+    ids, similarity = nearest_other_items(codes, found, distances, 3, unavailable=unavailable)
+
+    np.testing.assert_array_equal(ids, [[4, 1, MISSING], [MISSING] * 3, [MISSING] * 3])
+    np.testing.assert_allclose(similarity[0, :2], [0.9, 0.7])
+    assert np.isnan(similarity[0, 2]) and np.isnan(similarity[1:]).all()
+
+
+def test_filter_candidates_empties_rows_of_unknown_users():
+    candidates = np.array([[1, 2, 3], [1, 2, 3]])
+
+    kept = filter_candidates(candidates, excluded=[np.array([2]), np.array([], dtype=np.int64)],
+                             known=np.array([True, False]))  # fmt: skip
+
+    np.testing.assert_array_equal(kept, [[1, MISSING, 3], [MISSING] * 3])
+
+
+def test_purchases_round_trip(tmp_path: Path):
+    purchases = Purchases.from_mapping({30: np.array([4, 5]), 10: np.array([1])})
+    purchases.save(tmp_path / "purchases.npz")
+
+    loaded = Purchases.load(tmp_path / "purchases.npz")
+
+    assert [items.tolist() for items in loaded.of_users([10, 20, 30, 99])] == [[1], [], [4, 5], []]
+    assert [items.tolist() for items in Purchases.from_mapping({}).of_users([10])] == [[]]
+
+
+def test_pipeline_columns_round_trip(tmp_path: Path):
+    COLUMNS.write(tmp_path)
+
+    assert PipelineColumns.read(tmp_path) == COLUMNS
+
+
+@pytest.fixture
+def ordering(tmp_path: Path) -> OrderingModel:
+    """The `ordering` stage loaded from a version folder written by hand, as Triton would load it."""
+    version = tmp_path / "ordering" / "1"
+    version.mkdir(parents=True)
+    COLUMNS.write(version)
+    items = pd.DataFrame({"item": [100, 101, 102, 103], "item_encoded": [2, 3, 4, 5], "shop": [1, 2, 3, 4]})
+    items.to_parquet(version / ITEM_FEATURES_FILE, index=False)
+    config = {"parameters": {"top_n": {"string_value": "2"}, "temperature": {"string_value": "0.0"}}}
+    model = OrderingModel()
+    model.initialize({"model_repository": str(tmp_path / "ordering"), "model_version": "1",
+                      "model_config": json.dumps(config)})  # fmt: skip
+    return model
+
+
+def test_ordering_stage_applies_defaults_and_returns_raw_ids(ordering: OrderingModel):
+    inputs = {"candidates": np.array([[2, 3, 4, MISSING]]), "ranker_scores": np.array([[0.1, 0.9, 0.5, np.nan]])}
+
+    outputs = ordering.run(inputs)
+
+    np.testing.assert_array_equal(outputs["item_ids"], [[101, 102]])
+    np.testing.assert_allclose(outputs["scores"], [[0.9, 0.5]])
+    np.testing.assert_array_equal(outputs["probabilities"], [[1.0, 0.0]])
+    sampled = ordering.run({**inputs, "top_n": np.array([4], np.int32), "temperature": np.array([1.0], np.float32),
+                            "seed": np.array([3])})  # fmt: skip
+    assert sorted(sampled["item_ids"][0][:3]) == [100, 101, 102] and sampled["item_ids"][0][3] == MISSING
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"top_n": np.array([0], np.int32)}, "top_n must be at least 1"),
+        ({"temperature": np.array([-0.5], np.float32)}, "temperature must not be negative"),
+        ({"temperature": np.array([np.inf], np.float32)}, "must be finite"),
+        ({"top_n": np.array([1, 2], np.int32)}, "must hold one value"),
+    ],
+)
+def test_ordering_stage_refuses_bad_parameters(ordering: OrderingModel, extra: dict, message: str):
+    inputs = {"candidates": np.array([[2, 3]]), "ranker_scores": np.array([[0.1, 0.9]]), **extra}
+
+    with pytest.raises(RequestError, match=message):
+        ordering.run(inputs)
+
+
+def test_ordering_stage_requires_candidates(ordering: OrderingModel):
+    with pytest.raises(RequestError, match="input 'candidates' is required"):
+        ordering.run({"ranker_scores": np.array([[0.1]])})
