@@ -5,9 +5,10 @@ export AIRFLOW_HOME := $(ROOT)/var/airflow
 export AIRFLOW_CONFIG := $(ROOT)/airflow.cfg
 VENV := $(ROOT)/.venv/bin
 ROWS ?= 50000
+API_PORT ?= 8100
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint unit generate-data airflow benchmark-data expectations
+.PHONY: help setup test lint unit generate-data airflow benchmark-data expectations migrate api
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -29,6 +30,12 @@ generate-data:  ## generate ROWS rows of AliCCP-format CSV into the landing zone
 
 airflow:  ## start Airflow (api server, scheduler, dag processor) on http://localhost:8080
 	$(VENV)/airflow standalone
+
+migrate:  ## create or upgrade the gateway's database (RECSYS_DATABASE_URL, default SQLite in var/serving/)
+	$(VENV)/python -m serving.api.migrate upgrade
+
+api: migrate  ## the REST gateway (ingestion) on http://127.0.0.1:8100 (API_PORT=...), OpenAPI docs at /docs
+	$(VENV)/uvicorn serving.api.main:create_app --factory --host 127.0.0.1 --port $(API_PORT)
 
 expectations:  ## rewrite the committed expectation suite of the default spec
 	$(VENV)/recsys write-expectations --out great_expectations/expectations

@@ -56,6 +56,8 @@ def _fail_without_retry(error: Exception) -> AirflowFailException:
         "ranker_epochs": Param(8, type="integer", minimum=1, description="most epochs; early stopping on AUC"),
         "max_bad_row_fraction": Param(0.001, type="number", minimum=0, maximum=1,
                                       description="malformed rows tolerated (quarantined) per file"),
+        "extract_day": Param(None, type=["null", "string"], format="date",
+                             description="day of gateway interactions to extract (default: the day before the run)"),
         "top_k": Param(500, type="integer", minimum=1, description="candidates retrieved per user"),
         "top_n": Param(100, type="integer", minimum=1, description="recommendations kept per user"),
         "unavailable_items": Param(None, type=["null", "string"],
@@ -63,6 +65,28 @@ def _fail_without_retry(error: Exception) -> AirflowFailException:
     },
 )
 def recsys_nightly() -> None:
+    @task
+    def extract_interactions() -> dict:
+        """The gateway's interactions of one day into the landing zone (seed 000: replayable inputs)."""
+        import logging
+        from datetime import date
+
+        from recsys.settings import get_settings
+        from recsys.spec import load_spec
+        from serving.api.migrate import database_is_current
+        from tasks.extract_interactions import extract_interactions as step
+
+        context, settings = get_current_context(), get_settings()
+        params = context["params"]
+        interval_end = context.get("data_interval_end")
+        day = date.fromisoformat(params["extract_day"]) if params["extract_day"] else (
+            (interval_end - timedelta(days=1)).date() if interval_end else None)  # fmt: skip
+        if day is None or not database_is_current(settings.database_url):
+            # A manual run names no day; a deployment without the gateway has no database to read.
+            logging.getLogger(__name__).info("extract_interactions: nothing to extract (day %s)", day)
+            return {"skipped": True}
+        return step(settings.database_url, settings.default_landing_dir, day, spec=load_spec(params["spec"]))
+
     @task
     def csv_to_parquet() -> str:
         from recsys.errors import InputDataError
@@ -262,6 +286,7 @@ def recsys_nightly() -> None:
 
     # Each task returns the path of its output; TaskFlow hands it to the next as an XComArg (a str at run time).
     parquet = csv_to_parquet()
+    extract_interactions() >> parquet
     cleaned = clean_null_rows(parquet)  # type: ignore[arg-type]
     validated = validate(resplit(cleaned))  # type: ignore[arg-type]
     nvtabular = nvtabular_fit_transform(validated)  # type: ignore[arg-type]

@@ -82,8 +82,10 @@ def segment_lists(resplit_dir: Path, spec: DatasetSpec, top_n: int, unavailable:
     """Most clicked items per segment (share of the segment's positives), on the raw training split."""
     target = spec.primary_target
     columns = [spec.item_id, target, *spec.segment_features]
-    frame = pd.concat([pd.read_parquet(path, columns=columns)
-                       for path in sorted((Path(resplit_dir) / "train").glob("part-*.parquet"))])  # fmt: skip
+    parts = sorted((Path(resplit_dir) / "train").glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"{Path(resplit_dir) / 'train'}: no part files (the run's resplit output)")
+    frame = pd.concat([pd.read_parquet(path, columns=columns) for path in parts])
     positives = frame[(frame[target] == 1) & ~frame[spec.item_id].isin(unavailable)]
     rows = []
     groups = [((ALL_SEGMENTS,), positives)]

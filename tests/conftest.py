@@ -65,10 +65,11 @@ def nvtabular_output(medium_raw: Path, tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture(scope="session")
 def trained_run(nvtabular_output: tuple[Path, Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """<run>/nvtabular, two_tower, ranker, faiss_index as the DAG lays them out, trained for real (briefly)."""
-    _, nvtabular, _ = nvtabular_output
+    resplit, nvtabular, _ = nvtabular_output
     run = tmp_path_factory.mktemp("trained") / "run"
     run.mkdir()
     (run / "nvtabular").symlink_to(nvtabular)
+    (run / "resplit").symlink_to(resplit)
     python = get_settings().trainer_python
     steps = [
         ("train-two-tower", ["--input", str(nvtabular), "--output", str(run / "two_tower"), "--epochs", "2"]),

@@ -1,0 +1,35 @@
+"""Named dependencies of the routes: settings and a database session per request.
+
+What the lifespan built (`serving.api.main`) lives on `app.state`; these read it from there, so no
+module holds a connection or a setting at import time, and tests build apps with their own settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from sqlalchemy.orm import Session
+
+from recsys.settings import Settings
+from serving.api.schemas import INT64_MAX
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request; what a route did not commit is rolled back when it ends."""
+    with request.app.state.sessionmaker() as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+CustomerIdPath = Annotated[int, Path(gt=0, le=INT64_MAX, description="the customer's id")]
+ProductIdPath = Annotated[int, Path(gt=0, le=INT64_MAX, description="the product's id")]
+InteractionIdPath = Annotated[int, Path(gt=0, le=INT64_MAX, description="the interaction's id")]

@@ -1,0 +1,87 @@
+"""The gateway's application factory: `create_app(settings)`; nothing is built or connected at import.
+
+    uvicorn serving.api.main:create_app --factory      # `make api`; OpenAPI docs at /docs
+
+The lifespan creates the database engine (and refuses a database the migrations have not brought to
+the newest revision), keeps it on `app.state` for the dependencies in `serving.api.deps`, and disposes
+of it at shutdown. A new resource router goes in `api_router` below; a new client it needs (Redis,
+Triton) is created in `lifespan` next to the engine and read through a dependency in `deps.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from sqlalchemy.orm import sessionmaker
+
+from recsys.settings import Settings, get_settings
+from serving.api.body_limit import BodySizeLimitMiddleware
+from serving.api.db import create_database_engine
+from serving.api.errors import add_error_handlers
+from serving.api.migrate import ensure_schema_current
+from serving.api.routes import customers, health, interactions, products, recommendations
+from serving.recommender import Recommender, RecommenderConfig
+
+
+def api_router() -> APIRouter:
+    """Every route of the gateway, one router per resource."""
+    router = APIRouter()
+    router.include_router(health.router)
+    router.include_router(customers.router)
+    router.include_router(products.router)
+    router.include_router(interactions.router)
+    router.include_router(recommendations.router)
+    return router
+
+
+def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender:  # type: ignore[type-arg]
+    """Redis and Triton clients with their timeouts; nothing connects until the first request."""
+    import redis.asyncio
+
+    from recsys.spec import load_spec
+    from serving.triton_client import TritonEnsembles
+
+    timeout_s = settings.redis_timeout_ms / 1000
+    client = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=timeout_s,
+                                          socket_connect_timeout=timeout_s)  # fmt: skip
+    config = RecommenderConfig(
+        key_prefix=settings.redis_key_prefix, segment_features=load_spec().segment_features,
+        redis_timeout_s=timeout_s, triton_timeout_s=settings.triton_timeout_ms / 1000,
+        online_cache_ttl_s=settings.online_cache_ttl_s, online_top_k=settings.online_top_k,
+        promotion_threshold=settings.promotion_threshold,
+    )  # fmt: skip
+    triton = TritonEnsembles(settings.triton_url, timeout_s=settings.triton_timeout_ms / 1000)
+    return Recommender(client, triton, config, recommendations.product_flags_reader(sessions))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_database_engine(settings.database_url, timeout_ms=settings.database_timeout_ms)
+        try:
+            ensure_schema_current(engine)
+            app.state.engine = engine
+            # Objects stay readable after commit, so a route can answer with what it just stored.
+            app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
+            app.state.recommender = build_recommender(settings, app.state.sessionmaker)
+            yield
+        finally:
+            if hasattr(app.state, "recommender"):
+                await app.state.recommender.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="recsys gateway",
+        summary="Ingestion of customers, products and interactions for the e-commerce recommender",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    add_error_handlers(app)
+    app.include_router(api_router())
+    return app

@@ -1,0 +1,1 @@
+"""One router per resource; `serving.api.main.api_router` includes them all."""

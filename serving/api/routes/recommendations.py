@@ -1,0 +1,122 @@
+"""Recommendations for a visitor and similar products (seed 000's three routes; logic in serving.recommender).
+
+The database is read on the request path for two things only, each one indexed query within the
+database timeout: the products viewed in the visitor's session (when none are given) and the
+current availability and promotion flags of the listed products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from serving.api.db import Interaction, InteractionType, Product
+from serving.api.deps import CustomerIdPath, ProductIdPath
+from serving.api.schemas import INT64_MAX, error_responses
+from serving.recommender import ProductFlags, Recommender, VisitorQuery
+
+router = APIRouter(tags=["recommendations"])
+
+SESSION_VIEWS = 5  # the latest products viewed in a session stand for "browsing now"
+MAX_VIEWED = 20
+
+
+class RecommendedProduct(BaseModel):
+    product_id: int
+    score: float = Field(description="ranker score (1.0 when the promotion rule applied)")
+    probability: float | None = Field(None, description="softmax sampling probability (temperature > 0)")
+    promoted: bool
+
+
+class RecommendationResponse(BaseModel):
+    customer_id: int | None
+    route: str = Field(description="browsing_now, precomputed, online, online_cached, generic, or *_local_copy")
+    model_version: str | None = Field(description="the published nightly version the list comes from")
+    degraded: list[str] = Field(description="what was unavailable, e.g. redis_unavailable, triton_unavailable")
+    items: list[RecommendedProduct]
+
+
+def _recommender(request: Request) -> Recommender:
+    recommender: Recommender = request.app.state.recommender
+    return recommender
+
+
+def product_flags_reader(sessionmaker):  # type: ignore[no-untyped-def]
+    """An async reader of the availability and promotion flags of products, for the Recommender."""
+
+    def read(items: Sequence[int]) -> dict[int, ProductFlags]:
+        with sessionmaker() as session:
+            rows = session.execute(select(Product.id, Product.available, Product.promoted)
+                                   .where(Product.id.in_(list(items))))  # fmt: skip
+            return {row.id: ProductFlags(available=row.available, promoted=row.promoted) for row in rows}
+
+    async def flags(items: Sequence[int]) -> dict[int, ProductFlags]:
+        return await run_in_threadpool(read, items)
+
+    return flags
+
+
+async def _session_views(request: Request, session_id: str) -> tuple[int, ...]:
+    def read() -> tuple[int, ...]:
+        with request.app.state.sessionmaker() as session:
+            rows = session.execute(
+                select(Interaction.product_id).where(Interaction.session_id == session_id,
+                                                     Interaction.type == InteractionType.VIEW)
+                .order_by(Interaction.timestamp.desc()).limit(SESSION_VIEWS)
+            )  # fmt: skip
+            return tuple(dict.fromkeys(row.product_id for row in rows))
+
+    return await run_in_threadpool(read)
+
+
+def _response(customer_id: int | None, ranked, probabilities: list[float], promoted: list[bool],  # type: ignore[no-untyped-def]
+              sampled: bool) -> RecommendationResponse:  # fmt: skip
+    return RecommendationResponse(
+        customer_id=customer_id, route=ranked.route, model_version=ranked.model_version, degraded=ranked.degraded,
+        items=[RecommendedProduct(product_id=item, score=score, probability=probability if sampled else None,
+                                  promoted=flag)
+               for item, score, probability, flag in zip(ranked.items, ranked.scores, probabilities, promoted,
+                                                          strict=True)],
+    )  # fmt: skip
+
+
+@router.get("/recommendations/{customer_id}", response_model=RecommendationResponse,
+            responses=error_responses({422: "a bad id or parameter"}))  # fmt: skip
+async def recommendations(
+    request: Request,
+    customer_id: CustomerIdPath,
+    location: Annotated[str | None, Query(max_length=64, description="the visitor's location now")] = None,
+    device: Annotated[str | None, Query(max_length=64, description="the visitor's device now")] = None,
+    session_id: Annotated[str | None, Query(max_length=128, description="products viewed in it: browsing now")] = None,
+    viewed: Annotated[list[int] | None, Query(max_length=MAX_VIEWED, description="products on screen now")] = None,
+    count: Annotated[int, Query(ge=1, le=100)] = 20,
+    temperature: Annotated[float, Query(ge=0, le=100, description="softmax sampling; 0 = ranked order")] = 0.0,
+    seed: Annotated[int | None, Query(ge=0, le=INT64_MAX, description="makes sampling reproducible")] = None,
+) -> RecommendationResponse:
+    for item in viewed or []:
+        if not 0 < item <= INT64_MAX:
+            raise HTTPException(422, f"viewed product id {item} is not a positive int64")
+    seen = tuple(viewed or ())
+    if not seen and session_id:
+        seen = await _session_views(request, session_id)
+    context = {name: value for name, value in (("location", location), ("device", device)) if value}
+    query = VisitorQuery(customer_id=customer_id, context=context, viewed=seen, count=count,
+                         temperature=temperature, seed=seed)  # fmt: skip
+    ranked, probabilities, promoted = await _recommender(request).recommend(query)
+    return _response(customer_id, ranked, probabilities, promoted, sampled=temperature > 0)
+
+
+@router.get("/products/{product_id}/similar", response_model=RecommendationResponse)
+async def similar_products(
+    request: Request,
+    product_id: ProductIdPath,
+    count: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> RecommendationResponse:
+    query = VisitorQuery(customer_id=0, context={}, viewed=(product_id,), count=count)
+    ranked, probabilities, promoted = await _recommender(request).recommend(query)
+    return _response(None, ranked, probabilities, promoted, sampled=False)

@@ -1,0 +1,228 @@
+"""Request and response bodies of the gateway (pydantic v2), as families `XCreate` / `XUpdate` / `XPublic`.
+
+Requests are validated strictly: unknown fields are refused, integers and booleans must be JSON integers
+and booleans (not "5", 5.0 or 1 for true), ids are positive int64 (the pipeline's raw user and item ids),
+text is bounded, timestamps are ISO 8601 strings with a time zone. A refused request gets FastAPI's 422
+with each field's error. (FastAPI validates bodies already parsed from JSON, so pydantic's strict mode,
+which would also refuse enum values and dates written as JSON strings, is applied per type instead.)
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Annotated, Any, ClassVar, Self
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from serving.api.db import CLIENT_ID_TEXT, SHORT_TEXT, InteractionType
+
+INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
+MAX_ATTRIBUTES = 64
+# Events time-stamped further ahead than this are refused: a client clock that is off, or milliseconds
+# sent as seconds, would otherwise land in a partition days or centuries away.
+MAX_CLOCK_SKEW = timedelta(hours=1)
+
+EntityId = Annotated[StrictInt, Field(gt=0, le=INT64_MAX, description="positive int64 id, the pipeline's raw id")]
+# Categorical ids such as category, shop and brand (int32 columns in the default dataset spec).
+CategoricalId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
+# ':' is refused because it joins context values into segment keys in Redis ("DE:mobile").
+ContextValue = Annotated[str, StringConstraints(min_length=1, max_length=SHORT_TEXT, pattern=r"^[\w .\-]+$")]
+# Session, cookie and event ids: printable ASCII without spaces.
+ClientId = Annotated[str, StringConstraints(min_length=1, max_length=CLIENT_ID_TEXT, pattern=r"^[!-~]+$")]
+AttributeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+AttributeValue = (
+    Annotated[StrictInt, Field(ge=-INT64_MAX - 1, le=INT64_MAX)] | Annotated[str, StringConstraints(max_length=256)]
+)
+Attributes = Annotated[
+    dict[AttributeName, AttributeValue],
+    Field(max_length=MAX_ATTRIBUTES, description="profile attributes (name -> int or string)"),
+]
+# Money as an exact decimal with cents, written to JSON as a number.
+Price = Annotated[
+    Decimal, Field(ge=0, max_digits=12, decimal_places=2), PlainSerializer(float, return_type=float, when_used="json")
+]
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UpdateModel(RequestModel):
+    """A partial update: only the fields sent change; `null` clears a field only where null is allowed."""
+
+    not_nullable: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _refuse_null_for_required_fields(self) -> Self:
+        cleared = sorted(name for name in self.model_fields_set & self.not_nullable if getattr(self, name) is None)
+        if cleared:
+            raise ValueError(f"cannot be null: {', '.join(cleared)}")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True)
+
+
+class PublicModel(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ErrorDetail(BaseModel):
+    """Every 4xx and 5xx other than 422 has this body."""
+
+    detail: str
+
+
+# Customers
+
+
+class CustomerCreate(RequestModel):
+    id: EntityId
+    location: ContextValue | None = None
+    device: ContextValue | None = None
+    attributes: Attributes = Field(default_factory=dict)
+
+
+class CustomerUpdate(UpdateModel):
+    not_nullable: ClassVar[frozenset[str]] = frozenset({"attributes"})
+
+    location: ContextValue | None = None
+    device: ContextValue | None = None
+    attributes: Attributes | None = None
+
+
+class CustomerPublic(PublicModel):
+    id: int
+    location: str | None
+    device: str | None
+    attributes: dict[str, int | str]
+    created_at: datetime
+    updated_at: datetime
+
+
+class CustomersPublic(BaseModel):
+    data: list[CustomerPublic]
+    # Pass as `after_id` to read the next page; null on the last page.
+    next_after_id: int | None
+
+
+# Products
+
+
+class ProductCreate(RequestModel):
+    id: EntityId
+    category: CategoricalId
+    shop: CategoricalId | None = None
+    brand: CategoricalId | None = None
+    price: Price | None = None
+    available: StrictBool = True
+    promoted: StrictBool = False
+
+
+class ProductUpdate(UpdateModel):
+    not_nullable: ClassVar[frozenset[str]] = frozenset({"category", "available", "promoted"})
+
+    category: CategoricalId | None = None
+    shop: CategoricalId | None = None
+    brand: CategoricalId | None = None
+    price: Price | None = None
+    available: StrictBool | None = None
+    promoted: StrictBool | None = None
+
+
+class ProductPublic(PublicModel):
+    id: int
+    category: int
+    shop: int | None
+    brand: int | None
+    price: Price | None
+    available: bool
+    promoted: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class ProductsPublic(BaseModel):
+    data: list[ProductPublic]
+    next_after_id: int | None
+
+
+# Interactions
+
+
+class InteractionCreate(RequestModel):
+    type: InteractionType
+    customer_id: EntityId
+    product_id: EntityId
+    session_id: ClientId
+    cookie_id: ClientId | None = None
+    # Where and on what the event happened; when absent, the extract uses the customer's.
+    location: ContextValue | None = None
+    device: ContextValue | None = None
+    timestamp: AwareDatetime = Field(description="when it happened, with a time zone (ISO 8601)")
+    event_id: ClientId | None = Field(
+        default=None, description="idempotency key: the same event posted again is stored once"
+    )
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _iso_string(cls, value: Any) -> Any:
+        # Not a number: seconds and milliseconds since the epoch are too easily confused.
+        if not isinstance(value, str | datetime):
+            raise ValueError("timestamp must be an ISO 8601 string with a time zone, e.g. 2024-05-01T12:00:00Z")
+        return value
+
+    @field_validator("timestamp")
+    @classmethod
+    def _not_in_the_future(cls, value: datetime) -> datetime:
+        if value > datetime.now(UTC) + MAX_CLOCK_SKEW:
+            raise ValueError(f"timestamp is more than {MAX_CLOCK_SKEW} in the future")
+        if value < datetime(1970, 1, 1, tzinfo=UTC):
+            raise ValueError("timestamp is before 1970")
+        return value.astimezone(UTC)
+
+
+class InteractionPublic(PublicModel):
+    id: int
+    event_id: str | None
+    type: InteractionType
+    customer_id: int
+    product_id: int
+    session_id: str
+    cookie_id: str | None
+    location: str | None
+    device: str | None
+    timestamp: datetime
+    received_at: datetime
+
+    def same_event(self, other: InteractionCreate) -> bool:
+        """Whether `other` is this stored interaction posted again (same fields, same instant)."""
+        return all(getattr(self, name) == value for name, value in other.model_dump().items())
+
+
+class InteractionsPublic(BaseModel):
+    data: list[InteractionPublic]
+    next_after_id: int | None
+
+
+class HealthPublic(BaseModel):
+    status: str
+    database: str
+
+
+def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI documentation of a route's error statuses, all with the `ErrorDetail` body."""
+    return {status: {"model": ErrorDetail, "description": text} for status, text in descriptions.items()}

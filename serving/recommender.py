@@ -1,0 +1,247 @@
+"""Which source answers a visitor, the request-time rules, and the fallbacks (seed 000, report 4.1-4.6).
+
+Routes, in order:
+
+- ``browsing_now``: products viewed now (given, or viewed in the current session) -> the precomputed
+  similar lists of those products summed by score (Gorse's session recommender), or the Triton
+  ``similar_products`` ensemble for a product without a list;
+- ``precomputed``: a known customer's nightly list from Redis;
+- ``online`` / ``online_cached``: a customer without a nightly list -> the Triton ``recommend``
+  ensemble, whose answer is cached in Redis with a TTL under the published version;
+- ``generic``: a new visitor -> the list of their (location, device) segment, or of all segments.
+
+Then the rules of the moment: products that became unavailable since the nightly run are dropped, the
+promotion rule (report 4.4.7: a promoted product scoring at least the threshold gets 1.0) and softmax
+sampling with temperature (``softmax(score / T)``; T = 0 is the ranked order), with the same ``order``
+function that batch scoring and Triton use. Every call to Redis and Triton has a timeout; when one
+fails, the answer comes from what the process still has (its copy of recent answers or of the generic
+lists) and says so in ``degraded``, instead of failing the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import numpy as np
+from redis.exceptions import RedisError
+
+from models.online_pipeline import order
+from tasks.publish_recommendations import decode_recommendations, encode_recommendations
+
+log = logging.getLogger(__name__)
+
+# Redis down, unreachable or too slow: asyncio.wait_for raises TimeoutError, sockets OSError.
+REDIS_FAILURES = (RedisError, TimeoutError, OSError)
+ALL_SEGMENTS = "*"
+SEGMENT_SEPARATOR = ":"  # as batch_score joins a segment's context values
+
+
+PublishedList = tuple[list[int], list[float]]  # item ids and scores, best first
+
+
+@dataclasses.dataclass(frozen=True)
+class VisitorQuery:
+    customer_id: int
+    context: dict[str, str]  # e.g. {"location": "DE", "device": "mobile"}
+    viewed: tuple[int, ...] = ()
+    count: int = 20
+    temperature: float = 0.0
+    seed: int | None = None
+
+
+@dataclasses.dataclass
+class RankedList:
+    items: list[int]
+    scores: list[float]
+    route: str
+    model_version: str | None
+    degraded: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProductFlags:
+    available: bool
+    promoted: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RecommenderConfig:
+    key_prefix: str = "recsys:"
+    segment_features: tuple[str, ...] = ("location", "device")
+    redis_timeout_s: float = 0.05
+    triton_timeout_s: float = 0.25
+    online_cache_ttl_s: int = 600
+    online_top_k: int = 500
+    promotion_threshold: float = 0.5
+    local_copies: int = 10_000  # recent answers kept in process for when Redis is down
+
+
+class Recommender:
+    """Answers visitors from Redis and Triton; `product_flags` reads availability and promotion now."""
+
+    def __init__(self, redis_client: Any, triton: Any | None, config: RecommenderConfig,
+                 product_flags: Callable[[Sequence[int]], Awaitable[dict[int, ProductFlags]]]) -> None:  # fmt: skip
+        self.redis = redis_client
+        self.triton = triton
+        self.config = config
+        self.product_flags = product_flags
+        self._recent: collections.OrderedDict[tuple[str, str], RankedList] = collections.OrderedDict()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        if self.triton is not None:
+            await self.triton.close()
+
+    # -- Redis, with a timeout and an in-process copy ----------------------------------------------------
+
+    async def _redis(self, call: Awaitable[Any]) -> Any:
+        return await asyncio.wait_for(call, timeout=self.config.redis_timeout_s)
+
+    async def current_version(self) -> str | None:
+        value = await self._redis(self.redis.get(f"{self.config.key_prefix}recs:current"))
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def _published(self, version: str, kind: str, keys: Sequence[str]) -> list[PublishedList | None]:
+        names = [f"{self.config.key_prefix}recs:{version}:{kind}:{key}" for key in keys]
+        values = await self._redis(self.redis.mget(names)) if names else []
+        return [decode_recommendations(value) if value else None for value in values]
+
+    def _remember(self, kind: str, key: str, answer: RankedList) -> None:
+        self._recent[(kind, key)] = answer
+        self._recent.move_to_end((kind, key))
+        while len(self._recent) > self.config.local_copies:
+            self._recent.popitem(last=False)
+
+    def _local_copy(self, kind: str, key: str) -> RankedList | None:
+        copy = self._recent.get((kind, key))
+        return dataclasses.replace(copy, degraded=list(copy.degraded)) if copy else None
+
+    # -- the routes ----------------------------------------------------------------------------------
+
+    async def candidates(self, query: VisitorQuery) -> RankedList:
+        """The list a visitor gets before the rules of the moment."""
+        try:
+            return await self._candidates(query)
+        except REDIS_FAILURES as error:
+            return self._without_redis(query, error)
+
+    async def _candidates(self, query: VisitorQuery) -> RankedList:
+        version = await self.current_version()
+        if query.viewed:
+            return await self._browsing_now(query, version)
+        if version is not None:
+            [precomputed] = await self._published(version, "user", [str(query.customer_id)])
+            if precomputed is not None:
+                answer = RankedList(*precomputed, route="precomputed", model_version=version)
+                self._remember("user", str(query.customer_id), answer)
+                return answer
+        online = await self._online(query, version)
+        if online is not None:
+            return online
+        return await self._generic(query, version)
+
+    def _without_redis(self, query: VisitorQuery, error: Exception) -> RankedList:
+        log.warning("Redis unavailable (%s): answering from the process's copies", type(error).__name__)
+        for kind, key in (("user", str(query.customer_id)), ("segment", self._segment(query)),
+                          ("segment", ALL_SEGMENTS)):  # fmt: skip
+            copy = self._local_copy(kind, key)
+            if copy is not None:
+                copy.degraded.append("redis_unavailable")
+                copy.route = f"{copy.route}_local_copy"
+                return copy
+        return RankedList([], [], route="none", model_version=None, degraded=["redis_unavailable"])
+
+    def _segment(self, query: VisitorQuery) -> str:
+        values = [query.context.get(name) for name in self.config.segment_features]
+        if not values or any(value is None or value == "" for value in values):
+            return ALL_SEGMENTS
+        return SEGMENT_SEPARATOR.join(str(value) for value in values)
+
+    async def _generic(self, query: VisitorQuery, version: str | None, degraded: list[str] | None = None) -> RankedList:
+        keys = [self._segment(query), ALL_SEGMENTS]
+        if version is not None:
+            for key, found in zip(keys, await self._published(version, "segment", keys), strict=True):
+                if found is not None:
+                    answer = RankedList(*found, route="generic", model_version=version, degraded=list(degraded or []))
+                    self._remember("segment", key, answer)
+                    return answer
+        return RankedList([], [], route="none", model_version=version, degraded=list(degraded or []))
+
+    async def _online(self, query: VisitorQuery, version: str | None) -> RankedList | None:
+        """The Triton ensemble's answer for a customer without a nightly list (cached), or None if unknown."""
+        cache_key = f"{self.config.key_prefix}cache:{version}:user:{query.customer_id}"
+        cached = await self._redis(self.redis.get(cache_key))
+        if cached:
+            items, scores = decode_recommendations(cached)
+            return RankedList(items, scores, route="online_cached", model_version=version)
+        if self.triton is None:
+            return None
+        try:
+            answer = await asyncio.wait_for(self.triton.recommend(query.customer_id, top_k=self.config.online_top_k),
+                                            timeout=self.config.triton_timeout_s)  # fmt: skip
+        except Exception as error:  # any Triton failure falls back; the reason is logged
+            log.warning("Triton recommend failed (%s): generic list instead", error)
+            return await self._generic(query, version, degraded=["triton_unavailable"])
+        if answer is None:  # a customer the models do not know: a new visitor
+            return None
+        items, scores = answer
+        await self._redis(self.redis.set(cache_key, encode_recommendations(items, scores),
+                                         ex=self.config.online_cache_ttl_s))  # fmt: skip
+        return RankedList(items, scores, route="online", model_version=version)
+
+    async def _browsing_now(self, query: VisitorQuery, version: str | None) -> RankedList:
+        """Similar products of everything viewed now, each candidate scored by its summed similarity."""
+        keys = [str(item) for item in query.viewed]
+        found = await self._published(version, "similar", keys) if version is not None else [None] * len(keys)
+        degraded: list[str] = []
+        missing = [item for item, lists in zip(query.viewed, found, strict=True) if lists is None]
+        if missing and self.triton is not None:
+            try:
+                online = await asyncio.wait_for(self.triton.similar(missing), timeout=self.config.triton_timeout_s)
+                found = [lists if lists is not None else online.get(item) for item, lists in
+                         zip(query.viewed, found, strict=True)]  # fmt: skip
+            except Exception as error:  # any Triton failure falls back; the reason is logged
+                log.warning("Triton similar_products failed (%s)", error)
+                degraded.append("triton_unavailable")
+        totals: dict[int, float] = collections.defaultdict(float)
+        for lists in found:
+            if lists is not None:
+                for item, score in zip(*lists, strict=True):
+                    totals[item] += score
+        for item in query.viewed:  # never recommend what is on the screen already
+            totals.pop(item, None)
+        if not totals:
+            return await self._generic(query, version, degraded=degraded)
+        ranked = sorted(totals.items(), key=lambda pair: -pair[1])
+        return RankedList([item for item, _ in ranked], [score for _, score in ranked], route="browsing_now",
+                          model_version=version, degraded=degraded)  # fmt: skip
+
+    # -- the rules of the moment -------------------------------------------------------------------------
+
+    async def recommend(self, query: VisitorQuery) -> tuple[RankedList, list[float], list[bool]]:
+        """(final list, sampling probabilities, promoted flags) after availability, promotion and sampling."""
+        ranked = await self.candidates(query)
+        if not ranked.items:
+            return ranked, [], []
+        flags = await self.product_flags(ranked.items)
+        # Products the database does not know keep the nightly run's view: available, not promoted.
+        unknown = ProductFlags(available=True, promoted=False)
+        keep = [index for index, item in enumerate(ranked.items) if flags.get(item, unknown).available]
+        items = np.array([ranked.items[index] for index in keep], dtype=np.int64)
+        scores = np.array([ranked.scores[index] for index in keep], dtype=np.float32)
+        promoted = np.array([flags.get(int(item), unknown).promoted for item in items], dtype=bool)
+        positions = np.arange(len(items), dtype=np.int64)[None, :]  # order() works on ids: use positions
+        chosen, chosen_scores, probabilities = order(
+            positions, scores[None, :], min(query.count, len(items)), temperature=query.temperature,
+            rng=np.random.default_rng(query.seed), promoted=promoted,
+            promotion_threshold=self.config.promotion_threshold,
+        )  # fmt: skip
+        picked = chosen[0][chosen[0] >= 0]
+        ranked.items = items[picked].tolist()
+        ranked.scores = chosen_scores[0][: len(picked)].tolist()
+        return ranked, probabilities[0][: len(picked)].tolist(), promoted[picked].tolist()

@@ -1,0 +1,64 @@
+"""The gateway's asynchronous client of the two Triton ensembles (tensors as README "Triton ensemble" lists)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+
+RawList = tuple[list[int], list[float]]
+
+
+def _unpadded(item_ids: np.ndarray, scores: np.ndarray) -> RawList:
+    keep = item_ids >= 0  # the ensembles pad short lists with -1
+    return item_ids[keep].tolist(), scores[keep].astype(float).tolist()
+
+
+class TritonEnsembles:
+    """`recommend` (raw user id in) and `similar_products` (raw item ids in), over HTTP with a timeout."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        import tritonclient.http.aio as triton_http
+
+        address = urlparse(url).netloc or url  # tritonclient takes host:port
+        self._http = triton_http
+        self._client = triton_http.InferenceServerClient(address, conn_timeout=timeout_s)
+
+    def _input(self, name: str, value: np.ndarray) -> object:
+        from tritonclient.utils import np_to_triton_dtype
+
+        tensor = self._http.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        return tensor
+
+    async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        result = await self._client.infer(
+            model, [self._input(name, value) for name, value in inputs.items()],
+            outputs=[self._http.InferRequestedOutput(name) for name in outputs],
+        )  # fmt: skip
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def recommend(self, user_id: int, *, top_k: int) -> RawList | None:
+        """The ranked list of a user (temperature 0: the gateway samples itself); None for an unknown user."""
+        answer = await self._infer("recommend", {
+            "user_id_raw": np.array([user_id], dtype=np.int64), "top_k": np.array([top_k], dtype=np.int32),
+            "temperature": np.array([0.0], dtype=np.float32),
+        }, ("item_ids", "scores", "known_users"))  # fmt: skip
+        if not bool(answer["known_users"][0]):
+            return None
+        return _unpadded(answer["item_ids"][0], answer["scores"][0])
+
+    async def similar(self, item_ids: Sequence[int]) -> dict[int, RawList]:
+        """Similar products of each known item (unknown items are left out)."""
+        answer = await self._infer("similar_products", {"item_id_raw": np.array(list(item_ids), dtype=np.int64)},
+                                   ("item_ids", "scores", "known_items"))  # fmt: skip
+        return {
+            int(item): _unpadded(ids, scores)
+            for item, ids, scores, known in zip(item_ids, answer["item_ids"], answer["scores"], answer["known_items"],
+                                                 strict=True)
+            if known
+        }  # fmt: skip
+
+    async def close(self) -> None:
+        await self._client.close()
