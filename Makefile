@@ -8,7 +8,7 @@ ROWS ?= 50000
 API_PORT ?= 8100
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint unit generate-data airflow benchmark-data expectations migrate api
+.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-serving expectations migrate api serve
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -37,8 +37,20 @@ migrate:  ## create or upgrade the gateway's database (RECSYS_DATABASE_URL, defa
 api: migrate  ## the REST gateway (ingestion) on http://127.0.0.1:8100 (API_PORT=...), OpenAPI docs at /docs
 	$(VENV)/uvicorn serving.api.main:create_app --factory --host 127.0.0.1 --port $(API_PORT)
 
+serve:  ## serve recommendations: Redis if not running, Triton on the latest published run, migrate, gateway on API_PORT
+	$(VENV)/python -m serving.run --port $(API_PORT) $(SERVE_ARGS)
+
 expectations:  ## rewrite the committed expectation suite of the default spec
 	$(VENV)/recsys write-expectations --out great_expectations/expectations
 
 benchmark-data:  ## data-stage throughput against pyarrow and pandas references (1M and 4M rows)
 	$(VENV)/python benchmarks/data_stage.py
+
+benchmark-model:  ## training, batch scoring and publish speed against bare Keras, the raw ranker and redis-py
+	$(VENV)/python benchmarks/model_stage.py
+
+benchmark-quality:  ## the whole pipeline against baselines on 1M generated rows (NDCG@10, AUC vs the oracle)
+	$(VENV)/python benchmarks/quality.py
+
+benchmark-serving:  ## gateway routes' requests/s and p50/p99 against a bare FastAPI app, redis-py and Triton
+	$(VENV)/python benchmarks/serving.py

@@ -9,8 +9,12 @@ Model stage: `train_two_tower` and `train_ranker` (DLRM by default), both after
 `nvtabular_fit_transform`, logged and registered in MLflow as `two_tower` and `ranker`;
 `build_faiss_index` over the item embeddings; `feast_apply` -> `feast_materialize` of the user and
 item feature tables into the Redis online store; `batch_score` of every user (plus generic lists per
-segment and similar items) and `publish_recommendations` to Redis under the run's version, switched
-atomically; `export_triton_ensemble` of the online pipeline, logged as an MLflow artifact.
+segment and similar items); `quality_gate`: the new versions against the MLflow `champion` and the
+baselines (publish and move `champion`, or hold them as `challenger` and publish nothing, or forced by the
+`quality_gate` Param; the reason is on both MLflow runs); `publish_recommendations` to Redis of what the
+gate names, switched atomically; `export_triton_ensemble` of the online pipeline, logged as an MLflow
+artifact. With `compare_rankers`, `compare_rankers` also trains DLRM, DCN-v2 and MLP on the same data and
+logs their comparison (report figure 5.4) to the MLflow experiment `recsys_ranker_comparison`.
 
 Every output goes to `<RECSYS_DATA_ROOT>/runs/<run id>/<step>` and appears atomically; a rerun of a
 task replaces its output. A failed validation fails the run and nothing downstream runs; the report
@@ -62,6 +66,13 @@ def _fail_without_retry(error: Exception) -> AirflowFailException:
         "top_n": Param(100, type="integer", minimum=1, description="recommendations kept per user"),
         "unavailable_items": Param(None, type=["null", "string"],
                                    description="CSV with an item id column: items never recommended"),
+        "quality_gate": Param("gate", enum=["gate", "force", "skip"],
+                              description="gate: publish only models as good as the champion and better than "
+                                          "popularity; force: compare, publish anyway; skip: publish, no comparison"),
+        "gate_tolerance": Param(0.005, type="number", minimum=0,
+                                description="how far below the champion's AUC and recall@100 a new model may be"),
+        "compare_rankers": Param(False, type="boolean",
+                                 description="also train DLRM, DCN-v2 and MLP and log their comparison (figure 5.4)"),
     },
 )
 def recsys_nightly() -> None:
@@ -204,6 +215,31 @@ def recsys_nightly() -> None:
         )}  # fmt: skip
 
     @task
+    def compare_rankers(nvtabular_dir: str, ranker: dict) -> dict:
+        """With the Param `compare_rankers`: DLRM, DCN-v2 and MLP on the same data, compared in MLflow (figure 5.4)."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from recsys.settings import get_settings
+        from recsys.spec import load_spec
+        from tasks.compare_rankers import compare_rankers as step
+        from tasks.compare_rankers import train_rankers_for_comparison
+
+        context = get_current_context()
+        params, settings = context["params"], get_settings()
+        if not params["compare_rankers"]:
+            raise AirflowSkipException("the compare_rankers Param is off")
+        run_dir = Path(nvtabular_dir).parent
+        # The run's own ranker was trained on the same data with the same epochs: it is reused.
+        folders = train_rankers_for_comparison(
+            Path(nvtabular_dir), run_dir / "ranker_comparison", trainer_python=settings.trainer_python,
+            epochs=params["ranker_epochs"], spec_path=params["spec"],
+            trained={params["ranker_model"]: Path(ranker["output"])},
+        )  # fmt: skip
+        return step(folders, tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root,
+                    run_name=f"ranker comparison {context['run_id']}", nvtabular_dir=Path(nvtabular_dir),
+                    spec=load_spec(params["spec"]))  # fmt: skip
+
+    @task
     def build_faiss_index(two_tower: dict) -> str:
         from recsys.settings import get_settings
         from recsys.trainer_env import run_trainer_step
@@ -254,6 +290,21 @@ def recsys_nightly() -> None:
         return str(output)
 
     @task
+    def demo_data(faiss_dir: str, two_tower: dict, ranker: dict) -> str:
+        """Validation users' clicks and retrieved candidates for the gateway's demo page (report 5.5)."""
+        from recsys.settings import get_settings
+        from recsys.trainer_env import run_trainer_step
+
+        params = get_current_context()["params"]
+        run_dir = Path(faiss_dir).parent
+        output = run_dir / "demo"
+        arguments = ["--input", str(run_dir), "--output", str(output)]
+        if params["spec"]:
+            arguments += ["--spec", params["spec"]]
+        run_trainer_step(get_settings().trainer_python, "demo-data", arguments)
+        return str(output)
+
+    @task
     def export_triton_ensemble(faiss_dir: str, two_tower: dict, ranker: dict) -> str:
         from recsys.settings import get_settings
         from recsys.spec import load_spec
@@ -272,15 +323,37 @@ def recsys_nightly() -> None:
         return str(output)
 
     @task
-    def publish_recommendations(batch_dir: str) -> dict:
+    def quality_gate(batch_dir: str, two_tower: dict, ranker: dict) -> dict:
+        """The new versions against the MLflow champion and the baselines: move the aliases, say what to publish."""
+        from recsys.settings import get_settings
+        from tasks.quality_gate import published_model_versions
+        from tasks.quality_gate import quality_gate as step
+
+        params, settings = get_current_context()["params"], get_settings()
+        # What readers see now: when this run is held and a reviewer moved `champion`, the champion's lists are
+        # named for publishing instead.
+        published = published_model_versions(settings.redis_url, settings.redis_key_prefix)
+        decision = step({"ranker": ranker, "two_tower": two_tower}, tracking_uri=settings.mlflow_tracking_uri,
+                        tolerance=params["gate_tolerance"], mode=params["quality_gate"], batch_dir=batch_dir,
+                        published_versions=published)  # fmt: skip
+        return decision.to_dict()
+
+    @task
+    def publish_recommendations(decision: dict) -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
         from recsys.errors import InputDataError
-        from recsys.settings import get_settings, safe_run_id
+        from recsys.settings import get_settings
         from tasks.publish_recommendations import publish_recommendations as step
 
-        context, settings = get_current_context(), get_settings()
+        settings = get_settings()
+        if decision["publish_batch_dir"] is None:  # held: readers keep the champion's lists
+            raise AirflowSkipException(f"nothing published ({decision['outcome']}): {decision['reason']}")
         try:
-            return step(Path(batch_dir), redis_url=settings.redis_url, version=safe_run_id(context["run_id"]),
-                        key_prefix=settings.redis_key_prefix, progress=False)  # fmt: skip
+            # The run's own batch scores as the run's version, or a reviewer's champion's as its run's version.
+            return step(Path(decision["publish_batch_dir"]), redis_url=settings.redis_url,
+                        version=decision["publish_version"], key_prefix=settings.redis_key_prefix,
+                        progress=False)  # fmt: skip
         except InputDataError as error:
             raise _fail_without_retry(error) from error
 
@@ -292,10 +365,13 @@ def recsys_nightly() -> None:
     nvtabular = nvtabular_fit_transform(validated)  # type: ignore[arg-type]
     two_tower = train_two_tower(nvtabular)  # type: ignore[arg-type]
     ranker = train_ranker(nvtabular)  # type: ignore[arg-type]
+    compare_rankers(nvtabular, ranker)  # type: ignore[arg-type]
     feast_materialize(feast_apply(nvtabular))  # type: ignore[arg-type]
     faiss_index = build_faiss_index(two_tower)  # type: ignore[arg-type]
-    publish_recommendations(batch_score(faiss_index, two_tower, ranker))  # type: ignore[arg-type]
+    batch = batch_score(faiss_index, two_tower, ranker)  # type: ignore[arg-type]
+    publish_recommendations(quality_gate(batch, two_tower, ranker))  # type: ignore[arg-type]
     export_triton_ensemble(faiss_index, two_tower, ranker)  # type: ignore[arg-type]
+    demo_data(faiss_index, two_tower, ranker)  # type: ignore[arg-type]
 
 
 recsys_nightly()

@@ -110,6 +110,27 @@ def _batch_score(args: argparse.Namespace) -> dict:
     return batch_score(args.input, args.output, load_spec(args.spec), config, model_versions=versions)
 
 
+def _demo_data(args: argparse.Namespace) -> dict:
+    from tasks.demo_data import DemoDataConfig, demo_data
+
+    config = DemoDataConfig(top_k=args.top_k, max_users=args.max_users)
+    return demo_data(args.input, args.output, load_spec(args.spec), config)
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from tasks.evaluate import EvaluationConfig, evaluate, log_evaluation
+
+    config = EvaluationConfig(final_k=args.k, knn_neighbours=args.knn_neighbours, seed=args.seed)
+    metrics = evaluate(args.input, args.output, load_spec(args.spec), config, raw_input_dir=args.raw_input,
+                       batch_score_dir=args.batch_score)  # fmt: skip
+    if args.mlflow_run_id:
+        from recsys.settings import get_settings
+
+        log_evaluation(metrics, tracking_uri=get_settings().mlflow_tracking_uri, run_id=args.mlflow_run_id,
+                       report_dir=args.output)  # fmt: skip
+    return metrics
+
+
 def _export_triton_ensemble(args: argparse.Namespace) -> dict:
     from tasks.export_triton_ensemble import TritonEnsembleConfig, export_triton_ensemble, log_triton_repository
 
@@ -155,6 +176,40 @@ def _rollback_recommendations(args: argparse.Namespace) -> dict:
 
     settings = get_settings()
     return rollback(args.redis_url or settings.redis_url, args.key_prefix or settings.redis_key_prefix)
+
+
+def _quality_gate(args: argparse.Namespace) -> dict:
+    from recsys.settings import get_settings
+    from tasks.quality_gate import published_model_versions, quality_gate
+
+    settings = get_settings()
+    published = published_model_versions(settings.redis_url, settings.redis_key_prefix) if args.check_published \
+        else None  # fmt: skip
+    decision = quality_gate({"ranker": args.ranker_version, "two_tower": args.two_tower_version},
+                            tracking_uri=settings.mlflow_tracking_uri, tolerance=args.tolerance, mode=args.mode,
+                            batch_dir=args.batch_score, published_versions=published)  # fmt: skip
+    return decision.to_dict()
+
+
+def _promote_models(args: argparse.Namespace) -> dict:
+    from recsys.settings import get_settings
+    from tasks.quality_gate import promote_models
+
+    versions = None
+    if args.ranker_version or args.two_tower_version:
+        versions = {"ranker": args.ranker_version, "two_tower": args.two_tower_version}
+    return promote_models(get_settings().mlflow_tracking_uri, versions)
+
+
+def _compare_rankers(args: argparse.Namespace) -> dict:
+    from recsys.settings import get_settings
+    from tasks.compare_rankers import compare_rankers
+
+    settings = get_settings()
+    folders = {path.name: path for path in sorted(args.input.iterdir()) if (path / "history.json").is_file()}
+    return compare_rankers(folders, tracking_uri=settings.mlflow_tracking_uri,
+                           artifact_root=settings.mlflow_artifact_root, run_name=args.run_name,
+                           nvtabular_dir=args.nvtabular, spec=load_spec(args.spec))  # fmt: skip
 
 
 def _extract_interactions(args: argparse.Namespace) -> dict:
@@ -208,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("train-two-tower", _train_two_tower, "train the two-tower retrieval model (trainer env)"),
         ("build-faiss-index", _build_faiss_index, "index the two-tower item embeddings (input: two_tower dir)"),
         ("batch-score", _batch_score, "recommendations for every user, segment and item (input: run dir)"),
+        ("demo-data", _demo_data,
+         "validation clicks and retrieved candidates of the demo page's users (input: run dir; trainer env)"),
+        ("evaluate", _evaluate,
+         "each stage, the whole pipeline and baselines on the validation split (input: run dir)"),
         ("export-triton-ensemble", _export_triton_ensemble,
          "write the run's online pipeline as a Triton model repository (input: run dir)"),
     ]
@@ -248,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--unavailable-items", type=Path, default=None,
                               help="CSV with an item id column: items never recommended")  # fmt: skip
             step.add_argument("--model-versions", default=None, help="JSON: registered versions scored with")
+        if name == "demo-data":
+            step.add_argument("--top-k", type=int, default=200, help="retrieved candidates per user")
+            step.add_argument("--max-users", type=int, default=500, help="validation users with the most clicks")
         if name == "export-triton-ensemble":
             step.add_argument("--top-k", type=int, default=500, help="default candidates per request")
             step.add_argument("--top-n", type=int, default=100, help="default items per user")
@@ -257,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
                               help="CSV with an item id column: items never recommended")  # fmt: skip
             step.add_argument("--model-versions", default=None, help="JSON: registered versions exported")
             step.add_argument("--mlflow-run-id", default=None, help="also log the repository to this MLflow run")
+        if name == "evaluate":
+            step.add_argument("--raw-input", type=Path, default=None,
+                              help="the run's raw CSV folder, for the generator's oracle (default: <run>/landing)")
+            step.add_argument("--batch-score", type=Path, default=None, help="default: <run>/batch_score")
+            step.add_argument("--k", type=int, default=10, help="length of the final lists evaluated")
+            step.add_argument("--knn-neighbours", type=int, default=100, help="similar items per item (item-kNN)")
+            step.add_argument("--seed", type=int, default=0, help="of the random baseline")
+            step.add_argument("--mlflow-run-id", default=None, help="also log the metrics and report to this run")
         if name == "resplit":
             step.add_argument("--fraction", type=float, default=0.6)
             step.add_argument("--seed", type=int, default=0)
@@ -288,6 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (publish, rollback):
         command.add_argument("--redis-url", default=None, help="default: RECSYS_REDIS_URL")
         command.add_argument("--key-prefix", default=None, help="default: RECSYS_REDIS_KEY_PREFIX")
+
+    gate = _step_parser(subparsers, "quality-gate", _quality_gate,
+                        "judge new ranker/two_tower versions against the champion; move the aliases")  # fmt: skip
+    gate.add_argument("--batch-score", type=Path, default=None, help="the run's batch_score output (tagged)")
+    gate.add_argument("--mode", choices=["gate", "force", "skip"], default="gate")
+    gate.add_argument("--tolerance", type=float, default=0.005, help="how far below the champion still passes")
+    gate.add_argument("--check-published", action="store_true",
+                      help="read what Redis serves: a held run names the champion's batch scores if they differ")
+    promote = _step_parser(subparsers, "promote-models", _promote_models,
+                           "a reviewer's promotion: move champion (default: to the challenger pair)")  # fmt: skip
+    for command in (gate, promote):
+        command.add_argument("--ranker-version", required=command is gate, default=None)
+        command.add_argument("--two-tower-version", required=command is gate, default=None)
+    compare = _step_parser(subparsers, "compare-rankers", _compare_rankers,
+                           "log a comparison of train-ranker outputs to MLflow (report figure 5.4)")  # fmt: skip
+    compare.add_argument("--input", type=Path, required=True, help="a folder holding one train-ranker output a model")
+    compare.add_argument("--nvtabular", type=Path, default=None, help="their NVTabular output (validation fingerprint)")
+    compare.add_argument("--run-name", default="ranker comparison")
 
     extract = _step_parser(subparsers, "extract-interactions", _extract_interactions,
                            "export one day (UTC) of the gateway's interactions to the landing zone")  # fmt: skip

@@ -170,6 +170,34 @@ def click_logit(entities: Entities, config: GeneratorConfig, users: np.ndarray, 
     )
 
 
+def true_click_probabilities(entities: Entities, config: GeneratorConfig, user_ids: np.ndarray,
+                             item_ids: np.ndarray, position: int = 1) -> np.ndarray:  # fmt: skip
+    """(users x items) click probabilities of every pair of raw ids shown at `position` (`click_logit`'s).
+
+    Raw ids are the generator's: entity index + 1. Evaluation uses them to judge any list by the
+    clicks it would really get, not only by the clicks that were logged for the items shown.
+    """
+    users, items = np.asarray(user_ids, dtype=np.int64) - 1, np.asarray(item_ids, dtype=np.int64) - 1
+    affinity = entities.user_factors[users].astype(np.float64) @ entities.item_factors[items].T.astype(np.float64)
+    logit = (
+        config.base_logit
+        + config.signal_strength * affinity / np.sqrt(config.factors)
+        + entities.user_bias[users][:, None]
+        + entities.item_bias[items][None, :]
+        + POSITION_BIAS[position - 1]
+    )
+    return 1.0 / (1.0 + np.exp(-logit))
+
+
+def load_generation(directory: Path) -> tuple[GeneratorConfig, Entities] | None:
+    """The generator's configuration and entities of a folder it wrote (None without `generation.json`)."""
+    report = Path(directory) / "generation.json"
+    if not report.exists():
+        return None
+    config = GeneratorConfig(**json.loads(report.read_text())["config"])
+    return config, make_entities(config)
+
+
 def _null_mask(rng: np.random.Generator, rows: int, n_features: int, config: GeneratorConfig) -> np.ndarray:
     """Rows x features mask: a share of rows get 6-9 nulls (dropped by cleaning), some get 1-2."""
     draw = rng.random(rows)

@@ -66,7 +66,13 @@ class Settings(BaseSettings):
     redis_timeout_ms: int = Field(default=50, gt=0)
     triton_timeout_ms: int = Field(default=250, gt=0)
     online_cache_ttl_s: int = Field(default=600, gt=0)
+    # Candidates the online (Triton) path retrieves for a customer without a nightly list: the report's TopK,
+    # as batch scoring's default (the export's max_top_k, 10,000, bounds it).
+    online_top_k: int = Field(default=500, ge=1, le=10_000)
     promotion_threshold: float = Field(default=0.5, ge=0, le=1)
+    # The `recsys demo-data` output the gateway's /demo page reads (validation clicks, retrieved candidates);
+    # unset: the newest `<data_root>/runs/<run>/demo`.
+    demo_dir: Path | None = None
 
     @property
     def landing_location(self) -> str:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command setup on a fresh Debian/Ubuntu machine with Python 3.11 (`make setup` runs this):
-# both locked Python environments, Redis if missing, airflow.cfg and the Airflow metadata database.
+# both locked Python environments, Redis and Chromium if missing, airflow.cfg and the Airflow metadata database.
 # Safe to rerun: every step checks what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +67,12 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --dir "$ROOT/var/redis" --logfile "$ROOT/var/redis/redis.log"
 fi
 redis-cli -h 127.0.0.1 -p 6379 ping
+
+say "Chromium and chromedriver (Debian's; the demo page's browser test drives them headless with Selenium)"
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
+fi
 
 say "Airflow: airflow.cfg and the metadata database"
 mkdir -p var/airflow var/data/landing

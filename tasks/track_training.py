@@ -27,6 +27,9 @@ RANKER_MODEL_NAME = "ranker"
 TWO_TOWER_EXPERIMENT = "recsys_two_tower"
 TWO_TOWER_MODEL_NAME = "two_tower"
 TRAINER_REQUIREMENTS = Path(__file__).resolve().parent.parent / "requirements" / "trainer.txt"
+# Tag of every training run: which validation data its metrics were measured on (the quality gate compares
+# a new model with the champion as measured only when both say the same).
+VALIDATION_FINGERPRINT_TAG = "validation_fingerprint"
 
 
 def configure_mlflow(tracking_uri: str, artifact_root: str | Path, experiment: str) -> str:
@@ -125,6 +128,7 @@ def log_ranker_run(ranker_dir: Path, nvtabular_dir: Path, spec: DatasetSpec, *, 
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run, \
             tempfile.TemporaryDirectory() as scratch:  # fmt: skip
         mlflow.log_params({**metrics["config"], "train_rows": metrics["train_rows"], "dataset": spec.name})
+        mlflow.set_tags(validation_fingerprint(nvtabular_dir / "valid", spec))
         for row in metrics["history"]:
             mlflow.log_metrics({key: row[key] for key in ("train_auc", "train_loss", "valid_auc", "valid_logloss")},
                                step=row["epoch"])  # fmt: skip
@@ -191,6 +195,7 @@ def log_two_tower_run(two_tower_dir: Path, nvtabular_dir: Path, spec: DatasetSpe
             tempfile.TemporaryDirectory() as scratch:  # fmt: skip
         mlflow.log_params({**result["config"], "positives": result["positives"],
                            "catalog_items": result["catalog_items"], "dataset": spec.name})  # fmt: skip
+        mlflow.set_tags(validation_fingerprint(nvtabular_dir / "valid", spec))
         for row in history:
             mlflow.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=row["epoch"])
         best = result["best"]
@@ -228,6 +233,39 @@ def log_two_tower_run(two_tower_dir: Path, nvtabular_dir: Path, spec: DatasetSpe
         return {"run_id": run.info.run_id, "model_version": str(version), "model_uri": info.model_uri,
                 "recall_at_100": best["recall_at_100"],
                 "popularity_recall_at_100": result["popularity_baseline"]["recall_at_100"]}  # fmt: skip
+
+
+def validation_fingerprint(valid_dir: Path, spec: DatasetSpec) -> dict[str, str]:
+    """Tags naming the validation data a run was measured on: its row count and one hash of rows, spec and content.
+
+    The content checksum covers what identifies a validation row and its labels (raw user and item ids, time,
+    targets) in row order, not the encoded features: a workflow refitted on new training data may encode the
+    same rows differently, and they are still the same validation data.
+    """
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from tasks.nvtabular_fit_transform import RAW_SUFFIX
+
+    columns = [spec.user_id + RAW_SUFFIX, spec.item_id + RAW_SUFFIX, spec.timestamp, *spec.targets]
+    # One hash a column over its values alone: the same rows hash alike however files and batches are cut.
+    content, rows = {name: hashlib.sha256() for name in columns}, 0
+    for path in nvtabular_part_files(Path(valid_dir)):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1_000_000, columns=columns):
+            rows += batch.num_rows
+            for name, column in zip(columns, batch.select(columns).columns, strict=True):
+                if pa.types.is_integer(column.type):
+                    content[name].update(pc.fill_null(column.cast(pa.int64()), -1).to_numpy().tobytes())
+                else:
+                    content[name].update("".join(f"{value}\x1f" for value in column.to_pylist()).encode())
+    described = json.dumps({"rows": rows, "spec": spec.to_dict(),
+                            "content": {name: digest.hexdigest() for name, digest in content.items()}},
+                           sort_keys=True)  # fmt: skip
+    return {VALIDATION_FINGERPRINT_TAG: hashlib.sha256(described.encode()).hexdigest()[:32],
+            "validation_rows": str(rows)}  # fmt: skip
 
 
 def oracle_click_probabilities(input_dir: Path, valid_dir: Path, spec: DatasetSpec) -> Any | None:

@@ -45,7 +45,11 @@ def test_model_stage_wiring(dagbag: DagBag):
     assert upstream["build_faiss_index"] == {"train_two_tower"}
     # Batch scores need the index and both models; publishing happens only after scoring succeeded.
     assert upstream["batch_score"] == {"build_faiss_index", "train_two_tower", "train_ranker"}
-    assert upstream["publish_recommendations"] == {"batch_score"}
+    # The gate judges the scored models before anything is published.
+    assert upstream["quality_gate"] == {"batch_score", "train_two_tower", "train_ranker"}
+    assert upstream["publish_recommendations"] == {"quality_gate"}
+    assert upstream["compare_rankers"] == {"nvtabular_fit_transform", "train_ranker"}
+    assert upstream["demo_data"] == {"build_faiss_index", "train_two_tower", "train_ranker"}
     assert upstream["export_triton_ensemble"] == {"build_faiss_index", "train_two_tower", "train_ranker"}
 
 
@@ -63,3 +67,5 @@ def test_manual_trigger_params_and_defaults(dagbag: DagBag):
     assert params["sample_fraction"] == 1.0
     assert 0 < params["max_bad_row_fraction"] < 0.05
     assert params["ranker_model"] == "dlrm"  # the report's choice; dcn and mlp for comparison
+    assert params["quality_gate"] == "gate" and params["gate_tolerance"] == 0.005
+    assert params["compare_rankers"] is False

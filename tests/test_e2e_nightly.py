@@ -157,6 +157,12 @@ def test_data_stage_end_to_end(airflow_env, medium_raw: Path, tmp_path: Path, sp
                                        "ranker": str(version_of_ranker(client))}  # fmt: skip
     print(f"published version {version}: {batch['users']} users at {batch['users_per_second']:.0f} users/s")
 
+    # The quality gate let the first models through (no champion yet, both beat their baselines).
+    for model_run in (client.get_run(ranker_run.info.run_id), client.get_run(two_tower_run.info.run_id)):
+        assert model_run.data.tags["gate_decision"] == "publish", model_run.data.tags.get("gate_reason")
+    assert str(client.get_model_version_by_alias("ranker", "champion").version) == str(version_of_ranker(client))
+    assert json.loads((run / "demo" / "_metrics.json").read_text())["users"] > 0  # the demo page's data
+
     # Triton: the exported repository loads in a real server and answers as batch scoring did.
     from serving.triton_server import TritonServer
     from tests.test_triton_ensemble import infer, recommend

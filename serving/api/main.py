@@ -21,7 +21,7 @@ from serving.api.body_limit import BodySizeLimitMiddleware
 from serving.api.db import create_database_engine
 from serving.api.errors import add_error_handlers
 from serving.api.migrate import ensure_schema_current
-from serving.api.routes import customers, health, interactions, products, recommendations
+from serving.api.routes import customers, demo, health, interactions, products, recommendations
 from serving.recommender import Recommender, RecommenderConfig
 
 
@@ -33,6 +33,7 @@ def api_router() -> APIRouter:
     router.include_router(products.router)
     router.include_router(interactions.router)
     router.include_router(recommendations.router)
+    router.include_router(demo.router)
     return router
 
 

@@ -1,0 +1,128 @@
+"""The demo page (report 5.5, figures 5.6 and 5.7): one validation user's recommendations against their clicks.
+
+`GET /demo?user=ID` renders, on the server, a picker of the demo users, then for the chosen one the final
+recommendations the gateway's recommender answers that customer now (the precomputed nightly list with
+the rules of the moment, as `GET /recommendations/{id}` does), the candidates the retrieval stage found
+for them, the items they clicked in validation highlighted in both lists, the list's precision (clicked /
+shown) and the retrieval stage's recall (clicked items retrieved / clicked items).
+
+Validation clicks and retrieved candidates come from a `recsys demo-data` output (tasks/demo_data.py):
+`RECSYS_DEMO_DIR`, or else the newest `<data root>/runs/<run>/demo`. It is read once and kept until that
+output changes (a rerun swaps the output's link to a new folder). The page is plain HTML with its style
+sheet inline: it loads nothing from elsewhere and works without internet access.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
+
+from recsys.settings import Settings
+from serving.api.deps import SettingsDep
+from serving.api.schemas import INT64_MAX
+from serving.recommender import Recommender, VisitorQuery
+from tasks.demo_data import METRICS_FILE, DemoData, DemoUser, hits, read_demo_data
+
+router = APIRouter(tags=["demo"])
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+@functools.cache
+def _templates() -> Jinja2Templates:
+    import jinja2
+
+    # Every template is escaped, not only *.html: what the page shows never becomes markup.
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True)
+    return Jinja2Templates(env=environment)
+
+
+def demo_directory(settings: Settings) -> Path | None:
+    """The demo data the page reads: the configured output, or the newest one under the data root's runs."""
+    if settings.demo_dir is not None:
+        return settings.demo_dir
+    outputs = [path for path in (settings.data_root / "runs").glob(f"*/demo/{METRICS_FILE}") if path.is_file()]
+    if not outputs:
+        return None
+    return max(outputs, key=lambda path: path.stat().st_mtime).parent
+
+
+async def _demo_data(request: Request, settings: Settings) -> DemoData | None:
+    directory = demo_directory(settings)
+    if directory is None or not (directory / METRICS_FILE).is_file():
+        return None
+    # A rerun of the step swaps the output's link to a new folder: the resolved path names one version.
+    version = directory.resolve()
+    cached: tuple[Path, DemoData] | None = getattr(request.app.state, "demo_data", None)
+    if cached is None or cached[0] != version:
+        cached = (version, await run_in_threadpool(read_demo_data, version))
+        request.app.state.demo_data = cached
+    return dataclasses.replace(cached[1], directory=directory)
+
+
+@dataclasses.dataclass(frozen=True)
+class ListedItem:
+    item: int
+    score: float
+    clicked: bool
+    probability: float | None = None
+    promoted: bool = False
+    recommended: bool = False
+
+
+async def _user_view(recommender: Recommender, user: DemoUser, count: int, temperature: float) -> dict[str, Any]:
+    query = VisitorQuery(customer_id=user.user_id, context={}, count=count, temperature=temperature)
+    answer, probabilities, promoted = await recommender.recommend(query)
+    final = [ListedItem(item, score, item in user.clicked, probability, flag)
+             for item, score, probability, flag in zip(answer.items, answer.scores, probabilities, promoted,
+                                                       strict=True)]  # fmt: skip
+    recommended = set(answer.items)
+    candidates = [ListedItem(item, score, item in user.clicked, recommended=item in recommended)
+                  for item, score in zip(user.candidates, user.candidate_scores, strict=True)]  # fmt: skip
+    final_hits, candidate_hits = hits(answer.items, user.clicked), hits(user.candidates, user.clicked)
+    return {
+        "user": user, "answer": answer, "final": final, "candidates": candidates,
+        "final_hits": final_hits, "candidate_hits": candidate_hits,
+        # The report's measures: precision of the list shown, recall of the retrieval stage.
+        "precision": final_hits / len(final) if final else 0.0,
+        "recall": candidate_hits / len(user.clicked) if user.clicked else 0.0,
+        "clicked": sorted(user.clicked), "retrieved": set(user.candidates), "recommended": recommended,
+    }  # fmt: skip
+
+
+@router.get("/demo", response_class=HTMLResponse,
+            responses={404: {"description": "the user is not among the demo users"},
+                       503: {"description": "no demo data: run `recsys demo-data` on a run"}})  # fmt: skip
+async def demo_page(
+    request: Request,
+    settings: SettingsDep,
+    user: Annotated[int | None, Query(gt=0, le=INT64_MAX, description="a demo user (raw id)")] = None,
+    count: Annotated[int, Query(ge=1, le=100, description="recommendations shown")] = 10,
+    temperature: Annotated[float, Query(ge=0, le=100, description="softmax sampling; 0 = ranked order")] = 0.0,
+) -> HTMLResponse:
+    """The demo page: a user picker, then that user's recommendations, candidates, clicks and measures."""
+    context: dict[str, Any] = {"form_action": request.url.path, "count": count, "temperature": temperature,
+                               "choices": [], "user": None, "demo": None, "problem": None}  # fmt: skip
+    status = 200
+    demo = await _demo_data(request, settings)
+    if demo is None:
+        status = 503
+        context["problem"] = ("No demo data yet: run `.venv-trainer/bin/recsys demo-data --input <run> --output "
+                              "<run>/demo` on a trained run, or set RECSYS_DEMO_DIR.")  # fmt: skip
+    else:
+        top_k = demo.metrics.get("top_k")
+        context.update(demo=demo, choices=list(demo.users.values()),
+                       mean_recall=demo.metrics.get(f"mean_retrieval_recall_at_{top_k}"))  # fmt: skip
+        if user is not None and user not in demo.users:
+            status = 404
+            context["problem"] = f"User {user} is not among the demo users: pick one from the list."
+        elif user is not None:
+            context.update(await _user_view(request.app.state.recommender, demo.users[user], count, temperature))
+    return _templates().TemplateResponse(request, "demo.html", context, status_code=status)

@@ -1,0 +1,312 @@
+"""Serve recommendations locally with one command: Redis, Triton, the database, then the gateway (`make serve`).
+
+    python -m serving.run [--host 127.0.0.1] [--port 8100] [--workers 1]
+                          [--model-repository DIR | --no-triton] [--no-redis-start]
+
+In order, before the first request:
+
+1. **Redis** at `RECSYS_REDIS_URL` must answer PING. If nothing listens there and the URL is local
+   (127.0.0.1, localhost, ::1) without a password, `redis-server --port <port> --daemonize yes` starts
+   one (files in `var/redis/`); it keeps running after the gateway stops, as a system Redis would.
+   Otherwise the start fails, saying what to do.
+2. **Triton** on the latest exported repository of a published run: `<RECSYS_DATA_ROOT>/runs/<run>/
+   triton_repository` of the run whose version is current in Redis (the nightly DAG publishes run
+   `<run>` as version `<run>`), so the online models are the ones the precomputed lists came from;
+   failing that, the newest repository whose run's version is published (status `complete`).
+   `--model-repository DIR` names one instead. It listens on `RECSYS_TRITON_URL`'s port (gRPC and
+   metrics on the next two) and is stopped when the gateway stops. A Triton that already answers at
+   that URL (`python -m serving.triton_server` in another terminal) is used as it is and left running;
+   `--no-triton` starts none (customers without a nightly list then get the generic lists, marked
+   `triton_unavailable`).
+3. **The database** at `RECSYS_DATABASE_URL` is migrated to the newest revision (the application itself
+   refuses a database that is not; migrating here, once, before the workers start, cannot race).
+4. **The gateway**: uvicorn on `serving.api.main:create_app` (factory), `--workers` processes.
+
+Ctrl-C or SIGTERM stops the gateway, then Triton. A SIGKILL leaves Triton running in its own session:
+stop it by its process id (the log line "starting Triton" and `var/triton/tritonserver.log` name it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from recsys.settings import PROJECT_ROOT, Settings, get_settings
+from serving.triton_server import TritonServer, TritonServerError
+
+log = logging.getLogger("serving.run")
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+REDIS_START_TIMEOUT_S = 10.0
+
+
+class ServeError(RuntimeError):
+    """Something the gateway needs is missing; the message says what to do."""
+
+
+# -- Redis ----------------------------------------------------------------------------------------------
+
+
+def _redacted(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _redis_answers(url: str) -> bool:
+    """True if Redis at `url` answers PING; False if nothing listens; raises if it answers but refuses us."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.TimeoutError):
+        return False
+    except redis.RedisError as error:  # e.g. a password is needed or wrong: starting another would not help
+        raise ServeError(f"Redis at {_redacted(url)} answers but refuses the gateway: {error}") from error
+    finally:
+        client.close()
+
+
+def ensure_redis(url: str, *, allow_start: bool = True) -> bool:
+    """Make sure Redis at `url` answers; start a local one if none does. Returns whether one was started."""
+    if _redis_answers(url):
+        log.info("Redis answers at %s", _redacted(url))
+        return False
+    parts = urllib.parse.urlsplit(url)
+    where = _redacted(url)
+    if parts.scheme != "redis" or parts.hostname not in LOCAL_HOSTS or parts.password:
+        raise ServeError(f"Redis does not answer at {where} (RECSYS_REDIS_URL), and it is not a local "
+                         "password-less redis:// URL this command could start a server for: start it")  # fmt: skip
+    if not allow_start:
+        raise ServeError(f"Redis does not answer at {where} (RECSYS_REDIS_URL): start it, or drop --no-redis-start")
+    server = shutil.which("redis-server")
+    if server is None:
+        raise ServeError(f"Redis does not answer at {where} and `redis-server` is not on PATH: run `make setup`")
+    port = parts.port or 6379
+    directory = PROJECT_ROOT / "var" / "redis"
+    directory.mkdir(parents=True, exist_ok=True)
+    log_file = directory / f"redis-{port}.log"
+    argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes", "--dir", str(directory),
+            "--logfile", str(log_file), "--pidfile", str(directory / f"redis-{port}.pid")]  # fmt: skip
+    log.info("Redis does not answer at %s: starting %s", where, " ".join(argv))
+    finished = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if finished.returncode != 0:
+        raise ServeError(f"redis-server failed to start (exit {finished.returncode}): "
+                         f"{(finished.stdout + finished.stderr).strip()}")  # fmt: skip
+    deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+    while not _redis_answers(url):
+        if time.monotonic() > deadline:
+            raise ServeError(f"redis-server started but {where} did not answer within {REDIS_START_TIMEOUT_S:.0f} s; "
+                             f"see {log_file}")  # fmt: skip
+        time.sleep(0.1)
+    log.info("Redis started on port %d (daemonized; it keeps running; log %s)", port, log_file)
+    return True
+
+
+# -- which model repository -------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def latest_published_repository(data_root: Path, redis_client: Any, key_prefix: str) -> Path:
+    """The Triton repository of the run whose version is current in Redis, else the newest published one.
+
+    A run `<data_root>/runs/<run>` is published as version `<run>` (the DAG passes the run id made safe,
+    which is also the run folder's name), so a version's meta hash says whether its run published.
+    """
+    from tasks.publish_recommendations import RecommendationKeys
+
+    runs = Path(data_root) / "runs"
+    # The newest export first: atomic outputs are links replaced by rename, so the link's own time is the export's.
+    exported = sorted((path for path in runs.glob("*/triton_repository") if path.is_dir()),
+                      key=lambda path: path.lstat().st_mtime, reverse=True)  # fmt: skip
+    if not exported:
+        raise ServeError(f"no exported Triton repository under {runs}/*/triton_repository: run the nightly DAG "
+                         "(README, 'Running the pipeline'), or pass --model-repository DIR or --no-triton")  # fmt: skip
+    keys = RecommendationKeys(key_prefix)
+    current = _text(redis_client.get(keys.current))
+    for repository in exported:
+        if repository.parent.name == current:
+            log.info("model repository: %s (run %s, the version current in Redis)", repository, current)
+            return repository
+    for repository in exported:
+        status = _text(redis_client.hget(keys.meta(repository.parent.name), "status"))
+        if status == "complete":
+            log.warning("model repository: %s, the newest of a published run (%s); the current version %s has "
+                        "none, so online answers come from other models than the precomputed lists",
+                        repository, repository.parent.name, current)  # fmt: skip
+            return repository
+    raise ServeError(f"{len(exported)} exported Triton repositories under {runs}, but no run of theirs is published "
+                     f"in Redis under prefix {key_prefix!r} (newest: {exported[0]}): publish one "
+                     "(recsys publish-recommendations), or pass --model-repository DIR or --no-triton")  # fmt: skip
+
+
+# -- Triton -------------------------------------------------------------------------------------------------
+
+
+def _triton_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v2/health/ready", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+@contextlib.contextmanager
+def triton_for(settings: Settings, repository: Path | None, *, enabled: bool) -> Iterator[None]:
+    """A Triton server on `repository` at settings.triton_url while the block runs (or none, or one running)."""
+    if not enabled:
+        log.warning("--no-triton: customers without a nightly list get the generic lists (triton_unavailable)")
+        yield
+        return
+    url = settings.triton_url
+    parts = urllib.parse.urlsplit(url)
+    if _triton_ready(url):
+        log.warning("a Triton server already answers at %s: using it as it is (not started nor stopped here)%s",
+                    url, f"; --model-repository {repository} is ignored" if repository else "")  # fmt: skip
+        yield
+        return
+    if parts.hostname not in LOCAL_HOSTS:
+        raise ServeError(f"Triton does not answer at {url} (RECSYS_TRITON_URL), which is not local: start it there, "
+                         "or pass --no-triton")  # fmt: skip
+    if repository is None:
+        import redis
+
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        try:
+            repository = latest_published_repository(settings.data_root, client, settings.redis_key_prefix)
+        finally:
+            client.close()
+    http_port = parts.port or 8000
+    # Resolved: the next nightly export replaces the link and deletes the folder this server was started on.
+    server = TritonServer(repository.resolve(), http_port=http_port, grpc_port=http_port + 1,
+                          metrics_port=http_port + 2, startup_timeout_s=300,
+                          log_path=PROJECT_ROOT / "var" / "triton" / "tritonserver.log")  # fmt: skip
+    log.info("starting Triton on %s (takes 10-30 s: seven model processes load TensorFlow and Faiss)", repository)
+    with server:
+        assert server.process is not None
+        log.info("Triton runs as pid %d (its own session; log %s)", server.process.pid, server.log_path)
+        try:
+            yield
+        finally:
+            log.info("stopping Triton")
+
+
+def warm_up(settings: Settings) -> None:
+    """One `recommend` and one `similar_products` request before the gateway opens.
+
+    The first request a fresh server answers initializes the TensorFlow models' graphs and took longer
+    than the gateway's Triton budget (RECSYS_TRITON_TIMEOUT_MS, 250 ms): the first online visitor got
+    the generic list, marked triton_unavailable. A customer and a product of the current version are
+    taken from Redis (any id will do when there is none).
+    """
+    import asyncio
+
+    import redis
+
+    from serving.triton_client import TritonEnsembles
+    from tasks.publish_recommendations import RecommendationKeys
+
+    keys = RecommendationKeys(settings.redis_key_prefix)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    try:
+        version = _text(client.get(keys.current))
+        ids = {}
+        for kind in ("user", "similar"):
+            pattern = keys.data(version, kind, "*") if version else None
+            found = _text(next(client.scan_iter(pattern, count=1000), None)) if pattern else None
+            ids[kind] = int(found.rsplit(":", 1)[1]) if found else 1
+    finally:
+        client.close()
+
+    async def requests() -> None:
+        triton = TritonEnsembles(settings.triton_url, timeout_s=60)
+        try:
+            await triton.recommend(ids["user"], top_k=settings.online_top_k)
+            await triton.similar([ids["similar"]])
+        finally:
+            await triton.close()
+
+    started = time.monotonic()
+    try:
+        asyncio.run(requests())
+    except Exception as error:  # a warm-up that fails does not stop serving: the gateway falls back and says so
+        log.warning("Triton warm-up request failed: %s", error)
+        return
+    log.info("Triton warmed up in %.2f s (customer %d, product %d)", time.monotonic() - started, ids["user"],
+             ids["similar"])  # fmt: skip
+
+
+# -- the whole -------------------------------------------------------------------------------------------------
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again: ending here lets `finally` stop Triton.
+    raise SystemExit(128 + signum)
+
+
+def serve(args: argparse.Namespace, settings: Settings) -> None:
+    import uvicorn
+
+    from serving.api.migrate import upgrade
+
+    ensure_redis(settings.redis_url, allow_start=not args.no_redis_start)
+    with triton_for(settings, args.model_repository, enabled=not args.no_triton):
+        if not args.no_triton:
+            warm_up(settings)
+        log.info("migrating the database %s to the newest revision", _redacted(settings.database_url))
+        upgrade(settings.database_url)
+        log.info("gateway on http://%s:%d (docs at /docs), %d worker(s)", args.host, args.port, args.workers)
+        uvicorn.run("serving.api.main:create_app", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, log_level=args.log_level, access_log=not args.no_access_log)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1", help="address the gateway listens on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8100, help="default: %(default)s")
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes (default: %(default)s)")
+    repository = parser.add_mutually_exclusive_group()
+    repository.add_argument("--model-repository", type=Path, default=None,
+                            help="serve this Triton repository (default: the latest exported one of a published run)")
+    repository.add_argument("--no-triton", action="store_true", help="start no Triton server")
+    parser.add_argument("--no-redis-start", action="store_true", help="fail instead of starting a local Redis")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--no-access-log", action="store_true", help="no line per request")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be 1 or more")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at every start
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        serve(args, get_settings())
+    except (ServeError, TritonServerError) as error:
+        log.error("%s", error)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
