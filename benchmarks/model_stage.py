@@ -1,7 +1,7 @@
 """Model-stage benchmark: training, batch scoring and publishing, each against a reference in the same run.
 
     .venv/bin/python benchmarks/model_stage.py [--rows 200000] [--epochs 3] [--repeats 3] [--publish-repeats 5]
-                                               [--redis-url redis://127.0.0.1:6379/13] [--work DIR]
+                                               [--redis-url redis://127.0.0.1:6379/6] [--work DIR]
 
 Generates `--rows` rows and runs the real pipeline up to the model stage (csv_to_parquet,
 clean_null_rows, resplit, then nvtabular_fit_transform, train_two_tower for one epoch and
@@ -298,7 +298,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3, help="ranker epochs, ours and the reference's")
     parser.add_argument("--repeats", type=int, default=3, help="alternations of training and of scoring; best kept")
     parser.add_argument("--publish-repeats", type=int, default=5)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13", help="a database this benchmark flushes")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6", help="a database this benchmark flushes")
     parser.add_argument("--work", type=Path, default=None, help="folder for the scratch run (default: temporary)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "model_stage.json")
     parser.add_argument("--trainer-part", choices=["training", "scoring"], default=None, help=argparse.SUPPRESS)

@@ -1,7 +1,7 @@
 """Publish benchmark: keys/s of `publish_recommendations` against plain redis-py pipelined SETs.
 
     .venv/bin/python benchmarks/publish.py [--users 100000] [--items 100] [--repeats 3]
-                                           [--redis-url redis://127.0.0.1:6379/13]
+                                           [--redis-url redis://127.0.0.1:6379/6]
 
 Generates a batch_score-shaped output (users x items lists, plus segment and similar-item lists),
 then, in the same run and on the same dedicated Redis database (flushed before every measurement,
@@ -105,7 +105,7 @@ def main() -> int:
     parser.add_argument("--similar-items", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=PIPELINE_CHUNK)
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13", help="a database this benchmark flushes")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6", help="a database this benchmark flushes")
     parser.add_argument("--work", type=Path, default=None, help="folder for the generated batch (default: temporary)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "publish.json")
     args = parser.parse_args()

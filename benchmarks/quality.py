@@ -67,7 +67,8 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, 
     step("clean_null_rows", run / "clean", lambda: clean_null_rows(run / "parquet", run / "clean", spec))
     step("resplit", run / "resplit", lambda: resplit(run / "clean", run / "resplit", spec))
     step("nvtabular_fit_transform", run / "nvtabular",
-         trainer("nvtabular-fit-transform", ["--input", str(run / "resplit"), "--output", str(run / "nvtabular")]))
+         trainer("nvtabular-fit-transform", ["--input", str(run / "resplit"),
+                                             "--output", str(run / "nvtabular")]))  # fmt: skip
     step("train_two_tower", run / "two_tower",
          trainer("train-two-tower", ["--input", str(run / "nvtabular"), "--output", str(run / "two_tower"),
                                      "--epochs", str(args.two_tower_epochs)]))  # fmt: skip
@@ -78,7 +79,7 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, 
          trainer("build-faiss-index", ["--input", str(run / "two_tower"), "--output", str(run / "faiss_index"),
                                        "--nvtabular", str(run / "nvtabular")]))  # fmt: skip
     step("batch_score", run / "batch_score",
-         trainer("batch-score", ["--input", str(run), "--output", str(run / "batch_score")]))
+         trainer("batch-score", ["--input", str(run), "--output", str(run / "batch_score")]))  # fmt: skip
     return run, seconds, kept
 
 

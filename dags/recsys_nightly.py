@@ -290,6 +290,24 @@ def recsys_nightly() -> None:
         return str(output)
 
     @task
+    def evaluate(batch_dir: str, ranker: dict) -> dict:
+        """The whole pipeline and each stage against random, popularity, segment popularity and item-kNN."""
+        from recsys.locations import fetched_input_dir
+        from recsys.settings import get_settings
+        from recsys.spec import load_spec
+        from tasks.evaluate import evaluate as step
+        from tasks.evaluate import log_evaluation
+
+        params, settings = get_current_context()["params"], get_settings()
+        run_dir = Path(batch_dir).parent
+        output = run_dir / "evaluate"
+        raw_input = fetched_input_dir(params["input_dir"] or settings.landing_location, run_dir / "landing")
+        metrics = step(run_dir, output, load_spec(params["spec"]), raw_input_dir=raw_input,
+                       batch_score_dir=Path(batch_dir))  # fmt: skip
+        log_evaluation(metrics, tracking_uri=settings.mlflow_tracking_uri, run_id=ranker["run_id"], report_dir=output)
+        return metrics["checks"]
+
+    @task
     def demo_data(faiss_dir: str, two_tower: dict, ranker: dict) -> str:
         """Validation users' clicks and retrieved candidates for the gateway's demo page (report 5.5)."""
         from recsys.settings import get_settings
@@ -370,6 +388,7 @@ def recsys_nightly() -> None:
     faiss_index = build_faiss_index(two_tower)  # type: ignore[arg-type]
     batch = batch_score(faiss_index, two_tower, ranker)  # type: ignore[arg-type]
     publish_recommendations(quality_gate(batch, two_tower, ranker))  # type: ignore[arg-type]
+    evaluate(batch, ranker)  # type: ignore[arg-type]
     export_triton_ensemble(faiss_index, two_tower, ranker)  # type: ignore[arg-type]
     demo_data(faiss_index, two_tower, ranker)  # type: ignore[arg-type]
 

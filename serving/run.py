@@ -102,8 +102,10 @@ def ensure_redis(url: str, *, allow_start: bool = True) -> bool:
     directory = PROJECT_ROOT / "var" / "redis"
     directory.mkdir(parents=True, exist_ok=True)
     log_file = directory / f"redis-{port}.log"
-    argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes", "--dir", str(directory),
-            "--logfile", str(log_file), "--pidfile", str(directory / f"redis-{port}.pid")]  # fmt: skip
+    # Loopback only; "-::1": IPv6 loopback too where the machine has it (the "-" makes it optional, Redis 6.2+).
+    argv = [server, "--port", str(port), "--bind", "127.0.0.1", "-::1", "--daemonize", "yes", "--dir", str(directory),
+            "--dbfilename", f"redis-{port}.rdb", "--logfile", str(log_file),
+            "--pidfile", str(directory / f"redis-{port}.pid")]  # fmt: skip
     log.info("Redis does not answer at %s: starting %s", where, " ".join(argv))
     finished = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if finished.returncode != 0:

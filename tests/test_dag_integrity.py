@@ -48,6 +48,7 @@ def test_model_stage_wiring(dagbag: DagBag):
     # The gate judges the scored models before anything is published.
     assert upstream["quality_gate"] == {"batch_score", "train_two_tower", "train_ranker"}
     assert upstream["publish_recommendations"] == {"quality_gate"}
+    assert upstream["evaluate"] == {"batch_score", "train_ranker"}
     assert upstream["compare_rankers"] == {"nvtabular_fit_transform", "train_ranker"}
     assert upstream["demo_data"] == {"build_faiss_index", "train_two_tower", "train_ranker"}
     assert upstream["export_triton_ensemble"] == {"build_faiss_index", "train_two_tower", "train_ranker"}

@@ -162,6 +162,9 @@ def test_data_stage_end_to_end(airflow_env, medium_raw: Path, tmp_path: Path, sp
         assert model_run.data.tags["gate_decision"] == "publish", model_run.data.tags.get("gate_reason")
     assert str(client.get_model_version_by_alias("ranker", "champion").version) == str(version_of_ranker(client))
     assert json.loads((run / "demo" / "_metrics.json").read_text())["users"] > 0  # the demo page's data
+    evaluation = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert evaluation["checks"]["ranker_share_of_oracle_auc"] > 0  # reported next to the baselines
+    assert "evaluation" in {item.path for item in client.list_artifacts(ranker_run.info.run_id)}
 
     # Triton: the exported repository loads in a real server and answers as batch scoring did.
     from serving.triton_server import TritonServer

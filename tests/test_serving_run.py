@@ -1,0 +1,102 @@
+"""`python -m serving.run` (`make serve`): which Triton repository it serves, and how it gets Redis running.
+
+Against the real Redis on 127.0.0.1:6379, DB 7, under a prefix of this test's own (only its keys are deleted);
+starting a Redis runs the real `redis-server` on a free port, stopped afterwards. Serving end to end (Triton,
+uvicorn) is what `benchmarks/serving.py` runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from serving.run import ServeError, ensure_redis, latest_published_repository
+from tasks.publish_recommendations import RecommendationKeys
+
+REDIS_URL = "redis://127.0.0.1:6379/7"
+
+
+@pytest.fixture
+def client() -> Iterator[tuple[redis.Redis, str]]:
+    prefix = f"serve-run-test-{uuid.uuid4().hex[:8]}:"
+    connection = redis.Redis.from_url(REDIS_URL)
+    yield connection, prefix
+    keys = list(connection.scan_iter(f"{prefix}*"))
+    if keys:
+        connection.delete(*keys)
+    connection.close()
+
+
+def exported(data_root: Path, run: str, age_s: float) -> Path:
+    repository = data_root / "runs" / run / "triton_repository"
+    repository.mkdir(parents=True)
+    stamp = time.time() - age_s
+    os.utime(repository, (stamp, stamp), follow_symlinks=False)
+    return repository
+
+
+def test_serves_the_current_versions_run_else_the_newest_published(tmp_path: Path, client) -> None:
+    connection, prefix = client
+    keys = RecommendationKeys(prefix)
+    oldest, newer, newest = (exported(tmp_path, run, age) for run, age in (("run_a", 300), ("run_b", 200),
+                                                                            ("run_c", 100)))  # fmt: skip
+    (tmp_path / "runs" / "run_d").mkdir()  # a run that exported nothing
+    for run, status in (("run_a", "complete"), ("run_b", "complete"), ("run_c", "loading")):
+        connection.hset(keys.meta(run), "status", status)
+    connection.set(keys.current, "run_a")  # e.g. the quality gate kept an older champion's lists
+    assert latest_published_repository(tmp_path, connection, prefix) == oldest
+    connection.set(keys.current, "run_d")  # current, but without a repository: the newest published one
+    assert latest_published_repository(tmp_path, connection, prefix) == newer
+    connection.hset(keys.meta("run_c"), "status", "complete")
+    assert latest_published_repository(tmp_path, connection, prefix) == newest
+
+
+def test_refuses_when_no_run_published_or_nothing_was_exported(tmp_path: Path, client) -> None:
+    connection, prefix = client
+    with pytest.raises(ServeError, match="no exported Triton repository"):
+        latest_published_repository(tmp_path, connection, prefix)
+    exported(tmp_path, "run_a", 10)
+    with pytest.raises(ServeError, match="no run of theirs is published"):
+        latest_published_repository(tmp_path, connection, prefix)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_redis_that_answers_is_used_and_one_that_cannot_be_started_is_refused() -> None:
+    assert ensure_redis(REDIS_URL) is False
+    with pytest.raises(ServeError, match="--no-redis-start"):
+        ensure_redis(f"redis://127.0.0.1:{free_port()}/0", allow_start=False)
+    with pytest.raises(ServeError, match="password"):
+        ensure_redis(f"redis://:secret@127.0.0.1:{free_port()}/0")
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_a_local_redis_that_does_not_answer_is_started() -> None:
+    from recsys.settings import PROJECT_ROOT
+
+    port = free_port()
+    files = [PROJECT_ROOT / "var" / "redis" / f"redis-{port}.{suffix}" for suffix in ("pid", "log", "rdb")]
+    try:
+        assert ensure_redis(f"redis://127.0.0.1:{port}/0") is True
+        assert redis.Redis(port=port).ping()
+    finally:
+        if files[0].exists():
+            os.kill(int(files[0].read_text()), signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while files[0].exists() and time.monotonic() < deadline:  # Redis removes its pid file on exit
+                time.sleep(0.05)
+        for path in files:
+            path.unlink(missing_ok=True)
