@@ -67,7 +67,7 @@ def filter_candidates(candidates: np.ndarray, *, excluded: Sequence[np.ndarray] 
 
     `excluded[i]` holds the encoded item ids removed for row i (items that user bought);
     `unavailable` is a boolean mask indexed by encoded item id; `known[i]` False empties row i (a user
-    the run has no features for: retrieval ran on placeholder features, so nothing it found is theirs).
+    the run has no features for: retrieval ran on filler input rows, so nothing it found is theirs).
     """
     kept = candidates.copy()
     if known is not None:

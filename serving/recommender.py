@@ -31,14 +31,13 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from models.online_pipeline import order
+from tasks.batch_score import ALL_SEGMENTS, segment_key
 from tasks.publish_recommendations import decode_recommendations, encode_recommendations
 
 log = logging.getLogger(__name__)
 
 # Redis down, unreachable or too slow: asyncio.wait_for raises TimeoutError, sockets OSError.
 REDIS_FAILURES = (RedisError, TimeoutError, OSError)
-ALL_SEGMENTS = "*"
-SEGMENT_SEPARATOR = ":"  # as batch_score joins a segment's context values
 
 
 PublishedList = tuple[list[int], list[float]]  # item ids and scores, best first
@@ -160,7 +159,7 @@ class Recommender:
         values = [query.context.get(name) for name in self.config.segment_features]
         if not values or any(value is None or value == "" for value in values):
             return ALL_SEGMENTS
-        return SEGMENT_SEPARATOR.join(str(value) for value in values)
+        return segment_key(values)  # the key batch_score published the segment's list under
 
     async def _generic(self, query: VisitorQuery, version: str | None, degraded: list[str] | None = None) -> RankedList:
         keys = [self._segment(query), ALL_SEGMENTS]

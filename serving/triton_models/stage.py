@@ -75,7 +75,8 @@ class StageModel:
         """Load what the stage keeps in memory from `self.directory`."""
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """One request's outputs; every stage's model.py defines it (this base class is never served alone)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define run()")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils
