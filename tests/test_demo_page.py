@@ -32,6 +32,7 @@ from serving.api.migrate import upgrade
 from serving.api.routes.demo import demo_directory
 from tasks.demo_data import DemoData, hits, read_demo_data
 from tasks.publish_recommendations import decode_recommendations, publish_recommendations
+from tests.api_keys import authorized, new_key
 
 REDIS_URL = "redis://127.0.0.1:6379/8"
 PREFIX = "demo-test:"
@@ -39,6 +40,8 @@ VERSION = "demo1"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
+
+READ_KEY: dict[str, str] = {}  # the `server` fixture's key with the read scope
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -60,7 +63,7 @@ def gateway_settings(tmp_path: Path, **overrides: object) -> Settings:
 
 def test_without_demo_data_the_page_says_how_to_make_it(tmp_path: Path):
     settings = gateway_settings(tmp_path, data_root=tmp_path / "data")
-    with TestClient(create_app(settings)) as client:
+    with authorized(TestClient(create_app(settings)), settings.database_url) as client:
         page = client.get("/demo")
     assert page.status_code == 503 and "text/html" in page.headers["content-type"]
     assert "recsys demo-data" in page.text and "<select" in page.text
@@ -98,8 +101,9 @@ def demo_run(trained_run: Path) -> Iterator[tuple[DemoData, redis.Redis]]:
 @pytest.fixture(scope="module")
 def server(demo_run: tuple[DemoData, redis.Redis], trained_run: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  # fmt: skip
-    """The gateway under uvicorn in a thread of this process, on a free port: its base URL."""
+    """The gateway under uvicorn in a thread of this process, on a free port: its base URL (`READ_KEY` reads)."""
     settings = gateway_settings(tmp_path_factory.mktemp("demo_gateway"), demo_dir=trained_run / "demo")
+    READ_KEY["X-API-Key"] = new_key(settings.database_url, ("read",))
     port = free_port()
     uvicorn_server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
                                                    log_level="warning"))  # fmt: skip
@@ -164,6 +168,9 @@ def test_a_user_picked_in_the_browser_shows_recommendations_with_clicked_items_h
     user = demo.users[user_id]
     final = published_list(client, user_id)[:count]
 
+    # The page needs the read scope, as the recommendations it shows do: the browser sends the key.
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": READ_KEY})
     browser.get(f"{server}/demo")
     assert browser.title == "Recommender demo"
     assert not browser.find_elements(By.ID, "recommendations")  # nobody picked yet
@@ -208,10 +215,11 @@ def test_a_user_picked_in_the_browser_shows_recommendations_with_clicked_items_h
 def test_the_page_is_self_contained_and_refuses_unknown_users(demo_run: tuple[DemoData, redis.Redis], server: str):
     demo, _ = demo_run
     user = next(iter(demo.users))
-    page = httpx.get(f"{server}/demo", params={"user": user, "temperature": 0.05}, timeout=30)
+    assert httpx.get(f"{server}/demo", timeout=30).status_code == 401
+    page = httpx.get(f"{server}/demo", params={"user": user, "temperature": 0.05}, headers=READ_KEY, timeout=30)
     assert page.status_code == 200
     assert not re.search(r"https?:|//[a-z0-9]|@import|<script|<link", page.text, re.IGNORECASE), "external reference"
     assert page.text.count('<th class="number">probability</th>') == 1  # sampled: probabilities shown
-    unknown = httpx.get(f"{server}/demo", params={"user": max(demo.users) + 10_000}, timeout=30)
+    unknown = httpx.get(f"{server}/demo", params={"user": max(demo.users) + 10_000}, headers=READ_KEY, timeout=30)
     assert unknown.status_code == 404 and "not among the demo users" in unknown.text
     assert json.loads((Path(demo.directory) / "_metrics.json").read_text())["users"] == len(demo.users)

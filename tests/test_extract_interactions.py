@@ -26,6 +26,7 @@ from tasks.extract_interactions import (
     extract_interactions,
     partition_path,
 )
+from tests.api_keys import authorized
 
 DAY = date(2024, 5, 1)
 
@@ -36,7 +37,8 @@ def unix(text: str) -> int:
 
 @pytest.fixture
 def client(migrated_database_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(database_url=migrated_database_url))) as client:
+    app = create_app(Settings(database_url=migrated_database_url))
+    with authorized(TestClient(app), migrated_database_url) as client:
         for body in (
             {"id": 1, "location": "DE", "device": "mobile",
              "attributes": {"user_age": 3, "user_gender": 2, "user_profile": "not an int", "nickname": "x"}},

@@ -21,13 +21,15 @@ from recsys.settings import Settings
 from serving.api.db import Base, create_database_engine, database_url
 from serving.api.main import create_app
 from serving.api.migrate import SchemaNotCurrentError, downgrade, head_revisions, upgrade
+from tests.api_keys import authorized
 
 MAX_REQUEST_BYTES = 4096
-TABLES = {"customers", "products", "interactions"}
+TABLES = {"customers", "products", "interactions", "api_keys"}
 
 
 def gateway(url: str, **settings: object) -> TestClient:
-    return TestClient(create_app(Settings(database_url=url, max_request_bytes=MAX_REQUEST_BYTES, **settings)))
+    app = create_app(Settings(database_url=url, max_request_bytes=MAX_REQUEST_BYTES, **settings))
+    return authorized(TestClient(app), url)
 
 
 @pytest.fixture
@@ -69,7 +71,8 @@ def test_migrations_build_the_models_schema_from_empty_and_downgrade(database_ur
 
 
 def test_the_app_refuses_a_database_the_migrations_have_not_built(database_url: str) -> None:
-    with pytest.raises(SchemaNotCurrentError, match="make migrate"), gateway(database_url):
+    app = create_app(Settings(database_url=database_url))
+    with pytest.raises(SchemaNotCurrentError, match="make migrate"), TestClient(app):
         pass
 
 
@@ -295,7 +298,7 @@ def test_health_and_openapi_docs(client: TestClient) -> None:
 
 def test_an_unexpected_error_is_a_500_without_internals(migrated_database_url: str) -> None:
     app = create_app(Settings(database_url=migrated_database_url))
-    with TestClient(app, raise_server_exceptions=False) as client:
+    with authorized(TestClient(app, raise_server_exceptions=False), migrated_database_url) as client:
         # Break the database behind the application's back: the table it reads is gone.
         side = create_engine(database_url(migrated_database_url))
         with side.begin() as connection:

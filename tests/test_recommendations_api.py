@@ -23,6 +23,7 @@ from serving.api.migrate import upgrade
 from serving.triton_server import TritonServer
 from tasks.export_triton_ensemble import TritonEnsembleConfig, export_triton_ensemble
 from tasks.publish_recommendations import decode_recommendations, publish_recommendations
+from tests.api_keys import authorized
 
 pytestmark = pytest.mark.e2e
 
@@ -64,7 +65,7 @@ def gateway(tmp_path: Path, **overrides: object) -> TestClient:
     budgets = {"redis_timeout_ms": 2_000, "triton_timeout_ms": 20_000}
     settings = Settings(database_url=database_url, redis_url=REDIS_URL, redis_key_prefix=PREFIX,
                         **{**budgets, **overrides})  # type: ignore[arg-type]  # fmt: skip
-    return TestClient(create_app(settings))
+    return authorized(TestClient(create_app(settings)), database_url)
 
 
 @pytest.fixture

@@ -161,8 +161,25 @@ class Interaction(Base):
     # When it happened (the client's event time, UTC); `received_at` is when the gateway stored it.
     timestamp: Mapped[datetime]
     received_at: Mapped[datetime]
+    # The recommendation response (its X-Request-ID) the customer acted on: live accuracy joins on it.
+    request_id: Mapped[str | None] = mapped_column(String(CLIENT_ID_TEXT), index=True)
 
     customer: Mapped[Customer] = relationship(back_populates="interactions")
+
+
+class ApiKey(Base):
+    """A client's key to the gateway. Only the SHA-256 of the secret is kept (the secret is 32 random
+    bytes, so a slow password hash would add nothing); `prefix` names the key in listings and logs."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(SHORT_TEXT), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[str] = mapped_column(String(SHORT_TEXT))  # space-separated, as OAuth writes scopes
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
 
 
 def database_url(url: str | URL) -> URL:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy.orm import sessionmaker
 
 from recsys.settings import Settings, get_settings
+from serving.api.auth import KeyCache
 from serving.api.body_limit import BodySizeLimitMiddleware
 from serving.api.db import create_database_engine
 from serving.api.errors import add_error_handlers
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.key_cache = KeyCache()
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     add_error_handlers(app)
     app.include_router(api_router())

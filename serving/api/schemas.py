@@ -176,6 +176,9 @@ class InteractionCreate(RequestModel):
     event_id: ClientId | None = Field(
         default=None, description="idempotency key: the same event posted again is stored once"
     )
+    request_id: ClientId | None = Field(
+        default=None, description="the X-Request-ID of the recommendation response this event followed"
+    )
 
     @field_validator("timestamp", mode="before")
     @classmethod
@@ -207,6 +210,7 @@ class InteractionPublic(PublicModel):
     device: str | None
     timestamp: datetime
     received_at: datetime
+    request_id: str | None
 
     def same_event(self, other: InteractionCreate) -> bool:
         """Whether `other` is this stored interaction posted again (same fields, same instant)."""

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import select
 
+from serving.api.auth import AUTH_ERRORS, AdminScope
 from serving.api.db import Customer, utc_now
 from serving.api.deps import CustomerIdPath, SessionDep
 from serving.api.persistence import commit_or_conflict, get_or_404
@@ -19,7 +20,9 @@ from serving.api.schemas import (
     error_responses,
 )
 
-router = APIRouter(prefix="/customers", tags=["customers"])
+# Customers are personal data: every route needs the admin scope.
+router = APIRouter(prefix="/customers", tags=["customers"], dependencies=[AdminScope],
+                   responses=error_responses(AUTH_ERRORS))  # fmt: skip
 NOT_FOUND = error_responses({404: "no customer with this id"})
 
 

@@ -25,12 +25,13 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from recsys.settings import Settings
+from serving.api.auth import AUTH_ERRORS, ReadScope
 from serving.api.deps import SettingsDep
-from serving.api.schemas import INT64_MAX
+from serving.api.schemas import INT64_MAX, error_responses
 from serving.recommender import Recommender, VisitorQuery
 from tasks.demo_data import METRICS_FILE, DemoData, DemoUser, hits, read_demo_data
 
-router = APIRouter(tags=["demo"])
+router = APIRouter(tags=["demo"], dependencies=[ReadScope], responses=error_responses(AUTH_ERRORS))
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 

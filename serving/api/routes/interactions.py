@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from serving.api.auth import AUTH_ERRORS, AdminScope, IngestScope
 from serving.api.db import Customer, Interaction, InteractionType, Product, utc_now
 from serving.api.deps import InteractionIdPath, SessionDep
 from serving.api.persistence import get_or_404
@@ -27,11 +28,12 @@ from serving.api.schemas import (
     error_responses,
 )
 
-router = APIRouter(prefix="/interactions", tags=["interactions"])
+# Posting needs the ingest scope; reading them back (personal data) needs admin.
+router = APIRouter(prefix="/interactions", tags=["interactions"], responses=error_responses(AUTH_ERRORS))
 
 
 @router.post(
-    "", response_model=InteractionPublic, status_code=status.HTTP_201_CREATED,
+    "", response_model=InteractionPublic, status_code=status.HTTP_201_CREATED, dependencies=[IngestScope],
     responses={
         200: {"model": InteractionPublic, "description": "this event_id was stored before: the stored interaction"},
         **error_responses({404: "unknown customer or product", 409: "event_id stored with other fields"}),
@@ -66,7 +68,7 @@ def _replayed(stored: Interaction, body: InteractionCreate, response: Response) 
     return public
 
 
-@router.get("", response_model=InteractionsPublic)
+@router.get("", response_model=InteractionsPublic, dependencies=[AdminScope])
 def list_interactions(
     session: SessionDep,
     customer_id: Annotated[int | None, Query(gt=0, le=INT64_MAX)] = None,
@@ -98,7 +100,7 @@ def list_interactions(
                               next_after_id=rows[-1].id if len(rows) == limit else None)  # fmt: skip
 
 
-@router.get("/{interaction_id}", response_model=InteractionPublic,
+@router.get("/{interaction_id}", response_model=InteractionPublic, dependencies=[AdminScope],
             responses=error_responses({404: "no interaction with this id"}))  # fmt: skip
 def read_interaction(interaction_id: InteractionIdPath, session: SessionDep) -> InteractionPublic:
     return InteractionPublic.model_validate(get_or_404(session, Interaction, interaction_id, "interaction"))

@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import exists, select
 
+from serving.api.auth import AUTH_ERRORS, AdminScope, ReadScope
 from serving.api.db import Interaction, Product, utc_now
 from serving.api.deps import ProductIdPath, SessionDep
 from serving.api.persistence import commit_or_conflict, get_or_404
@@ -25,11 +26,12 @@ from serving.api.schemas import (
     error_responses,
 )
 
-router = APIRouter(prefix="/products", tags=["products"])
+# The catalog is read with the read scope; changing it needs admin.
+router = APIRouter(prefix="/products", tags=["products"], responses=error_responses(AUTH_ERRORS))
 NOT_FOUND = error_responses({404: "no product with this id"})
 
 
-@router.post("", response_model=ProductPublic, status_code=status.HTTP_201_CREATED,
+@router.post("", response_model=ProductPublic, status_code=status.HTTP_201_CREATED, dependencies=[AdminScope],
              responses=error_responses({409: "a product with this id exists"}))  # fmt: skip
 def create_product(body: ProductCreate, session: SessionDep) -> ProductPublic:
     conflict = f"product {body.id} already exists"
@@ -42,7 +44,7 @@ def create_product(body: ProductCreate, session: SessionDep) -> ProductPublic:
     return ProductPublic.model_validate(product)
 
 
-@router.get("", response_model=ProductsPublic)
+@router.get("", response_model=ProductsPublic, dependencies=[ReadScope])
 def list_products(
     session: SessionDep,
     after_id: Annotated[int, Query(ge=0, le=INT64_MAX, description="last id of the previous page")] = 0,
@@ -63,12 +65,12 @@ def list_products(
                           next_after_id=rows[-1].id if len(rows) == limit else None)  # fmt: skip
 
 
-@router.get("/{product_id}", response_model=ProductPublic, responses=NOT_FOUND)
+@router.get("/{product_id}", response_model=ProductPublic, responses=NOT_FOUND, dependencies=[ReadScope])
 def read_product(product_id: ProductIdPath, session: SessionDep) -> ProductPublic:
     return ProductPublic.model_validate(get_or_404(session, Product, product_id, "product"))
 
 
-@router.patch("/{product_id}", response_model=ProductPublic, responses=NOT_FOUND)
+@router.patch("/{product_id}", response_model=ProductPublic, responses=NOT_FOUND, dependencies=[AdminScope])
 def update_product(product_id: ProductIdPath, body: ProductUpdate, session: SessionDep) -> ProductPublic:
     product = get_or_404(session, Product, product_id, "product")
     for name, value in body.changes().items():
@@ -79,7 +81,7 @@ def update_product(product_id: ProductIdPath, body: ProductUpdate, session: Sess
 
 
 @router.delete(
-    "/{product_id}", response_model=None, status_code=status.HTTP_204_NO_CONTENT,
+    "/{product_id}", response_model=None, status_code=status.HTTP_204_NO_CONTENT, dependencies=[AdminScope],
     responses=error_responses({404: "no product with this id", 409: "the product has interactions"}),
 )  # fmt: skip
 def delete_product(product_id: ProductIdPath, session: SessionDep) -> None:

@@ -15,12 +15,13 @@ from pydantic import BaseModel, Field
 from sqlalchemy import bindparam, select
 from starlette.concurrency import run_in_threadpool
 
+from serving.api.auth import AUTH_ERRORS, ReadScope
 from serving.api.db import Interaction, InteractionType, Product
 from serving.api.deps import CustomerIdPath, ProductIdPath
 from serving.api.schemas import INT64_MAX, error_responses
 from serving.recommender import ProductFlags, Recommender, VisitorQuery
 
-router = APIRouter(tags=["recommendations"])
+router = APIRouter(tags=["recommendations"], dependencies=[ReadScope], responses=error_responses(AUTH_ERRORS))
 
 SESSION_VIEWS = 5  # the latest products viewed in a session stand for "browsing now"
 MAX_VIEWED = 20
