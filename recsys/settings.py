@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # as batch scoring's default (the export's max_top_k, 10,000, bounds it).
     online_top_k: int = Field(default=500, ge=1, le=10_000)
     promotion_threshold: float = Field(default=0.5, ge=0, le=1)
+    # How long a gateway process keeps products' availability and promotion flags: a product changed through
+    # another worker (or straight in the database) is seen within this many seconds.
+    product_flags_ttl_s: float = Field(default=5.0, gt=0)
     # The `recsys demo-data` output the gateway's /demo page reads (validation clicks, retrieved candidates);
     # unset: the newest `<data_root>/runs/<run>/demo`.
     demo_dir: Path | None = None

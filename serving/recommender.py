@@ -13,9 +13,15 @@ Routes, in order:
 Then the rules of the moment: products that became unavailable since the nightly run are dropped, the
 promotion rule (report 4.4.7: a promoted product scoring at least the threshold gets 1.0) and softmax
 sampling with temperature (``softmax(score / T)``; T = 0 is the ranked order), with the same ``order``
-function that batch scoring and Triton use. Every call to Redis and Triton has a timeout; when one
-fails, the answer comes from what the process still has (its copy of recent answers or of the generic
-lists) and says so in ``degraded``, instead of failing the request.
+function that batch scoring and Triton use. Every call to Redis, Triton and the database has a timeout;
+when one fails, the answer comes from what the process still has (its copy of recent answers or of the
+generic lists) and says so in ``degraded``, instead of failing the request.
+
+The products' availability and promotion flags are kept in process for ``product_flags_ttl_s`` (a few
+seconds): a precomputed hit then reads no database, which was most of its cost (benchmarks/serving.py).
+This process's own product writes forget the product at once; another worker's show within the TTL.
+With the database down, flags still in the cache are used, other products keep the nightly run's view
+(available, not promoted), and the answer says ``database_unavailable``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import cachetools
 import numpy as np
 from redis.exceptions import RedisError
 
@@ -77,6 +84,9 @@ class RecommenderConfig:
     online_cache_ttl_s: int = 600
     online_top_k: int = 500
     promotion_threshold: float = 0.5
+    database_timeout_s: float = 0.2
+    product_flags_ttl_s: float = 5.0
+    product_flags_cached: int = 1_000_000  # about 100 MB at most
     local_copies: int = 10_000  # recent answers kept in process for when Redis is down
 
 
@@ -89,6 +99,11 @@ class Recommender:
         self.triton = triton
         self.config = config
         self.product_flags = product_flags
+        # product id -> its flags, or None for a product the database does not know
+        self._flags: cachetools.TTLCache[int, ProductFlags | None] = cachetools.TTLCache(
+            config.product_flags_cached, config.product_flags_ttl_s
+        )
+        self._changed: set[int] = set()  # products written since, by any thread of this process
         self._recent: collections.OrderedDict[tuple[str, str], RankedList] = collections.OrderedDict()
 
     async def close(self) -> None:
@@ -111,7 +126,8 @@ class Recommender:
         return [decode_recommendations(value) if value else None for value in values]
 
     def _remember(self, kind: str, key: str, answer: RankedList) -> None:
-        self._recent[(kind, key)] = answer
+        # A copy: `recommend` goes on to cut and reorder the answer it returns.
+        self._recent[(kind, key)] = dataclasses.replace(answer, degraded=list(answer.degraded))
         self._recent.move_to_end((kind, key))
         while len(self._recent) > self.config.local_copies:
             self._recent.popitem(last=False)
@@ -222,12 +238,39 @@ class Recommender:
 
     # -- the rules of the moment -------------------------------------------------------------------------
 
+    def forget_product(self, product_id: int) -> None:
+        """A product was created, changed or deleted: read its flags from the database next time.
+
+        Called from the threads sync routes run in: it only notes the id (set.add is atomic), the event
+        loop drops the entry before its next use, so the cache itself is only ever touched by one thread."""
+        self._changed.add(product_id)
+
+    async def _product_flags(self, items: Sequence[int]) -> tuple[dict[int, ProductFlags], bool]:
+        """(flags of the known products, whether they were all current) from the cache and the database."""
+        while self._changed:
+            self._flags.pop(self._changed.pop(), None)
+        missing = [item for item in items if item not in self._flags]
+        current = True
+        if missing:
+            try:
+                read = await asyncio.wait_for(self.product_flags(missing), timeout=self.config.database_timeout_s)
+            except Exception as error:  # any database failure: answer with what the cache has, and say so
+                log.warning("product flags unavailable (%s): cached flags only", type(error).__name__)
+                current = False
+            else:
+                for item in missing:
+                    self._flags[item] = read.get(item)
+        flags = {item: found for item in items if (found := self._flags.get(item)) is not None}
+        return flags, current
+
     async def recommend(self, query: VisitorQuery) -> tuple[RankedList, list[float], list[bool]]:
         """(final list, sampling probabilities, promoted flags) after availability, promotion and sampling."""
         ranked = await self.candidates(query)
         if not ranked.items:
             return ranked, [], []
-        flags = await self.product_flags(ranked.items)
+        flags, current = await self._product_flags(ranked.items)
+        if not current:
+            ranked.degraded.append("database_unavailable")
         # Products the database does not know keep the nightly run's view: available, not promoted.
         unknown = ProductFlags(available=True, promoted=False)
         keep = [index for index, item in enumerate(ranked.items) if flags.get(item, unknown).available]

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from recsys.settings import Settings
 from serving.api.schemas import INT64_MAX
+from serving.recommender import Recommender
 
 
 def get_settings(request: Request) -> Settings:
@@ -27,6 +28,12 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+def get_recommender(request: Request) -> Recommender:
+    recommender: Recommender = request.app.state.recommender
+    return recommender
+
+
+RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 

@@ -52,7 +52,8 @@ def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender
         key_prefix=settings.redis_key_prefix, segment_features=load_spec().segment_features,
         redis_timeout_s=timeout_s, triton_timeout_s=settings.triton_timeout_ms / 1000,
         online_cache_ttl_s=settings.online_cache_ttl_s, online_top_k=settings.online_top_k,
-        promotion_threshold=settings.promotion_threshold,
+        promotion_threshold=settings.promotion_threshold, database_timeout_s=settings.database_timeout_ms / 1000,
+        product_flags_ttl_s=settings.product_flags_ttl_s,
     )  # fmt: skip
     triton = TritonEnsembles(settings.triton_url, timeout_s=settings.triton_timeout_ms / 1000)
     return Recommender(client, triton, config, recommendations.product_flags_reader(sessions))

@@ -14,7 +14,7 @@ from sqlalchemy import exists, select
 
 from serving.api.auth import AUTH_ERRORS, AdminScope, ReadScope
 from serving.api.db import Interaction, Product, utc_now
-from serving.api.deps import ProductIdPath, SessionDep
+from serving.api.deps import ProductIdPath, RecommenderDep, SessionDep
 from serving.api.persistence import commit_or_conflict, get_or_404
 from serving.api.schemas import (
     INT32_MAX,
@@ -33,7 +33,7 @@ NOT_FOUND = error_responses({404: "no product with this id"})
 
 @router.post("", response_model=ProductPublic, status_code=status.HTTP_201_CREATED, dependencies=[AdminScope],
              responses=error_responses({409: "a product with this id exists"}))  # fmt: skip
-def create_product(body: ProductCreate, session: SessionDep) -> ProductPublic:
+def create_product(body: ProductCreate, session: SessionDep, recommender: RecommenderDep) -> ProductPublic:
     conflict = f"product {body.id} already exists"
     if session.get(Product, body.id) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, conflict)
@@ -41,6 +41,7 @@ def create_product(body: ProductCreate, session: SessionDep) -> ProductPublic:
     product = Product(**body.model_dump(), created_at=now, updated_at=now)
     session.add(product)
     commit_or_conflict(session, conflict)
+    recommender.forget_product(body.id)  # the gateway may have cached it as unknown
     return ProductPublic.model_validate(product)
 
 
@@ -71,12 +72,14 @@ def read_product(product_id: ProductIdPath, session: SessionDep) -> ProductPubli
 
 
 @router.patch("/{product_id}", response_model=ProductPublic, responses=NOT_FOUND, dependencies=[AdminScope])
-def update_product(product_id: ProductIdPath, body: ProductUpdate, session: SessionDep) -> ProductPublic:
+def update_product(product_id: ProductIdPath, body: ProductUpdate, session: SessionDep,
+                   recommender: RecommenderDep) -> ProductPublic:  # fmt: skip
     product = get_or_404(session, Product, product_id, "product")
     for name, value in body.changes().items():
         setattr(product, name, value)
     product.updated_at = utc_now()
     session.commit()
+    recommender.forget_product(product_id)  # availability and promotion apply to the next request
     return ProductPublic.model_validate(product)
 
 
@@ -84,10 +87,11 @@ def update_product(product_id: ProductIdPath, body: ProductUpdate, session: Sess
     "/{product_id}", response_model=None, status_code=status.HTTP_204_NO_CONTENT, dependencies=[AdminScope],
     responses=error_responses({404: "no product with this id", 409: "the product has interactions"}),
 )  # fmt: skip
-def delete_product(product_id: ProductIdPath, session: SessionDep) -> None:
+def delete_product(product_id: ProductIdPath, session: SessionDep, recommender: RecommenderDep) -> None:
     product = get_or_404(session, Product, product_id, "product")
     conflict = f"product {product_id} has interactions: set available to false instead of deleting it"
     if session.scalar(select(exists().where(Interaction.product_id == product_id))):
         raise HTTPException(status.HTTP_409_CONFLICT, conflict)
     session.delete(product)
     commit_or_conflict(session, conflict)  # an interaction added meanwhile: the foreign key refuses
+    recommender.forget_product(product_id)

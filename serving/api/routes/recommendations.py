@@ -17,9 +17,9 @@ from starlette.concurrency import run_in_threadpool
 
 from serving.api.auth import AUTH_ERRORS, ReadScope
 from serving.api.db import Interaction, InteractionType, Product
-from serving.api.deps import CustomerIdPath, ProductIdPath
+from serving.api.deps import CustomerIdPath, ProductIdPath, get_recommender
 from serving.api.schemas import INT64_MAX, error_responses
-from serving.recommender import ProductFlags, Recommender, VisitorQuery
+from serving.recommender import ProductFlags, VisitorQuery
 
 router = APIRouter(tags=["recommendations"], dependencies=[ReadScope], responses=error_responses(AUTH_ERRORS))
 
@@ -40,11 +40,6 @@ class RecommendationResponse(BaseModel):
     model_version: str | None = Field(description="the published nightly version the list comes from")
     degraded: list[str] = Field(description="what was unavailable, e.g. redis_unavailable, triton_unavailable")
     items: list[RecommendedProduct]
-
-
-def _recommender(request: Request) -> Recommender:
-    recommender: Recommender = request.app.state.recommender
-    return recommender
 
 
 # Built once, with the ids as one expanding parameter: building the select per request around a literal list
@@ -113,7 +108,7 @@ async def recommendations(
     context = {name: value for name, value in (("location", location), ("device", device)) if value}
     query = VisitorQuery(customer_id=customer_id, context=context, viewed=seen, count=count,
                          temperature=temperature, seed=seed)  # fmt: skip
-    ranked, probabilities, promoted = await _recommender(request).recommend(query)
+    ranked, probabilities, promoted = await get_recommender(request).recommend(query)
     return _response(customer_id, ranked, probabilities, promoted, sampled=temperature > 0)
 
 
@@ -124,5 +119,5 @@ async def similar_products(
     count: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> RecommendationResponse:
     query = VisitorQuery(customer_id=0, context={}, viewed=(product_id,), count=count)
-    ranked, probabilities, promoted = await _recommender(request).recommend(query)
+    ranked, probabilities, promoted = await get_recommender(request).recommend(query)
     return _response(None, ranked, probabilities, promoted, sampled=False)
