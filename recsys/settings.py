@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     # Budget of one database call on the request path, well below the 500 ms SLA of a whole request:
     # PostgreSQL's statement and lock timeouts, SQLite's busy timeout, the wait for a pooled connection.
     database_timeout_ms: int = Field(default=200, gt=0)
+    # Writes (customers, products, interactions) each API key may make: a token bucket in Redis shared by all
+    # workers, refilled at this rate, holding at most `ingest_burst` (serving/api/rate_limit.py).
+    # How long a gateway process trusts a verified API key before reading it again: a revoked key is refused
+    # within this many seconds.
+    api_key_cache_s: float = Field(default=10.0, ge=0)
+    ingest_rate_per_s: float = Field(default=200.0, gt=0)
+    ingest_burst: int = Field(default=400, ge=1)
     # Request bodies above this many bytes are refused with 413 before they reach a route.
     max_request_bytes: int = Field(default=65_536, gt=0)
     # Budgets of the gateway's other calls on the request path (well inside the 500 ms SLA), the TTL of

@@ -37,7 +37,7 @@ def unix(text: str) -> int:
 
 @pytest.fixture
 def client(migrated_database_url: str) -> Iterator[TestClient]:
-    app = create_app(Settings(database_url=migrated_database_url))
+    app = create_app(Settings(database_url=migrated_database_url, redis_url="redis://127.0.0.1:6379/10"))
     with authorized(TestClient(app), migrated_database_url) as client:
         for body in (
             {"id": 1, "location": "DE", "device": "mobile",

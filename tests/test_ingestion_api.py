@@ -24,11 +24,14 @@ from serving.api.migrate import SchemaNotCurrentError, downgrade, head_revisions
 from tests.api_keys import authorized
 
 MAX_REQUEST_BYTES = 4096
+TEST_REDIS_URL = "redis://127.0.0.1:6379/10"
 TABLES = {"customers", "products", "interactions", "api_keys"}
 
 
 def gateway(url: str, **settings: object) -> TestClient:
-    app = create_app(Settings(database_url=url, max_request_bytes=MAX_REQUEST_BYTES, **settings))
+    # Rate-limit buckets go to the API tests' Redis database, never the user's.
+    app = create_app(Settings(database_url=url, max_request_bytes=MAX_REQUEST_BYTES, redis_url=TEST_REDIS_URL,
+                              **settings))  # type: ignore[arg-type]  # fmt: skip
     return authorized(TestClient(app), url)
 
 
@@ -264,6 +267,42 @@ def test_an_event_id_makes_a_post_idempotent(client: TestClient) -> None:
     assert len(client.get("/interactions").json()["data"]) == 1
 
 
+def test_the_idempotency_key_header_makes_a_post_idempotent(client: TestClient) -> None:
+    client.post("/customers", json=customer(1))
+    client.post("/products", json=product(10))
+    key = {"Idempotency-Key": "evt-h1"}
+    first = client.post("/interactions", json=interaction(), headers=key)
+    assert first.status_code == 201, first.text
+    assert first.json()["event_id"] == "evt-h1"  # the header supplies the event_id
+    again = client.post("/interactions", json=interaction(timestamp="2024-05-01T14:00:00+02:00"), headers=key)
+    assert again.status_code == 200 and again.json() == first.json()
+    # The header and the body's event_id are one key: a retry may carry either.
+    assert client.post("/interactions", json=interaction(event_id="evt-h1")).json() == first.json()
+    same_in_both = client.post("/interactions", json=interaction(event_id="evt-h1"), headers=key)
+    assert same_in_both.status_code == 200 and same_in_both.json() == first.json()
+    conflicting = client.post("/interactions", json=interaction(type="purchase"), headers=key)
+    assert conflicting.status_code == 409
+    assert conflicting.json() == {"detail": "event_id 'evt-h1' was stored with other fields"}
+    assert [row["event_id"] for row in client.get("/interactions").json()["data"]] == ["evt-h1"]
+
+
+def test_an_idempotency_key_that_contradicts_the_event_id_or_is_malformed_is_422(client: TestClient) -> None:
+    client.post("/customers", json=customer(1))
+    client.post("/products", json=product(10))
+    both = client.post("/interactions", json=interaction(event_id="evt-b"), headers={"Idempotency-Key": "evt-h"})
+    assert both.status_code == 422, both.text
+    errors = both.json()["detail"]
+    assert [error["loc"] for error in errors] == [["header", "Idempotency-Key"], ["body", "event_id"]]
+    assert all("Idempotency-Key header and the body's event_id differ" in error["msg"] for error in errors)
+    for bad in ("has space", "x" * 129, "caf\u00e9".encode()):  # printable ASCII, up to 128 characters
+        malformed = client.post("/interactions", json=interaction(), headers={"Idempotency-Key": bad})
+        assert malformed.status_code == 422, (bad, malformed.text)
+        assert any(error["loc"] == ["header", "Idempotency-Key"] for error in malformed.json()["detail"])
+    assert client.get("/interactions").json()["data"] == []  # nothing was stored
+    documented = client.get("/openapi.json").json()["paths"]["/interactions"]["post"]["parameters"]
+    assert any(parameter["name"] == "Idempotency-Key" and parameter["in"] == "header" for parameter in documented)
+
+
 def test_deleting_a_customer_erases_their_interactions_and_a_product_with_interactions_stays(
     client: TestClient,
 ) -> None:
@@ -297,7 +336,7 @@ def test_health_and_openapi_docs(client: TestClient) -> None:
 
 
 def test_an_unexpected_error_is_a_500_without_internals(migrated_database_url: str) -> None:
-    app = create_app(Settings(database_url=migrated_database_url))
+    app = create_app(Settings(database_url=migrated_database_url, redis_url=TEST_REDIS_URL))
     with authorized(TestClient(app, raise_server_exceptions=False), migrated_database_url) as client:
         # Break the database behind the application's back: the table it reads is gone.
         side = create_engine(database_url(migrated_database_url))

@@ -8,8 +8,9 @@ interactions) and `admin` (creating, changing and deleting customers and product
 interactions, which are personal data). A key holds the scopes it was created with, nothing implied.
 No key or an unknown or revoked one: 401; a key without the route's scope: 403.
 
-Only the SHA-256 of a key is stored. A verified key is remembered in process for `CACHE_TTL_S`, so a
-request on the hot path costs no database read; a revoked key stops working within that time.
+Only the SHA-256 of a key is stored. A verified key is remembered in process for `api_key_cache_s`
+(recsys/settings.py), so a request on the hot path costs no database read; a revoked key stops working
+within that time.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from starlette.concurrency import run_in_threadpool
 from serving.api.db import ApiKey, utc_now
 
 KEY_PREFIX = "rk_"
-CACHE_TTL_S = 10.0
 CACHE_SIZE = 10_000
 
 key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="a key from `python -m serving.api.keys`")
@@ -97,7 +97,7 @@ def find_caller(session: Session, secret: str) -> Caller | None:
 class KeyCache:
     """Verified (and unknown) keys by hash for a few seconds: the hot path reads no database."""
 
-    def __init__(self, ttl_s: float = CACHE_TTL_S, size: int = CACHE_SIZE) -> None:
+    def __init__(self, ttl_s: float, size: int = CACHE_SIZE) -> None:
         self.ttl_s = ttl_s
         self.size = size
         self._entries: dict[str, tuple[float, Caller | None]] = {}

@@ -22,6 +22,7 @@ from serving.api.body_limit import BodySizeLimitMiddleware
 from serving.api.db import create_database_engine
 from serving.api.errors import add_error_handlers
 from serving.api.migrate import ensure_schema_current
+from serving.api.rate_limit import TokenBucket
 from serving.api.routes import customers, demo, health, interactions, products, recommendations
 from serving.recommender import Recommender, RecommenderConfig
 
@@ -71,6 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Objects stay readable after commit, so a route can answer with what it just stored.
             app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
             app.state.recommender = build_recommender(settings, app.state.sessionmaker)
+            app.state.ingest_bucket = TokenBucket(
+                app.state.recommender.redis, settings.redis_key_prefix, settings.ingest_rate_per_s,
+                settings.ingest_burst, timeout_s=settings.redis_timeout_ms / 1000,
+            )  # fmt: skip
             yield
         finally:
             if hasattr(app.state, "recommender"):
@@ -84,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.key_cache = KeyCache()
+    app.state.key_cache = KeyCache(ttl_s=settings.api_key_cache_s)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     add_error_handlers(app)
     app.include_router(api_router())

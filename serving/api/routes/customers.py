@@ -11,6 +11,7 @@ from serving.api.auth import AUTH_ERRORS, AdminScope
 from serving.api.db import Customer, utc_now
 from serving.api.deps import CustomerIdPath, SessionDep
 from serving.api.persistence import commit_or_conflict, get_or_404
+from serving.api.rate_limit import RATE_LIMITED, RateLimit
 from serving.api.schemas import (
     INT64_MAX,
     CustomerCreate,
@@ -24,10 +25,11 @@ from serving.api.schemas import (
 router = APIRouter(prefix="/customers", tags=["customers"], dependencies=[AdminScope],
                    responses=error_responses(AUTH_ERRORS))  # fmt: skip
 NOT_FOUND = error_responses({404: "no customer with this id"})
+WRITE_ERRORS = error_responses({404: "no customer with this id", **RATE_LIMITED})
 
 
-@router.post("", response_model=CustomerPublic, status_code=status.HTTP_201_CREATED,
-             responses=error_responses({409: "a customer with this id exists"}))  # fmt: skip
+@router.post("", response_model=CustomerPublic, status_code=status.HTTP_201_CREATED, dependencies=[RateLimit],
+             responses=error_responses({409: "a customer with this id exists", **RATE_LIMITED}))  # fmt: skip
 def create_customer(body: CustomerCreate, session: SessionDep) -> CustomerPublic:
     conflict = f"customer {body.id} already exists"
     if session.get(Customer, body.id) is not None:
@@ -55,7 +57,7 @@ def read_customer(customer_id: CustomerIdPath, session: SessionDep) -> CustomerP
     return CustomerPublic.model_validate(get_or_404(session, Customer, customer_id, "customer"))
 
 
-@router.patch("/{customer_id}", response_model=CustomerPublic, responses=NOT_FOUND)
+@router.patch("/{customer_id}", response_model=CustomerPublic, responses=WRITE_ERRORS, dependencies=[RateLimit])
 def update_customer(customer_id: CustomerIdPath, body: CustomerUpdate, session: SessionDep) -> CustomerPublic:
     customer = get_or_404(session, Customer, customer_id, "customer")
     for name, value in body.changes().items():
@@ -65,7 +67,8 @@ def update_customer(customer_id: CustomerIdPath, body: CustomerUpdate, session: 
     return CustomerPublic.model_validate(customer)
 
 
-@router.delete("/{customer_id}", response_model=None, status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
+@router.delete("/{customer_id}", response_model=None, status_code=status.HTTP_204_NO_CONTENT,
+                responses=WRITE_ERRORS, dependencies=[RateLimit])  # fmt: skip
 def delete_customer(customer_id: CustomerIdPath, session: SessionDep) -> None:
     """Deletes the customer and, with them, their interactions (the database cascades)."""
     session.delete(get_or_404(session, Customer, customer_id, "customer"))

@@ -1,15 +1,24 @@
 """Interactions: views, clicks, add-to-carts and purchases (ingestion, report 4.1.1), an append-only log.
 
-The nightly `extract_interactions` step exports each day of them to the landing zone. An `event_id`
-makes a post idempotent: a client that retries after a timeout gets the stored interaction back (200)
-instead of storing it twice; the same `event_id` with different fields is a 409.
+The nightly `extract_interactions` step exports each day of them to the landing zone.
+
+Idempotency: an `event_id` in the body, or the standard `Idempotency-Key` request header (which supplies
+the `event_id` when the body has none), makes a post idempotent: a client that retries after a timeout, a
+dropped connection or a 503 gets the stored interaction back (200) instead of storing it twice; the same
+key with different fields is a 409. A header and a body `event_id` that differ are a 422 naming both.
+
+Durability: a 201 (or 200) is sent only after the interaction's transaction has committed, so an
+acknowledged interaction survives a crash of the gateway the moment after; a post that got no answer
+(connection lost, gateway killed, 503) may or may not be stored, and retrying it with the same key is
+always safe. `tests/test_durability.py` checks both by killing the gateway and the database mid-burst.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import AwareDatetime
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +28,7 @@ from serving.api.auth import AUTH_ERRORS, AdminScope, IngestScope
 from serving.api.db import Customer, Interaction, InteractionType, Product, utc_now
 from serving.api.deps import InteractionIdPath, SessionDep
 from serving.api.persistence import get_or_404
+from serving.api.rate_limit import RATE_LIMITED, RateLimit
 from serving.api.schemas import (
     INT64_MAX,
     ClientId,
@@ -31,15 +41,26 @@ from serving.api.schemas import (
 # Posting needs the ingest scope; reading them back (personal data) needs admin.
 router = APIRouter(prefix="/interactions", tags=["interactions"], responses=error_responses(AUTH_ERRORS))
 
+IdempotencyKeyHeader = Annotated[
+    ClientId | None,
+    Header(alias="Idempotency-Key", description="the event's idempotency key (its `event_id`); a retry with the "
+                                               "same key stores nothing twice"),
+]  # fmt: skip
+
 
 @router.post(
-    "", response_model=InteractionPublic, status_code=status.HTTP_201_CREATED, dependencies=[IngestScope],
+    "", response_model=InteractionPublic, status_code=status.HTTP_201_CREATED, dependencies=[IngestScope, RateLimit],
     responses={
         200: {"model": InteractionPublic, "description": "this event_id was stored before: the stored interaction"},
-        **error_responses({404: "unknown customer or product", 409: "event_id stored with other fields"}),
+        **error_responses({404: "unknown customer or product", 409: "event_id stored with other fields",
+                           503: "database busy or unavailable: nothing acknowledged, retry with the same key",
+                           **RATE_LIMITED}),
     },
 )  # fmt: skip
-def create_interaction(body: InteractionCreate, session: SessionDep, response: Response) -> InteractionPublic:
+def create_interaction(body: InteractionCreate, session: SessionDep, response: Response,
+                       idempotency_key: IdempotencyKeyHeader = None) -> InteractionPublic:  # fmt: skip
+    """Store an interaction; the answer (201, or 200 for a replay) comes only after the commit."""
+    body = _with_idempotency_key(body, idempotency_key)
     if body.event_id is not None and (stored := _stored_event(session, body.event_id)) is not None:
         return _replayed(stored, body, response)
     get_or_404(session, Customer, body.customer_id, "customer")
@@ -53,7 +74,21 @@ def create_interaction(body: InteractionCreate, session: SessionDep, response: R
         if body.event_id is not None and (stored := _stored_event(session, body.event_id)) is not None:
             return _replayed(stored, body, response)  # the same event, posted concurrently
         raise HTTPException(status.HTTP_409_CONFLICT, "the customer or product was deleted meanwhile") from error
+    # Only now, committed, is the interaction acknowledged (a commit that fails raises: 503 or 500, never 201).
     return InteractionPublic.model_validate(interaction)
+
+
+def _with_idempotency_key(body: InteractionCreate, key: str | None) -> InteractionCreate:
+    """The body with the `Idempotency-Key` header as its `event_id`; 422 when both are given and differ."""
+    if key is None or body.event_id == key:
+        return body
+    if body.event_id is None:
+        return body.model_copy(update={"event_id": key})
+    message = "the Idempotency-Key header and the body's event_id differ: send one of them, or the same in both"
+    raise RequestValidationError([
+        {"type": "idempotency_key_conflict", "loc": ("header", "Idempotency-Key"), "msg": message, "input": key},
+        {"type": "idempotency_key_conflict", "loc": ("body", "event_id"), "msg": message, "input": body.event_id},
+    ])  # fmt: skip
 
 
 def _stored_event(session: Session, event_id: str) -> Interaction | None:

@@ -16,6 +16,7 @@ from serving.api.auth import AUTH_ERRORS, AdminScope, ReadScope
 from serving.api.db import Interaction, Product, utc_now
 from serving.api.deps import ProductIdPath, RecommenderDep, SessionDep
 from serving.api.persistence import commit_or_conflict, get_or_404
+from serving.api.rate_limit import RATE_LIMITED, RateLimit
 from serving.api.schemas import (
     INT32_MAX,
     INT64_MAX,
@@ -31,8 +32,9 @@ router = APIRouter(prefix="/products", tags=["products"], responses=error_respon
 NOT_FOUND = error_responses({404: "no product with this id"})
 
 
-@router.post("", response_model=ProductPublic, status_code=status.HTTP_201_CREATED, dependencies=[AdminScope],
-             responses=error_responses({409: "a product with this id exists"}))  # fmt: skip
+@router.post("", response_model=ProductPublic, status_code=status.HTTP_201_CREATED,
+             dependencies=[AdminScope, RateLimit],
+             responses=error_responses({409: "a product with this id exists", **RATE_LIMITED}))  # fmt: skip
 def create_product(body: ProductCreate, session: SessionDep, recommender: RecommenderDep) -> ProductPublic:
     conflict = f"product {body.id} already exists"
     if session.get(Product, body.id) is not None:
@@ -71,7 +73,9 @@ def read_product(product_id: ProductIdPath, session: SessionDep) -> ProductPubli
     return ProductPublic.model_validate(get_or_404(session, Product, product_id, "product"))
 
 
-@router.patch("/{product_id}", response_model=ProductPublic, responses=NOT_FOUND, dependencies=[AdminScope])
+@router.patch("/{product_id}", response_model=ProductPublic,
+              responses=error_responses({404: "no product with this id", **RATE_LIMITED}),
+              dependencies=[AdminScope, RateLimit])  # fmt: skip
 def update_product(product_id: ProductIdPath, body: ProductUpdate, session: SessionDep,
                    recommender: RecommenderDep) -> ProductPublic:  # fmt: skip
     product = get_or_404(session, Product, product_id, "product")
@@ -84,8 +88,8 @@ def update_product(product_id: ProductIdPath, body: ProductUpdate, session: Sess
 
 
 @router.delete(
-    "/{product_id}", response_model=None, status_code=status.HTTP_204_NO_CONTENT, dependencies=[AdminScope],
-    responses=error_responses({404: "no product with this id", 409: "the product has interactions"}),
+    "/{product_id}", response_model=None, status_code=status.HTTP_204_NO_CONTENT, dependencies=[AdminScope, RateLimit],
+    responses=error_responses({404: "no product with this id", 409: "the product has interactions", **RATE_LIMITED}),
 )  # fmt: skip
 def delete_product(product_id: ProductIdPath, session: SessionDep, recommender: RecommenderDep) -> None:
     product = get_or_404(session, Product, product_id, "product")

@@ -1,0 +1,80 @@
+"""Rate limits per API key on the ingestion routes: a token bucket kept in Redis.
+
+Each key may write `ingest_rate_per_s` requests a second on average and `ingest_burst` at once. The bucket
+lives in Redis, so every gateway worker draws from the same one, and it is updated by one Lua script (one
+round trip, atomic, Redis' own clock, so workers' clocks do not matter). Over the limit: 429 with
+`Retry-After`, the seconds until a token is back.
+
+If Redis cannot answer within its budget, the request is let through and a warning logged: losing an
+interaction would be worse than briefly not limiting a client. (The `limits` library behind slowapi has
+fixed and sliding windows but no token bucket, which lets a client spend its burst and then a steady
+rate; the script is the bucket.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, status
+
+from serving.api.auth import Caller, authenticate
+from serving.recommender import REDIS_FAILURES
+
+log = logging.getLogger(__name__)
+
+# KEYS[1]: the bucket; ARGV: tokens per second, bucket size. Returns {allowed (0/1), seconds to wait}.
+TOKEN_BUCKET = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or burst
+local at = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local allowed, wait = 0, (1 - tokens) / rate
+if tokens >= 1 then
+  tokens, allowed, wait = tokens - 1, 1, 0
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return {allowed, tostring(wait)}
+"""
+
+
+class TokenBucket:
+    """The script, registered once on the gateway's Redis client."""
+
+    def __init__(self, redis_client: Any, key_prefix: str, rate_per_s: float, burst: int, timeout_s: float) -> None:
+        self.script = redis_client.register_script(TOKEN_BUCKET)
+        self.key_prefix = key_prefix
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.timeout_s = timeout_s
+
+    async def take(self, name: str) -> float:
+        """0 if `name` may go on now, else the seconds until it may."""
+        allowed, wait = await asyncio.wait_for(
+            self.script(keys=[f"{self.key_prefix}ratelimit:{name}"], args=[self.rate_per_s, self.burst]),
+            timeout=self.timeout_s,
+        )
+        return 0.0 if int(allowed) else float(wait)
+
+
+async def rate_limited(request: Request, caller: Annotated[Caller, Depends(authenticate)]) -> None:
+    """A route dependency: 429 with Retry-After when the caller's key is over its rate."""
+    bucket: TokenBucket = request.app.state.ingest_bucket
+    try:
+        wait = await bucket.take(caller.name)
+    except REDIS_FAILURES as error:
+        log.warning("rate limit not applied to %s: Redis unavailable (%s)", caller.name, type(error).__name__)
+        return
+    if wait > 0:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, f"rate limit of API key {caller.name!r} exceeded",
+                            headers={"Retry-After": str(max(1, math.ceil(wait)))})  # fmt: skip
+
+
+RateLimit = Depends(rate_limited)
+RATE_LIMITED = {429: "this API key is over its rate limit: retry after Retry-After seconds"}
