@@ -13,16 +13,12 @@ import json
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
-import uvicorn
 from fastapi.testclient import TestClient
 
 from recsys.settings import Settings, get_settings
@@ -33,6 +29,7 @@ from serving.api.routes.demo import demo_directory
 from tasks.demo_data import DemoData, hits, read_demo_data
 from tasks.publish_recommendations import decode_recommendations, publish_recommendations
 from tests.api_keys import authorized, new_key
+from tests.servers import free_port, served
 
 REDIS_URL = "redis://127.0.0.1:6379/8"
 PREFIX = "demo-test:"
@@ -42,12 +39,6 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 READ_KEY: dict[str, str] = {}  # the `server` fixture's key with the read scope
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
 
 def gateway_settings(tmp_path: Path, **overrides: object) -> Settings:
     database_url = f"sqlite:///{tmp_path / 'gateway.db'}"
@@ -104,21 +95,8 @@ def server(demo_run: tuple[DemoData, redis.Redis], trained_run: Path,
     """The gateway under uvicorn in a thread of this process, on a free port: its base URL (`READ_KEY` reads)."""
     settings = gateway_settings(tmp_path_factory.mktemp("demo_gateway"), demo_dir=trained_run / "demo")
     READ_KEY["X-API-Key"] = new_key(settings.database_url, ("read",))
-    port = free_port()
-    uvicorn_server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                                   log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uvicorn_server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the gateway did not start (see the log above)")
-        time.sleep(0.1)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uvicorn_server.should_exit = True
-        thread.join(timeout=30)
+    with served(create_app(settings)) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
