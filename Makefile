@@ -8,7 +8,7 @@ ROWS ?= 50000
 API_PORT ?= 8100
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-serving expectations migrate api serve
+.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-serving expectations migrate api api-key serve
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ migrate:  ## create or upgrade the gateway's database (RECSYS_DATABASE_URL, defa
 
 api: migrate  ## the REST gateway (ingestion) on http://127.0.0.1:8100 (API_PORT=...), OpenAPI docs at /docs
 	$(VENV)/uvicorn serving.api.main:create_app --factory --host 127.0.0.1 --port $(API_PORT)
+
+api-key:  ## create an API key and print it once: make api-key NAME=web-tier SCOPES="read" (read, ingest, admin)
+	$(VENV)/python -m serving.api.keys create $(NAME) --scopes $(SCOPES)
 
 serve:  ## serve recommendations: Redis if not running, Triton on the latest published run, migrate, gateway on API_PORT
 	$(VENV)/python -m serving.run --port $(API_PORT) $(SERVE_ARGS)

@@ -183,11 +183,18 @@ def cohorts(run: Path, spec: DatasetSpec, client: Any) -> Cohorts:
     return Cohorts(precomputed, online, sorted(segments))
 
 
+# The benchmark's API key (read scope), sent with every HTTP request; the bare endpoint ignores it.
+HEADERS: dict[str, str] = {}
+
+
 def prepare_database(path: Path, run: Path, spec: DatasetSpec) -> str:
-    """A migrated SQLite gateway database holding every catalog item as an available, unpromoted product."""
+    """A migrated SQLite gateway database holding every catalog item as an available, unpromoted product,
+    and a read key in `HEADERS`."""
     import pandas as pd
     from sqlalchemy import insert
+    from sqlalchemy.orm import Session
 
+    from serving.api.auth import create_api_key
     from serving.api.db import Product, create_database_engine
     from serving.api.migrate import upgrade
 
@@ -201,6 +208,8 @@ def prepare_database(path: Path, run: Path, spec: DatasetSpec) -> str:
         with engine.begin() as connection:
             connection.execute(insert(Product), [{"id": item, "category": 1, "available": True, "promoted": False,
                                                   "created_at": now, "updated_at": now} for item in items])  # fmt: skip
+        with Session(engine) as session:
+            HEADERS["X-API-Key"] = create_api_key(session, "benchmark", ["read"])
     finally:
         engine.dispose()
     return url
@@ -397,7 +406,8 @@ async def http_measurement(name: str, urls: Sequence[str], expect: bytes | None,
     """GET urls[i % len(urls)]; a success is a 200 whose body contains `expect` (e.g. the route's name)."""
     import aiohttp
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=load.concurrency)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=load.concurrency),
+                                     headers=HEADERS) as session:  # fmt: skip
 
         async def call(index: int) -> bool:
             async with session.get(urls[index % len(urls)]) as response:

@@ -265,6 +265,19 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def live_api_keys(database_url: str) -> int:
+    from sqlalchemy import func, select
+
+    from serving.api.db import ApiKey, create_database_engine
+
+    engine = create_database_engine(database_url, timeout_ms=None)
+    try:
+        with engine.connect() as connection:
+            return int(connection.scalar(select(func.count()).where(ApiKey.revoked_at.is_(None))) or 0)
+    finally:
+        engine.dispose()
+
+
 def serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
@@ -276,6 +289,9 @@ def serve(args: argparse.Namespace, settings: Settings) -> None:
             warm_up(settings)
         log.info("migrating the database %s to the newest revision", _redacted(settings.database_url))
         upgrade(settings.database_url)
+        if not live_api_keys(settings.database_url):
+            log.warning("no API keys yet: every route but /health, /docs and /metrics answers 401; create one with "
+                        "`make api-key NAME=web-tier SCOPES=read` (python -m serving.api.keys create ...)")  # fmt: skip
         log.info("gateway on http://%s:%d (docs at /docs), %d worker(s)", args.host, args.port, args.workers)
         uvicorn.run("serving.api.main:create_app", factory=True, host=args.host, port=args.port,
                     workers=args.workers, log_level=args.log_level, access_log=not args.no_access_log)  # fmt: skip
