@@ -5,6 +5,9 @@ The nightly training pipeline of the recommender. This file only wires steps tog
 calls one function in `tasks/` (also runnable by hand as `recsys <step>`).
 
 Data stage: `csv_to_parquet` -> `clean_null_rows` -> `resplit` -> `validate` -> `nvtabular_fit_transform`.
+Before it, `extract_interactions` writes the gateway's interactions of the day to
+`<landing>/interactions/day=YYYY-MM-DD/`; `csv_to_parquet` reads every day found under the input
+location's `interactions/` as a `gateway` split, and `resplit` adds its cleaned rows to train.
 Model stage: `train_two_tower` and `train_ranker` (DLRM by default), both after
 `nvtabular_fit_transform`, logged and registered in MLflow as `two_tower` and `ranker`;
 `build_faiss_index` over the item embeddings; `feast_apply` -> `feast_materialize` of the user and

@@ -1,10 +1,11 @@
 """Data locations: a local folder or an `s3://bucket/prefix` URI, and fetching remote input to a local folder.
 
 Steps read and write local files (pyarrow, NVTabular and Great Expectations stream from disk), so a run
-whose raw CSV files are in S3 first copies them into a folder of its own with `fetch_input`; a local
-location is used where it is. boto3 finds credentials, region and endpoint the standard way
-(`AWS_ACCESS_KEY_ID` / `AWS_PROFILE` / `~/.aws` / an instance role; `AWS_ENDPOINT_URL_S3` or
-`AWS_ENDPOINT_URL` for an S3-compatible store), the same way MLflow's S3 artifact store finds them.
+whose raw CSV files (and the gateway's extracts under `interactions/`) are in S3 first copies them into a
+folder of its own with `fetch_input`; a local location is used where it is. boto3 finds credentials,
+region and endpoint the standard way (`AWS_ACCESS_KEY_ID` / `AWS_PROFILE` / `~/.aws` / an instance role;
+`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` for an S3-compatible store), the same way MLflow's S3
+artifact store finds them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from recsys.outputs import atomic_write_text
 log = logging.getLogger(__name__)
 
 CSV_FILES = ("*.csv",)
+# The gateway's daily extracts (tasks/extract_interactions.py's partition_path), read next to the CSV files.
+INTERACTION_FILES = ("interactions/day=*/*.parquet",)
 # What was fetched into a destination folder (name -> source, ETag and size): a rerun skips those files.
 MANIFEST = ".fetched.json"
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -79,27 +82,34 @@ def fetched_input_dir(location: str | Path, destination: Path) -> Path:
 
 
 def fetch_input(location: str | Path, destination: Path, patterns: Iterable[str] = CSV_FILES, *,
-                endpoint_url: str | None = None) -> Path:  # fmt: skip
+                optional_patterns: Iterable[str] = INTERACTION_FILES, endpoint_url: str | None = None
+                ) -> Path:  # fmt: skip
     """The local folder holding the input files of `location`; remote files are downloaded there first.
 
     A local path (or `file://` URI) is returned as it is, and `destination` is not touched. For
-    `s3://bucket/prefix`, the objects directly under the prefix whose names match one of `patterns`
-    are downloaded into `destination` (meant to be run-scoped: `<run>/landing`), each written aside and
-    renamed into place, so a file there is always whole; a rerun skips files already fetched with the
-    same ETag and size, and removes files it fetched before that are gone from the prefix.
+    `s3://bucket/prefix`, the objects under the prefix whose names (relative to it) match one of
+    `patterns` or `optional_patterns` are downloaded into `destination` (meant to be run-scoped:
+    `<run>/landing`), keeping their relative paths. Patterns match folder by folder, as a shell's do: a
+    `*` never matches a `/`, so `*.csv` means the CSV files directly under the prefix and
+    `interactions/day=*/*.parquet` the gateway's daily extracts. Each file is written aside and renamed
+    into place, so a file there is always whole; a rerun skips files already fetched with the same ETag
+    and size, and removes files it fetched before that are gone from the prefix.
     `endpoint_url` is an S3-compatible store's endpoint (None: boto3's own configuration).
-    Raises LocationError, naming bucket and key, for a missing bucket, no matching files or access denied.
+    Raises LocationError, naming bucket and key, for a missing bucket, no files matching `patterns` (the
+    `optional_patterns` may match none) or access denied.
     """
     if not is_remote(location):
         return local_path(location)
     location = str(location)
     bucket, prefix = split_s3_uri(location)
-    patterns = tuple(patterns)
+    patterns, optional_patterns = tuple(patterns), tuple(optional_patterns)
     client = s3_client(endpoint_url)
     objects = _list_matching(client, location, bucket, prefix, patterns)
+    if optional_patterns:
+        objects.update(_list_matching(client, location, bucket, prefix, optional_patterns, required=False))
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
-    for leftover in destination.glob(".*.part"):  # a download killed before its rename
+    for leftover in destination.rglob(".*.part"):  # a download killed before its rename
         leftover.unlink()
     manifest = _read_manifest(destination)
     gone = sorted(set(manifest) - set(objects))  # removed from the prefix since the last fetch
@@ -130,19 +140,42 @@ def s3_client(endpoint_url: str | None = None) -> Any:
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url)
 
 
-def _list_matching(client: Any, location: str, bucket: str, prefix: str, patterns: tuple[str, ...]
-                   ) -> dict[str, dict]:  # fmt: skip
-    """Objects directly under `prefix` (not in sub-folders) whose names match a pattern, by name."""
+def _matches(name: str, pattern: str) -> bool:
+    """Whether a relative key matches a pattern folder by folder (a `*` never matches a `/`)."""
+    names, parts = name.split("/"), pattern.split("/")
+    if any(part in ("", ".", "..") for part in names):  # never a path outside the destination
+        return False
+    return len(names) == len(parts) and all(fnmatch.fnmatchcase(n, p) for n, p in zip(names, parts, strict=True))
+
+
+def _listing_prefix(pattern: str) -> str:
+    """The pattern's leading folders without wildcards (`interactions/` of `interactions/day=*/*.parquet`)."""
+    folders = []
+    for part in pattern.split("/")[:-1]:
+        if any(character in part for character in "*?["):
+            break
+        folders.append(part + "/")
+    return "".join(folders)
+
+
+def _list_matching(client: Any, location: str, bucket: str, prefix: str, patterns: tuple[str, ...], *,
+                   required: bool = True) -> dict[str, dict]:  # fmt: skip
+    """Objects under `prefix` whose relative names match a pattern, by name; none is an error if `required`."""
     names: list[str] = []
     matching: dict[str, dict] = {}
-    with _error_context(location, bucket, f"key prefix {prefix!r}"):
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            for listed in page.get("Contents", []):
-                name = listed["Key"][len(prefix):]
-                names.append(name)
-                if name and any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
-                    matching[name] = listed
-    if not matching:
+    # Patterns of files directly under the prefix list one folder level; deeper ones list their folders' keys.
+    listings = {(_listing_prefix(pattern), "/" not in pattern[len(_listing_prefix(pattern)):]) for pattern in patterns}
+    for folder, one_level in sorted(listings):
+        options = {"Delimiter": "/"} if one_level else {}
+        with _error_context(location, bucket, f"key prefix {prefix + folder!r}"):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + folder,
+                                                                         **options):  # fmt: skip
+                for listed in page.get("Contents", []):
+                    name = listed["Key"][len(prefix):]
+                    names.append(name)
+                    if name and any(_matches(name, pattern) for pattern in patterns):
+                        matching[name] = listed
+    if not matching and required:
         found = f"it holds {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}" if names else "it is empty"
         raise LocationError(
             f"{location}: no files matching {', '.join(patterns)} under key prefix {prefix!r} of bucket {bucket} "
@@ -179,6 +212,7 @@ def _error_context(location: str, bucket: str, where: str) -> Iterator[None]:
 
 
 def _download(client: Any, bucket: str, key: str, target: Path, size: int) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.part"
     try:
         client.download_file(bucket, key, str(partial))

@@ -25,7 +25,9 @@ class PartitionWriter:
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_file = 0
 
-    def write(self, data: pa.RecordBatch | pa.Table) -> None:
+    def write(self, data: pa.RecordBatch | pa.Table) -> list[tuple[str, int, int]]:
+        """Append the rows; where they went: (file name, first row in the file, row after the last) per file."""
+        placements = []
         offset = 0
         while offset < data.num_rows:
             if self._writer is None or self._rows_in_file >= self.rows_per_file:
@@ -35,14 +37,20 @@ class PartitionWriter:
             piece = data.slice(offset, take)
             table = pa.Table.from_batches([piece]) if isinstance(piece, pa.RecordBatch) else piece
             self._writer.write_table(table)
+            placements.append((self._file_name(self.files - 1), self._rows_in_file, self._rows_in_file + take))
             self._rows_in_file += take
             self.rows += take
             offset += take
+        return placements
+
+    @staticmethod
+    def _file_name(index: int) -> str:
+        return f"part-{index:05d}.parquet"
 
     def _open_next(self) -> None:
         if self._writer is not None:
             self._writer.close()
-        self._writer = pq.ParquetWriter(self.directory / f"part-{self.files:05d}.parquet", self.schema)
+        self._writer = pq.ParquetWriter(self.directory / self._file_name(self.files), self.schema)
         self.files += 1
         self._rows_in_file = 0
 

@@ -1,4 +1,11 @@
-"""Step 1 of the data stage: raw CSV files to typed, partitioned Parquet.
+"""Step 1 of the data stage: raw CSV files (and the gateway's extracts) to typed, partitioned Parquet.
+
+Each split of the spec (`train`, `test`) is read from its CSV files. When the input folder also holds
+the gateway's daily extracts (`interactions/day=YYYY-MM-DD/*.parquet`, written by
+`tasks/extract_interactions.py`), they become one more split, `gateway`, with the same Arrow schema:
+every file must have the spec's columns in types that cast to the spec's without loss, or the step fails
+naming the file and the column. All days there are read, oldest first, and `sample_fraction` keeps the
+same share of them as of the CSV rows. Without an `interactions/` folder there is no `gateway` split.
 
 The fast path is pyarrow's streaming CSV reader with the spec's column types (bounded memory, one
 block at a time). pyarrow stops at the first malformed row without saying which line it was on, so
@@ -16,18 +23,21 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 
 from recsys.errors import InputDataError
 from recsys.outputs import atomic_output_dir
-from recsys.parquet_io import ROWS_PER_FILE, PartitionWriter, directory_bytes
+from recsys.parquet_io import READ_BATCH_ROWS, ROWS_PER_FILE, PartitionWriter, directory_bytes
 from recsys.sampling import row_fraction_mask
 from recsys.spec import DatasetSpec
+from tasks.extract_interactions import GATEWAY_SPLIT, INTERACTIONS_FOLDER
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +109,95 @@ def check_header(path: Path, spec: DatasetSpec) -> list[str]:
 
 def _arrow_schema(spec: DatasetSpec) -> pa.Schema:
     return pa.schema([(name, pa.type_for_alias(type_name)) for name, type_name in spec.columns.items()])
+
+
+def extract_files(input_dir: Path) -> dict[str, list[Path]] | None:
+    """The gateway's extracts under `input_dir/interactions/`, by day (oldest first); None without that folder."""
+    root = Path(input_dir) / INTERACTIONS_FOLDER
+    if not root.is_dir():
+        return None
+    days: dict[str, list[Path]] = {}
+    for folder in sorted(path for path in root.glob("day=*") if path.is_dir()):
+        day = folder.name.removeprefix("day=")
+        try:
+            date.fromisoformat(day)
+        except ValueError as error:
+            raise InputDataError(f"{folder}: not a day folder of the gateway's extracts (day=YYYY-MM-DD)") from error
+        # Hidden files are an extract's staging file, not yet renamed into place.
+        files = sorted(path for path in folder.glob("*.parquet") if not path.name.startswith("."))
+        if files:
+            days[day] = files
+    return days
+
+
+def _casts_safely(source: pa.DataType, target: pa.DataType) -> bool:
+    """Whether every value of type `source` has the same value in `target` (int32 -> int64: yes; int64 -> int32: no)."""
+    if source == target or pa.types.is_null(source):  # an all-null column has the null type
+        return True
+    if pa.types.is_dictionary(source):
+        return _casts_safely(source.value_type, target)
+    if pa.types.is_string(target):
+        return pa.types.is_string(source) or pa.types.is_large_string(source)
+    if pa.types.is_boolean(source):
+        return pa.types.is_integer(target) or pa.types.is_floating(target)
+    if pa.types.is_integer(source) and pa.types.is_integer(target):
+        wide, narrow = np.iinfo(target.to_pandas_dtype()), np.iinfo(source.to_pandas_dtype())
+        return bool(wide.min <= narrow.min and narrow.max <= wide.max)
+    if pa.types.is_floating(target):
+        if pa.types.is_floating(source):
+            return bool(source.bit_width <= target.bit_width)
+        mantissa_bits = np.finfo(target.to_pandas_dtype()).nmant + 1
+        return pa.types.is_integer(source) and source.bit_width < mantissa_bits
+    return False
+
+
+def check_extract_schema(path: Path, spec: DatasetSpec) -> None:
+    """Refuse an extract that is not Parquet, lacks a spec column or has one that cannot be cast safely."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as error:
+        raise InputDataError(f"{path}: not a readable Parquet file ({error})") from error
+    for column, type_name in spec.columns.items():
+        found = schema.get_all_field_indices(column)
+        if not found:
+            raise InputDataError(f"{path}: column {column} is missing (required by spec {spec.source})")
+        if len(found) > 1:
+            raise InputDataError(f"{path}: column {column} appears {len(found)} times")
+        actual = schema.field(found[0]).type
+        if not _casts_safely(actual, pa.type_for_alias(type_name)):
+            raise InputDataError(
+                f"{path}: column {column} is {actual}, which does not cast safely to {type_name} (spec {spec.source})"
+            )
+
+
+def _extract_batches(path: Path, spec: DatasetSpec) -> Iterator[pa.RecordBatch]:
+    """The file's rows in the spec's columns, order and types (extra columns are left out)."""
+    schema = _arrow_schema(spec)
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH_ROWS, columns=list(spec.columns)):
+        arrays = [batch.column(name).cast(schema.field(name).type, safe=True) for name in spec.columns]
+        yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _convert_extracts(days: dict[str, list[Path]], input_dir: Path, spec: DatasetSpec, config: CsvToParquetConfig,
+                      out_dir: Path) -> list[dict]:  # fmt: skip
+    """Write the extracts, oldest day first, as the `gateway` split."""
+    results = []
+    seen = 0
+    with PartitionWriter(out_dir / GATEWAY_SPLIT, _arrow_schema(spec), config.rows_per_file) as writer:
+        for path in [path for paths in days.values() for path in paths]:
+            rows_before = writer.rows
+            read = 0
+            for batch in _extract_batches(path, spec):
+                # Sampled as the CSV rows are: a quick run stays a small copy of the full one, the gateway rows
+                # keeping their share of train (unsampled, they would weigh 1/sample_fraction times more).
+                read += _write_sampled(batch, writer, seen + read, config)
+            seen += read
+            results.append({
+                "split": GATEWAY_SPLIT, "file": path.relative_to(Path(input_dir) / INTERACTIONS_FOLDER).as_posix(),
+                "bytes_in": path.stat().st_size, "rows_in": read, "rows_out": writer.rows - rows_before,
+                "rows_quarantined": 0,
+            })  # fmt: skip
+    return results
 
 
 def _fast_batches(path: Path, spec: DatasetSpec, config: CsvToParquetConfig) -> Iterator[pa.RecordBatch]:
@@ -247,10 +346,19 @@ def _check_bad_rows(path: Path, bad_rows: list[BadRow], total: int, config: CsvT
 
 def csv_to_parquet(input_dir: Path, output_dir: Path, spec: DatasetSpec,
                    config: CsvToParquetConfig = CsvToParquetConfig()) -> dict:  # fmt: skip
-    """Convert every split's CSV files under `input_dir` to `output_dir/<split>/part-*.parquet`."""
+    """Convert every split's CSV files under `input_dir` to `output_dir/<split>/part-*.parquet`.
+
+    The gateway's extracts under `input_dir/interactions/day=*/` (if that folder exists) become
+    `output_dir/gateway/part-*.parquet`. Metrics: rows and bytes per file and in all, rows per split,
+    and, with extracts, the days read (`gateway_days`).
+    """
     files = input_files(input_dir, spec)
+    extracts = extract_files(input_dir)
     # Refuse bad files before any work.
     headers = {path: check_header(path, spec) for paths in files.values() for path in paths}
+    for paths in (extracts or {}).values():
+        for path in paths:
+            check_extract_schema(path, spec)
     results: list[dict] = []
     with atomic_output_dir(Path(output_dir)) as staging:
         for split, paths in files.items():
@@ -261,7 +369,11 @@ def csv_to_parquet(input_dir: Path, output_dir: Path, spec: DatasetSpec,
                 for leftover in (staging / split).glob("*"):
                     leftover.unlink()
                 results += _convert_split(paths, headers, split, spec, config, staging, careful=True)
-        metrics = {
+        splits = list(files)
+        if extracts is not None:
+            results += _convert_extracts(extracts, Path(input_dir), spec, config, staging)
+            splits.append(GATEWAY_SPLIT)
+        metrics: dict = {
             "files": results,
             "rows_in": sum(result["rows_in"] for result in results),
             "rows_out": sum(result["rows_out"] for result in results),
@@ -269,9 +381,11 @@ def csv_to_parquet(input_dir: Path, output_dir: Path, spec: DatasetSpec,
             "bytes_in": sum(result["bytes_in"] for result in results),
             "bytes_out": directory_bytes(staging),
             "rows_out_by_split": {
-                split: sum(r["rows_out"] for r in results if r["split"] == split) for split in files
+                split: sum(r["rows_out"] for r in results if r["split"] == split) for split in splits
             },
         }
+        if extracts is not None:
+            metrics["gateway_days"] = list(extracts)
         (staging / "_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info(
         "csv_to_parquet: %d rows (%d bytes) in, %d rows (%d bytes) out, %d quarantined",

@@ -29,9 +29,16 @@ day make one row:
   cast to the column's type (a value that does not fit is left null and counted);
 - every other column (user-item crosses, position, features nobody sent) is null.
 
-Rows with many nulls are what `clean_null_rows` drops (more than 5 null features by default): a customer
-without profile attributes leaves the spec's 12 user features null, and the user-item crosses and
-position are never known here, so the returned metrics count `rows_over_5_null_features`.
+How the nightly run uses them. `csv_to_parquet` reads every day found under `<input>/interactions/` (all
+of them, not only the run's) into a split of its own, `gateway` (GATEWAY_SPLIT). `clean_null_rows` drops
+the gateway rows with more than 5 null features (its threshold), counted over `extracted_features(spec)`
+only, the features an extract can fill: the user features, and the item and context columns that
+`IngestionColumns` maps. The user-item crosses, the position and unmapped item features (AliCCP's
+`item_intention`) are null in every such row, so counting them would drop every row; a customer without
+profile attributes still leaves the spec's 12 user features null, and that row is dropped. The returned
+metrics count those rows in advance (`rows_over_5_null_features`, at the default threshold). `resplit`
+adds every remaining gateway row to `train` (validation stays the held-out test rows), and `validate`
+checks their null fractions over the extracted features only.
 
 `export_unavailable_items` writes the products marked unavailable as the CSV that batch scoring's
 `unavailable_items` option reads (one column, the spec's item id): they are never recommended.
@@ -61,6 +68,10 @@ log = logging.getLogger(__name__)
 ROWS_PER_ROW_GROUP = 100_000
 READ_BATCH_ROWS = 10_000
 NULL_FEATURES_KEPT_BY_DEFAULT = 5  # clean_null_rows' default threshold, reported in the metrics
+INTERACTIONS_FOLDER = "interactions"  # under the landing zone: day=YYYY-MM-DD/part-00000.parquet
+GATEWAY_SPLIT = "gateway"  # the split csv_to_parquet and clean_null_rows give the extracted rows
+# Interaction types that make the primary target (`click`) 1; the monitoring DAG counts clicks the same way.
+ENGAGED_TYPES = frozenset({"click", "add_to_cart", "purchase"})
 _INTEGER_RANGES = {f"int{bits}": (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) for bits in (8, 16, 32, 64)}
 
 
@@ -89,7 +100,21 @@ class IngestionColumns:
 
 
 def partition_path(landing_dir: Path, day: date) -> Path:
-    return Path(landing_dir) / "interactions" / f"day={day.isoformat()}" / "part-00000.parquet"
+    # recsys.locations.INTERACTION_FILES names the same layout, for fetching extracts from an S3 landing zone.
+    return Path(landing_dir) / INTERACTIONS_FOLDER / f"day={day.isoformat()}" / "part-00000.parquet"
+
+
+def extracted_features(spec: DatasetSpec, columns: IngestionColumns | None = None) -> tuple[str, ...]:
+    """The spec's features an extract fills when the gateway knows them, in the spec's feature order.
+
+    The user features (from customers' profile attributes) and the item and context features that
+    `columns` maps (default: `IngestionColumns.matching(spec)`). `clean_null_rows` counts a gateway
+    row's nulls over these only: the others (user-item crosses, position, ...) are null in every row.
+    """
+    columns = columns or IngestionColumns.matching(spec)
+    mapped = {getattr(columns, field.name) for field in dataclasses.fields(columns)}
+    filled = set(spec.user_features) | mapped
+    return tuple(name for name in spec.features if name in filled)
 
 
 def arrow_schema(spec: DatasetSpec) -> pa.Schema:
@@ -239,11 +264,12 @@ def _groups(connection: Any, start: datetime, end: datetime) -> Iterator[_Group]
 class _RowBuilder:
     """Collects groups as spec rows, column by column, and hands them out as Arrow tables."""
 
-    ENGAGED = frozenset({"click", "add_to_cart", "purchase"})
+    ENGAGED = ENGAGED_TYPES
 
     def __init__(self, spec: DatasetSpec, columns: IngestionColumns, targets: dict[str, str]) -> None:
         self.spec, self.columns, self.targets = spec, columns, targets
         self.user_features = list(spec.user_features)
+        self.counted_features = extracted_features(spec, columns)  # as clean_null_rows counts a gateway row's nulls
         self.values: dict[str, list[Any]] = {name: [] for name in spec.columns}
         self.pending = self.rows = self.events = self.rows_over_null_limit = self.attribute_values_dropped = 0
         self.positives = dict.fromkeys(targets, 0)
@@ -276,7 +302,7 @@ class _RowBuilder:
                 row[name] = value
         for name, values in self.values.items():
             values.append(row.get(name))
-        nulls = sum(row.get(name) is None for name in self.spec.features)
+        nulls = sum(row.get(name) is None for name in self.counted_features)
         self.rows_over_null_limit += nulls > NULL_FEATURES_KEPT_BY_DEFAULT
         self.filled.update(name for name, value in row.items() if value is not None)
         self.customers.add(group.customer_id)

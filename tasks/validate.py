@@ -5,6 +5,12 @@ fractions, value ranges), so a user's own spec gets its own suite; `great_expect
 holds the suite of the default spec as JSON for review. Each Parquet part file is validated as one
 batch (bounded memory). GX does not fail anything by itself: a failed validation writes a readable
 report and raises `DataValidationError`, so the DAG stops and nothing downstream runs.
+
+Rows from the gateway's extracts (in train, where resplit's metrics say they are, or a `gateway` split)
+are validated apart from the others, each part file's gateway rows as one batch, with the same suite
+except that null fractions are checked only for the features an extract fills (`extracted_features`):
+their user-item crosses and position are null by design. The other rows keep the full suite, so a few
+gateway rows can neither fail a file nor hide nulls among its other rows.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +29,8 @@ from recsys.errors import InputDataError
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import part_files
 from recsys.spec import DatasetSpec
+from tasks.extract_interactions import GATEWAY_SPLIT, extracted_features
+from tasks.resplit import gateway_row_ranges
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +51,12 @@ def suite_name(spec: DatasetSpec) -> str:
     return f"{spec.name}_dataset"
 
 
-def build_suite(spec: DatasetSpec) -> Any:
-    """The expectation suite of a dataset spec."""
+def build_suite(spec: DatasetSpec, *, gateway: bool = False) -> Any:
+    """The expectation suite of a dataset spec; with `gateway`, the one for rows of the gateway's extracts."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    suite = gx.ExpectationSuite(name=suite_name(spec))
+    suite = gx.ExpectationSuite(name=suite_name(spec) + ("_gateway" if gateway else ""))
     suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=1))
     suite.add_expectation(gxe.ExpectTableColumnsToMatchSet(column_set=list(spec.columns), exact_match=True))
     for column, type_name in spec.columns.items():
@@ -56,7 +65,7 @@ def build_suite(spec: DatasetSpec) -> Any:
         suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=column))
     for target in spec.targets:
         suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column=target, value_set=[0, 1]))
-    for feature in spec.features:
+    for feature in extracted_features(spec) if gateway else spec.features:
         suite.add_expectation(
             gxe.ExpectColumnValuesToNotBeNull(column=feature, mostly=1.0 - spec.validation.max_null_fraction)
         )
@@ -103,7 +112,11 @@ def _describe_failure(result: dict) -> str:
 
 
 def validate(input_dir: Path, output_dir: Path, spec: DatasetSpec) -> dict:
-    """Validate every part file of every split; write `report.md` and `results.json`; raise on failure."""
+    """Validate every part file of every split; write `report.md` and `results.json`; raise on failure.
+
+    Gateway rows (see the module doc) are validated as a batch of their own per part file; `results.json`
+    gives each file's `gateway_rows` and, when it has any, their `gateway_statistics`.
+    """
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -115,17 +128,35 @@ def validate(input_dir: Path, output_dir: Path, spec: DatasetSpec) -> dict:
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name="data_stage", data=batch_definition, suite=suite)
     )
+    gateway_suite = context.suites.add(build_suite(spec, gateway=True))
+    gateway_definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="data_stage_gateway", data=batch_definition, suite=gateway_suite)
+    )
     files: list[dict] = []
     failures: list[str] = []
+    gateway_ranges = gateway_row_ranges(Path(input_dir))
     splits = sorted(path.name for path in Path(input_dir).iterdir() if path.is_dir())
     for split in splits:
         for path in part_files(Path(input_dir) / split):
             frame = _frame(path, spec)
-            result = definition.run(batch_parameters={"dataframe": frame}).to_json_dict()
-            failed = [item for item in result["results"] if not item["success"]]
-            files.append({"split": split, "file": path.name, "rows": len(frame), "success": not failed,
-                          "statistics": result["statistics"]})  # fmt: skip
-            failures += [f"{split}/{path.name}: {_describe_failure(item)}" for item in failed]
+            from_gateway = np.full(len(frame), split == GATEWAY_SPLIT)
+            for start, stop in gateway_ranges.get(path.name, []) if split == "train" else []:
+                from_gateway[start:stop] = True
+            entry: dict = {"split": split, "file": path.name, "rows": len(frame),
+                           "gateway_rows": int(from_gateway.sum()), "success": True}  # fmt: skip
+            others, gateway_rows = frame[~from_gateway], frame[from_gateway]
+            batches = []
+            if len(others) or not len(gateway_rows):  # an empty file is checked (and fails) as one of other rows
+                batches.append(("statistics", definition, others, ""))
+            if len(gateway_rows):
+                batches.append(("gateway_statistics", gateway_definition, gateway_rows, " (gateway rows)"))
+            for key, checks, rows, label in batches:
+                result = checks.run(batch_parameters={"dataframe": rows.reset_index(drop=True)}).to_json_dict()
+                failed = [item for item in result["results"] if not item["success"]]
+                entry["success"] = entry["success"] and not failed
+                entry[key] = result["statistics"]
+                failures += [f"{split}/{path.name}{label}: {_describe_failure(item)}" for item in failed]
+            files.append(entry)
     success = not failures
     lines = [f"# Data validation of {input_dir} with suite {suite.name}", "",
              f"Result: {'PASSED' if success else 'FAILED'} ({len(files)} part files, "

@@ -89,6 +89,53 @@ def test_fetch_of_a_landing_prefix_feeds_csv_to_parquet_and_a_rerun_is_a_no_op(s
     assert not (local / "train.csv").exists()
 
 
+def test_the_gateways_extracts_are_fetched_with_their_folders_and_become_the_gateway_split(
+    s3, small_raw: Path, tmp_path: Path, spec
+):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.extract_interactions import arrow_schema
+
+    row = {name: None for name in spec.columns} | {"user_id": 1, "item_id": 2, "event_timestamp": 3, "click": 1,
+                                                   "conversion": 0}  # fmt: skip
+    extract = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([row], schema=arrow_schema(spec)), extract)
+    bucket = _bucket(s3, {
+        **{f"landing/{name}": (small_raw / name).read_bytes() for name in ("train.csv", "test.csv")},
+        "landing/interactions/day=2024-05-01/part-00000.parquet": extract.getvalue(),
+        "landing/interactions/day=2024-05-02/part-00000.parquet": extract.getvalue(),
+        "landing/interactions/day=2024-05-02/notes.txt": b"not an extract",
+        "landing/interactions/loose.parquet": b"not in a day folder",
+        "landing/interactions/day=2024-05-03/deeper/part-00000.parquet": b"a sub-folder of a day",
+    })  # fmt: skip
+    destination = tmp_path / "run" / "landing"
+
+    local = fetch_input(f"s3://{bucket}/landing", destination)
+
+    fetched = sorted(path.relative_to(local).as_posix() for path in local.rglob("*") if path.is_file())
+    assert fetched == [MANIFEST, "interactions/day=2024-05-01/part-00000.parquet",
+                       "interactions/day=2024-05-02/part-00000.parquet", "test.csv", "train.csv"]  # fmt: skip
+    metrics = csv_to_parquet(local, tmp_path / "run" / "parquet", spec)
+    assert metrics["gateway_days"] == ["2024-05-01", "2024-05-02"] and metrics["rows_out_by_split"]["gateway"] == 2
+
+    # A rerun downloads nothing; a day removed from the landing zone is removed here.
+    before = {path: _identity(path) for path in local.rglob("*.parquet")}
+    fetch_input(f"s3://{bucket}/landing", destination)
+    assert {path: _identity(path) for path in local.rglob("*.parquet")} == before
+    s3.delete_object(Bucket=bucket, Key="landing/interactions/day=2024-05-01/part-00000.parquet")
+    fetch_input(f"s3://{bucket}/landing", destination)
+    assert sorted(path.relative_to(local).as_posix() for path in local.rglob("*.parquet")) == [
+        "interactions/day=2024-05-02/part-00000.parquet"
+    ]
+    # Without CSV files the extracts alone are not an input.
+    empty = _bucket(s3, {"landing/interactions/day=2024-05-01/part-00000.parquet": extract.getvalue()})
+    with pytest.raises(LocationError, match=r"no files matching \*\.csv under key prefix 'landing/'"):
+        fetch_input(f"s3://{empty}/landing", tmp_path / "other")
+
+
 def test_missing_bucket_and_no_matching_files_are_refused_naming_bucket_and_prefix(s3, tmp_path: Path):
     destination = tmp_path / "landing"
     with pytest.raises(LocationError, match=r"bucket no-such-bucket-[0-9a-f]+ does not exist"):
