@@ -488,8 +488,10 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             assert triton.process is not None
             triton_pid = triton.process.pid
             triton_cpu = cpu_probe(lambda: session_processes(triton_pid))
+            # Impressions (one line per answer) go to the work folder, not the project's var/data.
             gateway_env = {"RECSYS_REDIS_URL": args.redis_url, "RECSYS_REDIS_KEY_PREFIX": PREFIX,
-                           "RECSYS_TRITON_URL": triton.http_url, "RECSYS_DATABASE_URL": database_url}  # fmt: skip
+                           "RECSYS_TRITON_URL": triton.http_url, "RECSYS_DATABASE_URL": database_url,
+                           "RECSYS_IMPRESSIONS_DIR": str(work / "impressions")}  # fmt: skip
             with servers(gateway_env, args.top_k, args.workers, log_dir) as (bare, gateways):
                 setup_seconds = time.perf_counter() - setup_started
                 print(f"setup done in {setup_seconds:.0f} s (Triton ready in {triton.startup_seconds:.1f} s); "

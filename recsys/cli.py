@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 
 from recsys.errors import InputDataError
@@ -229,6 +229,22 @@ def _export_unavailable_items(args: argparse.Namespace) -> dict:
                                     spec=load_spec(args.spec))  # fmt: skip
 
 
+def _monitor_hour(args: argparse.Namespace) -> dict:
+    from datetime import timedelta
+
+    from recsys.settings import get_settings
+    from tasks.monitor import AlertThresholds, MonitoringConfig, monitor
+
+    settings = get_settings()
+    config = MonitoringConfig(attribution_window=timedelta(minutes=args.attribution_window_minutes), k=args.k)
+    given = {"min_ctr": args.min_ctr, "max_psi": args.max_psi, "min_impressions": args.min_impressions}
+    thresholds = AlertThresholds(**{name: value for name, value in given.items() if value is not None})
+    return monitor(args.hour, impressions_dir=args.impressions_dir or settings.impressions_path,
+                   database_url=args.database_url or settings.database_url, runs_dir=settings.data_root / "runs",
+                   tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root,
+                   spec=load_spec(args.spec), config=config, thresholds=thresholds, webhook_url=args.webhook_url)
+
+
 def _step_parser(subparsers: argparse._SubParsersAction, name: str, handler: Callable, help_text: str
                  ) -> argparse.ArgumentParser:  # fmt: skip
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -385,7 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     unavailable = _step_parser(subparsers, "export-unavailable-items", _export_unavailable_items,
                                "write unavailable products as batch-score's --unavailable-items CSV")  # fmt: skip
     unavailable.add_argument("--output", type=Path, required=True, help="CSV file to write")
-    for command in (extract, unavailable):
+    monitor = _step_parser(subparsers, "monitor-hour", _monitor_hour,
+                           "CTR, precision@k and drift of one hour of served recommendations, logged to MLflow")
+    monitor.add_argument("--hour", type=datetime.fromisoformat, required=True, help="e.g. 2026-11-26T10:00Z")
+    monitor.add_argument("--impressions-dir", type=Path, default=None, help="default: RECSYS_IMPRESSIONS_DIR")
+    monitor.add_argument("--attribution-window-minutes", type=int, default=60)
+    monitor.add_argument("-k", type=int, default=10, help="precision@k")
+    monitor.add_argument("--min-ctr", type=float, default=None, help="alert below (default 0.01)")
+    monitor.add_argument("--max-psi", type=float, default=None, help="alert above (default 0.25)")
+    monitor.add_argument("--min-impressions", type=int, default=None, help="served lists before CTR alerts (200)")
+    monitor.add_argument("--webhook-url", default=None, help="POST alerts here as JSON")
+    for command in (extract, unavailable, monitor):
         command.add_argument("--database-url", default=None, help="default: RECSYS_DATABASE_URL")
     return parser
 

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # The `recsys demo-data` output the gateway's /demo page reads (validation clicks, retrieved candidates);
     # unset: the newest `<data_root>/runs/<run>/demo`.
     demo_dir: Path | None = None
+    # Where the gateway appends every served recommendation list (serving/api/impressions.py) and the monitoring
+    # DAG reads them: date=YYYY-MM-DD/hour=HH/<host>-<pid>.jsonl; unset: <data_root>/impressions.
+    impressions_dir: Path | None = None
 
     @property
     def landing_location(self) -> str:
@@ -93,6 +96,10 @@ class Settings(BaseSettings):
     def default_landing_dir(self) -> Path:
         """The landing zone as a local folder; refused when it is remote (use `landing_location`)."""
         return local_path(self.landing_location)
+
+    @property
+    def impressions_path(self) -> Path:
+        return self.impressions_dir or self.data_root / "impressions"
 
     def run_dir(self, run_id: str) -> Path:
         return self.data_root / "runs" / safe_run_id(run_id)

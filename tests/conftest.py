@@ -20,6 +20,21 @@ from tasks.resplit import resplit
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def impressions_outside_the_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every gateway a test starts appends served lists to RECSYS_IMPRESSIONS_DIR (default under var/data):
+    the session's own folder instead, unless a test names one."""
+    previous = os.environ.get("RECSYS_IMPRESSIONS_DIR")
+    os.environ["RECSYS_IMPRESSIONS_DIR"] = str(tmp_path_factory.mktemp("impressions"))
+    get_settings.cache_clear()
+    yield
+    if previous is None:
+        os.environ.pop("RECSYS_IMPRESSIONS_DIR", None)
+    else:
+        os.environ["RECSYS_IMPRESSIONS_DIR"] = previous
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def spec() -> DatasetSpec:
     return load_spec()

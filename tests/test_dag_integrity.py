@@ -18,6 +18,7 @@ def dagbag() -> DagBag:
 def test_dags_import_without_errors(dagbag: DagBag):
     assert dagbag.import_errors == {}
     assert "recsys_nightly" in dagbag.dags
+    assert "recsys_monitoring" in dagbag.dags
 
 
 def test_nightly_schedule_and_no_catchup(dagbag: DagBag):
@@ -70,3 +71,15 @@ def test_manual_trigger_params_and_defaults(dagbag: DagBag):
     assert params["ranker_model"] == "dlrm"  # the report's choice; dcn and mlp for comparison
     assert params["quality_gate"] == "gate" and params["gate_tolerance"] == 0.005
     assert params["compare_rankers"] is False
+
+
+def test_monitoring_runs_hourly_with_alert_params(dagbag: DagBag):
+    dag = dagbag.dags["recsys_monitoring"]
+    assert dag.schedule == "@hourly" and dag.catchup is False
+    assert dag.doc_md and "recsys_monitoring" in dag.doc_md
+    assert dag.task_ids == ["monitor_recommendations"]
+    assert all(task.retries >= 1 and task.retry_exponential_backoff for task in dag.tasks)
+    params = dag.params
+    assert params["hour"] is None and params["attribution_window_minutes"] == 60 and params["k"] == 10
+    assert params["min_ctr"] == 0.01 and params["max_psi"] == 0.25 and params["min_precision_at_k"] is None
+    assert params["alert_webhook_url"] is None and params["fail_on_alert"] is True

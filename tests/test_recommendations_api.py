@@ -7,7 +7,9 @@ those URLs and a SQLite database built by the migrations.
 
 from __future__ import annotations
 
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,6 +121,8 @@ def test_new_visitor_gets_the_generic_list_of_their_segment(client: TestClient, 
     assert items_of(answer) == stored(published, "segment", f"{location}:{device}")[0][:5]
     anonymous = client.get("/recommendations/999999999", params={"count": 5})
     assert items_of(anonymous) == stored(published, "segment", "*")[0][:5]
+    # Triton said once that the models do not know this customer; the cache remembers it for the next requests.
+    assert published.get(f"{PREFIX}cache:{VERSION}:user:999999999") == b""
 
 
 def test_browsing_now_sums_the_similar_lists_of_viewed_products(client: TestClient, published: redis.Redis):
@@ -189,6 +193,56 @@ def test_without_triton_a_miss_falls_back_to_the_generic_list(published: redis.R
     with gateway(tmp_path, triton_url=f"http://127.0.0.1:{closed_port()}") as client:
         body = client.get(f"/recommendations/{user}").json()
     assert body["route"] == "generic" and body["degraded"] == ["triton_unavailable"] and body["items"]
+
+
+def test_a_stopped_triton_server_degrades_only_online_misses_and_they_come_back(
+    published: redis.Redis, triton: TritonServer, tmp_path: Path, trained_run, spec
+):
+    """The suite's real Triton server stops (SIGSTOP: its port still accepts connections but nothing answers,
+    the slowest way to fail; nothing listening at all is the test above). Precomputed, generic and browsing
+    answers do not change; a customer without a nightly list gets the generic list, marked triton_unavailable,
+    within the Triton budget. Continued (SIGCONT), the same gateway answers that customer online again."""
+    users = user_ids(trained_run, spec)
+    known, missed = users[6], users[7]
+    nightly = stored(published, "user", missed)
+    published.delete(f"{PREFIX}recs:{VERSION}:user:{missed}", f"{PREFIX}cache:{VERSION}:user:{missed}")
+    similar = next(published.scan_iter(f"{PREFIX}recs:{VERSION}:similar:*")).decode().rsplit(":", 1)[-1]
+    paths = {"precomputed": f"/recommendations/{known}", "generic": "/recommendations/999999990",
+             "browsing_now": f"/products/{similar}/similar"}  # fmt: skip
+    budget_s = 1.0
+    assert triton.process is not None
+    settings = {"triton_url": f"http://{triton.http_address}", "triton_timeout_ms": int(budget_s * 1000)}
+    with gateway(tmp_path, **settings) as client:
+        before = {route: client.get(path, params={"count": 10}).json() for route, path in paths.items()}
+        triton.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            miss = client.get(f"/recommendations/{missed}", params={"count": 10})
+            miss_s = time.monotonic() - started
+            stranger = client.get("/recommendations/999999991", params={"count": 10})  # Triton is asked about them
+            during = {route: client.get(path, params={"count": 10}).json() for route, path in paths.items()}
+        finally:
+            triton.process.send_signal(signal.SIGCONT)
+        # The first requests after it continues may still queue behind those it received while stopped.
+        deadline = time.monotonic() + 60
+        while (online := client.get(f"/recommendations/{missed}", params={"count": 10}).json())["route"] != "online":
+            assert time.monotonic() < deadline, online
+            time.sleep(0.5)
+
+    for route, answer in before.items():
+        assert answer["route"] == route and answer["degraded"] == [] and answer["items"], answer
+        assert during[route]["route"] == route and items_of_body(during[route]) == items_of_body(answer), route
+    assert during["precomputed"]["degraded"] == during["browsing_now"]["degraded"] == []
+    assert miss.status_code == stranger.status_code == 200
+    for fallback in (miss.json(), stranger.json()):
+        assert fallback["route"] == "generic" and fallback["degraded"] == ["triton_unavailable"], fallback
+        assert items_of_body(fallback) == items_of_body(before["generic"])
+    assert budget_s <= miss_s < budget_s + 2, f"the fallback took {miss_s:.2f} s for a {budget_s} s budget"
+    assert online["degraded"] == [] and items_of_body(online) == nightly[0][:10]
+
+
+def items_of_body(body: dict) -> list[int]:
+    return [item["product_id"] for item in body["items"]]
 
 
 def test_without_redis_answers_come_from_the_process_copy(published: redis.Redis, tmp_path: Path, trained_run,

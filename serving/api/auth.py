@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -26,10 +27,14 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import APIKeyHeader
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from serving.api.db import ApiKey, utc_now
+from serving.api.errors import is_database_unavailable
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "rk_"
 CACHE_SIZE = 10_000
@@ -108,6 +113,11 @@ class KeyCache:
             return False, None
         return True, entry[1]
 
+    def last_known(self, digest: str) -> Caller | None:
+        """The entry even if expired: used only while the database cannot be asked."""
+        entry = self._entries.get(digest)
+        return entry[1] if entry is not None else None
+
     def put(self, digest: str, caller: Caller | None) -> None:
         if len(self._entries) >= self.size:
             now = time.monotonic()
@@ -131,8 +141,17 @@ async def authenticate(request: Request, secret: Annotated[str | None, Security(
             with request.app.state.sessionmaker() as session:
                 return find_caller(session, secret)
 
-        caller = await run_in_threadpool(lookup)
-        cache.put(digest, caller)
+        try:
+            caller = await run_in_threadpool(lookup)
+        except SQLAlchemyError as error:
+            # The database is down: a key this process verified before keeps working (a revoked one too,
+            # until the database is back), so reads stay up; a key never seen here gets the 503.
+            caller = cache.last_known(digest)
+            if caller is None or not is_database_unavailable(error):
+                raise
+            log.warning("API key %r accepted from this process's copy: the database is unavailable", caller.name)
+        else:
+            cache.put(digest, caller)
     if caller is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown or revoked API key",
                             headers={"WWW-Authenticate": "ApiKey"})  # fmt: skip

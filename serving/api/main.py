@@ -17,11 +17,15 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy.orm import sessionmaker
 
 from recsys.settings import Settings, get_settings
+from serving.api import metrics
 from serving.api.auth import KeyCache
 from serving.api.body_limit import BodySizeLimitMiddleware
 from serving.api.db import create_database_engine
 from serving.api.errors import add_error_handlers
+from serving.api.impressions import ImpressionLog
+from serving.api.metrics import GatewayMetrics
 from serving.api.migrate import ensure_schema_current
+from serving.api.observability import ObservabilityMiddleware
 from serving.api.rate_limit import TokenBucket
 from serving.api.routes import customers, demo, health, interactions, products, recommendations
 from serving.recommender import Recommender, RecommenderConfig
@@ -31,6 +35,7 @@ def api_router() -> APIRouter:
     """Every route of the gateway, one router per resource."""
     router = APIRouter()
     router.include_router(health.router)
+    router.include_router(metrics.router)
     router.include_router(customers.router)
     router.include_router(products.router)
     router.include_router(interactions.router)
@@ -71,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.engine = engine
             # Objects stay readable after commit, so a route can answer with what it just stored.
             app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
+            impressions.start()
             app.state.recommender = build_recommender(settings, app.state.sessionmaker)
             app.state.ingest_bucket = TokenBucket(
                 app.state.recommender.redis, settings.redis_key_prefix, settings.ingest_rate_per_s,
@@ -80,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if hasattr(app.state, "recommender"):
                 await app.state.recommender.close()
+            impressions.close()  # writes what is still queued
             engine.dispose()
 
     app = FastAPI(
@@ -91,6 +98,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.key_cache = KeyCache(ttl_s=settings.api_key_cache_s)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    # Outermost of ours: a refused body is measured and gets its request id too (an unhandled error's 500,
+    # made by Starlette's outermost middleware, is measured but carries no X-Request-ID).
+    app.state.metrics = GatewayMetrics()
+    impressions = ImpressionLog(settings.impressions_path, on_drop=app.state.metrics.impressions_dropped.inc)
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, impressions=impressions)
     add_error_handlers(app)
     app.include_router(api_router())
     return app

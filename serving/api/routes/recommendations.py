@@ -7,19 +7,24 @@ current availability and promotion flags of the listed products.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import bindparam, select
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from serving.api.auth import AUTH_ERRORS, ReadScope
 from serving.api.db import Interaction, InteractionType, Product
 from serving.api.deps import CustomerIdPath, ProductIdPath, get_recommender
+from serving.api.errors import is_database_unavailable
 from serving.api.schemas import INT64_MAX, error_responses
 from serving.recommender import ProductFlags, VisitorQuery
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["recommendations"], dependencies=[ReadScope], responses=error_responses(AUTH_ERRORS))
 
@@ -40,6 +45,7 @@ class RecommendationResponse(BaseModel):
     model_version: str | None = Field(description="the published nightly version the list comes from")
     degraded: list[str] = Field(description="what was unavailable, e.g. redis_unavailable, triton_unavailable")
     items: list[RecommendedProduct]
+    request_id: str = Field(description="this answer's X-Request-ID: send it back with the interactions that follow")
 
 
 # Built once, with the ids as one expanding parameter: building the select per request around a literal list
@@ -62,7 +68,10 @@ def product_flags_reader(sessionmaker):  # type: ignore[no-untyped-def]
     return flags
 
 
-async def _session_views(request: Request, session_id: str) -> tuple[int, ...]:
+async def _session_views(request: Request, session_id: str) -> tuple[int, ...] | None:
+    """The session's latest viewed products; None when the database cannot answer now (the visitor is then
+    served without them, and the answer says database_unavailable)."""
+
     def read() -> tuple[int, ...]:
         with request.app.state.sessionmaker() as session:
             rows = session.execute(
@@ -72,18 +81,27 @@ async def _session_views(request: Request, session_id: str) -> tuple[int, ...]:
             )  # fmt: skip
             return tuple(dict.fromkeys(row.product_id for row in rows))
 
-    return await run_in_threadpool(read)
+    try:
+        return await run_in_threadpool(read)
+    except SQLAlchemyError as error:
+        if not is_database_unavailable(error):
+            raise
+        log.warning("session views unavailable (%s): answering without them", type(error).__name__)
+        return None
 
 
-def _response(customer_id: int | None, ranked, probabilities: list[float], promoted: list[bool],  # type: ignore[no-untyped-def]
-              sampled: bool) -> RecommendationResponse:  # fmt: skip
-    return RecommendationResponse(
+def _response(request: Request, customer_id: int | None, ranked, probabilities: list[float],  # type: ignore[no-untyped-def]
+              promoted: list[bool], sampled: bool) -> RecommendationResponse:  # fmt: skip
+    answer = RecommendationResponse(
         customer_id=customer_id, route=ranked.route, model_version=ranked.model_version, degraded=ranked.degraded,
         items=[RecommendedProduct(product_id=item, score=score, probability=probability if sampled else None,
                                   promoted=flag)
                for item, score, probability, flag in zip(ranked.items, ranked.scores, probabilities, promoted,
                                                           strict=True)],
+        request_id=request.state.request_id,
     )  # fmt: skip
+    request.state.recommendation = answer  # logged as an impression and counted (serving.api.observability)
+    return answer
 
 
 @router.get("/recommendations/{customer_id}", response_model=RecommendationResponse,
@@ -103,13 +121,18 @@ async def recommendations(
         if not 0 < item <= INT64_MAX:
             raise HTTPException(422, f"viewed product id {item} is not a positive int64")
     seen = tuple(viewed or ())
+    views_unknown = False
     if not seen and session_id:
-        seen = await _session_views(request, session_id)
+        views = await _session_views(request, session_id)
+        views_unknown = views is None
+        seen = views or ()
     context = {name: value for name, value in (("location", location), ("device", device)) if value}
     query = VisitorQuery(customer_id=customer_id, context=context, viewed=seen, count=count,
                          temperature=temperature, seed=seed)  # fmt: skip
     ranked, probabilities, promoted = await get_recommender(request).recommend(query)
-    return _response(customer_id, ranked, probabilities, promoted, sampled=temperature > 0)
+    if views_unknown and "database_unavailable" not in ranked.degraded:
+        ranked.degraded.append("database_unavailable")
+    return _response(request, customer_id, ranked, probabilities, promoted, sampled=temperature > 0)
 
 
 @router.get("/products/{product_id}/similar", response_model=RecommendationResponse)
@@ -120,4 +143,4 @@ async def similar_products(
 ) -> RecommendationResponse:
     query = VisitorQuery(customer_id=0, context={}, viewed=(product_id,), count=count)
     ranked, probabilities, promoted = await get_recommender(request).recommend(query)
-    return _response(None, ranked, probabilities, promoted, sampled=False)
+    return _response(request, None, ranked, probabilities, promoted, sampled=False)

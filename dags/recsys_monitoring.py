@@ -1,0 +1,97 @@
+"""
+### recsys_monitoring
+
+Hourly live monitoring of the served recommendations. This file only wires: the task calls
+`tasks.monitor.monitor` (by hand: `recsys monitor-hour --hour 2026-11-26T10:00Z`).
+
+Each run takes one hour of the gateway's impressions (`<RECSYS_IMPRESSIONS_DIR>/date=.../hour=...`, every
+served list with its request id) and the interactions posted to the gateway (RECSYS_DATABASE_URL) within
+`attribution_window_minutes` after them, joined by request id (and by customer and product when an interaction
+carries none), and computes per model version: impressions, click-through rate (impressions with at least one
+click / impressions served), precision@k of the served lists and the drift (PSI) of the hour's location,
+device and category against the version's training split. The metrics go to MLflow (experiment
+`recsys-monitoring`, one run per hour and version, step = the hour's epoch seconds); rerunning an hour
+replaces them, never duplicates them.
+
+Which hour: the latest one whose attribution windows have all closed when the run's data interval ends
+(window 60 min, run at 12:00: the hour 10:00-11:00), or the `hour` Param. Alerts (CTR or precision below,
+PSI above their thresholds; CTR and precision only on hours with `min_impressions` served lists) are logged as
+JSON WARNING lines, POSTed to `alert_webhook_url` when set, and fail the task when `fail_on_alert` is on.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+
+@dag(
+    dag_id="recsys_monitoring",
+    schedule="@hourly",
+    start_date=datetime(2024, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["recsys", "monitoring"],
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True},
+    params={
+        "hour": Param(None, type=["null", "string"],
+                      description="start of the hour to monitor, ISO 8601 with a time zone (default: from the run)"),
+        "spec": Param(None, type=["null", "string"],
+                      description="dataset spec YAML naming the training split's columns (default: specs/aliccp.yaml)"),
+        "attribution_window_minutes": Param(60, type="integer", minimum=0, maximum=1440,
+                                            description="how long after a list was shown a click counts for it"),
+        "k": Param(10, type="integer", minimum=1, description="precision@k of the served lists"),
+        "match_without_request_id": Param(True, type="boolean",
+                                          description="attribute clicks without a request id by customer and "
+                                                      "product (the latest list that showed it)"),
+        "min_ctr": Param(0.01, type=["null", "number"], minimum=0, maximum=1,
+                         description="alert when the click-through rate is below (null: off)"),
+        "min_precision_at_k": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                                    description="alert when precision@k is below (null: off)"),
+        "max_psi": Param(0.25, type=["null", "number"], minimum=0,
+                         description="alert when a feature's PSI against the training data is above (null: off)"),
+        "min_impressions": Param(200, type="integer", minimum=1,
+                                 description="served lists an hour needs before CTR and precision alerts apply"),
+        "alert_webhook_url": Param(None, type=["null", "string"],
+                                   description="POST the alerts here as JSON (e.g. a Slack or Alertmanager hook)"),
+        "fail_on_alert": Param(True, type="boolean", description="fail the task when an alert fires"),
+    },
+)
+def recsys_monitoring() -> None:
+    @task
+    def monitor_recommendations() -> dict:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from recsys.settings import get_settings
+        from recsys.spec import load_spec
+        from serving.api.migrate import database_is_current
+        from tasks.monitor import AlertThresholds, MonitoringAlertError, MonitoringConfig, hour_to_monitor, monitor
+
+        context, settings = get_current_context(), get_settings()
+        params = context["params"]
+        config = MonitoringConfig(attribution_window=timedelta(minutes=params["attribution_window_minutes"]),
+                                  k=params["k"], match_without_request_id=params["match_without_request_id"])
+        # A scheduled run has a data interval; a manual one without the Param takes the time it was triggered for.
+        run_end = context.get("data_interval_end") or context["dag_run"].run_after
+        hour = datetime.fromisoformat(params["hour"]) if params["hour"] else (
+            hour_to_monitor(run_end, config.attribution_window))  # fmt: skip
+        if not database_is_current(settings.database_url):
+            raise AirflowSkipException("no gateway database at the newest migration: nothing to monitor")
+        thresholds = AlertThresholds(min_ctr=params["min_ctr"], min_precision_at_k=params["min_precision_at_k"],
+                                     max_psi=params["max_psi"], min_impressions=params["min_impressions"])
+        try:
+            return monitor(hour, impressions_dir=settings.impressions_path, database_url=settings.database_url,
+                           runs_dir=settings.data_root / "runs", tracking_uri=settings.mlflow_tracking_uri,
+                           artifact_root=settings.mlflow_artifact_root, spec=load_spec(params["spec"]), config=config,
+                           thresholds=thresholds,
+                           webhook_url=params["alert_webhook_url"], fail_on_alert=params["fail_on_alert"])
+        except MonitoringAlertError as alert:
+            raise AirflowFailException(str(alert)) from alert  # the data will not change with a retry
+
+    monitor_recommendations()
+
+
+recsys_monitoring()

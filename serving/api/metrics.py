@@ -1,0 +1,102 @@
+"""The gateway's Prometheus metrics, served unauthenticated at `GET /metrics` in Prometheus' text format.
+
+- `recsys_http_request_duration_seconds` (histogram; `method`, `handler`, `status`): from the request's arrival
+  to the end of its response. `handler` is the route template (`/recommendations/{customer_id}`), `unmatched`
+  for a path no route has: never the raw path, whose ids would make a series per customer.
+- `recsys_http_errors_total` (`method`, `handler`, `status`): responses with status 400 or more, 4xx by status;
+  5xx includes unhandled exceptions, counted as 500.
+- `recsys_http_requests_by_api_key_total` (`api_key`): requests by the name of the key that authenticated them
+  (`none`: no valid key, or a route without authentication).
+- `recsys_recommendations_total` (`handler`, `route`): served recommendation answers by the response's
+  `route`: precomputed, online, online_cached, generic, browsing_now, `*_local_copy`, none.
+- `recsys_recommendation_fallbacks_total` (`cause`): one per entry of an answer's `degraded` list
+  (redis_unavailable, triton_unavailable, ...).
+- `recsys_impressions_dropped_total`: impressions not written (writer queue full, or the disk refused them).
+
+The online cache's hit ratio, from the answers counted above:
+
+    sum(rate(recsys_recommendations_total{route="online_cached"}[5m]))
+      / sum(rate(recsys_recommendations_total{route=~"online|online_cached"}[5m]))
+
+and the share of answers served from the nightly lists: `route="precomputed"` over all routes.
+
+Every application built by `create_app` has its own `CollectorRegistry`, so several apps in one process (the
+tests build many) never collide. A registry counts what its own process served: with `uvicorn --workers N`
+each worker has one, and a scrape reaches whichever worker accepts the connection. A multi-worker deployment
+would set prometheus_client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR` pointing at an empty folder
+before the workers start, `/metrics` answering from a `MultiProcessCollector` over a fresh registry, and
+`multiprocess.mark_process_dead` when a worker exits), or run one single-worker gateway per port and scrape
+each; neither is set up here (`make serve` starts one worker by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+# Seconds; the SLA of a whole request is 500 ms, the gateway's own budgets 50 ms (Redis) and 250 ms (Triton).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+NO_API_KEY = "none"
+
+
+class GatewayMetrics:
+    """One application's metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.request_duration = Histogram(
+            "recsys_http_request_duration_seconds", "Request latency by route template, method and status",
+            ["method", "handler", "status"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.errors = Counter("recsys_http_errors_total", "Responses with status 400 or more",
+                              ["method", "handler", "status"], registry=self.registry)  # fmt: skip
+        self.requests_by_api_key = Counter("recsys_http_requests_by_api_key_total", "Requests by API key name",
+                                           ["api_key"], registry=self.registry)  # fmt: skip
+        self.recommendations = Counter("recsys_recommendations_total", "Recommendation answers by route",
+                                       ["handler", "route"], registry=self.registry)  # fmt: skip
+        self.fallbacks = Counter("recsys_recommendation_fallbacks_total", "Degraded answers by cause",
+                                 ["cause"], registry=self.registry)  # fmt: skip
+        self.impressions_dropped = Counter("recsys_impressions_dropped_total", "Impressions not written",
+                                           registry=self.registry)  # fmt: skip
+
+        # Labelled series by label values: `labels()` validates and locks on every call, a dict lookup does not.
+        # Bounded: route templates x methods x statuses, API key names, routes and causes are all few.
+        self._requests: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._by_key: dict[str, Any] = {}
+        self._answers: dict[tuple[str, str], Any] = {}
+
+    def observe_request(self, method: str, handler: str, status: int, seconds: float, api_key: str | None) -> None:
+        series = self._requests.get((method, handler, status))
+        if series is None:
+            code = str(status)
+            errors = self.errors.labels(method, handler, code) if status >= 400 else None
+            series = self._requests[(method, handler, status)] = (self.request_duration.labels(method, handler, code),
+                                                                  errors)  # fmt: skip
+        series[0].observe(seconds)
+        if series[1] is not None:
+            series[1].inc()
+        name = api_key or NO_API_KEY
+        by_key = self._by_key.get(name)
+        if by_key is None:
+            by_key = self._by_key[name] = self.requests_by_api_key.labels(name)
+        by_key.inc()
+
+    def observe_recommendation(self, handler: str, route: str, degraded: list[str]) -> None:
+        answers = self._answers.get((handler, route))
+        if answers is None:
+            answers = self._answers[(handler, route)] = self.recommendations.labels(handler, route)
+        answers.inc()
+        for cause in degraded:  # rare: only degraded answers
+            self.fallbacks.labels(cause).inc()
+
+
+router = APIRouter(tags=["monitoring"])
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus' text exposition of this process's metrics (no API key: scrapers carry none)."""
+    registry: CollectorRegistry = request.app.state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
