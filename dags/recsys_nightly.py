@@ -67,6 +67,10 @@ def _fail_without_retry(error: Exception) -> AirflowFailException:
                              description="day of gateway interactions to extract (default: the day before the run)"),
         "top_k": Param(500, type="integer", minimum=1, description="candidates retrieved per user"),
         "top_n": Param(100, type="integer", minimum=1, description="recommendations kept per user"),
+        # Batch scoring and the Triton export read the same value, so offline and online lists agree.
+        "retrieval_weight": Param(1.5, type="number", minimum=0,
+                                  description="weight of the two-tower's P(item | user) next to the ranker's "
+                                              "probability in the final order (0: the ranker alone)"),
         "unavailable_items": Param(None, type=["null", "string"],
                                    description="CSV with an item id column: items never recommended"),
         "quality_gate": Param("gate", enum=["gate", "force", "skip"],
@@ -284,7 +288,8 @@ def recsys_nightly() -> None:
         output = run_dir / "batch_score"
         versions = {"two_tower": two_tower["model_version"], "ranker": ranker["model_version"]}
         arguments = ["--input", str(run_dir), "--output", str(output), "--top-k", str(params["top_k"]),
-                     "--top-n", str(params["top_n"]), "--model-versions", json.dumps(versions)]  # fmt: skip
+                     "--top-n", str(params["top_n"]), "--retrieval-weight", str(params["retrieval_weight"]),
+                     "--model-versions", json.dumps(versions)]  # fmt: skip
         if params["spec"]:
             arguments += ["--spec", params["spec"]]
         if params["unavailable_items"]:
@@ -336,7 +341,8 @@ def recsys_nightly() -> None:
         run_dir = Path(faiss_dir).parent
         output = run_dir / "triton_repository"
         unavailable = Path(params["unavailable_items"]) if params["unavailable_items"] else None
-        config = TritonEnsembleConfig(top_k=params["top_k"], top_n=params["top_n"], unavailable_items=unavailable)
+        config = TritonEnsembleConfig(top_k=params["top_k"], top_n=params["top_n"], unavailable_items=unavailable,
+                                      retrieval_weight=params["retrieval_weight"])  # fmt: skip
         versions = {"two_tower": two_tower["model_version"], "ranker": ranker["model_version"]}
         step(run_dir, output, load_spec(params["spec"]), config, model_versions=versions)
         # The repository is reviewed and fetched with the ranker run it serves.

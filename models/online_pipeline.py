@@ -10,9 +10,16 @@ request online), so the two cannot drift. The stages follow the report's four-st
 3. scoring: the user's features are unrolled against every candidate's item features, held in
    memory as arrays indexed by encoded item id (the report fetched them from Feast per candidate,
    which made latency grow with K), and the ranker scores every pair in one call;
-4. ordering: the promotion rule (report 4.4.7), then softmax sampling with temperature T over
-   `score / T` (report formula 2.2; T -> 0 gives the ranked order, unlike NVIDIA's example, which
-   multiplies by T), with the sampling probabilities returned.
+4. ordering: the ranker's P(click | shown) blended with the retrieval's P(item | user)
+   (`blend_scores`, weight `retrieval_weight`), then the promotion rule (report 4.4.7), then
+   softmax sampling with temperature T over `score / T` (report formula 2.2; T -> 0 gives the ranked
+   order, unlike NVIDIA's example, which multiplies by T), with the sampling probabilities returned.
+
+Why a blend: logged clicks need the item to be shown first. The ranker, trained on shown items,
+predicts P(click | shown); the two-tower model, trained on logged positives with the logQ correction,
+learns P(item | user), which carries the exposure too. Reordering the candidates by the ranker alone
+threw that away (on the 1M-row benchmark its lists scored NDCG@10 0.0085, the two-tower's own order of
+the same candidates 0.097).
 
 Ranker inputs that cannot be known for a new (user, item) pair (user-item crosses, the position an
 item will be shown at) get Categorify's code for a missing value, as in training rows with nulls.
@@ -40,6 +47,11 @@ if TYPE_CHECKING:
     import faiss
 
 MISSING = -1  # a filtered or absent candidate
+# Weight of the retrieval's log P(item | user) next to the ranker's log P(click | shown) in the final order
+# (`blend_scores`). Chosen by benchmarks/retrieval_weight.py on the validation users of generator seed 6
+# (1M rows), not seed 5 that the README reports: the smallest weight whose NDCG@10 is within one standard
+# error of the best (1.5: 0.1000; best 0.1008 at 4-6; the ranker alone 0.017, retrieval's order 0.100).
+DEFAULT_RETRIEVAL_WEIGHT = 1.5
 RANKER_ROWS_PER_CALL = 262_144  # users x candidates scored per ranker call: bounds memory, keeps calls large
 USER_FEATURES_FILE = "user_features.parquet"  # written by nvtabular_fit_transform
 ITEM_FEATURES_FILE = "item_features.parquet"
@@ -142,6 +154,33 @@ def nearest_other_items(codes: np.ndarray, found: np.ndarray, distances: np.ndar
         ids = np.pad(ids, ((0, 0), (0, n - width)), constant_values=MISSING)
         similarity = np.pad(similarity, ((0, 0), (0, n - width)), constant_values=np.nan)
     return ids.astype(np.int64), similarity.astype(np.float32)
+
+
+def blend_scores(candidates: np.ndarray, ranker_scores: np.ndarray, retrieval_scores: np.ndarray,
+                 weight: float) -> np.ndarray:  # fmt: skip
+    """The ordering score of each candidate: P(click | shown) * P(item | user)^weight, scaled per user.
+
+    P(click | shown) is the ranker's probability; P(item | user) the softmax of the two-tower inner
+    products (`retrieval_scores`, aligned with `candidates`) over the user's remaining candidates. In
+    logs: log P(click | shown) + weight * log P(item | user). The softmax's normalizer is the same for
+    all of a user's candidates, so it is replaced by the user's best inner product: the result is
+    ranker_score * exp(weight * (inner product - best inner product)), which orders each user's
+    candidates exactly as the product does, and stays a probability-scale number (the user's most
+    likely candidate keeps its ranker score, the others are discounted), so the promotion threshold and
+    the softmax temperature of `order` (and of the gateway, which reorders published scores with
+    `order`) still apply to it. weight 0: the ranker's scores alone. NaN where the candidate is MISSING.
+    """
+    if weight < 0:
+        raise ValueError(f"retrieval weight must not be negative, got {weight}")
+    ranker = np.asarray(ranker_scores, dtype=np.float64)
+    valid = np.asarray(candidates) >= 0
+    if weight == 0:
+        return np.where(valid, ranker, np.nan)
+    retrieval = np.asarray(retrieval_scores, dtype=np.float64)
+    best = np.max(np.where(valid, retrieval, -np.inf), axis=1, keepdims=True)
+    # At most 0 for candidates; 0 elsewhere (a filtered item may have had a higher inner product).
+    gap = np.where(valid, retrieval - np.where(np.isfinite(best), best, 0.0), 0.0)
+    return np.where(valid, ranker * np.exp(weight * gap), np.nan)
 
 
 def order(candidates: np.ndarray, scores: np.ndarray, top_n: int, *, temperature: float = 0.0,
@@ -480,11 +519,16 @@ class RecommendationPipeline:
                   excluded: Sequence[np.ndarray] | None = None, unavailable: np.ndarray | None = None,
                   context: Mapping[str, np.ndarray] | None = None, temperature: float = 0.0,
                   rng: np.random.Generator | None = None, promoted: np.ndarray | None = None,
-                  promotion_threshold: float = 0.5) -> dict[str, np.ndarray]:  # fmt: skip
-        """All four stages for a batch of known users; encoded item ids out (MISSING pads)."""
-        candidates, _ = self.retrieve(self.embed_users(features), top_k)
+                  promotion_threshold: float = 0.5,
+                  retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT) -> dict[str, np.ndarray]:  # fmt: skip
+        """All four stages for a batch of known users; encoded item ids out (MISSING pads).
+
+        `scores` are `blend_scores`'s (the ranker's alone with `retrieval_weight` 0).
+        """
+        candidates, inner_products = self.retrieve(self.embed_users(features), top_k)
         candidates = filter_candidates(candidates, excluded=excluded, unavailable=unavailable)
-        scores = self.score(features, candidates, context)
+        ranker_scores = self.score(features, candidates, context)
+        scores = blend_scores(candidates, ranker_scores, inner_products, retrieval_weight)
         items, ordered_scores, probabilities = order(
             candidates, scores, top_n, temperature=temperature, rng=rng, promoted=promoted,
             promotion_threshold=promotion_threshold,

@@ -104,8 +104,9 @@ def _build_faiss_index(args: argparse.Namespace) -> dict:
 def _batch_score(args: argparse.Namespace) -> dict:
     from tasks.batch_score import BatchScoreConfig, batch_score
 
+    weight = BatchScoreConfig.retrieval_weight if args.retrieval_weight is None else args.retrieval_weight
     config = BatchScoreConfig(top_k=args.top_k, top_n=args.top_n, similar_n=args.similar_n,
-                              unavailable_items=args.unavailable_items)  # fmt: skip
+                              unavailable_items=args.unavailable_items, retrieval_weight=weight)  # fmt: skip
     versions = json.loads(args.model_versions) if args.model_versions else None
     return batch_score(args.input, args.output, load_spec(args.spec), config, model_versions=versions)
 
@@ -134,8 +135,10 @@ def _evaluate(args: argparse.Namespace) -> dict:
 def _export_triton_ensemble(args: argparse.Namespace) -> dict:
     from tasks.export_triton_ensemble import TritonEnsembleConfig, export_triton_ensemble, log_triton_repository
 
+    weight = TritonEnsembleConfig.retrieval_weight if args.retrieval_weight is None else args.retrieval_weight
     config = TritonEnsembleConfig(top_k=args.top_k, top_n=args.top_n, similar_n=args.similar_n,
-                                  temperature=args.temperature, unavailable_items=args.unavailable_items)  # fmt: skip
+                                  temperature=args.temperature, unavailable_items=args.unavailable_items,
+                                  retrieval_weight=weight)  # fmt: skip
     versions = json.loads(args.model_versions) if args.model_versions else None
     metrics = export_triton_ensemble(args.input, args.output, load_spec(args.spec), config, model_versions=versions)
     if args.mlflow_run_id:
@@ -323,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--unavailable-items", type=Path, default=None,
                               help="CSV with an item id column: items never recommended")  # fmt: skip
             step.add_argument("--model-versions", default=None, help="JSON: registered versions scored with")
+        if name in ("batch-score", "export-triton-ensemble"):
+            step.add_argument("--retrieval-weight", type=float, default=None,
+                              help="weight of the two-tower's P(item | user) next to the ranker's probability in "
+                                   "the final order (0: the ranker alone; default: models.online_pipeline's "
+                                   "DEFAULT_RETRIEVAL_WEIGHT)")  # fmt: skip
         if name == "demo-data":
             step.add_argument("--top-k", type=int, default=200, help="retrieved candidates per user")
             step.add_argument("--max-users", type=int, default=500, help="validation users with the most clicks")

@@ -1,7 +1,8 @@
 """Batch scoring of every known user (trainer environment), for the web tier's precomputed lookups.
 
 For each user: the online pipeline's four stages (user tower, Faiss top-K, business-rule filter,
-ranker, top-N) in batches of users. Also the generic lists of new visitors (popularity of positive
+ranker, top-N by the ranker's probability blended with the retrieval's, `retrieval_weight`) in batches
+of users. Also the generic lists of new visitors (popularity of positive
 interactions per segment of the spec's `segment_features`, seed 000, plus one list over all
 segments under the key "*") and the item-to-item similar lists for the "browsing now" case. Writes
 Parquet under the run; `publish_recommendations` loads it into Redis atomically.
@@ -23,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from models.online_pipeline import PipelineArtifacts, RecommendationPipeline
+from models.online_pipeline import DEFAULT_RETRIEVAL_WEIGHT, PipelineArtifacts, RecommendationPipeline
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import PartitionWriter, nvtabular_part_files
 from recsys.spec import DatasetSpec
@@ -47,8 +48,15 @@ class BatchScoreConfig:
     top_n: int = 100  # items kept per user after ranking
     similar_n: int = 50  # similar items kept per item
     users_per_batch: int = 512
+    # Weight of the two-tower's P(item | user) in the final order next to the ranker's P(click | shown)
+    # (models.online_pipeline.blend_scores); 0: the ranker alone. The published scores are the blend.
+    retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT
     # CSV with a column named like the spec's item id: items that must not be recommended.
     unavailable_items: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.retrieval_weight < 0:
+            raise ValueError(f"retrieval_weight must not be negative, got {self.retrieval_weight}")
 
 
 def segment_key(values: list[Any]) -> str:
@@ -133,7 +141,8 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
                 features, _ = pipeline.user_features(batch)
                 excluded = [purchases.get(int(user), np.empty(0, dtype=np.int64)) for user in batch]
                 result = pipeline.recommend(features, top_k=config.top_k, top_n=config.top_n,
-                                           excluded=excluded, unavailable=unavailable)  # fmt: skip
+                                           excluded=excluded, unavailable=unavailable,
+                                           retrieval_weight=config.retrieval_weight)  # fmt: skip
                 items, scores = _lists(pipeline.raw_items(result["items"]), result["scores"])
                 writer.write(pa.table({"user_id": pa.array(batch), "item_ids": items, "scores": scores},
                                       schema=USER_SCHEMA))  # fmt: skip

@@ -115,6 +115,12 @@ def list_metrics(top: np.ndarray, relevant: Sequence[np.ndarray | set[int] | Seq
     (not empty). NDCG agrees with scikit-learn's `ndcg_score` (tests check it); that function needs dense
     (users x catalog) score matrices, several GB at a million rows, so the hits are counted here instead.
     """
+    return {name: float(np.mean(values)) for name, values in user_list_metrics(top, relevant, k).items()}
+
+
+def user_list_metrics(top: np.ndarray, relevant: Sequence[np.ndarray | set[int] | Sequence[int]], k: int
+                      ) -> dict[str, np.ndarray]:  # fmt: skip
+    """`list_metrics` of each user (one value per row of `top`), e.g. for standard errors."""
     n_relevant = np.array([len(items) for items in relevant], dtype=np.float64)
     if not len(n_relevant) or (n_relevant == 0).any():
         raise ValueError("every evaluated user needs at least one relevant item")
@@ -126,10 +132,10 @@ def list_metrics(top: np.ndarray, relevant: Sequence[np.ndarray | set[int] | Seq
     ideal = np.cumsum(discounts)[np.minimum(n_relevant, k).astype(int) - 1]
     precision_at_rank = np.cumsum(hits, axis=1) / np.arange(1, k + 1)
     return {
-        f"precision_at_{k}": float(np.mean(hits.sum(axis=1) / k)),
-        f"recall_at_{k}": float(np.mean(hits.sum(axis=1) / n_relevant)),
-        f"ndcg_at_{k}": float(np.mean((hits * discounts).sum(axis=1) / ideal)),
-        f"map_at_{k}": float(np.mean((precision_at_rank * hits).sum(axis=1) / np.minimum(n_relevant, k))),
+        f"precision_at_{k}": hits.sum(axis=1) / k,
+        f"recall_at_{k}": hits.sum(axis=1) / n_relevant,
+        f"ndcg_at_{k}": (hits * discounts).sum(axis=1) / ideal,
+        f"map_at_{k}": (precision_at_rank * hits).sum(axis=1) / np.minimum(n_relevant, k),
     }
 
 
@@ -445,6 +451,32 @@ def true_click_rates(methods: dict[str, np.ndarray], data: EvaluationData, k: in
 # -- the step -------------------------------------------------------------------------------------------
 
 
+def final_list_data(data: EvaluationData) -> tuple[EvaluationData, np.ndarray]:
+    """The users the final lists are judged on: relevant items the business rules block removed, users left
+    without any dropped; (their data, the mask of `data.users` kept)."""
+    relevant = [np.setdiff1d(items, blocked) for items, blocked in zip(data.relevant, data.excluded, strict=True)]
+    keep = np.array([len(items) > 0 for items in relevant], dtype=bool)
+    return users_subset(dataclasses.replace(data, relevant=relevant), keep), keep
+
+
+def users_subset(data: EvaluationData, mask: np.ndarray) -> EvaluationData:
+    """`data` restricted to the users where `mask` (aligned with `data.users`) is True."""
+    return dataclasses.replace(
+        data, users=data.users[mask], relevant=[items for items, ok in zip(data.relevant, mask, strict=True) if ok],
+        excluded=[items for items, ok in zip(data.excluded, mask, strict=True) if ok],
+        user_segments=[segment for segment, ok in zip(data.user_segments, mask, strict=True) if ok],
+    )  # fmt: skip
+
+
+def read_splits(run_dir: Path, spec: DatasetSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The raw training and validation rows of a run (its resplit output), with the columns the evaluation uses."""
+    purchase = [spec.purchase_target] if spec.purchase_target else []
+    columns = list(dict.fromkeys([spec.user_id, spec.item_id, spec.primary_target, *purchase,
+                                  *spec.segment_features, *spec.item_features[:1]]))  # fmt: skip
+    resplit = Path(run_dir) / "resplit"
+    return _read_split(resplit / "train", columns), _read_split(resplit / "valid", columns)
+
+
 def _read_split(directory: Path, columns: list[str]) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
@@ -523,15 +555,13 @@ def evaluate(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Evaluat
     started = time.perf_counter()
     run = Path(run_dir)
     batch_dir = Path(batch_score_dir) if batch_score_dir else run / "batch_score"
-    purchase = [spec.purchase_target] if spec.purchase_target else []
-    columns = list(dict.fromkeys([spec.user_id, spec.item_id, spec.primary_target, *purchase,
-                                  *spec.segment_features, *spec.item_features[:1]]))  # fmt: skip
-    train = _read_split(run / "resplit" / "train", columns)
-    valid = _read_split(run / "resplit" / "valid", columns)
+    train, valid = read_splits(run, spec)
     unavailable: set[int] = set()
+    batch_config: dict[str, Any] = {}
     batch_metrics_file = batch_dir / "_metrics.json"
     if batch_metrics_file.exists():
-        listed = json.loads(batch_metrics_file.read_text()).get("config", {}).get("unavailable_items") or ""
+        batch_config = json.loads(batch_metrics_file.read_text()).get("config", {})
+        listed = batch_config.get("unavailable_items") or ""
         if listed and Path(listed).exists():  # the same rule for the baselines as for the pipeline
             unavailable = read_unavailable(Path(listed), spec)
     data = prepare(train, valid, spec, unavailable)
@@ -555,13 +585,7 @@ def evaluate(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Evaluat
 
     # Final lists: the business rules for every list, and the items they remove out of the relevant ones.
     k = config.final_k
-    relevant = [np.setdiff1d(items, blocked) for items, blocked in zip(data.relevant, data.excluded, strict=True)]
-    keep = np.array([len(items) > 0 for items in relevant], dtype=bool)
-    kept = dataclasses.replace(
-        data, users=data.users[keep], relevant=[items for items, ok in zip(relevant, keep, strict=True) if ok],
-        excluded=[items for items, ok in zip(data.excluded, keep, strict=True) if ok],
-        user_segments=[segment for segment, ok in zip(data.user_segments, keep, strict=True) if ok],
-    )  # fmt: skip
+    kept, keep = final_list_data(data)
     measure = {"catalog_size": len(data.catalog), "categories": data.categories, "popularity": data.popularity}
     final: dict[str, Any] = {"k": k, "users": len(kept.users),
                              "users_without_relevant_items_left": int((~keep).sum())}  # fmt: skip
@@ -569,6 +593,8 @@ def evaluate(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Evaluat
     users_dir = batch_dir / "users"
     if users_dir.is_dir():
         methods["pipeline"], final["users_without_a_pipeline_list"] = pipeline_lists(users_dir, kept.users, k)
+        if "retrieval_weight" in batch_config:  # how the lists were ordered (models.online_pipeline.blend_scores)
+            final["pipeline_retrieval_weight"] = batch_config["retrieval_weight"]
     methods.update(baseline_lists(kept, k, config, excluded=kept.excluded, similarities=similarities))
     raw_input = Path(raw_input_dir) if raw_input_dir else _default_raw_input(run)
     truth = generator_truth(raw_input, data) if raw_input else None
@@ -652,6 +678,9 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     for name in names:
         label = "oracle (true click probabilities)" if name == "oracle" else name
         lines.append(f"| {label} | " + " | ".join(_cell(final[name].get(key)) for key in keys) + " |")
+    if "pipeline_retrieval_weight" in final:
+        lines += ["", f"The pipeline's lists are ordered with retrieval weight {final['pipeline_retrieval_weight']:g} "
+                  "(`models.online_pipeline.blend_scores`; 0: the ranker alone)."]  # fmt: skip
     cutoffs = retrieval["cutoffs"]
     lines += ["", f"### Retrieval (whole catalog of {metrics['catalog_items']:,} items, no business rule; "
               f"{retrieval['users']:,} users)", ""]  # fmt: skip

@@ -6,6 +6,9 @@ one pipeline implementation in `models/online_pipeline.py`, as batch scoring doe
     recommend:         query_tower -> faiss_retrieval -> filter_candidates -> ranker -> ordering
     similar_products:  item_lookup -> faiss_retrieval -> similar_items
 
+`ordering` also receives `faiss_retrieval`'s inner products: it orders by the ranker's probability
+blended with the retrieval's (`retrieval_weight`, as batch scoring's `blend_scores`).
+
 The repository is self-contained: each model's version folder `<model>/1/` holds its `model.py` and
 copies of what that stage loads (the query tower or ranker SavedModel, the Faiss index, the user or
 item feature table, the item embeddings, each user's purchases, the unavailable items) and
@@ -31,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from models.online_pipeline import (
+    DEFAULT_RETRIEVAL_WEIGHT,
     ITEM_FEATURES_FILE,
     USER_FEATURES_FILE,
     ItemCatalog,
@@ -53,7 +57,7 @@ RECOMMEND = "recommend"
 SIMILAR_PRODUCTS = "similar_products"
 # Tensor names of the recommend ensemble that are not dataset columns; a spec column named like one is refused.
 RESERVED_NAMES = ("top_k", "top_n", "temperature", "seed", "item_ids", "scores", "probabilities", "known_users",
-                  "query_embeddings", "user_features", "candidates", "filtered_candidates",
+                  "query_embeddings", "user_features", "candidates", "candidate_scores", "filtered_candidates",
                   "ranker_scores")  # fmt: skip
 
 
@@ -66,6 +70,14 @@ class TritonEnsembleConfig:
     max_top_k: int = 10_000  # requests asking for more candidates are refused
     # CSV with a column named like the spec's item id: items never recommended nor returned as similar.
     unavailable_items: Path | None = None
+    # Weight of the two-tower's P(item | user) next to the ranker's P(click | shown) in the order
+    # (models.online_pipeline.blend_scores), as batch_score's: the two must agree for online and offline
+    # lists to be the same. The returned `scores` are the blend.
+    retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT
+
+    def __post_init__(self) -> None:
+        if self.retrieval_weight < 0:
+            raise ValueError(f"retrieval_weight must not be negative, got {self.retrieval_weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +182,12 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
     ranker = StageConfig("ranker", (user_features, candidates, *context_inputs), (ranker_scores,))
     ordering = StageConfig(
         "ordering",
-        (candidates, ranker_scores, top_n, _one("temperature", "TYPE_FP32"), _one("seed", "TYPE_INT64")),
+        (candidates, ranker_scores, _matrix("retrieval_scores", "TYPE_FP32"), top_n, _one("temperature", "TYPE_FP32"),
+         _one("seed", "TYPE_INT64")),
         (*item_lists, _matrix("probabilities", "TYPE_FP32")),
-        {"top_n": str(config.top_n), "temperature": repr(float(config.temperature))},
-    )
+        {"top_n": str(config.top_n), "temperature": repr(float(config.temperature)),
+         "retrieval_weight": repr(float(config.retrieval_weight))},
+    )  # fmt: skip
     item_lookup = StageConfig(
         "item_lookup",
         (_ids("raw_item_ids"), top_n),
@@ -208,14 +222,15 @@ def ensemble_configs(columns: PipelineColumns) -> list[EnsembleConfig]:
                          {"query_embeddings": "query_embeddings", "user_features": "user_features",
                           "known_users": "known_users"}),
             EnsembleStep("faiss_retrieval", {"query_embeddings": "query_embeddings", "top_k": "top_k"},
-                         {"candidates": "candidates"}),
+                         {"candidates": "candidates", "candidate_scores": "candidate_scores"}),
             EnsembleStep("filter_candidates", {"raw_user_ids": raw_user, "candidates": "candidates",
                                                "known_users": "known_users"},
                          {"filtered_candidates": "filtered_candidates"}),
             EnsembleStep("ranker", {"user_features": "user_features", "candidates": "filtered_candidates", **context},
                          {"ranker_scores": "ranker_scores"}),
             EnsembleStep("ordering", {"candidates": "filtered_candidates", "ranker_scores": "ranker_scores",
-                                      "top_n": "top_n", "temperature": "temperature", "seed": "seed"},
+                                      "retrieval_scores": "candidate_scores", "top_n": "top_n",
+                                      "temperature": "temperature", "seed": "seed"},
                          {"item_ids": "item_ids", "scores": "scores", "probabilities": "probabilities"}),
         ),
     )  # fmt: skip

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 from airflow.dag_processing.dagbag import DagBag
 
+from models.online_pipeline import DEFAULT_RETRIEVAL_WEIGHT
+
 DAGS = Path(__file__).resolve().parent.parent / "dags"
 DATA_STAGE = ["csv_to_parquet", "clean_null_rows", "resplit", "validate", "nvtabular_fit_transform", "train_ranker"]
 
@@ -71,6 +73,7 @@ def test_manual_trigger_params_and_defaults(dagbag: DagBag):
     assert params["ranker_model"] == "dlrm"  # the report's choice; dcn and mlp for comparison
     assert params["quality_gate"] == "gate" and params["gate_tolerance"] == 0.005
     assert params["compare_rankers"] is False
+    assert params["retrieval_weight"] == DEFAULT_RETRIEVAL_WEIGHT  # the blend the benchmark chose
 
 
 def test_monitoring_runs_hourly_with_alert_params(dagbag: DagBag):

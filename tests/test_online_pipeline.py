@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.online_pipeline import MISSING, filter_candidates, order
+from models.online_pipeline import MISSING, blend_scores, filter_candidates, order
 from tasks.build_faiss_index import FaissIndexConfig, build_faiss_index, build_index, load_index
 
 CANDIDATES = np.array([[10, 11, 12, 13], [20, 21, MISSING, MISSING]])
@@ -54,6 +54,56 @@ def test_promotion_rule_lifts_promoted_items_above_the_threshold_only():
     items, scores, _ = order(CANDIDATES, SCORES, 4, promoted=promoted, promotion_threshold=0.4)
     assert items[0].tolist() == [12, 11, 13, 10]
     assert scores[0, 0] == 1.0
+
+
+# One user's candidates: item 13 was filtered out (bought) although retrieval liked it best.
+BLEND_CANDIDATES = np.array([[10, 11, 12, MISSING], [MISSING] * 4])
+RANKER = np.array([[0.2, 0.1, 0.4, np.nan], [np.nan] * 4], dtype=np.float32)
+INNER_PRODUCTS = np.array([[3.0, 2.0, 1.0, 9.0], [1.0, 2.0, 3.0, 4.0]], dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    ("weight", "expected", "ranked"),
+    [
+        # weight 0: the ranker alone
+        (0.0, [0.2, 0.1, 0.4], [12, 10, 11]),
+        # 0.2 * e^0, 0.1 * e^-0.5, 0.4 * e^-1: the best remaining candidate (3.0) is the reference, not item 13
+        (0.5, [0.2, 0.0606531, 0.1471518], [10, 12, 11]),
+        (1.0, [0.2, 0.0367879, 0.0541341], [10, 12, 11]),
+        # a large weight: the retrieval's order
+        (4.0, [0.2, 0.00183156, 0.000134185], [10, 11, 12]),
+    ],
+)
+def test_blend_discounts_the_ranker_probability_by_the_retrieval_probability(weight, expected, ranked):
+    blended = blend_scores(BLEND_CANDIDATES, RANKER, INNER_PRODUCTS, weight)
+
+    assert blended[0, :3].tolist() == pytest.approx(expected, rel=1e-5)
+    assert np.isnan(blended[0, 3]) and np.isnan(blended[1]).all()  # MISSING candidates, an empty row
+    items, scores, _ = order(BLEND_CANDIDATES, blended, 3)
+    assert items[0].tolist() == ranked
+    assert scores[0].tolist() == pytest.approx(sorted(expected, reverse=True), rel=1e-5)
+
+
+def test_blend_orders_as_ranker_probability_times_softmax_of_inner_products_to_the_weight():
+    rng = np.random.default_rng(0)
+    candidates = np.arange(40).reshape(2, 20)
+    candidates[0, [3, 7]] = MISSING
+    ranker = rng.uniform(0.01, 0.6, size=(2, 20))
+    inner = rng.normal(scale=3.0, size=(2, 20))
+    weight = 0.7
+    blended = blend_scores(candidates, ranker, inner, weight)
+    for row in range(2):
+        valid = candidates[row] >= 0
+        softmax = np.exp(inner[row, valid]) / np.exp(inner[row, valid]).sum()  # P(item | user) over the candidates
+        product = ranker[row, valid] * softmax**weight
+        ratio = blended[row, valid] / product
+        assert ratio == pytest.approx(np.full(valid.sum(), ratio[0]))  # the same up to one factor per user
+        assert blended[row, valid].max() <= ranker[row, valid].max()  # still on the probability scale
+
+
+def test_blend_refuses_a_negative_weight():
+    with pytest.raises(ValueError, match="must not be negative"):
+        blend_scores(BLEND_CANDIDATES, RANKER, INNER_PRODUCTS, -1.0)
 
 
 @pytest.fixture

@@ -75,7 +75,8 @@ def ordering(tmp_path: Path) -> OrderingModel:
     COLUMNS.write(version)
     items = pd.DataFrame({"item": [100, 101, 102, 103], "item_encoded": [2, 3, 4, 5], "shop": [1, 2, 3, 4]})
     items.to_parquet(version / ITEM_FEATURES_FILE, index=False)
-    config = {"parameters": {"top_n": {"string_value": "2"}, "temperature": {"string_value": "0.0"}}}
+    config = {"parameters": {"top_n": {"string_value": "2"}, "temperature": {"string_value": "0.0"},
+                             "retrieval_weight": {"string_value": "1.0"}}}  # fmt: skip
     model = OrderingModel()
     model.initialize({"model_repository": str(tmp_path / "ordering"), "model_version": "1",
                       "model_config": json.dumps(config)})  # fmt: skip
@@ -83,7 +84,9 @@ def ordering(tmp_path: Path) -> OrderingModel:
 
 
 def test_ordering_stage_applies_defaults_and_returns_raw_ids(ordering: OrderingModel):
-    inputs = {"candidates": np.array([[2, 3, 4, MISSING]]), "ranker_scores": np.array([[0.1, 0.9, 0.5, np.nan]])}
+    # Equal inner products: the blend leaves the ranker's scores as they are.
+    inputs = {"candidates": np.array([[2, 3, 4, MISSING]]), "ranker_scores": np.array([[0.1, 0.9, 0.5, np.nan]]),
+              "retrieval_scores": np.array([[1.0, 1.0, 1.0, 5.0]])}  # fmt: skip
 
     outputs = ordering.run(inputs)
 
@@ -95,6 +98,17 @@ def test_ordering_stage_applies_defaults_and_returns_raw_ids(ordering: OrderingM
     assert sorted(sampled["item_ids"][0][:3]) == [100, 101, 102] and sampled["item_ids"][0][3] == MISSING
 
 
+def test_ordering_stage_blends_ranker_scores_with_retrieval_inner_products(ordering: OrderingModel):
+    inputs = {"candidates": np.array([[2, 3, 4]]), "ranker_scores": np.array([[0.1, 0.9, 0.5]]),
+              "retrieval_scores": np.array([[2.0, 0.0, 1.0]])}  # fmt: skip
+
+    outputs = ordering.run(inputs)
+
+    # weight 1: 0.1 * e^0 = 0.1, 0.9 * e^-2 = 0.1218, 0.5 * e^-1 = 0.1839
+    np.testing.assert_array_equal(outputs["item_ids"], [[102, 101]])
+    np.testing.assert_allclose(outputs["scores"], [[0.5 * np.exp(-1.0), 0.9 * np.exp(-2.0)]], rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -102,15 +116,19 @@ def test_ordering_stage_applies_defaults_and_returns_raw_ids(ordering: OrderingM
         ({"temperature": np.array([-0.5], np.float32)}, "temperature must not be negative"),
         ({"temperature": np.array([np.inf], np.float32)}, "must be finite"),
         ({"top_n": np.array([1, 2], np.int32)}, "must hold one value"),
+        ({"retrieval_scores": np.array([[1.0, 2.0, 3.0]])}, "must have the same shape"),
     ],
 )
 def test_ordering_stage_refuses_bad_parameters(ordering: OrderingModel, extra: dict, message: str):
-    inputs = {"candidates": np.array([[2, 3]]), "ranker_scores": np.array([[0.1, 0.9]]), **extra}
+    inputs = {"candidates": np.array([[2, 3]]), "ranker_scores": np.array([[0.1, 0.9]]),
+              "retrieval_scores": np.array([[1.0, 2.0]]), **extra}  # fmt: skip
 
     with pytest.raises(RequestError, match=message):
         ordering.run(inputs)
 
 
-def test_ordering_stage_requires_candidates(ordering: OrderingModel):
+def test_ordering_stage_requires_candidates_and_both_scores(ordering: OrderingModel):
     with pytest.raises(RequestError, match="input 'candidates' is required"):
-        ordering.run({"ranker_scores": np.array([[0.1]])})
+        ordering.run({"ranker_scores": np.array([[0.1]]), "retrieval_scores": np.array([[0.1]])})
+    with pytest.raises(RequestError, match="input 'retrieval_scores' is required"):
+        ordering.run({"candidates": np.array([[2]]), "ranker_scores": np.array([[0.1]])})
