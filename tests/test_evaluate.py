@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import ndcg_score
 
+from models.online_pipeline import DEFAULT_RETRIEVAL_WEIGHT
 from recsys.settings import get_settings
 from recsys.spec import DatasetSpec, parse_spec
 from recsys.trainer_env import run_trainer_step
@@ -267,6 +268,8 @@ def test_evaluation_of_a_trained_run_writes_the_report_with_values_in_range(eval
         assert heading in report
     final = metrics["final"]
     assert final["users"] > 50 and final["users_without_a_pipeline_list"] == 0
+    assert final["pipeline_retrieval_weight"] == DEFAULT_RETRIEVAL_WEIGHT  # batch scoring's order is recorded
+    assert f"retrieval weight {DEFAULT_RETRIEVAL_WEIGHT:g}" in report
     for name in ("pipeline", *BASELINES):
         values = final[name]
         for key in ("precision_at_10", "recall_at_10", "ndcg_at_10", "map_at_10", "coverage_at_10", "diversity_at_10"):
