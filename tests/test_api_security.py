@@ -6,7 +6,6 @@ this file's own key prefix, removed afterwards).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +21,7 @@ from serving.api.db import database_url as engine_url
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tests.api_keys import new_key
+from tests.servers import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/10"
 PREFIX = "security-test:"
@@ -143,18 +143,12 @@ def test_writes_over_the_rate_are_429_with_retry_after_per_key_and_shared_by_wor
         assert second.post("/interactions", json=interaction(9), headers={"X-API-Key": other}).status_code == 201
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_without_redis_writes_are_let_through_unlimited(database: str) -> None:
     tracker = new_key(database, ("ingest",))
     limits = {"ingest_rate_per_s": 0.5, "ingest_burst": 1}
     with gateway(database) as client:
         seed(client, new_key(database, ("admin",)))
-    settings = Settings(database_url=database, redis_url=f"redis://127.0.0.1:{closed_port()}/0",
+    settings = Settings(database_url=database, redis_url=f"redis://127.0.0.1:{free_port()}/0",
                         redis_timeout_ms=100, **limits)  # type: ignore[arg-type]  # fmt: skip
     with TestClient(create_app(settings)) as client:
         statuses = [client.post("/interactions", json=interaction(number), headers={"X-API-Key": tracker}).status_code

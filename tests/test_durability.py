@@ -28,7 +28,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tasks.publish_recommendations import publish_recommendations
 from tests.api_keys import authorized, new_key
+from tests.servers import free_port
 from tests.test_publish_recommendations import write_batch
 
 pytestmark = pytest.mark.e2e
@@ -61,12 +61,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 PREFIX = "durability:"
 VERSION = "v1"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:

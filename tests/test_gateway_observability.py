@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -28,6 +27,7 @@ from serving.api.migrate import upgrade
 from tasks.monitor import MonitoringConfig, floor_hour, monitor_hour
 from tasks.publish_recommendations import encode_recommendations
 from tests.api_keys import authorized
+from tests.servers import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/7"
 PREFIX = "test-monitor:"
@@ -35,12 +35,6 @@ VERSION = "v-monitor"
 CUSTOMER = 101
 CUSTOMER_ITEMS = list(range(1_001, 1_031))  # 30 items, best first
 GENERIC_ITEMS = list(range(2_001, 2_021))
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _delete_prefix(client: redis.Redis) -> None:
@@ -67,7 +61,7 @@ def gateway(tmp_path: Path, **overrides: object) -> tuple[TestClient, str]:
     upgrade(database_url)
     values: dict[str, object] = {
         "database_url": database_url, "redis_url": REDIS_URL, "redis_key_prefix": PREFIX,
-        "triton_url": f"http://127.0.0.1:{closed_port()}", "impressions_dir": tmp_path / "impressions",
+        "triton_url": f"http://127.0.0.1:{free_port()}", "impressions_dir": tmp_path / "impressions",
         "redis_timeout_ms": 2_000, "triton_timeout_ms": 2_000,  # generous: 2 busy cores; the benchmark checks speed
     }  # fmt: skip
     settings = Settings(**{**values, **overrides})  # type: ignore[arg-type]
@@ -135,7 +129,7 @@ def test_metrics_count_latency_answers_fallbacks_errors_and_keys(published: redi
     assert "/recommendations/101" not in json.dumps([labels for _, labels in samples])  # templates, never raw paths
 
     # Redis down: another app (its own registry) counts the redis_unavailable fallback; the first app's does not.
-    down, _ = gateway(tmp_path / "down", redis_url=f"redis://127.0.0.1:{closed_port()}/7")
+    down, _ = gateway(tmp_path / "down", redis_url=f"redis://127.0.0.1:{free_port()}/7")
     with down:
         body = down.get(f"/recommendations/{CUSTOMER}").json()
         assert body["route"] == "none" and body["degraded"] == ["redis_unavailable"]

@@ -11,7 +11,6 @@ import http.server
 import json
 import logging
 import math
-import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from tasks.monitor import (
     monitor_hour,
     population_stability_index,
 )
+from tests.servers import free_port
 
 HOUR = datetime(2026, 11, 26, 10, tzinfo=UTC)
 WINDOW = timedelta(minutes=30)
@@ -240,12 +240,6 @@ def webhook() -> Iterator[Webhook]:
         yield server
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def alert_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
     return [json.loads(record.getMessage()) for record in caplog.records
             if record.levelno == logging.WARNING and record.name == "tasks.monitor"]  # fmt: skip
@@ -282,14 +276,14 @@ def test_a_drop_in_click_through_raises_the_alert(tmp_path: Path, webhook: Webho
     # Without fail_on_alert the step returns; a webhook that cannot be reached hides nothing.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tasks.monitor"):
-        report = monitor(HOUR + timedelta(hours=1), **arguments, webhook_url=f"http://127.0.0.1:{closed_port()}/x")
+        report = monitor(HOUR + timedelta(hours=1), **arguments, webhook_url=f"http://127.0.0.1:{free_port()}/x")
     assert report["alerts"] == [expected] and report["webhook_delivered"] is False
     assert alert_lines(caplog) == [{"event": "monitoring_alert", **expected}]
     [failure] = [json.loads(record.getMessage()) for record in caplog.records
                  if record.levelno == logging.ERROR and record.name == "tasks.monitor"]
     assert failure["event"] == "monitoring_webhook_failed"
     with pytest.raises(MonitoringAlertError):
-        monitor(HOUR + timedelta(hours=1), **arguments, webhook_url=f"http://127.0.0.1:{closed_port()}/x",
+        monitor(HOUR + timedelta(hours=1), **arguments, webhook_url=f"http://127.0.0.1:{free_port()}/x",
                 fail_on_alert=True)  # fmt: skip
 
 

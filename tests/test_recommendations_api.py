@@ -8,7 +8,6 @@ those URLs and a SQLite database built by the migrations.
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from serving.triton_server import TritonServer
 from tasks.export_triton_ensemble import TritonEnsembleConfig, export_triton_ensemble
 from tasks.publish_recommendations import decode_recommendations, publish_recommendations
 from tests.api_keys import authorized
+from tests.servers import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -52,12 +52,6 @@ def triton(trained_run: Path, spec: DatasetSpec, tmp_path_factory: pytest.TempPa
     export_triton_ensemble(trained_run, repository, spec, TritonEnsembleConfig())
     with TritonServer(repository, startup_timeout_s=180) as server:
         yield server
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def gateway(tmp_path: Path, **overrides: object) -> TestClient:
@@ -190,7 +184,7 @@ def test_without_triton_a_miss_falls_back_to_the_generic_list(published: redis.R
                                                               spec):  # fmt: skip
     user = user_ids(trained_run, spec)[4]
     published.delete(f"{PREFIX}recs:{VERSION}:user:{user}")
-    with gateway(tmp_path, triton_url=f"http://127.0.0.1:{closed_port()}") as client:
+    with gateway(tmp_path, triton_url=f"http://127.0.0.1:{free_port()}") as client:
         body = client.get(f"/recommendations/{user}").json()
     assert body["route"] == "generic" and body["degraded"] == ["triton_unavailable"] and body["items"]
 
@@ -253,7 +247,7 @@ def test_without_redis_answers_come_from_the_process_copy(published: redis.Redis
         # Redis goes away: the app's client now points at a port nobody listens on (a fault a running Redis
         # cannot show on demand without stopping the suite's shared server).
         recommender = client.app.state.recommender  # type: ignore[attr-defined]
-        recommender.redis = redis.asyncio.Redis(port=closed_port(), socket_timeout=0.05, socket_connect_timeout=0.05)
+        recommender.redis = redis.asyncio.Redis(port=free_port(), socket_timeout=0.05, socket_connect_timeout=0.05)
         cold = client.get(f"/recommendations/{user}").json()
         stranger = client.get("/recommendations/999999998")
     assert warm["route"] == "precomputed"

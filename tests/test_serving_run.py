@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import redis
 
 from serving.run import ServeError, ensure_redis, latest_published_repository
 from tasks.publish_recommendations import RecommendationKeys
+from tests.servers import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/7"
 
@@ -67,12 +67,6 @@ def test_refuses_when_no_run_published_or_nothing_was_exported(tmp_path: Path, c
     exported(tmp_path, "run_a", 10)
     with pytest.raises(ServeError, match="no run of theirs is published"):
         latest_published_repository(tmp_path, connection, prefix)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_redis_that_answers_is_used_and_one_that_cannot_be_started_is_refused() -> None:
