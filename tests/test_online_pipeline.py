@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.online_pipeline import MISSING, blend_scores, filter_candidates, order
+from models.online_pipeline import MISSING, blend_scores, filter_candidates, order, ranked_order
 from tasks.build_faiss_index import FaissIndexConfig, build_faiss_index, build_index, load_index
 
 CANDIDATES = np.array([[10, 11, 12, 13], [20, 21, MISSING, MISSING]])
@@ -54,6 +54,24 @@ def test_promotion_rule_lifts_promoted_items_above_the_threshold_only():
     items, scores, _ = order(CANDIDATES, SCORES, 4, promoted=promoted, promotion_threshold=0.4)
     assert items[0].tolist() == [12, 11, 13, 10]
     assert scores[0, 0] == 1.0
+
+
+def test_the_gateways_ranked_order_equals_order_at_temperature_zero():
+    rng = np.random.default_rng(3)
+    for case in range(300):
+        length = int(rng.integers(1, 40))
+        # Few distinct values: many ties; scores around the threshold; some promoted.
+        scores = rng.choice(np.array([0.1, 0.3, 0.5, 0.5, 0.7, 0.9], dtype=np.float32), length)
+        promoted = rng.random(length) < 0.3
+        top_n = int(rng.integers(0, length + 2))
+        threshold = float(rng.choice([0.0, 0.5, 0.6, 1.0]))
+        positions = np.arange(length, dtype=np.int64)[None, :]
+        chosen, chosen_scores, _ = order(positions, scores[None, :], min(top_n, length), promoted=promoted,
+                                         promotion_threshold=threshold)  # fmt: skip
+        picked, picked_scores = ranked_order(scores.tolist(), promoted.tolist(), top_n, promotion_threshold=threshold)
+        assert picked == chosen[0].tolist(), case
+        assert picked_scores == chosen_scores[0].tolist(), case
+    assert ranked_order([], [], 5) == ([], [])
 
 
 # One user's candidates: item 13 was filtered out (bought) although retrieval liked it best.

@@ -104,3 +104,11 @@ def test_the_process_copy_keeps_the_whole_list_whatever_count_was_asked(client: 
     recommender = client.app.state.recommender  # type: ignore[attr-defined]
     copy = recommender._local_copy("user", str(CUSTOMER))
     assert copy.items == NIGHTLY[0]
+
+
+@pytest.mark.parametrize("temperature", [0, 0.5])
+def test_a_list_whose_products_all_became_unavailable_is_an_empty_answer(client: TestClient,
+                                                                         temperature: float) -> None:
+    for product in NIGHTLY[0]:
+        assert client.patch(f"/products/{product}", json={"available": False}).status_code == 200
+    assert items(client, temperature=temperature, seed=1) == []

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -91,7 +91,7 @@ async def _session_views(request: Request, session_id: str) -> tuple[int, ...] |
 
 
 def _response(request: Request, customer_id: int | None, ranked, probabilities: list[float],  # type: ignore[no-untyped-def]
-              promoted: list[bool], sampled: bool) -> RecommendationResponse:  # fmt: skip
+              promoted: list[bool], sampled: bool) -> Response:  # fmt: skip
     answer = RecommendationResponse(
         customer_id=customer_id, route=ranked.route, model_version=ranked.model_version, degraded=ranked.degraded,
         items=[RecommendedProduct(product_id=item, score=score, probability=probability if sampled else None,
@@ -101,7 +101,8 @@ def _response(request: Request, customer_id: int | None, ranked, probabilities: 
         request_id=request.state.request_id,
     )  # fmt: skip
     request.state.recommendation = answer  # logged as an impression and counted (serving.api.observability)
-    return answer
+    # Serialized here: returned as a model, FastAPI would validate it a second time against response_model.
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 @router.get("/recommendations/{customer_id}", response_model=RecommendationResponse,
@@ -116,7 +117,7 @@ async def recommendations(
     count: Annotated[int, Query(ge=1, le=100)] = 20,
     temperature: Annotated[float, Query(ge=0, le=100, description="softmax sampling; 0 = ranked order")] = 0.0,
     seed: Annotated[int | None, Query(ge=0, le=INT64_MAX, description="makes sampling reproducible")] = None,
-) -> RecommendationResponse:
+) -> Response:
     for item in viewed or []:
         if not 0 < item <= INT64_MAX:
             raise HTTPException(422, f"viewed product id {item} is not a positive int64")
@@ -140,7 +141,7 @@ async def similar_products(
     request: Request,
     product_id: ProductIdPath,
     count: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> RecommendationResponse:
+) -> Response:
     query = VisitorQuery(customer_id=0, context={}, viewed=(product_id,), count=count)
     ranked, probabilities, promoted = await get_recommender(request).recommend(query)
     return _response(request, None, ranked, probabilities, promoted, sampled=False)
