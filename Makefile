@@ -8,7 +8,7 @@ ROWS ?= 50000
 API_PORT ?= 8100
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-serving expectations migrate api api-key serve
+.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-ranker-ceiling benchmark-serving expectations migrate api api-key serve
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ benchmark-model:  ## training, batch scoring and publish speed against bare Kera
 
 benchmark-quality:  ## the whole pipeline against baselines on 1M generated rows (NDCG@10, AUC vs the oracle)
 	$(VENV)/python benchmarks/quality.py
+
+benchmark-ranker-ceiling:  ## how far towards the oracle AUC estimators given more than a ranker get (30 s, no training)
+	$(VENV)/python benchmarks/ranker_ceiling.py
 
 benchmark-serving:  ## gateway routes' requests/s and p50/p99 against a bare FastAPI app, redis-py and Triton
 	$(VENV)/python benchmarks/serving.py

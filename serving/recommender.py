@@ -18,8 +18,8 @@ when one fails, the answer comes from what the process still has (its copy of re
 generic lists) and says so in ``degraded``, instead of failing the request.
 
 A visitor's list and the version pointer it hangs under are read in one round trip (a Lua script), and the
-ranked order (temperature 0) is taken in plain Python: with the flags below, a precomputed hit's CPU went
-from 0.9 to about 0.4 ms (benchmarks/serving.py).
+ranked order (temperature 0) is taken in plain Python: a precomputed hit's CPU went from 0.7 to 0.46 ms
+(benchmarks/serving.py, both measured in the same conditions).
 
 The products' availability and promotion flags are kept in process for ``product_flags_ttl_s`` (a few
 seconds): a precomputed hit then reads no database, which was most of its cost (benchmarks/serving.py).
@@ -173,7 +173,7 @@ class Recommender:
     # -- Redis, with a timeout and an in-process copy ----------------------------------------------------
 
     async def _redis(self, call: Awaitable[Any]) -> Any:
-        # asyncio.timeout rather than wait_for: no task per call (a tenth of a precomputed hit's CPU).
+        # asyncio.timeout rather than wait_for: no task created per call, on the path of every request.
         async with asyncio.timeout(self.config.redis_timeout_s):
             return await call
 
