@@ -27,6 +27,7 @@ so the rows per item, to see how the ceiling moves with the data. Writes benchma
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import time
@@ -42,7 +43,7 @@ from recsys.datagen import (  # noqa: E402
     POSITION_BIAS,
     Entities,
     GeneratorConfig,
-    generate_chunk,
+    generate_chunks,
     make_entities,
 )
 from recsys.spec import DatasetSpec, load_spec  # noqa: E402
@@ -54,23 +55,18 @@ NEWTON_STEPS = 8
 
 def rows_of(config: GeneratorConfig, entities: Entities, spec: DatasetSpec) -> dict[str, dict[str, np.ndarray]]:
     """Per split, the kept rows' (user, item, position, click, true probability), as generate_dataset draws them."""
-    test_rows = int(config.rows * config.test_fraction)
-    chunk_index, splits = 0, {}
-    for split, total in {"train": config.rows - test_rows, "test": test_rows}.items():
-        parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "position": [], "click": [], "probability": []}
-        for start in range(0, total, config.chunk_rows):
-            rows = min(config.chunk_rows, total - start)
-            raw, truth = generate_chunk(entities, config, spec, chunk_index, rows, split)
-            chunk_index += 1
-            nulls = np.sum([raw[name].is_null().to_numpy() for name in spec.features], axis=0)
-            keep = nulls <= DEFAULT_MAX_NULL_FEATURES
-            parts["user"].append(truth[spec.user_id].to_numpy()[keep] - 1)
-            parts["item"].append(truth[spec.item_id].to_numpy()[keep] - 1)
-            parts["position"].append(raw["position"].fill_null(1).to_numpy()[keep])
-            parts["click"].append(truth[spec.primary_target].to_numpy()[keep])
-            parts["probability"].append(truth["click_probability"].to_numpy()[keep])
-        splits[split] = {name: np.concatenate(values) for name, values in parts.items()}
-    return splits
+    parts: dict[str, dict[str, list[np.ndarray]]] = {"train": collections.defaultdict(list),
+                                                     "test": collections.defaultdict(list)}
+    for split, raw, truth in generate_chunks(entities, config, spec):
+        nulls = np.sum([raw[name].is_null().to_numpy() for name in spec.features], axis=0)
+        keep = nulls <= DEFAULT_MAX_NULL_FEATURES
+        parts[split]["user"].append(truth[spec.user_id].to_numpy()[keep] - 1)
+        parts[split]["item"].append(truth[spec.item_id].to_numpy()[keep] - 1)
+        parts[split]["position"].append(raw["position"].fill_null(1).to_numpy()[keep])
+        parts[split]["click"].append(truth[spec.primary_target].to_numpy()[keep])
+        parts[split]["probability"].append(truth["click_probability"].to_numpy()[keep])
+    return {split: {name: np.concatenate(values) for name, values in columns.items()}
+            for split, columns in parts.items()}  # fmt: skip
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,19 @@ def histogram_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
 AUC_BINS = 1_000_000
 
 
+def generate_chunks(entities: Entities, config: GeneratorConfig, spec: DatasetSpec
+                    ) -> Iterator[tuple[str, pa.Table, pa.Table]]:  # fmt: skip
+    """(split, raw table, true click probabilities) of every chunk, train then test: what `generate_dataset` writes."""
+    test_rows = int(config.rows * config.test_fraction)
+    chunk_index = 0
+    for split, total in {"train": config.rows - test_rows, "test": test_rows}.items():
+        for start in range(0, total, config.chunk_rows):
+            rows = min(config.chunk_rows, total - start)
+            raw, truth = generate_chunk(entities, config, spec, chunk_index, rows, split)
+            chunk_index += 1
+            yield split, raw, truth
+
+
 def generate_dataset(config: GeneratorConfig, out_dir: Path, spec: DatasetSpec | None = None,
                      progress: bool = True) -> dict:  # fmt: skip
     """Write train.csv, test.csv, generation.json and oracle_click_probability.csv into `out_dir`.
@@ -287,30 +301,24 @@ def generate_dataset(config: GeneratorConfig, out_dir: Path, spec: DatasetSpec |
     positives = np.zeros(AUC_BINS, dtype=np.int64)
     negatives = np.zeros(AUC_BINS, dtype=np.int64)
     clicks_total = 0
-    chunk_index = 0
     out_dir = Path(out_dir)
-    with atomic_output_dir(out_dir) as staging, tqdm(total=config.rows, unit="rows", disable=not progress) as bar:
-        for split, total in split_rows.items():
-            with pa_csv.CSVWriter(staging / f"{split}.csv", schema) as writer:
-                truth_writer = None
-                for start in range(0, total, config.chunk_rows):
-                    rows = min(config.chunk_rows, total - start)
-                    raw, truth = generate_chunk(entities, config, spec, chunk_index, rows, split)
-                    chunk_index += 1
-                    writer.write_table(raw)
-                    clicks_total += int(pa.compute.sum(truth[spec.primary_target]).as_py() or 0)
-                    if split == "test":
-                        truth_writer = truth_writer or pa_csv.CSVWriter(
-                            staging / "oracle_click_probability.csv", truth.schema
-                        )
-                        truth_writer.write_table(truth)
-                        bins = (truth["click_probability"].to_numpy() * (AUC_BINS - 1)).astype(np.int64)
-                        labels = truth[spec.primary_target].to_numpy()
-                        positives += np.bincount(bins[labels == 1], minlength=AUC_BINS)
-                        negatives += np.bincount(bins[labels == 0], minlength=AUC_BINS)
-                    bar.update(rows)
-                if truth_writer is not None:
-                    truth_writer.close()
+    with (atomic_output_dir(out_dir) as staging, tqdm(total=config.rows, unit="rows", disable=not progress) as bar,
+          pa_csv.CSVWriter(staging / "train.csv", schema) as train_writer,
+          pa_csv.CSVWriter(staging / "test.csv", schema) as test_writer):  # fmt: skip
+        truth_writer = None
+        for split, raw, truth in generate_chunks(entities, config, spec):
+            (train_writer if split == "train" else test_writer).write_table(raw)
+            clicks_total += int(pa.compute.sum(truth[spec.primary_target]).as_py() or 0)
+            if split == "test":
+                truth_writer = truth_writer or pa_csv.CSVWriter(staging / "oracle_click_probability.csv", truth.schema)
+                truth_writer.write_table(truth)
+                bins = (truth["click_probability"].to_numpy() * (AUC_BINS - 1)).astype(np.int64)
+                labels = truth[spec.primary_target].to_numpy()
+                positives += np.bincount(bins[labels == 1], minlength=AUC_BINS)
+                negatives += np.bincount(bins[labels == 0], minlength=AUC_BINS)
+            bar.update(raw.num_rows)
+        if truth_writer is not None:
+            truth_writer.close()
         report = {
             "config": dataclasses.asdict(config),
             "users": config.n_users,

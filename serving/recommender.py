@@ -140,14 +140,14 @@ class ProductFlagsCache:
         self.current.pop(product_id, None)
         self.previous.pop(product_id, None)
 
-    def known(self, items: Sequence[int], *, stale: bool = False) -> dict[int, ProductFlags]:
-        """Flags of the products known to the database; `stale`: from the previous generation too."""
+    def last_known(self, items: Sequence[int]) -> dict[int, ProductFlags]:
+        """Flags of the products known to the database, from the previous generation where the current one
+        lacks them: only while the database cannot be read."""
         current, previous = self.current, self.previous
         found = {item: flags for item in items if (flags := current.get(item)) is not None}
-        if stale:
-            for item in items:
-                if item not in current and (flags := previous.get(item)) is not None:
-                    found[item] = flags
+        for item in items:
+            if item not in current and (flags := previous.get(item)) is not None:
+                found[item] = flags
         return found
 
 
@@ -331,7 +331,7 @@ class Recommender:
                 read = await asyncio.wait_for(self.product_flags(missing), timeout=self.config.database_timeout_s)
             except Exception as error:  # any database failure: answer with what the cache has, and say so
                 log.warning("product flags unavailable (%s): cached flags only", type(error).__name__)
-                return cache.known(items, stale=True), False
+                return cache.last_known(items), False
             for item in missing:
                 current[item] = read.get(item)
         return current, True
