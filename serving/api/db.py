@@ -41,6 +41,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from serving.api.call_deadline import add_call_deadline
+
 # Names for every constraint and index, so migrations can refer to them on any database.
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -49,6 +51,11 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+# A call to the database is cut client-side after this many budgets: later than the server's own timeouts,
+# which leave the connection usable, so it only acts when the server cannot; twice the default 200 ms budget
+# is still inside the SLA.
+CALL_DEADLINE_FACTOR = 2
 
 # Column sizes shared with the request schemas (serving/api/schemas.py).
 SHORT_TEXT = 64  # location, device
@@ -194,7 +201,9 @@ def create_database_engine(url: str | URL, *, timeout_ms: int | None) -> Engine:
     """An engine whose calls give up after `timeout_ms` (None: the drivers' own, for batch jobs).
 
     - PostgreSQL: `statement_timeout` and `lock_timeout` per connection; the connect timeout is in whole
-      seconds and libpq's minimum is 2 s, but it only applies when the pool opens a new connection.
+      seconds and libpq's minimum is 2 s, but it only applies when the pool opens a new connection. A server
+      that stops answering enforces neither, so each call also has a client-side deadline of
+      `CALL_DEADLINE_FACTOR` times the budget (`serving/api/call_deadline.py`).
     - SQLite: the busy timeout (how long a write waits for another writer's lock); foreign keys on
       (SQLite leaves them off) and write-ahead logging, so readers such as the extract never block writers.
     - Both: waiting for a free pooled connection, and a liveness check before a connection is reused.
@@ -213,7 +222,11 @@ def create_database_engine(url: str | URL, *, timeout_ms: int | None) -> Engine:
             given = parsed.query.get("options")
             connect_args["options"] = f"{given} {own}" if isinstance(given, str) else own
     pool_args: dict[str, Any] = {"pool_timeout": timeout_ms / 1000} if timeout_ms else {}
-    engine = create_engine(parsed, connect_args=connect_args, pool_pre_ping=True, **pool_args)
+    deadline_s = CALL_DEADLINE_FACTOR * timeout_ms / 1000 if backend == "postgresql" and timeout_ms else None
+    # With a call deadline, the liveness check is run by it, inside a deadline.
+    engine = create_engine(parsed, connect_args=connect_args, pool_pre_ping=deadline_s is None, **pool_args)
+    if deadline_s is not None:
+        add_call_deadline(engine, deadline_s)
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_on_connect)
     return engine

@@ -1,0 +1,159 @@
+"""A client-side deadline on every call a PostgreSQL connection makes to the server.
+
+`statement_timeout` and `lock_timeout` are enforced by the server, so a server that stops answering without
+closing anything (a storage stall, a frozen VM, every backend SIGSTOPped, a network path that drops packets
+without a reset) never enforces them: the kernel keeps acknowledging, and the request thread waits in
+psycopg's read forever. TCP keepalives and `tcp_user_timeout` do not fire either, as the peer's kernel answers.
+
+So each call (a statement, a commit or rollback, the liveness check at checkout, the rollback when the pool
+takes a connection back) arms a deadline for its connection, and the end of the call disarms it; one watchdog
+thread (per process, shared by all engines) shuts down the socket of a connection still armed past its
+deadline. The blocked call then fails at once as a lost connection, which SQLAlchemy invalidates (the pool
+opens a fresh one later) and the gateway's error handler answers with 503 and `Retry-After`
+(`serving/api/errors.py`). Per call rather than per checkout: a request's few statements may each take up to
+the server's own timeout, and a startup check reflects many.
+
+SQLAlchemy has no event after a commit or rollback: that deadline stays armed until the next statement or the
+connection's return to the pool, which a session does right after committing.
+
+The liveness check SQLAlchemy's `pool_pre_ping` would run before a checkout is run here instead, inside a
+deadline (the pre-ping runs before any pool event, where none can be armed). Opening a new connection is not
+covered: psycopg's own connect timeout bounds it, in whole seconds and at least 2 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import socket
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import Connection, Engine, event, exc
+from sqlalchemy.engine import ExceptionContext
+
+
+class _Watchdog:
+    """Deadlines by connection; a daemon thread that wakes at the earliest one and cuts what outlived it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._deadlines: dict[int, tuple[float, int]] = {}  # id(connection) -> (deadline, socket fd)
+        self._queue: list[tuple[float, int]] = []  # (deadline, id): a heap; entries of disarmed ids are skipped
+        self._cut: set[int] = set()  # connections whose socket this watchdog shut down, until disarmed
+        self._thread: threading.Thread | None = None
+
+    def arm(self, connection: Any, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        with self._changed:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="db-call-deadline", daemon=True)
+                self._thread.start()
+            self._deadlines[id(connection)] = (deadline, connection.fileno())
+            self._cut.discard(id(connection))
+            earliest = not self._queue or deadline < self._queue[0][0]
+            heapq.heappush(self._queue, (deadline, id(connection)))
+            if earliest:  # else the watchdog wakes before this one is due anyway: no thread switch per call
+                self._changed.notify()
+
+    def disarm(self, connection: Any) -> None:
+        """Called before the connection is returned, invalidated or closed, so its descriptor, which the
+        process may reuse for another socket once closed, is never shut down afterwards."""
+        with self._changed:
+            self._deadlines.pop(id(connection), None)
+            self._cut.discard(id(connection))
+
+    def was_cut(self, connection: Any) -> bool:
+        with self._changed:
+            return id(connection) in self._cut
+
+    def _watch(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                while self._queue and self._queue[0][0] <= now:
+                    deadline, key = heapq.heappop(self._queue)
+                    armed = self._deadlines.get(key)
+                    if armed is not None and armed[0] == deadline:  # not re-armed or disarmed since
+                        del self._deadlines[key]
+                        self._cut.add(key)
+                        _shut_down(armed[1])
+                self._changed.wait(self._queue[0][0] - now if self._queue else None)
+
+
+def _shut_down(fd: int) -> None:
+    """Shut the socket down (both directions) without closing the descriptor, which psycopg still owns:
+    the thread blocked on it wakes up to an end of stream. `fromfd` works on a duplicate descriptor;
+    shutdown acts on the socket they share."""
+    with contextlib.suppress(OSError), socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as duplicate:
+        duplicate.shutdown(socket.SHUT_RDWR)
+
+
+_WATCHDOG = _Watchdog()
+
+
+def add_call_deadline(engine: Engine, seconds: float) -> None:
+    """Give every call of `engine`'s connections to the server `seconds` to come back (the engine must be
+    created without `pool_pre_ping`: the liveness check is done here, inside a deadline)."""
+    dialect = engine.dialect
+
+    def arm(connection: Connection) -> None:
+        if not connection.invalidated:  # .connection of an invalidated one would try to reconnect
+            _WATCHDOG.arm(connection.connection.dbapi_connection, seconds)
+
+    def disarm(connection: Connection) -> None:
+        if not connection.invalidated:  # invalidated: disarmed by the pool's event then
+            _WATCHDOG.disarm(connection.connection.dbapi_connection)
+
+    # Pool events get the DBAPI connection itself.
+    @event.listens_for(engine, "checkout")
+    def _ping(connection: Any, record: Any, proxy: Any) -> None:
+        _WATCHDOG.arm(connection, seconds)
+        try:
+            dialect.do_ping(connection)
+        except dialect.loaded_dbapi.Error as error:
+            if _WATCHDOG.was_cut(connection) or not dialect.is_disconnect(error, connection, None):
+                raise  # the budget is spent (or not a lost connection): no second try on a fresh connection
+            # A connection the server closed while pooled: the pool replaces it and checks out again.
+            raise exc.DisconnectionError(str(error)) from error
+        _WATCHDOG.disarm(connection)
+
+    @event.listens_for(engine, "reset")
+    def _arm_for_the_reset(connection: Any, record: Any, state: Any) -> None:
+        _WATCHDOG.arm(connection, seconds)  # the rollback on return; checkin follows it
+
+    @event.listens_for(engine, "checkin")
+    def _disarm_on_checkin(connection: Any, record: Any) -> None:
+        if connection is not None:  # None: it was invalidated while checked out, and disarmed then
+            _WATCHDOG.disarm(connection)
+
+    @event.listens_for(engine, "invalidate")
+    def _disarm_on_invalidate(connection: Any, record: Any, error: BaseException | None) -> None:
+        _WATCHDOG.disarm(connection)
+
+    @event.listens_for(engine, "close")
+    def _disarm_on_close(connection: Any, record: Any) -> None:
+        _WATCHDOG.disarm(connection)
+
+    # Connection events get SQLAlchemy's Connection.
+    @event.listens_for(engine, "before_cursor_execute")
+    def _arm_for_the_statement(connection: Connection, *args: Any) -> None:
+        arm(connection)
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _disarm_after_the_statement(connection: Connection, *args: Any) -> None:
+        disarm(connection)
+
+    @event.listens_for(engine, "handle_error")
+    def _disarm_after_an_error(context: ExceptionContext) -> None:
+        if context.connection is not None:
+            disarm(context.connection)
+
+    @event.listens_for(engine, "commit")
+    def _arm_for_the_commit(connection: Connection) -> None:
+        arm(connection)
+
+    @event.listens_for(engine, "rollback")
+    def _arm_for_the_rollback(connection: Connection) -> None:
+        arm(connection)
