@@ -87,7 +87,7 @@ def _train_two_tower(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{error}: run this command with .venv-trainer/bin/recsys") from error
     config = TwoTowerConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                             learning_rate=args.learning_rate, seed=args.seed,
-                            logq_sampling_correction=args.logq_correction)  # fmt: skip
+                            logq_sampling_correction=args.logq_correction, positives=args.positives)  # fmt: skip
     return train_two_tower(args.input, args.output, load_spec(args.spec), config)
 
 
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--learning-rate", type=float, default=3e-3)
             step.add_argument("--logq-correction", action=argparse.BooleanOptionalAction, default=True,
                               help="sampling-bias (logQ) correction of in-batch negatives")  # fmt: skip
+            step.add_argument("--positives", choices=("clicked", "shown"), default="clicked",
+                              help="train on the clicked rows, or on every shown row (the exposure)")  # fmt: skip
             step.add_argument("--seed", type=int, default=0)
         if name == "build-faiss-index":
             step.add_argument("--exact-max-items", type=int, default=100_000, help="larger catalogs get IVF")

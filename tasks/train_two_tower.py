@@ -2,7 +2,8 @@
 
 Trained on positive interactions only (the rows whose primary target is 1) with in-batch negatives
 and, by default, the logQ sampling-bias correction (NVIDIA's multi-stage example builds the
-positives filter but never applies it). Evaluation is not the
+positives filter but never applies it); `positives="shown"` trains on every logged row instead (what
+was shown to whom: the exposure, measured by benchmarks/ranker_stacking.py). Evaluation is not the
 in-batch metric Keras reports: every validation user's query embedding searches the embeddings of
 every item in the catalog (exact inner-product search with Faiss), and recall@k and NDCG@k are
 computed for k in 10, 20, 100, 500, with a popularity baseline on the same users.
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CUTOFFS = (10, 20, 100, 500)
+POSITIVES = ("clicked", "shown")  # see TwoTowerConfig.positives
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,19 @@ class TwoTowerConfig:
     patience: int = 2  # epochs without a better validation recall before stopping
     selection_cutoff: int = 100  # the recall@k that picks the best epoch
     seed: int = 0
+    # The training pairs: "clicked", the rows whose primary target is 1; "shown", every logged row. Evaluation
+    # and early stopping use the validation clicks either way.
+    positives: str = "clicked"
+
+    def __post_init__(self) -> None:
+        if self.positives not in POSITIVES:
+            raise ValueError(f"positives must be one of {', '.join(POSITIVES)}, got {self.positives!r}")
+
+
+def training_pairs(train_frame: pd.DataFrame, target: str, columns: list[str], positives: str) -> pd.DataFrame:
+    """The (user, item) rows the towers learn from, with `columns`: see TwoTowerConfig.positives."""
+    rows = train_frame if positives == "shown" else train_frame.loc[train_frame[target] == 1]
+    return rows[columns].reset_index(drop=True)
 
 
 def _read(directory: Path) -> pd.DataFrame:
@@ -97,7 +112,7 @@ def train_two_tower(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,
     schema = two_tower_schema(Dataset(str(source / "train" / "part_0.parquet"), engine="parquet", cpu=True).schema)
     user_columns = schema.select_by_tag(Tags.USER).column_names
     item_columns = schema.select_by_tag(Tags.ITEM).column_names
-    positives = train_frame.loc[train_frame[target] == 1, user_columns + item_columns].reset_index(drop=True)
+    positives = training_pairs(train_frame, target, user_columns + item_columns, config.positives)
     train = Dataset(positives, schema=schema, cpu=True)
 
     probabilities = None

@@ -9,7 +9,7 @@ import pytest
 
 from recsys.settings import get_settings
 from recsys.trainer_env import run_trainer_step
-from tasks.train_two_tower import exact_top_k, ranking_metrics  # metrics need no TensorFlow
+from tasks.train_two_tower import TwoTowerConfig, exact_top_k, ranking_metrics, training_pairs  # no TensorFlow
 
 
 def test_whole_catalog_metrics_on_a_hand_computed_case():
@@ -23,6 +23,17 @@ def test_whole_catalog_metrics_on_a_hand_computed_case():
     queries = np.array([[1.0, 0.0], [0.0, 1.0]])
     items = np.array([[0.9, 0.1], [0.1, 0.9], [0.5, 0.5]])
     assert exact_top_k(queries, items, 2).tolist() == [[0, 2], [1, 2]]
+
+
+def test_the_towers_learn_from_the_clicked_rows_or_from_every_shown_row():
+    rows = pd.DataFrame({"user_id": [1, 1, 2, 3], "item_id": [10, 11, 10, 12], "click": [1, 0, 0, 1], "position": 1})
+    clicked = training_pairs(rows, "click", ["user_id", "item_id"], "clicked")
+    assert clicked.to_dict("list") == {"user_id": [1, 3], "item_id": [10, 12]}
+    shown = training_pairs(rows, "click", ["user_id", "item_id"], "shown")
+    assert shown.to_dict("list") == {"user_id": [1, 1, 2, 3], "item_id": [10, 11, 10, 12]}
+    assert TwoTowerConfig().positives == "clicked"
+    with pytest.raises(ValueError, match="positives must be one of clicked, shown, got 'viewed'"):
+        TwoTowerConfig(positives="viewed")
 
 
 @pytest.fixture(scope="module")
