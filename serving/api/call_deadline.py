@@ -45,12 +45,16 @@ class _Watchdog:
         self._thread: threading.Thread | None = None
 
     def arm(self, connection: Any, seconds: float) -> None:
+        try:
+            fd = connection.fileno()
+        except Exception:  # closed or lost already (psycopg raises its own error): nothing left to cut
+            return
         deadline = time.monotonic() + seconds
         with self._changed:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="db-call-deadline", daemon=True)
                 self._thread.start()
-            self._deadlines[id(connection)] = (deadline, connection.fileno())
+            self._deadlines[id(connection)] = (deadline, fd)
             self._cut.discard(id(connection))
             earliest = not self._queue or deadline < self._queue[0][0]
             heapq.heappush(self._queue, (deadline, id(connection)))
@@ -121,7 +125,8 @@ def add_call_deadline(engine: Engine, seconds: float) -> None:
 
     @event.listens_for(engine, "reset")
     def _arm_for_the_reset(connection: Any, record: Any, state: Any) -> None:
-        _WATCHDOG.arm(connection, seconds)  # the rollback on return; checkin follows it
+        if connection is not None:
+            _WATCHDOG.arm(connection, seconds)  # the rollback on return; checkin follows it
 
     @event.listens_for(engine, "checkin")
     def _disarm_on_checkin(connection: Any, record: Any) -> None:
