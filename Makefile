@@ -8,7 +8,7 @@ ROWS ?= 50000
 API_PORT ?= 8100
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving expectations migrate api api-key serve
+.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving benchmark-call-deadline expectations migrate api api-key serve
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -61,6 +61,9 @@ benchmark-ranker-ceiling:  ## how far towards the oracle AUC estimators given mo
 benchmark-ranker-stacking:  ## ranker + two-tower score combined, on a quality run: WORK=<benchmarks/quality.py --work DIR>
 	@test -n "$(WORK)" || { echo "usage: make benchmark-ranker-stacking WORK=DIR (the --work folder of benchmarks/quality.py)"; exit 2; }
 	$(VENV)/python benchmarks/ranker_stacking.py --work $(WORK)
+
+benchmark-call-deadline:  ## the database call deadline's cost against a plain pre-ping engine (PostgreSQL here)
+	$(VENV)/python benchmarks/call_deadline.py
 
 benchmark-serving:  ## gateway routes' requests/s and p50/p99 against a bare FastAPI app, redis-py and Triton
 	$(VENV)/python benchmarks/serving.py
