@@ -48,8 +48,8 @@ from recsys.datagen import (  # noqa: E402
 )
 from recsys.spec import DatasetSpec, load_spec  # noqa: E402
 from tasks.clean_null_rows import DEFAULT_MAX_NULL_FEATURES  # noqa: E402
+from tasks.evaluate import auc_shares, auc_shares_table  # noqa: E402
 
-GOAL = 0.9
 NEWTON_STEPS = 8
 
 
@@ -201,9 +201,7 @@ def ceiling(config: GeneratorConfig) -> dict[str, object]:
         "train_rows_per_item_mean": float(train_rows_per_item.mean()),
         "train_clicks_per_item_mean": float(np.bincount(train["item"], weights=train["click"],
                                                         minlength=config.n_items).mean()),
-        "auc": aucs,
-        "share_of_the_way_to_the_oracle": {name: (value - 0.5) / (oracle - 0.5) for name, value in aucs.items()},
-        "goal_auc": 0.5 + GOAL * (oracle - 0.5),
+        **auc_shares(aucs, oracle),
         "seconds": time.perf_counter() - started,
     }  # fmt: skip
 
@@ -219,10 +217,7 @@ def main() -> int:
     print(f"{result['rows']:,} rows, {result['users']:,} users, {result['items']:,} items; per item "
           f"{result['train_rows_per_item_mean']:.1f} training rows, "
           f"{result['train_clicks_per_item_mean']:.2f} clicks")  # fmt: skip
-    print(f"{'estimator':40s} {'AUC':>7s} {'share of the way to the oracle':>32s}")
-    for name, value in result["auc"].items():
-        print(f"{name:40s} {value:7.4f} {result['share_of_the_way_to_the_oracle'][name]:32.2f}")
-    print(f"goal (0.9 of the way): AUC {result['goal_auc']:.4f}")
+    print(auc_shares_table(result, "estimator"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

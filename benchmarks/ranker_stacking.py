@@ -37,7 +37,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 TRAINER_PYTHON = PROJECT_ROOT / ".venv-trainer" / "bin" / "python"
-GOAL = 0.9
 BLEND_WEIGHTS = (0.25, 0.5, 1.0, 1.5, 4.0)
 RETRIEVED = 500  # the batch scoring's top K
 
@@ -142,6 +141,7 @@ def main() -> int:
     from sklearn.metrics import roc_auc_score
 
     from recsys.trainer_env import run_trainer_step
+    from tasks.evaluate import auc_shares, auc_shares_table
 
     run = args.work / "run"
     towers = {"clicked": run / "two_tower"}
@@ -174,15 +174,11 @@ def main() -> int:
     result = {
         "work": str(args.work), "rows": len(rows), "users": int(rows["user"].nunique()), "folds": args.folds,
         "towers": {name: str(path) for name, path in towers.items()}, "oracle_auc": oracle,
-        "goal_auc": 0.5 + GOAL * (oracle - 0.5), "auc": aucs,
-        "share_of_the_way_to_the_oracle": {name: (value - 0.5) / (oracle - 0.5) for name, value in aucs.items()},
+        **auc_shares(aucs, oracle),
     }  # fmt: skip
-    print(f"{len(rows):,} validation rows, {result['users']:,} users; oracle AUC {oracle:.4f}, "
-          f"goal ({GOAL:.0%} of the way) {result['goal_auc']:.4f}; combiners fitted out of fold "
-          f"({args.folds} folds by user)")  # fmt: skip
-    print(f"{'scores':62s} {'AUC':>7s} {'share':>6s}")
-    for name, value in aucs.items():
-        print(f"{name:62s} {value:7.4f} {result['share_of_the_way_to_the_oracle'][name]:6.2f}")
+    print(f"{len(rows):,} validation rows, {result['users']:,} users; oracle AUC {oracle:.4f}; combiners fitted "
+          f"out of fold ({args.folds} folds by user)")  # fmt: skip
+    print(auc_shares_table(result, "scores"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -189,6 +189,32 @@ def final_list_metrics(top: np.ndarray, relevant: Sequence[np.ndarray], k: int, 
     }
 
 
+# The issue's ranker goal: an AUC this share of the way from chance (0.5) to the oracle's on the same rows.
+RANKER_GOAL_SHARE = 0.9
+
+
+def share_of_the_way(auc: float, oracle_auc: float) -> float:
+    """How far an AUC went from chance (0.5) towards the best any model could reach on the same rows."""
+    return (auc - 0.5) / (oracle_auc - 0.5)
+
+
+def auc_shares(aucs: dict[str, float], oracle_auc: float) -> dict[str, Any]:
+    """Named AUCs with each one's share of the way to the oracle's, and the goal's AUC (the ranker benchmarks)."""
+    return {"auc": aucs, "share_of_the_way_to_the_oracle": {name: share_of_the_way(value, oracle_auc)
+                                                             for name, value in aucs.items()},
+            "goal_auc": 0.5 + RANKER_GOAL_SHARE * (oracle_auc - 0.5)}  # fmt: skip
+
+
+def auc_shares_table(shares: dict[str, Any], heading: str) -> str:
+    """`auc_shares` as aligned text lines, the goal last."""
+    width = max(len(heading), *map(len, shares["auc"]))
+    lines = [f"{heading:{width}s} {'AUC':>7s} {'share of the way to the oracle':>31s}"]
+    lines += [f"{name:{width}s} {value:7.4f} {shares['share_of_the_way_to_the_oracle'][name]:31.2f}"
+              for name, value in shares["auc"].items()]  # fmt: skip
+    lines.append(f"goal ({RANKER_GOAL_SHARE:.0%} of the way): AUC {shares['goal_auc']:.4f}")
+    return "\n".join(lines)
+
+
 def auc_and_logloss(labels: np.ndarray, scores: np.ndarray) -> dict[str, float | None]:
     """scikit-learn's ROC AUC and log loss; AUC is None when the labels hold a single class."""
     from sklearn.metrics import log_loss, roc_auc_score
@@ -532,7 +558,7 @@ def ranking_stage(ranker_dir: Path, train: pd.DataFrame, valid: pd.DataFrame, sp
     oracle_auc = result.get("oracle", {}).get("auc")
     if ranker_auc is not None and oracle_auc is not None and oracle_auc > 0.5:
         # How far the ranker went from chance (0.5) towards the best any model could reach on these rows.
-        result["ranker_share_of_oracle_auc"] = (ranker_auc - 0.5) / (oracle_auc - 0.5)
+        result["ranker_share_of_oracle_auc"] = share_of_the_way(ranker_auc, oracle_auc)
     return result
 
 
