@@ -22,8 +22,12 @@ SQLAlchemy's plain pre-ping engine (+0.1-0.17 ms, mostly SQLAlchemy's event disp
 `do_ping` instead of listening to events would be cheaper, and would disarm right after a commit.
 
 The liveness check SQLAlchemy's `pool_pre_ping` would run before a checkout is run here instead, inside a
-deadline (the pre-ping runs before any pool event, where none can be armed). Opening a new connection is not
-covered: psycopg's own connect timeout bounds it, in whole seconds and at least 2 s.
+deadline (the pre-ping runs before any pool event, where none can be armed).
+
+Opening a new connection has the same deadline, which psycopg's own connect timeout cannot give (whole
+seconds, at least 2 s, as libpq's): and a hung server is exactly when the pool opens new ones, since every
+connection it cut was invalidated. The attempt runs in a worker thread and the caller waits the deadline for
+it; one still running then is left to finish under psycopg's timeout and its connection, if any, is closed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event, exc
@@ -98,11 +105,38 @@ def _shut_down(fd: int) -> None:
 
 _WATCHDOG = _Watchdog()
 
+# Connection attempts in flight at once, per process: with a hung server each lasts psycopg's connect timeout,
+# and further attempts wait in the queue, each taken out again when its caller's deadline passes.
+CONNECT_WORKERS = 8
+_CONNECTOR = ThreadPoolExecutor(max_workers=CONNECT_WORKERS, thread_name_prefix="db-connect")
+
+
+def _connect_within(open_connection: Callable[[], Any], seconds: float, error: type[Exception]) -> Any:
+    """The connection `open_connection` returns, or `error` once `seconds` have passed without one."""
+    attempt = _CONNECTOR.submit(open_connection)
+    try:
+        return attempt.result(timeout=seconds)
+    except FutureTimeoutError:
+        if not attempt.cancel():  # running: close what it opens, should it still succeed
+            attempt.add_done_callback(_close_if_opened)
+        raise error(f"connecting to the database took longer than the {seconds:g} s deadline") from None
+
+
+def _close_if_opened(attempt: Future[Any]) -> None:
+    if attempt.exception() is None:
+        with contextlib.suppress(Exception):
+            attempt.result().close()
+
 
 def add_call_deadline(engine: Engine, seconds: float) -> None:
     """Give every call of `engine`'s connections to the server `seconds` to come back (the engine must be
     created without `pool_pre_ping`: the liveness check is done here, inside a deadline)."""
     dialect = engine.dialect
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_within_the_deadline(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+        return _connect_within(lambda: dialect.connect(*cargs, **cparams), seconds,
+                               dialect.loaded_dbapi.OperationalError)  # fmt: skip
 
     def arm(connection: Connection) -> None:
         if not connection.invalidated:  # .connection of an invalidated one would try to reconnect

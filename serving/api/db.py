@@ -200,10 +200,10 @@ def database_url(url: str | URL) -> URL:
 def create_database_engine(url: str | URL, *, timeout_ms: int | None) -> Engine:
     """An engine whose calls give up after `timeout_ms` (None: the drivers' own, for batch jobs).
 
-    - PostgreSQL: `statement_timeout` and `lock_timeout` per connection; the connect timeout is in whole
-      seconds and libpq's minimum is 2 s, but it only applies when the pool opens a new connection. A server
-      that stops answering enforces neither, so each call also has a client-side deadline of
-      `CALL_DEADLINE_FACTOR` times the budget (`serving/api/call_deadline.py`).
+    - PostgreSQL: `statement_timeout` and `lock_timeout` per connection. A server that stops answering
+      enforces neither, and psycopg's connect timeout is in whole seconds, at least 2, so each call and each
+      new connection also has a client-side deadline of `CALL_DEADLINE_FACTOR` times the budget
+      (`serving/api/call_deadline.py`).
     - SQLite: the busy timeout (how long a write waits for another writer's lock); foreign keys on
       (SQLite leaves them off) and write-ahead logging, so readers such as the extract never block writers.
     - Both: waiting for a free pooled connection, and a liveness check before a connection is reused.
@@ -216,6 +216,7 @@ def create_database_engine(url: str | URL, *, timeout_ms: int | None) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         connect_args["timeout"] = timeout_ms / 1000 if timeout_ms else 30.0
     elif backend == "postgresql":
+        # psycopg's bound on an attempt; with a budget, the call deadline stops waiting for it sooner
         connect_args["connect_timeout"] = max(2, math.ceil(timeout_ms / 1000)) if timeout_ms else 10
         if timeout_ms:
             own = f"-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}"
