@@ -1,9 +1,10 @@
 """Quality benchmark: the whole pipeline against baselines on generated data with planted signal.
 
-    .venv/bin/python benchmarks/quality.py [--rows 1000000] [--seed 5] [--two-tower-epochs 10]
+    .venv/bin/python benchmarks/quality.py [--rows 1000000] [--seed 5] [--items N] [--two-tower-epochs 10]
                                            [--ranker-epochs 8] [--ranker-model dlrm] [--work DIR] [--resume]
 
-Generates `--rows` rows with the generator's default parameters (click-through rate about 9%), runs the
+Generates `--rows` rows with the generator's default parameters (click-through rate about 9%; `--items`
+sets the catalog size, by default rows / 17 as AliCCP's, to see how quality moves with the rows per item), runs the
 real pipeline as the DAG does (csv_to_parquet, clean_null_rows, resplit in this environment; then
 nvtabular_fit_transform, train_two_tower, train_ranker, build_faiss_index and batch_score through the
 `recsys` CLI in the trainer environment, both models with early stopping on validation), and evaluates
@@ -60,7 +61,8 @@ def run_pipeline(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, 
     def trainer(command: str, arguments: list[str]):  # type: ignore[no-untyped-def]
         return lambda: run_trainer_step(TRAINER_PYTHON, command, arguments)
 
-    config = GeneratorConfig(rows=args.rows, seed=args.seed)  # the defaults: nothing tuned for this benchmark
+    # the defaults: nothing tuned for this benchmark (--items only sets the data's size)
+    config = GeneratorConfig(rows=args.rows, seed=args.seed, items=args.items)
     step("generate_data", raw / "generation.json", lambda: generate_dataset(config, raw, spec, progress=False))
     step("csv_to_parquet", run / "parquet", lambda: csv_to_parquet(raw, run / "parquet", spec))
     step("clean_null_rows", run / "clean", lambda: clean_null_rows(run / "parquet", run / "clean", spec))
@@ -86,6 +88,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="generated rows (train and test together)")
     parser.add_argument("--seed", type=int, default=5, help="of the generator")
+    parser.add_argument("--items", type=int, default=None, help="catalog size (default: rows / 17, AliCCP's)")
     parser.add_argument("--two-tower-epochs", type=int, default=10, help="most epochs (early stopping, patience 2)")
     parser.add_argument("--ranker-epochs", type=int, default=8, help="most epochs (early stopping, patience 2)")
     parser.add_argument("--ranker-model", choices=["dlrm", "dcn", "mlp"], default="dlrm")
