@@ -574,6 +574,56 @@ def test_a_stopped_redis_degrades_answers_and_they_recover(redis_process: RedisP
           f"{slowest * 1000:.0f} ms; normal again {recovered_at - restarted_at:.1f} s after the restart")
 
 
+@pytest.mark.timeout(180)
+def test_a_hung_redis_costs_one_budget_and_no_reply_goes_to_another_request(redis_process: RedisProcess,
+                                                                            tmp_path: Path) -> None:  # fmt: skip
+    """Redis stops answering without closing anything (SIGSTOP: the kernel still accepts and buffers). Each
+    request gives up after the Redis budget and answers from the process's copy; once Redis continues, it
+    answers every command it was sent, late: a connection that went back to the pool with such a reply
+    pending would hand it to the next request, which would then answer with another customer's list."""
+    publish_small_set(redis_process.url(), tmp_path / "batch")
+    database_url = f"sqlite:///{tmp_path / 'gateway.db'}"
+    upgrade(database_url)
+    key = new_key(database_url, ("read",))
+    budget_s = 0.3
+    environment = {"RECSYS_DATABASE_URL": database_url, "RECSYS_REDIS_URL": redis_process.url(),
+                   "RECSYS_REDIS_KEY_PREFIX": PREFIX, "RECSYS_TRITON_URL": f"http://127.0.0.1:{free_port()}",
+                   "RECSYS_REDIS_TIMEOUT_MS": str(int(budget_s * 1000))}  # fmt: skip
+    users = [f"/recommendations/{user}?count=5" for user in range(1, 17)]
+    assert redis_process.process is not None
+    with gateway(environment, tmp_path / "gateway.log") as process, \
+            httpx.Client(base_url=process.url, headers={"X-API-Key": key}, timeout=10) as client, \
+            ThreadPoolExecutor(8) as clients:  # fmt: skip
+
+        def answer(path: str) -> tuple[str, float, dict[str, Any]]:
+            started = time.monotonic()
+            response = client.get(path)
+            assert response.status_code == 200, response.text
+            return path, time.monotonic() - started, response.json()
+
+        def round_of(paths: list[str]) -> list[tuple[str, float, dict[str, Any]]]:
+            return list(clients.map(answer, paths))  # 8 at once: several pooled connections in use
+
+        normal = {path: body for path, _, body in round_of(users)}
+        assert {body["route"] for body in normal.values()} == {"precomputed"}
+        assert len({tuple(items(body)) for body in normal.values()}) == len(users)  # a mix-up would show
+        redis_process.process.send_signal(signal.SIGSTOP)
+        try:
+            hung = round_of(users * 2)
+        finally:
+            redis_process.process.send_signal(signal.SIGCONT)
+        wait_until(lambda: all(body["degraded"] == [] for _, _, body in round_of(users[:8])), 20,
+                   "normal answers after Redis continues")  # fmt: skip
+        after = [round_of(users) for _ in range(3)]
+    for path, elapsed, body in hung:
+        assert body["route"] == "precomputed_local_copy" and "redis_unavailable" in body["degraded"], body
+        assert items(body) == items(normal[path])
+        assert elapsed < budget_s + 1.0, f"{path}: {elapsed:.2f} s with Redis hung, budget {budget_s} s"
+    for path, _, body in (answer for answers in after for answer in answers):
+        assert body["route"] == "precomputed" and body["degraded"] == [], body
+        assert items(body) == items(normal[path]), f"{path} got another request's list: {body}"
+
+
 # -- 3. the database stopped under load ------------------------------------------------------------------------
 
 
