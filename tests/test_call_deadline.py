@@ -118,3 +118,15 @@ def test_a_connection_opened_after_its_caller_gave_up_is_closed() -> None:
         _connect_within(open_late, 0.05, TimeoutError)
     release.set()
     assert closed.wait(5), "the late connection was not closed"
+
+
+@on_postgresql
+def test_a_connection_is_checked_when_reused_not_when_just_opened(engine: Engine,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pings: list[object] = []
+    ping = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda connection: pings.append(connection) or ping(connection))
+    first = backend_pid(engine)
+    assert pings == []  # a new connection: the round trip would tell nothing
+    assert backend_pid(engine) == first
+    assert len(pings) == 1  # the pooled one, reused: checked
