@@ -62,7 +62,7 @@ benchmark-ranker-stacking:  ## ranker + two-tower score combined, on a quality r
 	@test -n "$(WORK)" || { echo "usage: make benchmark-ranker-stacking WORK=DIR (the --work folder of benchmarks/quality.py)"; exit 2; }
 	$(VENV)/python benchmarks/ranker_stacking.py --work $(WORK)
 
-benchmark-call-deadline:  ## the database call deadline's cost against a plain pre-ping engine (PostgreSQL here)
+benchmark-call-deadline:  ## the database call deadline's cost against a plain pre-ping engine, pooled and new connections
 	$(VENV)/python benchmarks/call_deadline.py
 
 benchmark-serving:  ## gateway routes' requests/s and p50/p99 against a bare FastAPI app, redis-py and Triton

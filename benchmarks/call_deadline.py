@@ -6,7 +6,9 @@ In a throw-away database (created and dropped here), both engines do the same `-
 connection out (a liveness check), run `SELECT 1`, give it back (a rollback). The reference is SQLAlchemy's
 own `pool_pre_ping` engine with the same statement timeout; the measured one is `create_database_engine`, whose
 liveness check, statement and rollback each arm and disarm a deadline (`serving/api/call_deadline.py`).
-Rounds alternate between the two; prints microseconds per call and the ratio per round.
+Then the same with a new connection each time (`--new-connections` times, engines without a pool), where
+the call deadline also hands the connection attempt to a worker thread. Rounds alternate between the
+engines; prints microseconds per call and the ratio per round.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/postgres", help="a server to test on")
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--new-connections", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget-ms", type=int, default=200)
     args = parser.parse_args()
 
     from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
 
-    from serving.api.db import create_database_engine, database_url
+    from serving.api.call_deadline import add_call_deadline
+    from serving.api.db import CALL_DEADLINE_FACTOR, create_database_engine, database_url
 
     admin_url = database_url(args.url)
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
@@ -49,23 +54,34 @@ def main() -> int:
     with admin.connect() as connection:
         connection.exec_driver_sql(f"CREATE DATABASE {name}")
     url = admin_url.set(database=name)
-    engines = {
-        "pre-ping engine (reference)": create_engine(
-            url, pool_pre_ping=True, connect_args={"options": f"-c statement_timeout={args.budget_ms}"}
-        ),
-        "gateway engine with call deadline": create_database_engine(url, timeout_ms=args.budget_ms),
-    }
+    options = {"options": f"-c statement_timeout={args.budget_ms}"}
+    unpooled_with_deadline = create_engine(url, poolclass=NullPool, connect_args=options)
+    add_call_deadline(unpooled_with_deadline, CALL_DEADLINE_FACTOR * args.budget_ms / 1000)
+    measurements = {
+        "pooled": (args.calls, {
+            "pre-ping engine (reference)": create_engine(url, pool_pre_ping=True, connect_args=options),
+            "gateway engine with call deadline": create_database_engine(url, timeout_ms=args.budget_ms),
+        }),
+        "new connection": (args.new_connections, {
+            "pre-ping engine (reference)": create_engine(url, poolclass=NullPool, pool_pre_ping=True,
+                                                         connect_args=options),
+            "engine with call deadline": unpooled_with_deadline,
+        }),
+    }  # fmt: skip
     try:
-        for engine in engines.values():
-            microseconds_per_call(engine, 100)  # connect and warm up
-        for round_number in range(1, args.rounds + 1):
-            measured = {label: microseconds_per_call(engine, args.calls) for label, engine in engines.items()}
-            reference, deadline = measured.values()
-            cells = ", ".join(f"{label} {value:.0f} us" for label, value in measured.items())
-            print(f"round {round_number}: {cells}; ratio {deadline / reference:.2f}")
+        for _, engines in measurements.values():
+            for engine in engines.values():
+                microseconds_per_call(engine, 100)  # connect and warm up
+        for kind, (calls, engines) in measurements.items():
+            for round_number in range(1, args.rounds + 1):
+                measured = {label: microseconds_per_call(engine, calls) for label, engine in engines.items()}
+                reference, deadline = measured.values()
+                cells = ", ".join(f"{label} {value:.0f} us" for label, value in measured.items())
+                print(f"{kind}, round {round_number}: {cells}; ratio {deadline / reference:.2f}")
     finally:
-        for engine in engines.values():
-            engine.dispose()
+        for _, engines in measurements.values():
+            for engine in engines.values():
+                engine.dispose()
         with admin.connect() as connection:
             connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.dispose()

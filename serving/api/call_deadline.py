@@ -16,8 +16,8 @@ the server's own timeout, and a startup check reflects many.
 SQLAlchemy has no event after a commit or rollback: that deadline stays armed until the next statement or the
 connection's return to the pool, which a session does right after committing.
 
-Cost: a checkout with one statement and the rollback on return took 1.15-1.31 times as long as with
-SQLAlchemy's plain pre-ping engine (+0.1-0.17 ms, mostly SQLAlchemy's event dispatch;
+Cost: a checkout with one statement and the rollback on return took 1.15-1.8 times as long as with
+SQLAlchemy's plain pre-ping engine across runs (+0.1-0.23 ms, mostly SQLAlchemy's event dispatch;
 `benchmarks/call_deadline.py`, 2026-11-26). Wrapping the dialect's `do_execute`/`do_commit`/`do_rollback`/
 `do_ping` instead of listening to events would be cheaper, and would disarm right after a commit.
 
@@ -28,9 +28,9 @@ Opening a new connection has the same deadline, which psycopg's own connect time
 seconds, at least 2 s, as libpq's): and a hung server is exactly when the pool opens new ones, since every
 connection it cut was invalidated. The attempt runs in a worker thread and the caller waits the deadline for
 it; one still running then is left to finish under psycopg's timeout and its connection, if any, is closed.
-The hand-over costs 0.7-1 ms on a new connection (about 4.5 ms with a first statement, to this machine's
-PostgreSQL; measured 2026-11-26), and nothing on a pooled one. A connection just opened is not pinged at its
-first checkout, as `pool_pre_ping` does not ping it.
+The hand-over costs 0.8-0.9 ms on a new connection (1.19-1.23x a pre-ping engine's 4.1-4.4 ms with a first
+statement, to this machine's PostgreSQL; the same benchmark), and nothing on a pooled one. A connection just
+opened is not pinged at its first checkout, as `pool_pre_ping` does not ping it.
 """
 
 from __future__ import annotations
