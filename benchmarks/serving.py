@@ -30,7 +30,8 @@ requests/s: the cores are shared with other work, and the least disturbed round 
 - `redis_get`: raw redis-py asyncio GETs of a precomputed list, same concurrency (reference for Redis);
 - `precomputed`: GET /recommendations/{id} of customers with a nightly list (route `precomputed`);
 - `new_visitor`: a different unknown customer id per request, with a published (location, device)
-  segment (route `generic`; the gateway first asks Triton, which does not know the customer);
+  segment (route `generic`; the version's known-users bitmap, read with the list, says the models do not
+  know the customer, so Triton is not asked; before that bitmap the gateway asked Triton first);
 - `online_k<K>`: customers whose nightly list was deleted from the benchmark database, on the gateway
   with that TopK (route `online`). Every request reaches Triton: each request of a measurement is a
   different customer and the online cache (`<prefix>cache:*`) is emptied before each measurement, so the
@@ -83,7 +84,9 @@ from recsys.spec import DatasetSpec, load_spec  # noqa: E402
 PREFIX = "bench-serving:"
 VERSION = "bench"
 PRECOMPUTED_USERS = 200  # customers keeping their nightly list; every other known customer goes online
-NEW_VISITOR_BASE = 10**15  # customer ids no run has seen
+# Customer ids no run has seen, below 2**32 as a database sequence's next ids would be (inside the range of the
+# version's known-users bitmap, so the gateway reads their bit).
+NEW_VISITOR_BASE = 10**9
 GOALS = {"precomputed_vs_bare_rps": 0.7, "online_p99_largest_over_smallest_topk": 1.5, "p99_ms": 250.0}
 SLA_MS = 500.0
 

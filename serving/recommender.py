@@ -6,9 +6,14 @@ Routes, in order:
   similar lists of those products summed by score (Gorse's session recommender), or the Triton
   ``similar_products`` ensemble for a product without a list;
 - ``precomputed``: a known customer's nightly list from Redis;
-- ``online`` / ``online_cached``: a customer without a nightly list -> the Triton ``recommend``
-  ensemble, whose answer is cached in Redis with a TTL under the published version;
+- ``online`` / ``online_cached``: a customer the models know but without a nightly list (evicted,
+  deleted) -> the Triton ``recommend`` ensemble, whose answer is cached in Redis with a TTL under the
+  published version;
 - ``generic``: a new visitor -> the list of their (location, device) segment, or of all segments.
+
+Who is a new visitor comes with the list's read: the published version's known-users bitmap
+(tasks/publish_recommendations.py) answers in the same round trip, so a new visitor costs no Triton
+call. A version published without one (sparse ids) leaves Triton to say it, once per visitor and TTL.
 
 Then the rules of the moment: products that became unavailable since the nightly run are dropped, the
 promotion rule (report 4.4.7: a promoted product scoring at least the threshold gets 1.0) and softmax
@@ -43,7 +48,7 @@ from redis.exceptions import RedisError
 
 from models.online_pipeline import order, ranked_order
 from tasks.batch_score import ALL_SEGMENTS, segment_key
-from tasks.publish_recommendations import decode_recommendations, encode_recommendations
+from tasks.publish_recommendations import REDIS_MAX_BITS, decode_recommendations, encode_recommendations
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +56,26 @@ log = logging.getLogger(__name__)
 REDIS_FAILURES = (RedisError, TimeoutError, OSError)
 
 # The version pointer and the lists of `kind` under it, in one round trip (and read atomically): ARGV[1] is
-# "<prefix>recs:", the rest "<kind>:<key>". Replies {} without a version, else {version, list or nil, ...}.
+# "<prefix>recs:", ARGV[2] a user id to look up in the version's known users when the first list is missing
+# ("" for none; -1 for an id no bitmap can hold), the rest "<kind>:<key>". Replies {} without a version, else
+# {version, list or nil, ...} and, when asked, the user's bit: 1 known, 0 not, -1 the version has no bitmap.
 # It reads keys it derives (not passed in KEYS): fine on one Redis server, not on Redis Cluster.
 _CURRENT_AND_LISTS = """
 local version = redis.call('GET', KEYS[1])
 if not version then return {} end
+local namespace = ARGV[1] .. version .. ':'
 local reply = {version}
-if #ARGV > 1 then
+if #ARGV > 2 then
   local names = {}
-  for i = 2, #ARGV do names[i - 1] = ARGV[1] .. version .. ':' .. ARGV[i] end
+  for i = 3, #ARGV do names[i - 2] = namespace .. ARGV[i] end
   local values = redis.call('MGET', unpack(names))
   for i = 1, #names do reply[i + 1] = values[i] end
+end
+if ARGV[2] ~= '' and not reply[2] then
+  local known = namespace .. 'known_users'
+  if redis.call('EXISTS', known) == 0 then reply[#ARGV] = -1
+  elseif tonumber(ARGV[2]) < 0 then reply[#ARGV] = 0
+  else reply[#ARGV] = redis.call('GETBIT', known, ARGV[2]) end
 end
 return reply
 """
@@ -177,14 +191,20 @@ class Recommender:
         async with asyncio.timeout(self.config.redis_timeout_s):
             return await call
 
-    async def _current(self, kind: str, keys: Sequence[str]) -> tuple[str | None, list[PublishedList | None]]:
-        """(the current version, the lists of `kind` for `keys` under it), in one round trip."""
+    async def _current(self, kind: str, keys: Sequence[str], user: int | None = None
+                       ) -> tuple[str | None, list[PublishedList | None], bool | None]:  # fmt: skip
+        """(the current version, the lists of `kind` for `keys` under it, whether the models know `user`), in
+        one round trip. Known is None when not asked, when the first list was found, or when the version has
+        no known-users bitmap."""
         prefix = f"{self.config.key_prefix}recs:"
-        names = [prefix, *(f"{kind}:{key}" for key in keys)]
+        member = "" if user is None else str(user if 0 <= user < REDIS_MAX_BITS else -1)
+        names = [prefix, member, *(f"{kind}:{key}" for key in keys)]
         reply = await self._redis(self._current_and_lists(keys=[f"{prefix}current"], args=names, client=self.redis))
         if not reply:
-            return None, [None] * len(keys)
-        return reply[0].decode(), [decode_recommendations(value) if value else None for value in reply[1:]]
+            return None, [None] * len(keys), None
+        lists = [decode_recommendations(value) if value else None for value in reply[1 : len(keys) + 1]]
+        known = {1: True, 0: False}.get(reply[len(keys) + 1]) if len(reply) > len(keys) + 1 else None
+        return reply[0].decode(), lists, known
 
     async def _published(self, version: str, kind: str, keys: Sequence[str]) -> list[PublishedList | None]:
         names = [f"{self.config.key_prefix}recs:{version}:{kind}:{key}" for key in keys]
@@ -213,16 +233,17 @@ class Recommender:
 
     async def _candidates(self, query: VisitorQuery) -> RankedList:
         if query.viewed:
-            version, similar = await self._current("similar", [str(item) for item in query.viewed])
+            version, similar, _ = await self._current("similar", [str(item) for item in query.viewed])
             return await self._browsing_now(query, version, similar)
-        version, [precomputed] = await self._current("user", [str(query.customer_id)])
+        version, [precomputed], known = await self._current("user", [str(query.customer_id)], query.customer_id)
         if precomputed is not None:
             answer = RankedList(*precomputed, route="precomputed", model_version=version)
             self._remember("user", str(query.customer_id), answer)
             return answer
-        online = await self._online(query, version)
-        if online is not None:
-            return online
+        if known is not False:  # known without a list, or a version that cannot say: ask Triton
+            online = await self._online(query, version)
+            if online is not None:
+                return online
         return await self._generic(query, version)
 
     def _without_redis(self, query: VisitorQuery, error: Exception) -> RankedList:
@@ -255,8 +276,9 @@ class Recommender:
     async def _online(self, query: VisitorQuery, version: str | None) -> RankedList | None:
         """The Triton ensemble's answer for a customer without a nightly list (cached), or None if unknown.
 
-        That the models do not know a customer is cached too (an empty value, same TTL): a new visitor's
-        next requests then cost the one cache read instead of a Triton call each."""
+        That the models do not know a customer is cached too (an empty value, same TTL): where the version
+        has no known-users bitmap, a new visitor's next requests then cost the one cache read instead of a
+        Triton call each."""
         cache_key = f"{self.config.key_prefix}cache:{version}:user:{query.customer_id}"
         cached = await self._redis(self.redis.get(cache_key))
         if cached == UNKNOWN_TO_THE_MODELS:

@@ -25,6 +25,13 @@ Key layout (prefix `recsys:` by default; DESIGN.md, "Publishing a batch to Redis
     {prefix}recs:{version}:user:{user_id}    value: one user's list (raw ids, best first)
     {prefix}recs:{version}:segment:{segment} value: a new visitor's generic list ("3:1", "*" for all)
     {prefix}recs:{version}:similar:{item_id} value: the items similar to one item
+    {prefix}recs:{version}:known_users       string: a bitmap, bit `user_id` set for every user with a list
+
+The bitmap lets a reader tell a visitor the models do not know (a new visitor: the generic list) from a
+known customer whose list is missing (evicted, deleted: the online path), in the same round trip as the
+list, instead of asking Triton. It is written only while it stays small: ids below Redis's 2**32-bit
+limit and at most `KNOWN_USERS_BITS_PER_USER` bits a user (dense ids, as database sequences give; 1 MiB
+is always allowed). Otherwise a version has none, and readers treat every miss as possibly known.
 
 A value is the list as packed little-endian pairs (item id int64, score float32): 12 bytes an item,
 no parsing on the serving path (`decode_recommendations`). Encoding a batch is a few vectorized numpy
@@ -84,6 +91,11 @@ DEFAULT_ABANDONED_AFTER_S = 15 * 60  # a load without a heartbeat for this long 
 # the same here, 20k slower (more memory held in redis-py and in Redis's query buffer).
 PIPELINE_CHUNK = 5_000
 SCAN_COUNT = 10_000
+# The known-users bitmap (see above): at most this many bits a user, never more than Redis allows.
+KNOWN_USERS_BITS_PER_USER = 64
+KNOWN_USERS_MIN_BITS = 2**23
+REDIS_MAX_BITS = 2**32
+SETRANGE_CHUNK = 2**20  # bytes of the bitmap per SETRANGE
 # A retired version's meta hash outlives its data keys, so "no meta hash" always means "no keys left".
 META_GRACE_S = 300
 
@@ -136,6 +148,9 @@ class RecommendationKeys:
 
     def data(self, version: str, kind: str, key: str | int) -> str:
         return f"{self.namespace(version)}{kind}:{key}"
+
+    def known_users(self, version: str) -> str:
+        return f"{self.namespace(version)}known_users"
 
 
 def encode_recommendations(item_ids: Sequence[int], scores: Sequence[float]) -> bytes:
@@ -289,6 +304,7 @@ def publish_recommendations(
                 raise
             loaded = True
         previous = _switch(client, keys, version, attempt, fingerprint)
+        known_users_bytes = int(_text(client.hget(keys.meta(version), "known_users_bytes") or 0))
         retire_started = time.perf_counter()
         retired = _retire_old_versions(client, keys, keep_versions, expire_after_s)
         retire_seconds = time.perf_counter() - retire_started
@@ -301,6 +317,7 @@ def publish_recommendations(
         "loaded": loaded,
         "keys": counts,
         "keys_total": total_keys,
+        "known_users_bytes": known_users_bytes,
         "load_seconds": round(load_seconds, 3),
         "keys_per_s": round(total_keys / load_seconds) if load_seconds else None,
         "retired_versions": retired,
@@ -445,6 +462,7 @@ class _EncodedChunk(NamedTuple):
     source: _Source
     ids: list[bytes]  # the key part after "{kind}:"
     values: list[bytes]
+    user_ids: np.ndarray | None  # the ids as numbers, for the user kind (the known-users bitmap)
 
 
 class _Fingerprint:
@@ -472,7 +490,8 @@ def _encoded_chunks(sources: list[_Source], chunk_size: int, fingerprint: _Finge
             ids, values, buffers = _encode_batch(batch, source.id_column, path)
             for buffer in buffers:
                 fingerprint.update(buffer)
-            yield _EncodedChunk(source, ids, values)
+            user_ids = batch.column(source.id_column).to_numpy() if source.kind == "user" else None
+            yield _EncodedChunk(source, ids, values, user_ids)
 
 
 def _prefetch(chunks: Iterator[_EncodedChunk], depth: int = 2) -> Generator[_EncodedChunk, None, None]:
@@ -530,6 +549,46 @@ def _fingerprint_only(sources: list[_Source], chunk_size: int) -> tuple[str, dic
     return fingerprint.hexdigest(), counts
 
 
+class _KnownUsers:
+    """The known-users bitmap, built in memory as the user chunks go by; `bitmap` is None once too sparse."""
+
+    def __init__(self, users: int) -> None:
+        self.max_bits = min(REDIS_MAX_BITS, max(KNOWN_USERS_MIN_BITS, users * KNOWN_USERS_BITS_PER_USER))
+        self.bitmap: np.ndarray | None = np.zeros(0, dtype=np.uint8)
+        self.reason = ""
+
+    def add(self, ids: np.ndarray) -> None:
+        if self.bitmap is None or not len(ids):
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.max_bits:
+            self.bitmap = None
+            self.reason = f"user ids from {low} to {high}: a bitmap would take more than {self.max_bits:,} bits"
+            return
+        if high // 8 >= len(self.bitmap):  # grown by doubling (ids often come sorted); trimmed when written
+            grown = np.zeros(max(high // 8 + 1, min(2 * len(self.bitmap), self.max_bits // 8)), dtype=np.uint8)
+            grown[: len(self.bitmap)] = self.bitmap
+            self.bitmap = grown
+        ids = ids.astype(np.int64, copy=False)
+        # Redis numbers a string's bits from the most significant bit of its first byte (GETBIT/SETBIT).
+        np.bitwise_or.at(self.bitmap, ids >> 3, (0x80 >> (ids & 7)).astype(np.uint8))
+
+    def write(self, client: redis.Redis, key: str, users: int) -> int:
+        """SETRANGE the bitmap to `key` and check that it counts `users`; its bytes (0: none written)."""
+        if self.bitmap is None or not self.bitmap.any():
+            return 0
+        bitmap = self.bitmap[: int(np.flatnonzero(self.bitmap)[-1]) + 1]
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(key)
+        for start in range(0, len(bitmap), SETRANGE_CHUNK):
+            pipe.setrange(key, start, bitmap[start : start + SETRANGE_CHUNK].tobytes())
+        pipe.bitcount(key)
+        counted = pipe.execute()[-1]
+        if counted != users:
+            raise PublishError(f"{key}: {counted} bits set for {users} users")
+        return len(bitmap)
+
+
 def _now_iso() -> str:
     # Informational only (when a version was loaded and switched to); nothing is decided on it.
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -577,7 +636,8 @@ def _claim(client: redis.Redis, keys: RecommendationKeys, version: str, batch_di
 
 def _load(client: redis.Redis, keys: RecommendationKeys, version: str, sources: list[_Source], chunk_size: int,
           progress: bool) -> tuple[dict[str, int], str, float]:  # fmt: skip
-    """Write every list with SET NX; return keys created per kind, the input's fingerprint and the seconds."""
+    """Write every list with SET NX, then the known-users bitmap; return keys created per kind, the input's
+    fingerprint and the seconds."""
     from tqdm import tqdm
 
     meta_key = keys.meta(version)
@@ -587,6 +647,7 @@ def _load(client: redis.Redis, keys: RecommendationKeys, version: str, sources: 
     duplicates: dict[str, list[str]] = {kind: [] for kind in SOURCES}
     bases = {source.kind: f"{keys.namespace(version)}{source.kind}:".encode() for source in sources}
     total = sum(source.rows for source in sources)
+    known_users = _KnownUsers(next(source.rows for source in sources if source.kind == "user"))
     written = 0
     started = last_log = time.perf_counter()
     chunks = _prefetch(_encoded_chunks(sources, chunk_size, fingerprint))
@@ -594,6 +655,8 @@ def _load(client: redis.Redis, keys: RecommendationKeys, version: str, sources: 
                                           disable=not progress, mininterval=1.0) as bar:  # fmt: skip
         for chunk in chunks:
             kind, base = chunk.source.kind, bases[chunk.source.kind]
+            if chunk.user_ids is not None:
+                known_users.add(chunk.user_ids)
             pipe = client.pipeline(transaction=False)
             for key_id, value in zip(chunk.ids, chunk.values, strict=True):
                 # SET with NX; execute_command skips `set()`'s option handling: 1.4x the keys/s here.
@@ -614,7 +677,6 @@ def _load(client: redis.Redis, keys: RecommendationKeys, version: str, sources: 
                 log.info("publish %s: %s/%s keys, %s keys/s", version, f"{written:,}", f"{total:,}",
                          f"{written / (now - started):,.0f}")  # fmt: skip
                 last_log = now
-    seconds = time.perf_counter() - started
     for source in sources:
         if read[source.kind] != source.rows:
             raise InputDataError(f"{source.directory}: {read[source.kind]} rows read but the files' footers say "
@@ -625,7 +687,12 @@ def _load(client: redis.Redis, keys: RecommendationKeys, version: str, sources: 
                 f"keys created: duplicated {source.id_column} values (e.g. {', '.join(duplicates[source.kind])}); "
                 f"refusing to publish version {version}"
             )
-    return created, fingerprint.hexdigest(), seconds
+    bitmap_bytes = known_users.write(client, keys.known_users(version), created["user"])
+    client.hset(meta_key, "known_users_bytes", str(bitmap_bytes))
+    if not bitmap_bytes:
+        log.warning("publish %s: no known-users bitmap (%s); the gateway asks Triton on every missing list",
+                    version, known_users.reason or "no users")  # fmt: skip
+    return created, fingerprint.hexdigest(), time.perf_counter() - started
 
 
 def _switch(client: redis.Redis, keys: RecommendationKeys, version: str, attempt: str | None, fingerprint: str

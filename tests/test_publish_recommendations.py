@@ -145,6 +145,10 @@ def snapshot(client: Client) -> dict[bytes, tuple[Any, bool]]:
     return state
 
 
+def meta_int(client: Client, version: str, field: str) -> int:
+    return int(version_metadata(client, PREFIX, version)[field])
+
+
 def test_payload_round_trip():
     value = encode_recommendations([5, 2**40, -1], [0.5, 0.25, 0.125])
     assert len(value) == 36
@@ -168,6 +172,9 @@ def test_publish_then_every_list_reads_back(client: Client, tmp_path: Path):
     assert meta["published_at"] and meta["fingerprint"] == metrics["fingerprint"]
     assert client.smembers(KEYS.loading) == set()
     assert client.ttl(KEYS.data("v1", "user", 0)) == -1  # the current version never expires
+    # The known-users bitmap: bit `user_id` set for each of the 30 users (0-29), in 4 bytes.
+    assert metrics["known_users_bytes"] == meta_int(client, "v1", "known_users_bytes") == 4
+    assert [client.getbit(KEYS.known_users("v1"), user) for user in range(32)] == [1] * 30 + [0, 0]
 
     # The serving tier's clients: one that decodes replies to text, and an asyncio one.
     decoding = redis.Redis.from_url(REDIS_URL, decode_responses=True)
@@ -196,7 +203,7 @@ def test_new_version_swaps_keeps_previous_expires_older_and_rolls_back(client: C
     assert [value.decode() for value in client.lrange(KEYS.versions, 0, -1)] == ["v3", "v2"]
     # v1 is not deleted but expires: every key within the grace period, its meta hash after them.
     v1_ttls = [client.ttl(key) for key in version_keys(client, "v1")]
-    assert len(v1_ttls) == 54 and all(3500 < ttl <= 3600 for ttl in v1_ttls)
+    assert len(v1_ttls) == 55 and all(3500 < ttl <= 3600 for ttl in v1_ttls)
     assert client.ttl(KEYS.meta("v1")) > 3600 and version_metadata(client, PREFIX, "v1")["status"] == "retired"
     assert all(client.ttl(key) == -1 for key in version_keys(client, "v2") + version_keys(client, "v3"))
     assert_readers_see(client, "v3", batches["v3"])
@@ -241,6 +248,28 @@ def test_publishing_a_version_again_changes_nothing(client: Client, tmp_path: Pa
                                                 and not key.endswith(b":meta")}  # fmt: skip
 
 
+def test_the_known_users_bitmap_holds_exactly_the_users_with_a_list(client: Client, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture):  # fmt: skip
+    """Unsorted ids with gaps, in chunks smaller than the files' row groups: bit i set exactly for the ids given.
+    Ids too sparse for a bitmap (or negative) publish none, with a warning, and the lists still publish."""
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(rng.choice(np.arange(1, 50_000), size=3_000, replace=False))
+    batch = write_batch(tmp_path / "gaps", seed=3, user_tables=[lists_table("user_id", ids, 2, seed=3)])
+    metrics = publish(batch, "v1", chunk_size=100)
+    bitmap = np.unpackbits(np.frombuffer(client.get(KEYS.known_users("v1")), dtype=np.uint8))  # MSB first, as Redis
+    assert np.array_equal(np.flatnonzero(bitmap), np.sort(ids))
+    assert metrics["known_users_bytes"] == len(bitmap) // 8 == ids.max() // 8 + 1
+
+    for version, user_ids in (("v2", [5, 2**40]), ("v3", [-1, 5])):
+        caplog.clear()
+        batch = write_batch(tmp_path / version, seed=4, user_tables=[lists_table("user_id", user_ids, 2, seed=4)])
+        metrics = publish(batch, version)
+        assert metrics["known_users_bytes"] == meta_int(client, version, "known_users_bytes") == 0
+        assert not client.exists(KEYS.known_users(version))
+        assert "no known-users bitmap (user ids from" in caplog.text
+        assert read_recommendations(client, PREFIX, "user", 5) is not None
+
+
 def _duplicated_user(directory: Path) -> Path:
     table = lists_table("user_id", np.arange(30), 5, seed=5)
     return write_batch(directory, seed=5, user_tables=[table, table.slice(10, 1)])
@@ -275,7 +304,7 @@ def test_a_bad_batch_is_refused_and_readers_stay(client: Client, tmp_path: Path,
     assert publish(fixed, "v2", expire_after_s=3600)["keys"] == {"user": 30, "segment": 4, "similar": 20}
     assert pointers(client) == ("v2", "v1")
     assert_readers_see(client, "v2", fixed)
-    assert len(version_keys(client, "v2")) == 54
+    assert len(version_keys(client, "v2")) == 55  # 54 lists and the known-users bitmap
     assert all(client.ttl(key) == -1 for key in version_keys(client, "v2"))
 
 
@@ -349,7 +378,8 @@ def test_a_killed_publish_leaves_readers_on_the_previous_version(client: Client,
     assert pointers(client) == ("v2", "v3")
     assert version_metadata(client, PREFIX, "v2")["status"] == "complete"
     assert client.smembers(KEYS.loading) == set()
-    assert len(version_keys(client, "v2")) == users + 24
+    assert len(version_keys(client, "v2")) == users + 25  # the known-users bitmap
+    assert client.bitcount(KEYS.known_users("v2")) == users
     assert client.ttl(KEYS.data("v2", "user", 0)) == -1 and client.ttl(KEYS.meta("v2")) == -1
     expected = expected_lists(large, "users", "user_id")
     for user in (0, 30, 5_000, users - 1):

@@ -115,8 +115,21 @@ def test_new_visitor_gets_the_generic_list_of_their_segment(client: TestClient, 
     assert items_of(answer) == stored(published, "segment", f"{location}:{device}")[0][:5]
     anonymous = client.get("/recommendations/999999999", params={"count": 5})
     assert items_of(anonymous) == stored(published, "segment", "*")[0][:5]
-    # Triton said once that the models do not know this customer; the cache remembers it for the next requests.
-    assert published.get(f"{PREFIX}cache:{VERSION}:user:999999999") == b""
+    # The version's known-users bitmap said so in the list's read: Triton was not asked (it would leave a cache entry).
+    assert not published.exists(f"{PREFIX}cache:{VERSION}:user:999999999")
+
+    # A version without the bitmap (ids too sparse for one): Triton says once that the models do not know this
+    # customer, and the cache remembers it for the next requests.
+    bitmap_key = f"{PREFIX}recs:{VERSION}:known_users"
+    bitmap = published.get(bitmap_key)
+    assert bitmap
+    published.delete(bitmap_key)
+    try:
+        again = client.get("/recommendations/999999998", params={"location": location, "device": device, "count": 5})
+        assert again.json()["route"] == "generic" and items_of(again) == items_of(answer)
+        assert published.get(f"{PREFIX}cache:{VERSION}:user:999999998") == b""
+    finally:
+        published.set(bitmap_key, bitmap)
 
 
 def test_browsing_now_sums_the_similar_lists_of_viewed_products(client: TestClient, published: redis.Redis):
@@ -213,7 +226,7 @@ def test_a_stopped_triton_server_degrades_only_online_misses_and_they_come_back(
             started = time.monotonic()
             miss = client.get(f"/recommendations/{missed}", params={"count": 10})
             miss_s = time.monotonic() - started
-            stranger = client.get("/recommendations/999999991", params={"count": 10})  # Triton is asked about them
+            stranger = client.get("/recommendations/999999991", params={"count": 10})  # the bitmap: not Triton's
             during = {route: client.get(path, params={"count": 10}).json() for route, path in paths.items()}
         finally:
             triton.process.send_signal(signal.SIGCONT)
@@ -228,8 +241,9 @@ def test_a_stopped_triton_server_degrades_only_online_misses_and_they_come_back(
         assert during[route]["route"] == route and items_of_body(during[route]) == items_of_body(answer), route
     assert during["precomputed"]["degraded"] == during["browsing_now"]["degraded"] == []
     assert miss.status_code == stranger.status_code == 200
+    assert miss.json()["route"] == "generic" and miss.json()["degraded"] == ["triton_unavailable"], miss.json()
+    assert stranger.json()["route"] == "generic" and stranger.json()["degraded"] == [], stranger.json()
     for fallback in (miss.json(), stranger.json()):
-        assert fallback["route"] == "generic" and fallback["degraded"] == ["triton_unavailable"], fallback
         assert items_of_body(fallback) == items_of_body(before["generic"])
     assert budget_s <= miss_s < budget_s + 2, f"the fallback took {miss_s:.2f} s for a {budget_s} s budget"
     assert online["degraded"] == [] and items_of_body(online) == nightly[0][:10]
