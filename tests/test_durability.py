@@ -809,3 +809,29 @@ def test_a_hung_database_is_503_within_the_budget(postgres_cluster: PostgresClus
         assert answer is not None, f"request {attempt}: no answer within the client's 5 s, budget {budget_s} s"
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
         assert elapsed <= (CALL_DEADLINE_FACTOR + 1) * budget_s, f"request {attempt}: 503 after {elapsed:.2f} s"
+
+
+@pytest.mark.timeout(120)
+def test_a_database_stalled_at_startup_delays_the_start_instead_of_failing_it(postgres_cluster: PostgresCluster,
+                                                                             tmp_path: Path) -> None:  # fmt: skip
+    """Startup is not a request: with every PostgreSQL process stopped for 1.5 s, far past the call deadline of
+    a 0.2 s budget, the startup schema check waits for the database, and the gateway starts once it answers
+    (with the request budget, the start failed at 0.4 s)."""
+    database_url = create_database(postgres_cluster, "startup")
+    upgrade(database_url)
+    settings = Settings(database_url=database_url, database_timeout_ms=200,
+                        redis_url=f"redis://127.0.0.1:{free_port()}/0")  # fmt: skip
+    stall_s = 1.5
+    postgres_cluster.signal(signal.SIGSTOP)
+    resume = threading.Timer(stall_s, postgres_cluster.signal, (signal.SIGCONT,))
+    resume.start()
+    try:
+        started = time.monotonic()
+        with TestClient(create_app(settings)) as client:
+            waited = time.monotonic() - started
+            health = client.get("/health")
+    finally:
+        resume.cancel()
+        postgres_cluster.signal(signal.SIGCONT)
+    assert health.status_code == 200, health.text
+    assert waited >= stall_s - 0.1, f"started after {waited:.2f} s, while the database was stopped"

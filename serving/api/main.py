@@ -65,14 +65,26 @@ def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender
     return Recommender(client, triton, config, recommendations.product_flags_reader(sessions))
 
 
+def check_schema_at_startup(url: str) -> None:
+    """Refuse to start on a database the migrations have not brought up to date.
+
+    Startup is not a request: this engine waits as the driver does (10 s to connect), not the request budget,
+    so a database slow to open its first connection delays the start instead of failing it."""
+    engine = create_database_engine(url, timeout_ms=None)
+    try:
+        ensure_schema_current(engine)
+    finally:
+        engine.dispose()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        check_schema_at_startup(settings.database_url)
         engine = create_database_engine(settings.database_url, timeout_ms=settings.database_timeout_ms)
         try:
-            ensure_schema_current(engine)
             app.state.engine = engine
             # Objects stay readable after commit, so a route can answer with what it just stored.
             app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
