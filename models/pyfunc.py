@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -20,7 +22,9 @@ class SavedKerasModel(PythonModel):
 
         self._model = tf.keras.models.load_model(context.artifacts["saved_model"])
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+    # A frame in, an array out: hints MLflow accepts without inferring a schema from them (the registered
+    # signature is given explicitly at logging), where `Any` made it warn at every log and load.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         import tensorflow as tf
 
         features = {name: tf.constant(model_input[name].to_numpy()) for name in model_input.columns}
