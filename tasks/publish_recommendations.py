@@ -299,7 +299,7 @@ def publish_recommendations(
             attempt = _claim(client, keys, version, batch_dir, sources, model_versions)
             try:
                 counts, fingerprint, load_seconds = _load(client, keys, version, sources, chunk_size, progress)
-            except InputDataError as error:
+            except (InputDataError, PublishError) as error:  # a refused load is marked failed
                 _fail(client, keys, version, attempt, str(error), expire_after_s)
                 raise
             loaded = True
