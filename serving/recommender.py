@@ -4,7 +4,7 @@ Routes, in order:
 
 - ``browsing_now``: products viewed now (given, or viewed in the current session) -> the precomputed
   similar lists of those products summed by score (Gorse's session recommender), or the Triton
-  ``similar_products`` ensemble for a product without a list;
+  ``similar_products`` ensemble for a product without a list (its answer cached in Redis with a TTL);
 - ``precomputed``: a known customer's nightly list from Redis;
 - ``online`` / ``online_cached``: a customer the models know but without a nightly list (evicted,
   deleted) -> the Triton ``recommend`` ensemble, whose answer is cached in Redis with a TTL under the
@@ -308,14 +308,10 @@ class Recommender:
         its summed similarity."""
         degraded: list[str] = []
         missing = [item for item, lists in zip(query.viewed, found, strict=True) if lists is None]
-        if missing and self.triton is not None:
-            try:
-                online = await asyncio.wait_for(self.triton.similar(missing), timeout=self.config.triton_timeout_s)
-                found = [lists if lists is not None else online.get(item) for item, lists in
-                         zip(query.viewed, found, strict=True)]  # fmt: skip
-            except Exception as error:  # any Triton failure falls back; the reason is logged
-                log.warning("Triton similar_products failed (%s)", error)
-                degraded.append("triton_unavailable")
+        if missing:
+            online, degraded = await self._similar_online(version, missing)
+            found = [lists if lists is not None else online.get(item) for item, lists in
+                     zip(query.viewed, found, strict=True)]  # fmt: skip
         totals: dict[int, float] = collections.defaultdict(float)
         for lists in found:
             if lists is not None:
@@ -328,6 +324,35 @@ class Recommender:
         ranked = sorted(totals.items(), key=lambda pair: -pair[1])
         return RankedList([item for item, _ in ranked], [score for _, score in ranked], route="browsing_now",
                           model_version=version, degraded=degraded)  # fmt: skip
+
+    async def _similar_online(self, version: str | None, items: list[int]
+                              ) -> tuple[dict[int, PublishedList], list[str]]:  # fmt: skip
+        """The Triton ensemble's similar lists of products without a published one, and what degraded.
+
+        Cached as the online user lists are (same TTL), "the models do not know this product" too: a new
+        product's page, viewed again and again, costs one cache read instead of a Triton call each time."""
+        keys = [f"{self.config.key_prefix}cache:{version}:similar:{item}" for item in items]
+        found: dict[int, PublishedList] = {}
+        ask = []
+        for item, key, cached in zip(items, keys, await self._redis(self.redis.mget(keys)), strict=True):
+            if cached is None:
+                ask.append((item, key))
+            elif cached != UNKNOWN_TO_THE_MODELS:
+                found[item] = decode_recommendations(cached)
+        if not ask or self.triton is None:
+            return found, []
+        try:
+            online = await asyncio.wait_for(self.triton.similar([item for item, _ in ask]),
+                                            timeout=self.config.triton_timeout_s)  # fmt: skip
+        except Exception as error:  # any Triton failure falls back; the reason is logged
+            log.warning("Triton similar_products failed (%s)", error)
+            return found, ["triton_unavailable"]
+        pipe = self.redis.pipeline(transaction=False)
+        for item, key in ask:
+            value = encode_recommendations(*online[item]) if item in online else UNKNOWN_TO_THE_MODELS
+            pipe.set(key, value, ex=self.config.online_cache_ttl_s)
+        await self._redis(pipe.execute())
+        return {**found, **online}, []
 
     # -- the rules of the moment -------------------------------------------------------------------------
 

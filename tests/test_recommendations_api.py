@@ -144,6 +144,25 @@ def test_browsing_now_sums_the_similar_lists_of_viewed_products(client: TestClie
     assert similar.json()["route"] == "browsing_now" and items_of(similar) == items_of(answer)
 
 
+def test_a_product_without_a_similar_list_goes_to_triton_then_to_the_cache(client: TestClient,
+                                                                           published: redis.Redis):  # fmt: skip
+    product = int(next(published.scan_iter(f"{PREFIX}recs:{VERSION}:similar:*")).decode().rsplit(":", 1)[-1])
+    nightly = stored(published, "similar", product)
+    published.delete(f"{PREFIX}recs:{VERSION}:similar:{product}")  # as if the nightly run had missed it
+    first = client.get(f"/products/{product}/similar", params={"count": 5})
+    assert first.json()["route"] == "browsing_now" and first.json()["degraded"] == []
+    # Triton's similar products are batch scoring's (same index, same rules).
+    assert items_of(first) == [item for item in nightly[0] if item != product][:5]
+    cache_key = f"{PREFIX}cache:{VERSION}:similar:{product}"
+    assert published.ttl(cache_key) > 0  # cached with a TTL, not forever
+    assert items_of(client.get(f"/products/{product}/similar", params={"count": 5})) == items_of(first)
+
+    # A product the models do not know: Triton says so once, the cache remembers it, the generic list answers.
+    new = client.get("/products/999999997/similar", params={"count": 5})
+    assert new.json()["route"] == "generic" and new.json()["degraded"] == []
+    assert published.get(f"{PREFIX}cache:{VERSION}:similar:999999997") == b""
+
+
 def test_the_session_stands_for_browsing_now(client: TestClient, published: redis.Redis):
     viewed = int(next(published.scan_iter(f"{PREFIX}recs:{VERSION}:similar:*")).decode().rsplit(":", 1)[-1])
     assert client.post("/customers", json={"id": 77}).status_code == 201
@@ -207,15 +226,20 @@ def test_a_stopped_triton_server_degrades_only_online_misses_and_they_come_back(
 ):
     """The suite's real Triton server stops (SIGSTOP: its port still accepts connections but nothing answers,
     the slowest way to fail; nothing listening at all is the test above). Precomputed, generic and browsing
-    answers do not change; a customer without a nightly list gets the generic list, marked triton_unavailable,
-    within the Triton budget. Continued (SIGCONT), the same gateway answers that customer online again."""
+    answers do not change, nor does a similar list Triton gave before it stopped (cached); a customer without
+    a nightly list gets the generic list, marked triton_unavailable, within the Triton budget.
+    Continued (SIGCONT), the same gateway answers that customer online again."""
     users = user_ids(trained_run, spec)
     known, missed = users[6], users[7]
     nightly = stored(published, "user", missed)
     published.delete(f"{PREFIX}recs:{VERSION}:user:{missed}", f"{PREFIX}cache:{VERSION}:user:{missed}")
-    similar = next(published.scan_iter(f"{PREFIX}recs:{VERSION}:similar:*")).decode().rsplit(":", 1)[-1]
+    similar, similar_missed = [key.decode().rsplit(":", 1)[-1] for key in
+                               published.scan_iter(f"{PREFIX}recs:{VERSION}:similar:*", count=1000)][:2]  # fmt: skip
+    # A product whose similar list is missing: asked of Triton before it stops, then answered from the cache.
+    published.delete(*(f"{PREFIX}{kind}:{VERSION}:similar:{similar_missed}" for kind in ("recs", "cache")))
     paths = {"precomputed": f"/recommendations/{known}", "generic": "/recommendations/999999990",
-             "browsing_now": f"/products/{similar}/similar"}  # fmt: skip
+             "browsing_now": f"/products/{similar}/similar",
+             "cached": f"/products/{similar_missed}/similar"}  # fmt: skip
     budget_s = 1.0
     assert triton.process is not None
     settings = {"triton_url": f"http://{triton.http_address}", "triton_timeout_ms": int(budget_s * 1000)}
@@ -237,9 +261,10 @@ def test_a_stopped_triton_server_degrades_only_online_misses_and_they_come_back(
             time.sleep(0.5)
 
     for route, answer in before.items():
-        assert answer["route"] == route and answer["degraded"] == [] and answer["items"], answer
-        assert during[route]["route"] == route and items_of_body(during[route]) == items_of_body(answer), route
-    assert during["precomputed"]["degraded"] == during["browsing_now"]["degraded"] == []
+        answered_by = "browsing_now" if route == "cached" else route
+        assert answer["route"] == answered_by and answer["degraded"] == [] and answer["items"], answer
+        assert during[route]["route"] == answered_by and items_of_body(during[route]) == items_of_body(answer), route
+    assert during["precomputed"]["degraded"] == during["browsing_now"]["degraded"] == during["cached"]["degraded"] == []
     assert miss.status_code == stranger.status_code == 200
     assert miss.json()["route"] == "generic" and miss.json()["degraded"] == ["triton_unavailable"], miss.json()
     assert stranger.json()["route"] == "generic" and stranger.json()["degraded"] == [], stranger.json()
