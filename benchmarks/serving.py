@@ -84,8 +84,8 @@ from recsys.spec import DatasetSpec, load_spec  # noqa: E402
 PREFIX = "bench-serving:"
 VERSION = "bench"
 PRECOMPUTED_USERS = 200  # customers keeping their nightly list; every other known customer goes online
-# Customer ids no run has seen, below 2**32 as a database sequence's next ids would be (inside the range of the
-# version's known-users bitmap, so the gateway reads their bit).
+# Customer ids no run has seen, below 2**32 as a database sequence's next ids would be: the gateway reads their
+# bit in the version's known-users bitmap (GETBIT past its end answers 0), as it would for real new visitors.
 NEW_VISITOR_BASE = 10**9
 GOALS = {"precomputed_vs_bare_rps": 0.7, "online_p99_largest_over_smallest_topk": 1.5, "p99_ms": 250.0}
 SLA_MS = 500.0
