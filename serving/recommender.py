@@ -41,7 +41,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from redis.exceptions import RedisError
@@ -57,31 +57,52 @@ REDIS_FAILURES = (RedisError, TimeoutError, OSError)
 
 # The version pointer and the lists of `kind` under it, in one round trip (and read atomically): ARGV[1] is
 # "<prefix>recs:", ARGV[2] a user id to look up in the version's known users when the first list is missing
-# ("" for none; -1 for an id no bitmap can hold), the rest "<kind>:<key>". Replies {} without a version, else
-# {version, list or nil, ...} and, when asked, the user's bit: 1 known, 0 not, -1 the version has no bitmap.
+# ("" for none; -1 for an id no bitmap can hold), ARGV[3] how many "<kind>:<key>" names follow that are always
+# read; the names after those are read only for a user the bitmap says the models do not know (a new
+# visitor's segment lists, so that the generic route costs no second round trip). Replies {} without a
+# version, else {version, list or nil, ...} and, when asked, the user's bit (1 known, 0 not, -1 the version
+# has no bitmap) followed, for 0, by the lists read for an unknown user.
 # It reads keys it derives (not passed in KEYS): fine on one Redis server, not on Redis Cluster.
 _CURRENT_AND_LISTS = """
 local version = redis.call('GET', KEYS[1])
 if not version then return {} end
 local namespace = ARGV[1] .. version .. ':'
 local reply = {version}
-if #ARGV > 2 then
+local function read(first, last)
+  if last < first then return end
   local names = {}
-  for i = 3, #ARGV do names[i - 2] = namespace .. ARGV[i] end
+  for i = first, last do names[#names + 1] = namespace .. ARGV[i] end
   local values = redis.call('MGET', unpack(names))
-  for i = 1, #names do reply[i + 1] = values[i] end
+  for i = 1, #names do reply[#reply + 1] = values[i] end
 end
+local always = 3 + tonumber(ARGV[3])
+read(4, always)
 if ARGV[2] ~= '' and not reply[2] then
   local known = namespace .. 'known_users'
-  if redis.call('EXISTS', known) == 0 then reply[#ARGV] = -1
-  elseif tonumber(ARGV[2]) < 0 then reply[#ARGV] = 0
-  else reply[#ARGV] = redis.call('GETBIT', known, ARGV[2]) end
+  local bit
+  if redis.call('EXISTS', known) == 0 then bit = -1
+  elseif tonumber(ARGV[2]) < 0 then bit = 0
+  else bit = redis.call('GETBIT', known, ARGV[2]) end
+  reply[#reply + 1] = bit
+  if bit == 0 then read(always + 1, #ARGV) end
 end
 return reply
 """
 
 
 PublishedList = tuple[list[int], list[float]]  # item ids and scores, best first
+
+
+class CurrentLists(NamedTuple):
+    version: str | None
+    lists: list[PublishedList | None]
+    # Whether the models know the user asked about; None when not asked, when the first list was found, or
+    # when the version has no known-users bitmap.
+    known: bool | None
+    # The segment lists asked for in case the user is unknown, read when `known` is False; else empty.
+    segments: list[PublishedList | None]
+
+
 UNKNOWN_TO_THE_MODELS = b""  # the online cache's value for a customer the models do not know (no list is empty)
 
 
@@ -191,20 +212,21 @@ class Recommender:
         async with asyncio.timeout(self.config.redis_timeout_s):
             return await call
 
-    async def _current(self, kind: str, keys: Sequence[str], user: int | None = None
-                       ) -> tuple[str | None, list[PublishedList | None], bool | None]:  # fmt: skip
-        """(the current version, the lists of `kind` for `keys` under it, whether the models know `user`), in
-        one round trip. Known is None when not asked, when the first list was found, or when the version has
-        no known-users bitmap."""
+    async def _current(self, kind: str, keys: Sequence[str], user: int | None = None,
+                       segments_if_unknown: Sequence[str] = ()) -> CurrentLists:  # fmt: skip
+        """The current version and the lists of `kind` for `keys` under it; when the first is missing, whether
+        the models know `user`, and if not the lists of `segments_if_unknown`: all in one round trip."""
         prefix = f"{self.config.key_prefix}recs:"
         member = "" if user is None else str(user if 0 <= user < REDIS_MAX_BITS else -1)
-        names = [prefix, member, *(f"{kind}:{key}" for key in keys)]
+        names = [prefix, member, str(len(keys)), *(f"{kind}:{key}" for key in keys),
+                 *(f"segment:{key}" for key in segments_if_unknown)]  # fmt: skip
         reply = await self._redis(self._current_and_lists(keys=[f"{prefix}current"], args=names, client=self.redis))
         if not reply:
-            return None, [None] * len(keys), None
-        lists = [decode_recommendations(value) if value else None for value in reply[1 : len(keys) + 1]]
+            return CurrentLists(None, [None] * len(keys), None, [])
+        decoded = [decode_recommendations(value) if value else None for value in reply[1 : len(keys) + 1]]
         known = {1: True, 0: False}.get(reply[len(keys) + 1]) if len(reply) > len(keys) + 1 else None
-        return reply[0].decode(), lists, known
+        segments = [decode_recommendations(value) if value else None for value in reply[len(keys) + 2 :]]
+        return CurrentLists(reply[0].decode(), decoded, known, segments)
 
     async def _published(self, version: str, kind: str, keys: Sequence[str]) -> list[PublishedList | None]:
         names = [f"{self.config.key_prefix}recs:{version}:{kind}:{key}" for key in keys]
@@ -233,23 +255,25 @@ class Recommender:
 
     async def _candidates(self, query: VisitorQuery) -> RankedList:
         if query.viewed:
-            version, similar, _ = await self._current("similar", [str(item) for item in query.viewed])
+            version, similar, _, _ = await self._current("similar", [str(item) for item in query.viewed])
             return await self._browsing_now(query, version, similar)
-        version, [precomputed], known = await self._current("user", [str(query.customer_id)], query.customer_id)
+        segments = self._segments(query)
+        version, [precomputed], known, generic = await self._current(
+            "user", [str(query.customer_id)], query.customer_id, segments_if_unknown=segments)  # fmt: skip
         if precomputed is not None:
             answer = RankedList(*precomputed, route="precomputed", model_version=version)
             self._remember("user", str(query.customer_id), answer)
             return answer
-        if known is not False:  # known without a list, or a version that cannot say: ask Triton
-            online = await self._online(query, version)
-            if online is not None:
-                return online
+        if known is False:  # a new visitor: their segment's lists came with the read
+            return self._first_generic(version, segments, generic, degraded=[])
+        online = await self._online(query, version)  # known without a list, or a version that cannot say
+        if online is not None:
+            return online
         return await self._generic(query, version)
 
     def _without_redis(self, query: VisitorQuery, error: Exception) -> RankedList:
         log.warning("Redis unavailable (%s): answering from the process's copies", type(error).__name__)
-        for kind, key in (("user", str(query.customer_id)), ("segment", self._segment(query)),
-                          ("segment", ALL_SEGMENTS)):  # fmt: skip
+        for kind, key in (("user", str(query.customer_id)), *(("segment", key) for key in self._segments(query))):
             copy = self._local_copy(kind, key)
             if copy is not None:
                 copy.degraded.append("redis_unavailable")
@@ -257,21 +281,27 @@ class Recommender:
                 return copy
         return RankedList([], [], route="none", model_version=None, degraded=["redis_unavailable"])
 
-    def _segment(self, query: VisitorQuery) -> str:
+    def _segments(self, query: VisitorQuery) -> list[str]:
+        """The keys batch_score published generic lists under, the visitor's segment first, then all segments."""
         values = [query.context.get(name) for name in self.config.segment_features]
         if not values or any(value is None or value == "" for value in values):
-            return ALL_SEGMENTS
-        return segment_key(values)  # the key batch_score published the segment's list under
+            return [ALL_SEGMENTS]
+        return [segment_key(values), ALL_SEGMENTS]
 
     async def _generic(self, query: VisitorQuery, version: str | None, degraded: list[str] | None = None) -> RankedList:
-        keys = [self._segment(query), ALL_SEGMENTS]
-        if version is not None:
-            for key, found in zip(keys, await self._published(version, "segment", keys), strict=True):
-                if found is not None:
-                    answer = RankedList(*found, route="generic", model_version=version, degraded=list(degraded or []))
-                    self._remember("segment", key, answer)
-                    return answer
-        return RankedList([], [], route="none", model_version=version, degraded=list(degraded or []))
+        keys = self._segments(query)
+        found = await self._published(version, "segment", keys) if version is not None else []
+        return self._first_generic(version, keys, found, degraded=list(degraded or []))
+
+    def _first_generic(self, version: str | None, keys: Sequence[str], found: Sequence[PublishedList | None],
+                       degraded: list[str]) -> RankedList:  # fmt: skip
+        """The first of the segment lists `found` for `keys` (the visitor's segment, then all segments)."""
+        for key, lists in zip(keys, found, strict=False):
+            if lists is not None:
+                answer = RankedList(*lists, route="generic", model_version=version, degraded=degraded)
+                self._remember("segment", key, answer)
+                return answer
+        return RankedList([], [], route="none", model_version=version, degraded=degraded)
 
     async def _online(self, query: VisitorQuery, version: str | None) -> RankedList | None:
         """The Triton ensemble's answer for a customer without a nightly list (cached), or None if unknown.

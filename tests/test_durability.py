@@ -791,8 +791,9 @@ def test_a_hung_database_is_503_within_the_budget(postgres_cluster: PostgresClus
             for attempt in range(2):  # the first finds a pooled connection, the second has to open one
                 started = time.monotonic()
                 try:
-                    key = {"Idempotency-Key": f"hung-{attempt}"}
-                    answer: httpx.Response | None = client.post("/interactions", json=event(attempt), headers=key)
+                    idempotency = {"Idempotency-Key": f"hung-{attempt}"}
+                    answer: httpx.Response | None = client.post("/interactions", json=event(attempt),
+                                                                headers=idempotency)  # fmt: skip
                 except httpx.TimeoutException:
                     answer = None
                 answers.append((answer, time.monotonic() - started))

@@ -80,6 +80,24 @@ def user_ids(run: Path, spec: DatasetSpec) -> list[int]:
     return pd.read_parquet(run / "nvtabular" / "user_features.parquet")[spec.user_id].astype(int).tolist()
 
 
+def redis_commands_of(client: TestClient, path: str, params: dict[str, str]) -> list[str]:
+    """The commands the gateway sent Redis (a round trip each; a pipeline would be one) to answer a request."""
+    recommender = client.app.state.recommender  # type: ignore[attr-defined]
+    sent: list[str] = []
+    real = recommender.redis.execute_command
+
+    async def counted(*args, **options):  # type: ignore[no-untyped-def]
+        sent.append(str(args[0]).upper())
+        return await real(*args, **options)
+
+    recommender.redis.execute_command = counted
+    try:
+        assert client.get(path, params=params).status_code == 200
+    finally:
+        del recommender.redis.execute_command
+    return sent
+
+
 def items_of(response) -> list[int]:  # type: ignore[no-untyped-def]
     return [item["product_id"] for item in response.json()["items"]]
 
@@ -117,6 +135,9 @@ def test_new_visitor_gets_the_generic_list_of_their_segment(client: TestClient, 
     assert items_of(anonymous) == stored(published, "segment", "*")[0][:5]
     # The version's known-users bitmap said so in the list's read: Triton was not asked (it would leave a cache entry).
     assert not published.exists(f"{PREFIX}cache:{VERSION}:user:999999999")
+    # ... and the segment's lists came with that read: a new visitor costs one round trip, as a precomputed hit.
+    commands = redis_commands_of(client, "/recommendations/999999997", {"location": location, "device": device})
+    assert commands == ["EVALSHA"]
 
     # A version without the bitmap (ids too sparse for one): Triton says once that the models do not know this
     # customer, and the cache remembers it for the next requests.
