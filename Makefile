@@ -8,7 +8,7 @@ ROWS ?= 50000
 API_PORT ?= 8100
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving benchmark-call-deadline expectations migrate api api-key serve
+.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ benchmark-ranker-stacking:  ## ranker + two-tower score combined, on a quality r
 
 benchmark-call-deadline:  ## the database call deadline's cost against a plain pre-ping engine, pooled and new connections
 	$(VENV)/python benchmarks/call_deadline.py
+
+benchmark-recommender-reads:  ## the recommender's Redis read per route, in process, against one redis-py GET
+	$(VENV)/python benchmarks/recommender_reads.py
 
 benchmark-serving:  ## gateway routes' requests/s and p50/p99 against a bare FastAPI app, redis-py and Triton
 	$(VENV)/python benchmarks/serving.py

@@ -1,0 +1,114 @@
+"""What the gateway's Redis read costs per route, in process: `Recommender.candidates` against one raw GET.
+
+    .venv/bin/python benchmarks/recommender_reads.py [--redis-url redis://127.0.0.1:6379/6] [--calls 2000] [--rounds 5]
+
+No HTTP server and no load generator, so the numbers are the recommender's own (the version pointer, the
+list, the known-users bitmap and, for a new visitor, the segment lists) without uvicorn's and FastAPI's
+share, which make `benchmarks/serving.py`'s per-route differences of a tenth of a millisecond hard to see on
+a shared 2-core machine. A version with 100-item lists (one user, one segment, all segments, the bitmap) is
+written under a prefix of its own, deleted afterwards; `--calls` sequential calls per round, rounds
+alternating between the routes. Prints the best round's CPU and wall microseconds per call and the ratios
+to a raw redis-py asyncio GET of the same list (the reference: one round trip, nothing else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+PREFIX = "bench-reads:"
+VERSION = "v1"
+KNOWN_USER, NEW_VISITOR = 1, 5
+CONTEXT = {"location": "1", "device": "2"}
+
+
+def publish(redis_url: str) -> None:
+    import redis
+
+    from tasks.publish_recommendations import encode_recommendations
+
+    client = redis.Redis.from_url(redis_url)
+    lists = encode_recommendations(list(range(1000, 1100)), [1.0 - index / 200 for index in range(100)])
+    namespace = f"{PREFIX}recs:{VERSION}:"
+    client.set(f"{PREFIX}recs:current", VERSION)
+    for name in (f"user:{KNOWN_USER}", "segment:1:2", "segment:*"):
+        client.set(namespace + name, lists)
+    client.setbit(namespace + "known_users", KNOWN_USER, 1)
+
+
+def remove(redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{PREFIX}*"))
+    if keys:
+        client.delete(*keys)
+
+
+async def measure(redis_url: str, calls: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Best round's (CPU, wall) microseconds per call, by route."""
+    import redis.asyncio
+
+    from serving.recommender import Recommender, RecommenderConfig, VisitorQuery
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+
+    async def no_flags(items):  # type: ignore[no-untyped-def]  # the rules are not measured here
+        return {}
+
+    recommender = Recommender(client, None, RecommenderConfig(key_prefix=PREFIX), no_flags)
+    list_key = f"{PREFIX}recs:{VERSION}:user:{KNOWN_USER}"
+    routes: dict[str, Callable[[], Awaitable[object]]] = {
+        "redis_get": lambda: client.get(list_key),
+        "precomputed": lambda: recommender.candidates(VisitorQuery(KNOWN_USER, CONTEXT)),
+        "new_visitor": lambda: recommender.candidates(VisitorQuery(NEW_VISITOR, CONTEXT)),
+    }
+    expected = {"precomputed": "precomputed", "new_visitor": "generic"}
+    for name, route in expected.items():  # the routes are the ones meant
+        answer = await routes[name]()
+        assert answer.route == route and len(answer.items) == 100, (name, answer)  # type: ignore[attr-defined]
+    best: dict[str, tuple[float, float]] = {}
+    for round_number in range(rounds):
+        for name, call in routes.items():
+            for _ in range(calls // 10):  # warm-up
+                await call()
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(calls):
+                await call()
+            result = ((time.process_time() - cpu) / calls * 1e6, (time.perf_counter() - wall) / calls * 1e6)
+            print(f"round {round_number + 1}/{rounds} {name:12s} cpu {result[0]:7.1f} us  wall {result[1]:7.1f} us")
+            best[name] = min(best.get(name, result), result)
+    await recommender.close()
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6")
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    if args.redis_url.rstrip("/").endswith("/0"):
+        raise SystemExit("refusing Redis database 0: pass a dedicated --redis-url")
+    publish(args.redis_url)
+    try:
+        best = asyncio.run(measure(args.redis_url, args.calls, args.rounds))
+    finally:
+        remove(args.redis_url)
+    reference_cpu, reference_wall = best["redis_get"]
+    print("\nroute         cpu us  wall us  vs one redis-py GET: cpu, wall")
+    for name, (cpu, wall) in best.items():
+        print(f"{name:12s} {cpu:7.1f} {wall:8.1f}  {cpu / reference_cpu:5.2f}x {wall / reference_wall:5.2f}x")
+    print(f"new visitor vs precomputed hit: cpu {best['new_visitor'][0] / best['precomputed'][0]:.2f}x, "
+          f"wall {best['new_visitor'][1] / best['precomputed'][1]:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
