@@ -12,8 +12,9 @@ Routes, in order:
 - ``generic``: a new visitor -> the list of their (location, device) segment, or of all segments.
 
 Who is a new visitor comes with the list's read: the published version's known-users bitmap
-(tasks/publish_recommendations.py) answers in the same round trip, so a new visitor costs no Triton
-call. A version published without one (sparse ids) leaves Triton to say it, once per visitor and TTL.
+(tasks/publish_recommendations.py) answers in the same round trip, and for a new visitor that round trip
+also reads the segment's lists, so a new visitor costs one Redis round trip, as a precomputed hit, and no
+Triton call. A version published without one (sparse ids) leaves Triton to say it, once per visitor and TTL.
 
 Then the rules of the moment: products that became unavailable since the nightly run are dropped, the
 promotion rule (report 4.4.7: a promoted product scoring at least the threshold gets 1.0) and softmax
