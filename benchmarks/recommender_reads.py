@@ -32,15 +32,17 @@ CONTEXT = {"location": "1", "device": "2"}
 def publish(redis_url: str) -> None:
     import redis
 
-    from tasks.publish_recommendations import encode_recommendations
+    from tasks.batch_score import ALL_SEGMENTS, segment_key
+    from tasks.publish_recommendations import RecommendationKeys, encode_recommendations
 
     client = redis.Redis.from_url(redis_url)
     lists = encode_recommendations(list(range(1000, 1100)), [1.0 - index / 200 for index in range(100)])
-    namespace = f"{PREFIX}recs:{VERSION}:"
-    client.set(f"{PREFIX}recs:current", VERSION)
-    for name in (f"user:{KNOWN_USER}", "segment:1:2", "segment:*"):
-        client.set(namespace + name, lists)
-    client.setbit(namespace + "known_users", KNOWN_USER, 1)
+    keys = RecommendationKeys(PREFIX)
+    client.set(keys.current, VERSION)
+    client.set(keys.data(VERSION, "user", KNOWN_USER), lists)
+    for segment in (segment_key(list(CONTEXT.values())), ALL_SEGMENTS):
+        client.set(keys.data(VERSION, "segment", segment), lists)
+    client.setbit(keys.known_users(VERSION), KNOWN_USER, 1)
 
 
 def remove(redis_url: str) -> None:
@@ -57,6 +59,7 @@ async def measure(redis_url: str, calls: int, rounds: int) -> dict[str, tuple[fl
     import redis.asyncio
 
     from serving.recommender import Recommender, RecommenderConfig, VisitorQuery
+    from tasks.publish_recommendations import RecommendationKeys
 
     client = redis.asyncio.Redis.from_url(redis_url)
 
@@ -64,7 +67,7 @@ async def measure(redis_url: str, calls: int, rounds: int) -> dict[str, tuple[fl
         return {}
 
     recommender = Recommender(client, None, RecommenderConfig(key_prefix=PREFIX), no_flags)
-    list_key = f"{PREFIX}recs:{VERSION}:user:{KNOWN_USER}"
+    list_key = RecommendationKeys(PREFIX).data(VERSION, "user", KNOWN_USER)
     routes: dict[str, Callable[[], Awaitable[object]]] = {
         "redis_get": lambda: client.get(list_key),
         "precomputed": lambda: recommender.candidates(VisitorQuery(KNOWN_USER, CONTEXT)),
@@ -95,7 +98,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    if args.redis_url.rstrip("/").endswith("/0"):
+    import redis
+
+    if redis.Redis.from_url(args.redis_url).connection_pool.connection_kwargs.get("db", 0) == 0:
         raise SystemExit("refusing Redis database 0: pass a dedicated --redis-url")
     publish(args.redis_url)
     try:

@@ -291,13 +291,13 @@ class Recommender:
 
     async def _generic(self, query: VisitorQuery, version: str | None, degraded: list[str] | None = None) -> RankedList:
         keys = self._segments(query)
-        found = await self._published(version, "segment", keys) if version is not None else []
+        found = await self._published(version, "segment", keys) if version is not None else [None] * len(keys)
         return self._first_generic(version, keys, found, degraded=list(degraded or []))
 
     def _first_generic(self, version: str | None, keys: Sequence[str], found: Sequence[PublishedList | None],
                        degraded: list[str]) -> RankedList:  # fmt: skip
         """The first of the segment lists `found` for `keys` (the visitor's segment, then all segments)."""
-        for key, lists in zip(keys, found, strict=False):
+        for key, lists in zip(keys, found, strict=True):
             if lists is not None:
                 answer = RankedList(*lists, route="generic", model_version=version, degraded=degraded)
                 self._remember("segment", key, answer)
