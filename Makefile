@@ -13,7 +13,7 @@ API_PORT ?= 8100
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-setup:  ## install both environments, Redis if missing, airflow.cfg and Airflow's database
+setup:  ## install both environments, Redis if missing, airflow.cfg, Airflow's secrets and database
 	./scripts/setup.sh
 
 test: lint unit  ## the whole test suite: lint, types, unit, DAG and end-to-end tests
@@ -28,8 +28,10 @@ unit:  ## pytest only
 generate-data:  ## generate ROWS rows of AliCCP-format CSV into the landing zone
 	$(VENV)/recsys generate-data --rows $(ROWS) --out var/data/landing
 
-airflow:  ## start Airflow (api server, scheduler, dag processor) on http://localhost:8080
-	$(VENV)/airflow standalone
+airflow:  ## start Airflow (api server, scheduler, dag processor, triggerer) on http://127.0.0.1:8080
+	@test -f $(AIRFLOW_CONFIG) || { echo "$(AIRFLOW_CONFIG) is missing: run 'make setup' first"; exit 2; }
+	@# standalone starts each component as a subprocess named `airflow`, found on PATH: the platform venv's.
+	PATH="$(VENV):$$PATH" $(VENV)/airflow standalone
 
 migrate:  ## create or upgrade the gateway's database (RECSYS_DATABASE_URL, default SQLite in var/serving/)
 	$(VENV)/python -m serving.api.migrate upgrade

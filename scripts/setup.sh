@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command setup on a fresh Debian/Ubuntu machine with Python 3.11 (`make setup` runs this):
-# both locked Python environments, Redis and Chromium if missing, airflow.cfg and the Airflow metadata database.
+# both locked Python environments, Redis and Chromium if missing, Airflow's secrets, airflow.cfg and its metadata database.
 # Safe to rerun: every step checks what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,10 +74,28 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
 fi
 
+say "Airflow secrets in var/secrets/ (random per installation, owner-only, never committed)"
+# Kept when present: a new Fernet key would leave stored connections unreadable. airflow.cfg reads each
+# file with a `_cmd` option, so every Airflow process signs and checks with the same value.
+new_secret() {  # file name, Python code that prints the secret
+  local file="var/secrets/$1"
+  if [ ! -s "$file" ]; then
+    (umask 077 && .venv/bin/python -c "$2" >"$file.new" && mv "$file.new" "$file")
+  fi
+  chmod 600 "$file"
+}
+mkdir -p var/secrets && chmod 700 var/secrets
+TOKEN='import secrets, sys; sys.stdout.write(secrets.token_urlsafe(48))'
+new_secret airflow_jwt_secret "$TOKEN"
+new_secret airflow_api_secret_key "$TOKEN"
+new_secret airflow_fernet_key 'import sys; from cryptography.fernet import Fernet; sys.stdout.write(Fernet.generate_key().decode())'
+# The UI's admin password, in the simple auth manager's own format.
+new_secret airflow_passwords.json 'import json, secrets; print(json.dumps({"admin": secrets.token_urlsafe(16)}))'
+
 say "Airflow: airflow.cfg and the metadata database"
 mkdir -p var/airflow var/data/landing
 sed "s|@PROJECT_ROOT@|$ROOT|g" airflow.cfg.template > airflow.cfg.new && mv airflow.cfg.new airflow.cfg
 AIRFLOW_HOME="$ROOT/var/airflow" AIRFLOW_CONFIG="$ROOT/airflow.cfg" .venv/bin/airflow db migrate >var/airflow/db-migrate.log 2>&1 \
   || { tail -n 30 var/airflow/db-migrate.log; exit 1; }
 
-say "setup done: run 'make test'"
+say "setup done: run 'make test'; 'make airflow' starts the UI on http://127.0.0.1:8080 (user admin, password in var/secrets/airflow_passwords.json)"
