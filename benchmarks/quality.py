@@ -29,59 +29,25 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline_steps import StepTimes, run_steps
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TRAINER_PYTHON = PROJECT_ROOT / ".venv-trainer" / "bin" / "python"
 
 
 def run_pipeline(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, float], list[str]]:
     """Generate the data and run every step up to batch scoring; (run dir, seconds per step, steps kept)."""
     from recsys.datagen import GeneratorConfig, generate_dataset
     from recsys.spec import load_spec
-    from recsys.trainer_env import run_trainer_step
-    from tasks.clean_null_rows import clean_null_rows
-    from tasks.csv_to_parquet import csv_to_parquet
-    from tasks.resplit import resplit
 
-    spec = load_spec()
     raw, run = work / "raw", work / "run"
-    run.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    kept: list[str] = []
-
-    def step(name: str, output: Path, action) -> None:  # type: ignore[no-untyped-def]
-        if args.resume and output.exists():
-            print(f"{name}: kept {output}", flush=True)
-            kept.append(name)
-            return
-        started = time.perf_counter()
-        action()
-        seconds[name] = time.perf_counter() - started
-        print(f"{name}: {seconds[name]:.0f} s", flush=True)
-
-    def trainer(command: str, arguments: list[str]):  # type: ignore[no-untyped-def]
-        return lambda: run_trainer_step(TRAINER_PYTHON, command, arguments)
-
+    times = StepTimes()
     # the defaults: nothing tuned for this benchmark (--items only sets the data's size)
     config = GeneratorConfig(rows=args.rows, seed=args.seed, items=args.items)
-    step("generate_data", raw / "generation.json", lambda: generate_dataset(config, raw, spec, progress=False))
-    step("csv_to_parquet", run / "parquet", lambda: csv_to_parquet(raw, run / "parquet", spec))
-    step("clean_null_rows", run / "clean", lambda: clean_null_rows(run / "parquet", run / "clean", spec))
-    step("resplit", run / "resplit", lambda: resplit(run / "clean", run / "resplit", spec))
-    step("nvtabular_fit_transform", run / "nvtabular",
-         trainer("nvtabular-fit-transform", ["--input", str(run / "resplit"),
-                                             "--output", str(run / "nvtabular")]))  # fmt: skip
-    step("train_two_tower", run / "two_tower",
-         trainer("train-two-tower", ["--input", str(run / "nvtabular"), "--output", str(run / "two_tower"),
-                                     "--epochs", str(args.two_tower_epochs)]))  # fmt: skip
-    step("train_ranker", run / "ranker",
-         trainer("train-ranker", ["--input", str(run / "nvtabular"), "--output", str(run / "ranker"),
-                                  "--epochs", str(args.ranker_epochs), "--model", args.ranker_model]))  # fmt: skip
-    step("build_faiss_index", run / "faiss_index",
-         trainer("build-faiss-index", ["--input", str(run / "two_tower"), "--output", str(run / "faiss_index"),
-                                       "--nvtabular", str(run / "nvtabular")]))  # fmt: skip
-    step("batch_score", run / "batch_score",
-         trainer("batch-score", ["--input", str(run), "--output", str(run / "batch_score")]))  # fmt: skip
-    return run, seconds, kept
+    times.run("generate_data", raw / "generation.json",
+              lambda: generate_dataset(config, raw, load_spec(), progress=False), resume=args.resume)  # fmt: skip
+    run_steps(raw, run, None, times, two_tower_epochs=args.two_tower_epochs, ranker_epochs=args.ranker_epochs,
+              ranker_model=args.ranker_model, resume=args.resume)  # fmt: skip
+    return run, times.seconds, times.kept
 
 
 def main() -> int:

@@ -248,6 +248,17 @@ def _monitor_hour(args: argparse.Namespace) -> dict:
                    spec=load_spec(args.spec), config=config, thresholds=thresholds, webhook_url=args.webhook_url)
 
 
+def _import_atomic(args: argparse.Namespace) -> dict:
+    from tasks.import_atomic import AtomicImportConfig, import_atomic
+
+    config = AtomicImportConfig(rating_field=args.rating_field, timestamp_field=args.timestamp_field,
+                                positive_threshold=args.positive_threshold,
+                                test_positive_share=args.test_positive_share,
+                                sequence_fields=tuple(args.sequence_field), sequence_separator=args.sequence_separator,
+                                drop_fields=tuple(args.drop_field))  # fmt: skip
+    return import_atomic(args.input, args.out, config)
+
+
 def _step_parser(subparsers: argparse._SubParsersAction, name: str, handler: Callable, help_text: str
                  ) -> argparse.ArgumentParser:  # fmt: skip
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -402,6 +413,23 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--input", type=Path, required=True, help="a folder holding one train-ranker output a model")
     compare.add_argument("--nvtabular", type=Path, default=None, help="their NVTabular output (validation fingerprint)")
     compare.add_argument("--run-name", default="ranker comparison")
+
+    atomic = subparsers.add_parser("import-atomic", help="RecBole atomic files to train/test CSV and a dataset spec",
+                                   description="RecBole atomic files (<name>.inter, .user, .item) to train.csv, "
+                                               "test.csv (temporal split per user) and spec.yaml in --out")  # fmt: skip
+    atomic.set_defaults(handler=_import_atomic)
+    atomic.add_argument("input", type=Path, help="folder holding <name>.inter (and <name>.user, <name>.item)")
+    atomic.add_argument("--out", type=Path, required=True, help="folder to write (replaced atomically)")
+    atomic.add_argument("--rating-field", default="rating", help="absent in .inter: every interaction is positive")
+    atomic.add_argument("--timestamp-field", default="timestamp")
+    atomic.add_argument("--positive-threshold", type=float, default=4.0, help="ratings at or above are clicks")
+    atomic.add_argument("--test-positive-share", type=float, default=0.2,
+                        help="share of each user's last positives that start the test split")  # fmt: skip
+    atomic.add_argument("--sequence-field", action="append", default=[],
+                        help="a token field holding a sequence (repeatable), e.g. ML-1M's genre")  # fmt: skip
+    atomic.add_argument("--sequence-separator", default=" ", help="between a sequence field's tokens")
+    atomic.add_argument("--drop-field", action="append", default=[], help="a user or item field left out (repeatable)")
+    atomic.add_argument("--metrics-json", type=Path, default=None, help="also write the step's metrics here")
 
     extract = _step_parser(subparsers, "extract-interactions", _extract_interactions,
                            "export one day (UTC) of the gateway's interactions to the landing zone")  # fmt: skip

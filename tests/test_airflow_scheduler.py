@@ -91,10 +91,14 @@ class RunningAirflow:
         assert response.is_success, f"{method} {path}: {response.status_code} {response.text}"
         return response.json()
 
-    def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:
-        """As the UI's Trigger button does: no logical date, the Params form as `conf`."""
-        run = self.send("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
-        return str(run["dag_run_id"])
+    def trigger(self, dag_id: str, changed: dict[str, Any]) -> str:
+        """As the UI's Trigger dialog does: the logical date it proposes (now) and the whole Params form as
+        `conf`, each field at its default unless `changed`."""
+        params = self.get(f"/api/v2/dags/{dag_id}/details")["params"]
+        assert set(changed) <= set(params), f"not Params of {dag_id}: {set(changed) - set(params)}"
+        conf = {name: param["value"] for name, param in params.items()} | changed
+        body = {"logical_date": datetime.now(UTC).isoformat(), "conf": conf}
+        return str(self.send("POST", f"/api/v2/dags/{dag_id}/dagRuns", body)["dag_run_id"])
 
     def unpause(self, dag_id: str) -> None:
         self.send("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
@@ -228,8 +232,8 @@ def test_the_monitoring_dag_runs_triggered_and_scheduled(airflow: RunningAirflow
     from tasks.monitor import MONITORING_EXPERIMENT
 
     conf = {"hour": HOUR.isoformat(), "attribution_window_minutes": 30, "k": 2, "min_ctr": None, "max_psi": None}
+    airflow.unpause("recsys_monitoring")  # the UI's dialog does it with the trigger ("Unpause on trigger")
     run_id = airflow.trigger("recsys_monitoring", conf)
-    airflow.unpause("recsys_monitoring")  # a triggered run of a paused DAG waits; the UI unpauses it too
     started = datetime.now(UTC)
     run = airflow.wait_for_run("recsys_monitoring", 300, run_id=run_id)
     assert run["state"] == "success", airflow.failure_report("recsys_monitoring", run_id)
