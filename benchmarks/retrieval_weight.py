@@ -44,7 +44,7 @@ def main() -> int:
         order,
     )
     from recsys.spec import load_spec
-    from tasks.batch_score import purchases_by_user
+    from tasks.batch_score import seen_items_by_user
     from tasks.evaluate import (
         final_list_data,
         generator_truth,
@@ -69,7 +69,7 @@ def main() -> int:
     data = prepare(train, valid, spec)  # the benchmark has no unavailable items
     users, _ = final_list_data(data)
     pipeline = RecommendationPipeline(PipelineArtifacts.of_run(args.run), spec)
-    purchases = purchases_by_user(args.run / "nvtabular", spec)
+    seen_items = seen_items_by_user(args.run / "nvtabular", spec)
 
     # Retrieval, rules and ranker once (the expensive part), for the evaluated users the run knows.
     candidates = np.full((len(users.users), args.top_k), MISSING, dtype=np.int64)
@@ -82,7 +82,7 @@ def main() -> int:
         if not len(rows):
             continue
         found, products = pipeline.retrieve(pipeline.embed_users(features), args.top_k)
-        excluded = [purchases.get(int(user), np.empty(0, dtype=np.int64)) for user in batch[known]]
+        excluded = [seen_items.get(int(user), np.empty(0, dtype=np.int64)) for user in batch[known]]
         found = filter_candidates(found, excluded=excluded)
         candidates[rows], inner_products[rows] = found, products
         ranker_scores[rows] = pipeline.score(features, found)

@@ -5,7 +5,8 @@ request online), so the two cannot drift. The stages follow the report's four-st
 
 1. retrieval: the query tower embeds the user's features; Faiss returns the top-K items by inner
    product (the score the towers were trained with), distances kept;
-2. filtering: business rules remove candidates (items the user bought, unavailable items) and
+2. filtering: business rules remove candidates (items the user saw: bought, or any the spec's
+   `exclude_seen` names; unavailable items) and
    Faiss's -1 padding when the catalog has fewer than K items;
 3. scoring: the user's features are unrolled against every candidate's item features, held in
    memory as arrays indexed by encoded item id (the report fetched them from Feast per candidate,
@@ -77,7 +78,7 @@ def filter_candidates(candidates: np.ndarray, *, excluded: Sequence[np.ndarray] 
                       known: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Candidates with filtered items replaced by MISSING (-1, as Faiss pads short results).
 
-    `excluded[i]` holds the encoded item ids removed for row i (items that user bought);
+    `excluded[i]` holds the encoded item ids removed for row i (items that user saw, `SeenItems`);
     `unavailable` is a boolean mask indexed by encoded item id; `known[i]` False empties row i (a user
     the run has no features for: retrieval ran on filler input rows, so nothing it found is theirs).
     """
@@ -98,8 +99,8 @@ def filter_candidates(candidates: np.ndarray, *, excluded: Sequence[np.ndarray] 
 
 
 
-class Purchases:
-    """Encoded ids of the items each raw user id bought (the filter's exclusions), as three flat arrays."""
+class SeenItems:
+    """Encoded ids of the items each raw user id saw (the filter's exclusions), as three flat arrays."""
 
     def __init__(self, user_ids: np.ndarray, offsets: np.ndarray, items: np.ndarray) -> None:
         self.user_ids = user_ids  # sorted raw user ids
@@ -107,15 +108,15 @@ class Purchases:
         self.items = items
 
     @classmethod
-    def from_mapping(cls, bought: Mapping[int, np.ndarray]) -> Purchases:
-        user_ids = np.array(sorted(bought), dtype=np.int64)
-        lists = [np.asarray(bought[int(user)], dtype=np.int64) for user in user_ids]
+    def from_mapping(cls, seen: Mapping[int, np.ndarray]) -> SeenItems:
+        user_ids = np.array(sorted(seen), dtype=np.int64)
+        lists = [np.asarray(seen[int(user)], dtype=np.int64) for user in user_ids]
         offsets = np.concatenate([[0], np.cumsum([len(items) for items in lists])]).astype(np.int64)
         items = np.concatenate(lists) if lists else np.empty(0, dtype=np.int64)
         return cls(user_ids, offsets, items.astype(np.int64))
 
     def of_users(self, raw_user_ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
-        """One array per given user, empty for users who bought nothing (or are unknown)."""
+        """One array per given user, empty for users who saw nothing excluded (or are unknown)."""
         ids = np.asarray(raw_user_ids, dtype=np.int64)
         empty = np.empty(0, dtype=np.int64)
         if not len(self.user_ids):
@@ -129,7 +130,7 @@ class Purchases:
         np.savez(path, user_ids=self.user_ids, offsets=self.offsets, items=self.items)
 
     @classmethod
-    def load(cls, path: Path) -> Purchases:
+    def load(cls, path: Path) -> SeenItems:
         with np.load(path) as arrays:
             return cls(arrays["user_ids"], arrays["offsets"], arrays["items"])
 

@@ -16,6 +16,9 @@ import yaml
 # Types a spec may name, mapped to pyarrow type names (pyarrow is imported lazily by callers).
 SUPPORTED_TYPES = ("int8", "int16", "int32", "int64", "float32", "float64", "string")
 
+# `exclude_seen: all`: every interaction keeps its item out of that user's lists.
+EVERY_INTERACTION = "all"
+
 DEFAULT_SPEC_PATH = Path(__file__).resolve().parent.parent / "specs" / "aliccp.yaml"
 
 
@@ -60,6 +63,10 @@ class DatasetSpec:
     segment_features: tuple[str, ...] = ()
     # The target whose positive rows are purchases: those items are not recommended to the buyer again.
     purchase_target: str | None = None
+    # Which interactions keep an item from being recommended to that user again: EVERY_INTERACTION (any row,
+    # whatever its targets; a rated movie), a tuple of targets (rows positive in any of them), or None for
+    # the default, the purchase target's positives.
+    exclude_seen: str | tuple[str, ...] | None = None
     categorify: Categorify = Categorify()
     validation: Validation = Validation()
     source: str = "<memory>"
@@ -68,6 +75,17 @@ class DatasetSpec:
     def features(self) -> tuple[str, ...]:
         """Columns that count as features for null cleaning (ids, targets and time excluded)."""
         return self.user_features + self.item_features + self.user_item_features + self.context_features
+
+    @property
+    def excludes_every_interaction(self) -> bool:
+        return self.exclude_seen == EVERY_INTERACTION
+
+    @property
+    def seen_targets(self) -> tuple[str, ...]:
+        """The targets whose positive rows exclude the item (empty when every interaction does, or none)."""
+        if self.exclude_seen is None:
+            return (self.purchase_target,) if self.purchase_target else ()
+        return () if isinstance(self.exclude_seen, str) else self.exclude_seen
 
     @property
     def categorical_columns(self) -> tuple[str, ...]:
@@ -122,6 +140,7 @@ def parse_spec(raw: dict[str, Any], source: str = "<memory>") -> DatasetSpec:
         targets=role_list("targets"),
         segment_features=role_list("segment_features"),
         purchase_target=roles.get("purchase_target"),
+        exclude_seen=_exclude_seen(raw, source),
         categorify=Categorify(**raw.get("categorify", {})),
         validation=Validation(
             max_null_fraction=raw.get("validation", {}).get("max_null_fraction", 0.5),
@@ -134,6 +153,15 @@ def parse_spec(raw: dict[str, Any], source: str = "<memory>") -> DatasetSpec:
     )
     _check_roles(spec)
     return spec
+
+
+def _exclude_seen(raw: dict[str, Any], source: str) -> str | tuple[str, ...] | None:
+    value = raw.get("exclude_seen")
+    if value is None or value == EVERY_INTERACTION:
+        return value
+    if not isinstance(value, list) or not all(isinstance(target, str) for target in value):
+        raise SpecError(f"{source}: exclude_seen must be '{EVERY_INTERACTION}' or a list of targets, not {value!r}")
+    return tuple(value)
 
 
 def _check_roles(spec: DatasetSpec) -> None:
@@ -153,6 +181,9 @@ def _check_roles(spec: DatasetSpec) -> None:
             raise SpecError(f"{spec.source}: roles.segment_features names '{column}', which is not a context feature")
     if spec.purchase_target is not None and spec.purchase_target not in spec.targets:
         raise SpecError(f"{spec.source}: roles.purchase_target '{spec.purchase_target}' is not one of the targets")
+    for target in spec.seen_targets:
+        if target not in spec.targets:
+            raise SpecError(f"{spec.source}: exclude_seen names '{target}', which is not one of the targets")
     for column in spec.validation.value_ranges:
         if column not in spec.columns:
             raise SpecError(f"{spec.source}: validation.value_ranges names unknown column '{column}'")

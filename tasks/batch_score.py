@@ -73,16 +73,20 @@ def read_unavailable(path: Path | None, spec: DatasetSpec) -> set[int]:
     return {int(item) for item in frame[spec.item_id].dropna()}
 
 
-def purchases_by_user(nvtabular_dir: Path, spec: DatasetSpec) -> dict[int, np.ndarray]:
-    """Encoded ids of the items each raw user id bought (positive purchase target), train and valid."""
-    if spec.purchase_target is None:
+def seen_items_by_user(nvtabular_dir: Path, spec: DatasetSpec) -> dict[int, np.ndarray]:
+    """Encoded ids of the items never recommended again to each raw user id, from train and valid: the rows
+    the spec's `exclude_seen` names (every interaction, or those positive in the given targets; by default
+    the purchases)."""
+    targets = spec.seen_targets
+    if not spec.excludes_every_interaction and not targets:
         return {}
-    columns = [spec.user_id + RAW_SUFFIX, spec.item_id, spec.purchase_target]
+    columns = [spec.user_id + RAW_SUFFIX, spec.item_id, *targets]
     parts = [pd.read_parquet(path, columns=columns) for split in ("train", "valid")
              for path in nvtabular_part_files(Path(nvtabular_dir) / split)]  # fmt: skip
-    bought = pd.concat(parts, ignore_index=True)
-    bought = bought[bought[spec.purchase_target] == 1]
-    grouped = bought.groupby(spec.user_id + RAW_SUFFIX)[spec.item_id]
+    seen = pd.concat(parts, ignore_index=True)
+    if not spec.excludes_every_interaction:
+        seen = seen[(seen[list(targets)] == 1).any(axis=1)]
+    grouped = seen.groupby(spec.user_id + RAW_SUFFIX)[spec.item_id]
     return {int(user): np.unique(items.to_numpy(dtype=np.int64)) for user, items in grouped}
 
 
@@ -129,7 +133,7 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
     unavailable = np.zeros(len(pipeline.item_raw_ids), dtype=bool)
     codes = pipeline.encode_items(sorted(unavailable_raw))
     unavailable[codes[codes >= 0]] = True
-    purchases = purchases_by_user(run / "nvtabular", spec)
+    seen_items = seen_items_by_user(run / "nvtabular", spec)
     user_ids = pipeline.users.index.to_numpy(dtype=np.int64)
 
     started = time.perf_counter()
@@ -139,7 +143,7 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
             for start in range(0, len(user_ids), config.users_per_batch):
                 batch = user_ids[start : start + config.users_per_batch]
                 features, _ = pipeline.user_features(batch)
-                excluded = [purchases.get(int(user), np.empty(0, dtype=np.int64)) for user in batch]
+                excluded = [seen_items.get(int(user), np.empty(0, dtype=np.int64)) for user in batch]
                 result = pipeline.recommend(features, top_k=config.top_k, top_n=config.top_n,
                                            excluded=excluded, unavailable=unavailable,
                                            retrieval_weight=config.retrieval_weight)  # fmt: skip

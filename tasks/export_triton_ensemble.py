@@ -11,7 +11,7 @@ blended with the retrieval's (`retrieval_weight`, as batch scoring's `blend_scor
 
 The repository is self-contained: each model's version folder `<model>/1/` holds its `model.py` and
 copies of what that stage loads (the query tower or ranker SavedModel, the Faiss index, the user or
-item feature table, the item embeddings, each user's purchases, the unavailable items) and
+item feature table, the item embeddings, each user's seen items (the spec's `exclude_seen`), the unavailable items) and
 `pipeline_columns.json`, so it keeps working after the run's folder is gone and each stage process
 holds only its own share. `config.pbtxt` files are written from the tensor lists below. The models
 run in the trainer environment inside Triton's Python backend (README, "Triton server"), so this
@@ -40,12 +40,12 @@ from models.online_pipeline import (
     ItemCatalog,
     PipelineArtifacts,
     PipelineColumns,
-    Purchases,
+    SeenItems,
 )
 from recsys.outputs import atomic_output_dir
 from recsys.spec import DatasetSpec
 from serving import triton_models
-from serving.triton_models.stage import PURCHASES_FILE, QUERY_TOWER_DIR, RANKER_DIR, UNAVAILABLE_FILE
+from serving.triton_models.stage import QUERY_TOWER_DIR, RANKER_DIR, SEEN_ITEMS_FILE, UNAVAILABLE_FILE
 from tasks.build_faiss_index import INDEX_FILE
 from tasks.nvtabular_fit_transform import RAW_SUFFIX
 
@@ -301,7 +301,7 @@ def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
     import numpy as np
     import pyarrow.parquet as pq
 
-    from tasks.batch_score import purchases_by_user, read_unavailable
+    from tasks.batch_score import read_unavailable, seen_items_by_user
 
     started = time.perf_counter()
     artifacts = PipelineArtifacts.of_run(Path(run_dir))
@@ -312,7 +312,7 @@ def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
     unavailable = np.zeros(len(catalog), dtype=bool)
     codes = catalog.encode(sorted(unavailable_raw))
     unavailable[codes[codes >= 0]] = True
-    purchases = Purchases.from_mapping(purchases_by_user(artifacts.nvtabular_dir, spec))
+    seen_items = SeenItems.from_mapping(seen_items_by_user(artifacts.nvtabular_dir, spec))
     stages = stage_configs(columns, config)
     ensembles = ensemble_configs(columns)
     files = _stage_files(artifacts)
@@ -326,7 +326,7 @@ def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
             columns.write(version_dir)
             for source, name in files[stage.name]:
                 _copy(source, version_dir / name)
-        purchases.save(staging / "filter_candidates" / VERSION / PURCHASES_FILE)
+        seen_items.save(staging / "filter_candidates" / VERSION / SEEN_ITEMS_FILE)
         for stage_name in ("filter_candidates", "similar_items"):
             np.save(staging / stage_name / VERSION / UNAVAILABLE_FILE, unavailable)
         for ensemble in ensembles:
@@ -342,7 +342,7 @@ def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
             "model_bytes": {stage.name: _size(staging / stage.name) for stage in stages},
             "users": pq.ParquetFile(artifacts.nvtabular_dir / USER_FEATURES_FILE).metadata.num_rows,
             "items": int((catalog.raw_ids >= 0).sum()),
-            "users_with_purchases": len(purchases.user_ids),
+            "users_with_seen_items": len(seen_items.user_ids),
             "unavailable_items": int(unavailable.sum()),
             "config": {**dataclasses.asdict(config), "unavailable_items": str(config.unavailable_items or "")},
             "source_run": str(Path(run_dir).absolute()),

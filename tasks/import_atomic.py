@@ -35,7 +35,7 @@ import yaml
 
 from recsys.errors import InputDataError
 from recsys.outputs import atomic_output_dir
-from recsys.spec import load_spec
+from recsys.spec import EVERY_INTERACTION, load_spec
 
 ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
 SEQUENCE_JOIN = "|"
@@ -222,6 +222,7 @@ def import_atomic(input_dir: Path, output_dir: Path, config: AtomicImportConfig 
                   "user_features": features["user"], "item_features": features["item"],
                   "targets": [CLICK]},
         "validation": {"value_ranges": {CLICK: [0, 1]}},
+        "exclude_seen": EVERY_INTERACTION,  # a rated item is not recommended to that user again
     }
     ignored = [field for field in inter.fields
                if field not in ("user_id", "item_id", config.timestamp_field, config.rating_field)]  # fmt: skip

@@ -1,7 +1,7 @@
 """The in-process pipeline's answers for given users and items, as JSON (run in the trainer environment).
 
 `tests/test_triton_ensemble.py` compares the Triton ensembles with these. The business rules are the
-ones batch scoring applies: each user's purchases and the unavailable items are filtered out
+ones batch scoring applies: each user's seen items and the unavailable items are filtered out
 ("unfiltered" is the same ranking without them). "recommend" is the ranked order (temperature 0),
 "sampled" the order drawn at `--temperature` with `--seed`.
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from models.online_pipeline import PipelineArtifacts, RecommendationPipeline
 from recsys.spec import load_spec
-from tasks.batch_score import purchases_by_user, read_unavailable
+from tasks.batch_score import read_unavailable, seen_items_by_user
 
 
 def _ids(text: str) -> np.ndarray:
@@ -53,8 +53,8 @@ def main() -> None:
     unavailable = np.zeros(len(pipeline.item_raw_ids), dtype=bool)
     codes = pipeline.encode_items(sorted(read_unavailable(args.unavailable_items, spec)))
     unavailable[codes[codes >= 0]] = True
-    purchases = purchases_by_user(args.run / "nvtabular", spec)
-    excluded = [purchases.get(int(user), np.empty(0, dtype=np.int64)) for user in args.users]
+    seen_items = seen_items_by_user(args.run / "nvtabular", spec)
+    excluded = [seen_items.get(int(user), np.empty(0, dtype=np.int64)) for user in args.users]
 
     def recommend(temperature: float, **rules: object) -> dict:
         result = pipeline.recommend(features, top_k=args.top_k, top_n=args.top_n, temperature=temperature,

@@ -4,7 +4,7 @@ A small real run (the 50k-row data stage, a two-tower model, a DLRM ranker, the 
 exported with `recsys export-triton-ensemble`, the run's own folders are hidden while the server
 loads the repository (so it cannot lean on them), and `recommend` and `similar_products` are asked
 for users and items whose in-process answers `RecommendationPipeline` gives in the trainer environment
-(`tests/in_process_pipeline.py`), with the same purchases and unavailable items filtered out.
+(`tests/in_process_pipeline.py`), with the same seen items and unavailable items filtered out.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from recsys.parquet_io import nvtabular_part_files
 from recsys.settings import get_settings
 from recsys.spec import DatasetSpec
 from serving.triton_server import TritonServer
-from tasks.batch_score import purchases_by_user
+from tasks.batch_score import seen_items_by_user
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,7 @@ def positives(run: Path, spec: DatasetSpec) -> pd.DataFrame:
 def chosen(run_dir: Path, spec: DatasetSpec) -> dict[str, np.ndarray]:
     """Users (half of them buyers), items to find similar ones for, and unavailable items (the most clicked)."""
     users = pd.read_parquet(run_dir / "nvtabular" / "user_features.parquet")[spec.user_id].to_numpy(dtype=np.int64)
-    buyers = np.array(sorted(purchases_by_user(run_dir / "nvtabular", spec)), dtype=np.int64)
+    buyers = np.array(sorted(seen_items_by_user(run_dir / "nvtabular", spec)), dtype=np.int64)
     others = np.setdiff1d(users, buyers)
     popular = positives(run_dir, spec)[spec.item_id + "_raw"].value_counts().index.to_numpy(dtype=np.int64)
     return {

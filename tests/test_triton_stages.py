@@ -14,7 +14,7 @@ from models.online_pipeline import (
     ITEM_FEATURES_FILE,
     MISSING,
     PipelineColumns,
-    Purchases,
+    SeenItems,
     filter_candidates,
     nearest_other_items,
 )
@@ -51,14 +51,14 @@ def test_filter_candidates_empties_rows_of_unknown_users():
     np.testing.assert_array_equal(kept, [[1, MISSING, 3], [MISSING] * 3])
 
 
-def test_purchases_round_trip(tmp_path: Path):
-    purchases = Purchases.from_mapping({30: np.array([4, 5]), 10: np.array([1])})
-    purchases.save(tmp_path / "purchases.npz")
+def test_seen_items_round_trip(tmp_path: Path):
+    seen_items = SeenItems.from_mapping({30: np.array([4, 5]), 10: np.array([1])})
+    seen_items.save(tmp_path / "seen_items.npz")
 
-    loaded = Purchases.load(tmp_path / "purchases.npz")
+    loaded = SeenItems.load(tmp_path / "seen_items.npz")
 
     assert [items.tolist() for items in loaded.of_users([10, 20, 30, 99])] == [[1], [], [4, 5], []]
-    assert [items.tolist() for items in Purchases.from_mapping({}).of_users([10])] == [[]]
+    assert [items.tolist() for items in SeenItems.from_mapping({}).of_users([10])] == [[]]
 
 
 def test_pipeline_columns_round_trip(tmp_path: Path):

@@ -25,7 +25,7 @@ Number = TypeVar("Number", int, float)
 # (the run's feature tables, `items.faiss` and `item_embeddings.parquet` keep their names).
 QUERY_TOWER_DIR = "query_tower"  # SavedModel
 RANKER_DIR = "model"  # SavedModel
-PURCHASES_FILE = "purchases.npz"  # models.online_pipeline.Purchases
+SEEN_ITEMS_FILE = "seen_items.npz"  # models.online_pipeline.SeenItems
 UNAVAILABLE_FILE = "unavailable.npy"  # bool mask indexed by encoded item id
 
 

@@ -1,7 +1,8 @@
 """Triton model `filter_candidates`: the business rules on retrieved candidates.
 
-Removes the items each user bought and the unavailable items (both exported with the run), empties the
-rows of unknown users, and keeps Faiss's -1 padding as missing: `models.online_pipeline.filter_candidates`.
+Removes the items each user saw (the spec's `exclude_seen`) and the unavailable items (both exported with the
+run), empties the rows of unknown users, and keeps Faiss's -1 padding as missing:
+`models.online_pipeline.filter_candidates`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,20 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from models.online_pipeline import Purchases, filter_candidates
-from serving.triton_models.stage import PURCHASES_FILE, UNAVAILABLE_FILE, RequestError, StageModel, ids_vector, required
+from models.online_pipeline import SeenItems, filter_candidates
+from serving.triton_models.stage import (
+    SEEN_ITEMS_FILE,
+    UNAVAILABLE_FILE,
+    RequestError,
+    StageModel,
+    ids_vector,
+    required,
+)
 
 
 class TritonPythonModel(StageModel):
     def load(self) -> None:
-        self.purchases = Purchases.load(self.directory / PURCHASES_FILE)
+        self.seen_items = SeenItems.load(self.directory / SEEN_ITEMS_FILE)
         self.unavailable = np.load(self.directory / UNAVAILABLE_FILE)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -25,6 +33,6 @@ class TritonPythonModel(StageModel):
         known = np.asarray(required(inputs, "known_users"), dtype=bool).reshape(-1)
         if not len(raw_user_ids) == len(candidates) == len(known):
             raise RequestError("raw_user_ids, candidates and known_users must have one row per user")
-        filtered = filter_candidates(candidates, excluded=self.purchases.of_users(raw_user_ids),
+        filtered = filter_candidates(candidates, excluded=self.seen_items.of_users(raw_user_ids),
                                      unavailable=self.unavailable, known=known)  # fmt: skip
         return {"filtered_candidates": filtered}
