@@ -11,9 +11,10 @@ nvtabular_fit_transform, train_two_tower, train_ranker, build_faiss_index and ba
 the run (`tasks/evaluate.py`: each stage, the whole pipeline, and the random, popularity, segment
 popularity and item-kNN baselines on the same validation users).
 
-Goals (issue "Quality you can trust"): the whole pipeline's NDCG@10 above every baseline's; the
-ranker's AUC at least 90% of the way from 0.5 to the oracle AUC (the generator's true click
-probabilities on the same validation rows). Prints the report and the checks, writes
+Goals: the whole pipeline's NDCG@10 above every baseline's (issue "Quality you can trust"); the ranker's AUC at
+least that of gradient-boosted trees on the same columns and rows (issue "Recommend better than the strong
+simple baselines on real data", which replaced "90% of the way from 0.5 to the oracle AUC", measured out of
+reach; that share is still printed). Prints the report and the checks, writes
 benchmarks/results/quality.json; the exit status is 1 when a goal is missed. `--resume` with `--work`
 skips the steps whose output already exists (e.g. to evaluate again after a change).
 """
@@ -79,7 +80,7 @@ def main() -> int:
     share = checks.get("ranker_share_of_oracle_auc")
     goals = {
         "pipeline_ndcg_at_10_beats_every_baseline": bool(checks.get("pipeline_beats_every_baseline")),
-        f"ranker_auc_share_of_oracle_at_least_{RANKER_GOAL_SHARE}": share is not None and share >= RANKER_GOAL_SHARE,
+        "ranker_auc_at_least_boosted_trees": bool(checks.get("ranker_auc_at_least_boosted_trees")),
     }
     command = " ".join([".venv/bin/python", "benchmarks/quality.py", *map(shlex.quote, sys.argv[1:])])
     results = {
@@ -101,6 +102,9 @@ def main() -> int:
     print()
     for goal, met in goals.items():
         print(f"{goal}: {'met' if met else 'MISSED'}")
+    if share is not None:  # the former goal, kept for comparison with earlier runs
+        print(f"(not a goal) ranker's share of the way to the oracle AUC: {share:.3f} "
+              f"(the former goal {RANKER_GOAL_SHARE})")  # fmt: skip
     true_clicks = checks.get("pipeline_beats_every_baseline_in_true_clicks")
     if true_clicks is not None:  # not a goal of the issue: how to read the first one
         print(f"(not a goal) pipeline beats every baseline in the generator's true clicks per place: {true_clicks}")

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     # Where the gateway appends every served recommendation list (serving/api/impressions.py) and the monitoring
     # DAG reads them: date=YYYY-MM-DD/hour=HH/<host>-<pid>.jsonl; unset: <data_root>/impressions.
     impressions_dir: Path | None = None
+    # The dataset spec the gateway follows (segment features, which interactions keep an item out of a
+    # customer's lists: `exclude_seen`); unset: specs/aliccp.yaml, as the nightly DAG's default.
+    spec: Path | None = None
+    # How long a customer's items seen since the nightly run stay in Redis (renewed by each new one): longer
+    # than it takes the next nightly runs to have them in their data (serving/seen_items.py).
+    seen_items_ttl_s: int = Field(default=3 * 24 * 3600, gt=0)
 
     @property
     def landing_location(self) -> str:

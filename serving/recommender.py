@@ -16,12 +16,14 @@ Who is a new visitor comes with the list's read: the published version's known-u
 also reads the segment's lists, so a new visitor costs one Redis round trip, as a precomputed hit, and no
 Triton call. A version published without one (sparse ids) leaves Triton to say it, once per visitor and TTL.
 
-Then the rules of the moment: products that became unavailable since the nightly run are dropped, the
-promotion rule (report 4.4.7: a promoted product scoring at least the threshold gets 1.0) and softmax
-sampling with temperature (``softmax(score / T)``; T = 0 is the ranked order), with the same ``order``
-function that batch scoring and Triton use. Every call to Redis, Triton and the database has a timeout;
-when one fails, the answer comes from what the process still has (its copy of recent answers or of the
-generic lists) and says so in ``degraded``, instead of failing the request.
+Then the rules of the moment: products the customer interacted with since the nightly run (the spec's
+`exclude_seen`; their set comes with the list's read, serving/seen_items.py) and products that became
+unavailable since the nightly run are dropped, the promotion rule (report 4.4.7: a promoted product scoring
+at least the threshold gets 1.0) and softmax sampling with temperature (``softmax(score / T)``; T = 0 is
+the ranked order), with the same ``order`` function that batch scoring and Triton use. Every call to Redis,
+Triton and the database has a timeout; when one fails, the answer comes from what the process still has
+(its copy of recent answers or of the generic lists) and says so in ``degraded``, instead of failing the
+request.
 
 A visitor's list and the version pointer it hangs under are read in one round trip (a Lua script), and the
 ranked order (temperature 0) is taken in plain Python: a precomputed hit's CPU went from 0.7 to 0.46 ms
@@ -48,6 +50,7 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from models.online_pipeline import order, ranked_order
+from serving.seen_items import seen_key
 from tasks.batch_score import ALL_SEGMENTS, segment_key
 from tasks.publish_recommendations import REDIS_MAX_BITS, decode_recommendations, encode_recommendations
 
@@ -56,19 +59,20 @@ log = logging.getLogger(__name__)
 # Redis down, unreachable or too slow: asyncio.timeout raises TimeoutError, sockets OSError.
 REDIS_FAILURES = (RedisError, TimeoutError, OSError)
 
-# The version pointer and the lists of `kind` under it, in one round trip (and read atomically): ARGV[1] is
+# The version pointer and the lists of `kind` under it, in one round trip (and read atomically): KEYS[2] is
+# the customer's set of items seen since the nightly run (serving/seen_items.py); ARGV[1] is
 # "<prefix>recs:", ARGV[2] a user id to look up in the version's known users when the first list is missing
 # ("" for none; -1 for an id no bitmap can hold), ARGV[3] how many "<kind>:<key>" names follow that are always
 # read; the names after those are read only for a user the bitmap says the models do not know (a new
 # visitor's segment lists, so that the generic route costs no second round trip). Replies {} without a
-# version, else {version, list or nil, ...} and, when asked, the user's bit (1 known, 0 not, -1 the version
-# has no bitmap) followed, for 0, by the lists read for an unknown user.
+# version, else {version, seen items, list or nil, ...} and, when asked, the user's bit (1 known, 0 not, -1
+# the version has no bitmap) followed, for 0, by the lists read for an unknown user.
 # It reads keys it derives (not passed in KEYS): fine on one Redis server, not on Redis Cluster.
 _CURRENT_AND_LISTS = """
 local version = redis.call('GET', KEYS[1])
 if not version then return {} end
 local namespace = ARGV[1] .. version .. ':'
-local reply = {version}
+local reply = {version, redis.call('SMEMBERS', KEYS[2])}
 local function read(first, last)
   if last < first then return end
   local names = {}
@@ -78,7 +82,7 @@ local function read(first, last)
 end
 local always = 3 + tonumber(ARGV[3])
 read(4, always)
-if ARGV[2] ~= '' and not reply[2] then
+if ARGV[2] ~= '' and not reply[3] then
   local known = namespace .. 'known_users'
   local bit
   if redis.call('EXISTS', known) == 0 then bit = -1
@@ -97,6 +101,8 @@ PublishedList = tuple[list[int], list[float]]  # item ids and scores, best first
 class CurrentLists(NamedTuple):
     version: str | None
     lists: list[PublishedList | None]
+    # Products the customer interacted with since the nightly run, kept out of whatever list they get.
+    seen: frozenset[int]
     # Whether the models know the user asked about; None when not asked, when the first list was found, or
     # when the version has no known-users bitmap.
     known: bool | None
@@ -124,6 +130,7 @@ class RankedList:
     route: str
     model_version: str | None
     degraded: list[str] = dataclasses.field(default_factory=list)
+    seen: frozenset[int] = frozenset()  # the customer's items seen since the nightly run: never shown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,21 +220,25 @@ class Recommender:
         async with asyncio.timeout(self.config.redis_timeout_s):
             return await call
 
-    async def _current(self, kind: str, keys: Sequence[str], user: int | None = None,
+    async def _current(self, kind: str, keys: Sequence[str], customer: int, *, ask_known: bool = False,
                        segments_if_unknown: Sequence[str] = ()) -> CurrentLists:  # fmt: skip
-        """The current version and the lists of `kind` for `keys` under it; when the first is missing, whether
-        the models know `user`, and if not the lists of `segments_if_unknown`: all in one round trip."""
+        """The current version, the lists of `kind` for `keys` under it and the customer's items seen since
+        the nightly run; with `ask_known`, when the first list is missing, whether the models know the customer,
+        and if not the lists of `segments_if_unknown`: all in one round trip."""
         prefix = f"{self.config.key_prefix}recs:"
-        member = "" if user is None else str(user if 0 <= user < REDIS_MAX_BITS else -1)
+        member = "" if not ask_known else str(customer if 0 <= customer < REDIS_MAX_BITS else -1)
         names = [prefix, member, str(len(keys)), *(f"{kind}:{key}" for key in keys),
                  *(f"segment:{key}" for key in segments_if_unknown)]  # fmt: skip
-        reply = await self._redis(self._current_and_lists(keys=[f"{prefix}current"], args=names, client=self.redis))
+        script_keys = [f"{prefix}current", seen_key(self.config.key_prefix, customer)]
+        reply = await self._redis(self._current_and_lists(keys=script_keys, args=names, client=self.redis))
         if not reply:
-            return CurrentLists(None, [None] * len(keys), None, [])
-        decoded = [decode_recommendations(value) if value else None for value in reply[1 : len(keys) + 1]]
-        known = {1: True, 0: False}.get(reply[len(keys) + 1]) if len(reply) > len(keys) + 1 else None
-        segments = [decode_recommendations(value) if value else None for value in reply[len(keys) + 2 :]]
-        return CurrentLists(reply[0].decode(), decoded, known, segments)
+            return CurrentLists(None, [None] * len(keys), frozenset(), None, [])
+        seen = frozenset(int(item) for item in reply[1])
+        lists = reply[2:]
+        decoded = [decode_recommendations(value) if value else None for value in lists[: len(keys)]]
+        known = {1: True, 0: False}.get(lists[len(keys)]) if len(lists) > len(keys) else None
+        segments = [decode_recommendations(value) if value else None for value in lists[len(keys) + 1 :]]
+        return CurrentLists(reply[0].decode(), decoded, seen, known, segments)
 
     async def _published(self, version: str, kind: str, keys: Sequence[str]) -> list[PublishedList | None]:
         names = [f"{self.config.key_prefix}recs:{version}:{kind}:{key}" for key in keys]
@@ -248,7 +259,7 @@ class Recommender:
     # -- the routes ----------------------------------------------------------------------------------
 
     async def candidates(self, query: VisitorQuery) -> RankedList:
-        """The list a visitor gets before the rules of the moment."""
+        """The list a visitor gets before the rules of the moment (with the items to keep out of it)."""
         try:
             return await self._candidates(query)
         except REDIS_FAILURES as error:
@@ -256,11 +267,19 @@ class Recommender:
 
     async def _candidates(self, query: VisitorQuery) -> RankedList:
         if query.viewed:
-            version, similar, _, _ = await self._current("similar", [str(item) for item in query.viewed])
-            return await self._browsing_now(query, version, similar)
+            version, similar, seen, _, _ = await self._current("similar", [str(item) for item in query.viewed],
+                                                               query.customer_id)  # fmt: skip
+            return dataclasses.replace(await self._browsing_now(query, version, similar), seen=seen)
         segments = self._segments(query)
-        version, [precomputed], known, generic = await self._current(
-            "user", [str(query.customer_id)], query.customer_id, segments_if_unknown=segments)  # fmt: skip
+        version, [precomputed], seen, known, generic = await self._current(
+            "user", [str(query.customer_id)], query.customer_id, ask_known=True,
+            segments_if_unknown=segments)  # fmt: skip
+        return dataclasses.replace(await self._answer(query, version, precomputed, known, segments, generic),
+                                   seen=seen)  # fmt: skip
+
+    async def _answer(self, query: VisitorQuery, version: str | None, precomputed: PublishedList | None,
+                      known: bool | None, segments: list[str], generic: list[PublishedList | None]
+                      ) -> RankedList:  # fmt: skip
         if precomputed is not None:
             answer = RankedList(*precomputed, route="precomputed", model_version=version)
             self._remember("user", str(query.customer_id), answer)
@@ -417,6 +436,10 @@ class Recommender:
     async def recommend(self, query: VisitorQuery) -> tuple[RankedList, list[float], list[bool]]:
         """(final list, sampling probabilities, promoted flags) after availability, promotion and sampling."""
         ranked = await self.candidates(query)
+        if ranked.seen:
+            kept = [(item, score) for item, score in zip(ranked.items, ranked.scores, strict=True)
+                    if item not in ranked.seen]  # fmt: skip
+            ranked.items, ranked.scores = [item for item, _ in kept], [score for _, score in kept]
         if not ranked.items:
             return ranked, [], []
         flags, current = await self._product_flags(ranked.items)

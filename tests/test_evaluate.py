@@ -245,6 +245,34 @@ def test_the_generators_probabilities_are_its_click_logit():
     assert matrix.reshape(-1) == pytest.approx(1 / (1 + np.exp(-pairs)), rel=1e-5)
 
 
+def test_boosted_trees_learn_from_categories_and_codes_and_not_from_validation(tmp_path: Path):
+    """Clicks follow a low-cardinality category and a high-cardinality id; a category unseen in training is
+    the missing one, not an error."""
+    from tasks.evaluate import boosted_trees_scores
+
+    spec = parse_spec({"name": "t", "splits": {"train": "a", "test": "b"},
+                       "columns": {"u": "int64", "i": "int64", "colour": "string", "t": "int64", "c": "int8"},
+                       "roles": {"user_id": "u", "item_id": "i", "timestamp": "t", "item_features": ["colour"],
+                                 "targets": ["c"]}})  # fmt: skip
+    generator = np.random.default_rng(0)
+    for split, rows in (("train", 20_000), ("valid", 4_000)):
+        items = generator.integers(0, 1_000, rows)  # more values than the trees' categories: integer codes
+        colours = generator.choice(["red", "blue", "green"], rows)
+        logit = np.where(colours == "red", 1.5, -1.5) + np.where(items < 100, 1.0, -1.0)
+        clicks = (generator.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+        if split == "valid":
+            colours[:10] = "purple"
+        frame = pd.DataFrame({"u": generator.integers(0, 50, rows), "i": items, "colour": colours,
+                              "t": np.arange(rows), "c": clicks})  # fmt: skip
+        (tmp_path / split).mkdir()
+        frame.to_parquet(tmp_path / split / "part-0.parquet")
+    labels, scores = boosted_trees_scores(tmp_path, spec, EvaluationConfig())
+    assert len(labels) == len(scores) == 4_000 and np.isfinite(scores).all()
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(labels, scores) > 0.75  # both signals learned (one alone gives about 0.7)
+
+
 # -- one run on a trained pipeline --------------------------------------------------------------------------
 
 
@@ -288,6 +316,13 @@ def test_evaluation_of_a_trained_run_writes_the_report_with_values_in_range(eval
     assert ranking["prior"]["auc"] == pytest.approx(0.5)
     assert 0 < ranking["ranker_share_of_oracle_auc"] < 1
     assert metrics["checks"]["ranker_share_of_oracle_auc"] == ranking["ranker_share_of_oracle_auc"]
+    # the ranker's bar: boosted trees on the same columns and rows, and the comparison in the checks
+    assert 0.5 < ranking["boosted_trees"]["auc"] < ranking["oracle"]["auc"]
+    checks = metrics["checks"]
+    assert checks["ranker_auc_minus_boosted_trees_auc"] == pytest.approx(ranking["ranker"]["auc"]
+                                                                         - ranking["boosted_trees"]["auc"])
+    assert checks["ranker_auc_at_least_boosted_trees"] == (checks["ranker_auc_minus_boosted_trees_auc"] >= 0)
+    assert "| boosted_trees |" in report
     # generated data: every list is also judged by the clicks it would really get; no list beats the oracle's
     true_rates = {name: final[name]["true_click_rate_at_10"] for name in ("pipeline", *BASELINES, "oracle")}
     assert all(0 <= rate <= true_rates["oracle"] <= 1 for rate in true_rates.values())

@@ -314,3 +314,77 @@ def test_without_redis_answers_come_from_the_process_copy(published: redis.Redis
     assert cold["route"] == "precomputed_local_copy" and cold["degraded"] == ["redis_unavailable"]
     assert [item["product_id"] for item in cold["items"]] == [item["product_id"] for item in warm["items"]]
     assert stranger.status_code == 200 and stranger.json()["degraded"] == ["redis_unavailable"]
+
+
+def seen_spec(tmp_path: Path) -> Path:
+    """The default spec with `exclude_seen: all`: any interaction keeps its product out of that customer's lists."""
+    import yaml
+
+    from recsys.spec import DEFAULT_SPEC_PATH
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(DEFAULT_SPEC_PATH.read_text()) | {"exclude_seen": "all"}))
+    return path
+
+
+def post_interaction(client: TestClient, customer: int, product: int, kind: str) -> None:
+    for path, body in (("/customers", {"id": customer}), ("/products", {"id": product, "category": 1})):
+        if client.get(f"{path}/{body['id']}").status_code == 404:
+            assert client.post(path, json=body).status_code == 201
+    event = {"customer_id": customer, "product_id": product, "type": kind, "session_id": f"s-{kind}",
+             "timestamp": "2026-11-01T10:00:00Z"}  # fmt: skip
+    assert client.post("/interactions", json=event).status_code == 201
+
+
+def test_an_interaction_posted_after_the_nightly_run_excludes_its_product_at_once(
+    client: TestClient, published: redis.Redis, trained_run, spec
+):
+    """The default spec excludes purchases (its purchase target): a purchase posted now drops the product from
+    the customer's list in the next answer, a view does not; the list still costs one Redis round trip."""
+    user = user_ids(trained_run, spec)[8]
+    before = items_of(client.get(f"/recommendations/{user}", params={"count": 10}))
+    viewed, bought = before[0], before[1]
+    post_interaction(client, user, viewed, "view")
+    post_interaction(client, user, bought, "purchase")
+    after = items_of(client.get(f"/recommendations/{user}", params={"count": 10}))
+    assert viewed in after and bought not in after
+    assert after[:9] == [item for item in before if item != bought][:9]  # the rest keeps its order
+    assert 0 < published.ttl(f"{PREFIX}seen:{user}") <= Settings().seen_items_ttl_s  # expires, renewed per event
+    assert redis_commands_of(client, f"/recommendations/{user}", {"count": "10"}) == ["EVALSHA"]
+    # Browsing now leaves it out too, and deleting the customer deletes what they saw.
+    similar = [int(key.decode().rsplit(":", 1)[-1]) for key in published.scan_iter(f"{PREFIX}recs:{VERSION}:similar:*")]
+    viewing = next(item for item in similar if bought in stored(published, "similar", item)[0])
+    browsing = client.get(f"/recommendations/{user}", params=[("viewed", viewing), ("count", 100)])
+    assert browsing.json()["route"] == "browsing_now" and bought not in items_of(browsing)
+    assert client.delete(f"/customers/{user}").status_code == 204
+    assert not published.exists(f"{PREFIX}seen:{user}")
+
+
+def test_with_exclude_seen_all_any_interaction_excludes_on_every_route(published: redis.Redis, triton: TritonServer,
+                                                                        tmp_path: Path, trained_run, spec):  # fmt: skip
+    users = user_ids(trained_run, spec)
+    known, missed = users[9], users[10]
+    published.delete(f"{PREFIX}recs:{VERSION}:user:{missed}", f"{PREFIX}cache:{VERSION}:user:{missed}")
+    with gateway(tmp_path, triton_url=f"http://{triton.http_address}", spec=seen_spec(tmp_path)) as client:
+        for customer, route in ((known, "precomputed"), (missed, "online"), (999999996, "generic")):
+            first = client.get(f"/recommendations/{customer}", params={"count": 10}).json()
+            assert first["route"] == route, first
+            shown = first["items"][0]["product_id"]
+            post_interaction(client, customer, shown, "view")
+            again = client.get(f"/recommendations/{customer}", params={"count": 10}).json()
+            assert shown not in [item["product_id"] for item in again["items"]], route
+            assert len(again["items"]) == 10
+
+
+def test_a_seen_item_not_noted_in_redis_still_leaves_the_interaction_stored(published: redis.Redis, tmp_path: Path,
+                                                                             trained_run, spec, caplog):  # fmt: skip
+    user = user_ids(trained_run, spec)[11]
+    with gateway(tmp_path) as client:
+        product = items_of(client.get(f"/recommendations/{user}", params={"count": 10}))[0]
+        # Redis goes away for the writer only (its port nobody listens on): the fault a running Redis cannot show.
+        writer = client.app.state.seen_items  # type: ignore[attr-defined]
+        writer.client = redis.Redis(port=free_port(), socket_timeout=0.05, socket_connect_timeout=0.05)
+        post_interaction(client, user, product, "purchase")  # acknowledged: 201
+        stored_events = client.get("/interactions", params={"customer_id": user}).json()["data"]
+    assert [(event["product_id"], event["type"]) for event in stored_events] == [(product, "purchase")]
+    assert "seen item of customer" in caplog.text and not published.exists(f"{PREFIX}seen:{user}")

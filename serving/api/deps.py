@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from recsys.settings import Settings
 from serving.api.schemas import INT64_MAX
 from serving.recommender import Recommender
+from serving.seen_items import SeenItemsWriter
 
 
 def get_settings(request: Request) -> Settings:
@@ -33,7 +34,13 @@ def get_recommender(request: Request) -> Recommender:
     return recommender
 
 
+def get_seen_items(request: Request) -> SeenItemsWriter:
+    writer: SeenItemsWriter = request.app.state.seen_items
+    return writer
+
+
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+SeenItemsDep = Annotated[SeenItemsWriter, Depends(get_seen_items)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 

@@ -29,6 +29,7 @@ from serving.api.observability import ObservabilityMiddleware
 from serving.api.rate_limit import TokenBucket
 from serving.api.routes import customers, demo, health, interactions, products, recommendations
 from serving.recommender import Recommender, RecommenderConfig
+from serving.seen_items import SeenItemsWriter, excluding_types
 
 
 def api_router() -> APIRouter:
@@ -55,7 +56,7 @@ def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender
     client = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=timeout_s,
                                           socket_connect_timeout=timeout_s)  # fmt: skip
     config = RecommenderConfig(
-        key_prefix=settings.redis_key_prefix, segment_features=load_spec().segment_features,
+        key_prefix=settings.redis_key_prefix, segment_features=load_spec(settings.spec).segment_features,
         redis_timeout_s=timeout_s, triton_timeout_s=settings.triton_timeout_ms / 1000,
         online_cache_ttl_s=settings.online_cache_ttl_s, online_top_k=settings.online_top_k,
         promotion_threshold=settings.promotion_threshold, database_timeout_s=settings.database_timeout_ms / 1000,
@@ -63,6 +64,18 @@ def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender
     )  # fmt: skip
     triton = TritonEnsembles(settings.triton_url, timeout_s=settings.triton_timeout_ms / 1000)
     return Recommender(client, triton, config, recommendations.product_flags_reader(sessions))
+
+
+def build_seen_items_writer(settings: Settings) -> SeenItemsWriter:
+    """A synchronous Redis client for the routes that run in threads; nothing connects until the first write."""
+    import redis
+
+    from recsys.spec import load_spec
+
+    timeout_s = settings.redis_timeout_ms / 1000
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    return SeenItemsWriter(client, settings.redis_key_prefix, excluding_types(load_spec(settings.spec)),
+                           ttl_s=settings.seen_items_ttl_s)  # fmt: skip
 
 
 def check_schema_at_startup(url: str) -> None:
@@ -90,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
             impressions.start()
             app.state.recommender = build_recommender(settings, app.state.sessionmaker)
+            app.state.seen_items = build_seen_items_writer(settings)
             app.state.ingest_bucket = TokenBucket(
                 app.state.recommender.redis, settings.redis_key_prefix, settings.ingest_rate_per_s,
                 settings.ingest_burst, timeout_s=settings.redis_timeout_ms / 1000,
@@ -98,6 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if hasattr(app.state, "recommender"):
                 await app.state.recommender.close()
+            if hasattr(app.state, "seen_items"):
+                app.state.seen_items.close()
             impressions.close()  # writes what is still queued
             engine.dispose()
 

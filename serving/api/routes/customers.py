@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from serving.api.auth import AUTH_ERRORS, AdminScope
 from serving.api.db import Customer, utc_now
-from serving.api.deps import CustomerIdPath, SessionDep
+from serving.api.deps import CustomerIdPath, SeenItemsDep, SessionDep
 from serving.api.persistence import commit_or_conflict, get_or_404
 from serving.api.rate_limit import RATE_LIMITED, RateLimit
 from serving.api.schemas import (
@@ -69,7 +69,9 @@ def update_customer(customer_id: CustomerIdPath, body: CustomerUpdate, session: 
 
 @router.delete("/{customer_id}", response_model=None, status_code=status.HTTP_204_NO_CONTENT,
                 responses=WRITE_ERRORS, dependencies=[RateLimit])  # fmt: skip
-def delete_customer(customer_id: CustomerIdPath, session: SessionDep) -> None:
-    """Deletes the customer and, with them, their interactions (the database cascades)."""
+def delete_customer(customer_id: CustomerIdPath, session: SessionDep, seen_items: SeenItemsDep) -> None:
+    """Deletes the customer and, with them, their interactions (the database cascades) and the items they
+    interacted with since the nightly run."""
     session.delete(get_or_404(session, Customer, customer_id, "customer"))
     session.commit()
+    seen_items.forget(customer_id)

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from serving.api.auth import AUTH_ERRORS, AdminScope, IngestScope
 from serving.api.db import Customer, Interaction, InteractionType, Product, utc_now
-from serving.api.deps import InteractionIdPath, SessionDep
+from serving.api.deps import InteractionIdPath, SeenItemsDep, SessionDep
 from serving.api.persistence import get_or_404
 from serving.api.rate_limit import RATE_LIMITED, RateLimit
 from serving.api.schemas import (
@@ -57,9 +57,10 @@ IdempotencyKeyHeader = Annotated[
                            **RATE_LIMITED}),
     },
 )  # fmt: skip
-def create_interaction(body: InteractionCreate, session: SessionDep, response: Response,
+def create_interaction(body: InteractionCreate, session: SessionDep, seen_items: SeenItemsDep, response: Response,
                        idempotency_key: IdempotencyKeyHeader = None) -> InteractionPublic:  # fmt: skip
-    """Store an interaction; the answer (201, or 200 for a replay) comes only after the commit."""
+    """Store an interaction; the answer (201, or 200 for a replay) comes only after the commit. Then, when the
+    spec's `exclude_seen` counts its type, its product is kept out of the customer's lists at once."""
     body = _with_idempotency_key(body, idempotency_key)
     if body.event_id is not None and (stored := _stored_event(session, body.event_id)) is not None:
         return _replayed(stored, body, response)
@@ -75,6 +76,7 @@ def create_interaction(body: InteractionCreate, session: SessionDep, response: R
             return _replayed(stored, body, response)  # the same event, posted concurrently
         raise HTTPException(status.HTTP_409_CONFLICT, "the customer or product was deleted meanwhile") from error
     # Only now, committed, is the interaction acknowledged (a commit that fails raises: 503 or 500, never 201).
+    seen_items.note(interaction.customer_id, interaction.product_id, interaction.type)
     return InteractionPublic.model_validate(interaction)
 
 
