@@ -16,7 +16,7 @@ segment and similar items); `quality_gate`: the new versions against the MLflow 
 baselines (publish and move `champion`, or hold them as `challenger` and publish nothing, or forced by the
 `quality_gate` Param; the reason is on both MLflow runs); `publish_recommendations` to Redis of what the
 gate names, switched atomically; `export_triton_ensemble` of the online pipeline, logged as an MLflow
-artifact. With `compare_rankers`, `compare_rankers` also trains DLRM, DCN-v2 and MLP on the same data and
+artifact. With `compare_rankers`, `compare_rankers` also trains DLRM, DCN-v2, MLP and NCF on the same data and
 logs their comparison (report figure 5.4) to the MLflow experiment `recsys_ranker_comparison`.
 
 Every output goes to `<RECSYS_DATA_ROOT>/runs/<run id>/<step>` and appears atomically; a rerun of a
@@ -79,7 +79,7 @@ def _fail_without_retry(error: Exception) -> AirflowFailException:
         "gate_tolerance": Param(0.005, type="number", minimum=0,
                                 description="how far below the champion's AUC and recall@100 a new model may be"),
         "compare_rankers": Param(False, type="boolean",
-                                 description="also train DLRM, DCN-v2 and MLP and log their comparison (figure 5.4)"),
+                                 description="also train DLRM, DCN-v2, MLP and NCF and compare them (fig. 5.4)"),
     },
 )
 def recsys_nightly() -> None:
@@ -223,7 +223,7 @@ def recsys_nightly() -> None:
 
     @task
     def compare_rankers(nvtabular_dir: str, ranker: dict) -> dict:
-        """With the Param `compare_rankers`: DLRM, DCN-v2 and MLP on the same data, compared in MLflow (figure 5.4)."""
+        """With the Param `compare_rankers`: DLRM, DCN-v2, MLP and NCF on the same data, compared in MLflow."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         from recsys.settings import get_settings

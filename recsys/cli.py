@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import date, datetime
 from pathlib import Path
 
+from models.rankers import COMPARED_RANKERS
 from recsys.errors import InputDataError
 from recsys.spec import SpecError, load_spec
 
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "clean-null-rows":
             step.add_argument("--max-null-features", type=int, default=5)
         if name == "train-ranker":
-            step.add_argument("--model", choices=["dlrm", "dcn", "mlp"], default="dlrm")
+            step.add_argument("--model", choices=list(COMPARED_RANKERS), default="dlrm")
             step.add_argument("--epochs", type=int, default=8)
             step.add_argument("--patience", type=int, default=2)
             step.add_argument("--batch-size", type=int, default=1024)

@@ -1,4 +1,4 @@
-"""Compare the rankers of the report's figure 5.4 (DLRM, DCN-v2, MLP/NCF-style) trained on the same data.
+"""Compare the rankers of the report's figure 5.4 (DLRM, DCN-v2, NCF, and an MLP) trained on the same data.
 
 `train_rankers_for_comparison` runs the trainer step `train-ranker --model X` once per model into folders of
 their own (a model already trained by the run, with the same data and epochs, is reused);
@@ -6,7 +6,7 @@ their own (a model already trained by the run, with the same data and epochs, is
 experiment `recsys_ranker_comparison`: the comparison table (`comparison.md`, `comparison.csv`: best validation
 AUC, validation log loss at that epoch, best epoch, epochs run, training samples per second), a bar chart
 (`plots/ranker_comparison.png`, figure 5.4), every model's train and validation AUC per epoch in one plot
-(`plots/auc_per_epoch.png`, figure 5.3 for the three) and each history, with per-model metrics
+(`plots/auc_per_epoch.png`, figure 5.3 for all of them) and each history, with per-model metrics
 (`dlrm_best_valid_auc`, ...) and the tag `best_model`. Nothing is registered: the comparison informs the
 choice of the DAG's `ranker_model` Param, the run's own ranker is the one that is gated and served.
 """
@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from models.rankers import RANKERS
+from models.rankers import COMPARED_RANKERS
 from recsys.spec import DatasetSpec
 from tasks.track_training import configure_mlflow, validation_fingerprint
 
@@ -34,7 +34,7 @@ COLUMNS = ("model", "best_valid_auc", "valid_logloss", "best_epoch", "epochs_run
 
 
 def train_rankers_for_comparison(nvtabular_dir: Path, output_dir: Path, *, trainer_python: Path, epochs: int,
-                                 models: Sequence[str] = RANKERS, spec_path: Path | str | None = None,
+                                 models: Sequence[str] = COMPARED_RANKERS, spec_path: Path | str | None = None,
                                  trained: Mapping[str, Path] | None = None) -> dict[str, Path]:  # fmt: skip
     """Train each of `models` with the trainer step into `output_dir/<model>`; return model -> folder.
 
@@ -43,9 +43,9 @@ def train_rankers_for_comparison(nvtabular_dir: Path, output_dir: Path, *, train
     """
     from recsys.trainer_env import run_trainer_step
 
-    unknown = [model for model in models if model not in RANKERS]
+    unknown = [model for model in models if model not in COMPARED_RANKERS]
     if unknown:
-        raise ValueError(f"unknown rankers {unknown}: choose from {', '.join(RANKERS)}")
+        raise ValueError(f"unknown rankers {unknown}: choose from {', '.join(COMPARED_RANKERS)}")
     folders: dict[str, Path] = {}
     for model in models:
         if trained and model in trained:
@@ -160,7 +160,7 @@ def _bar_chart(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
 
 def _color(model: str) -> str:
     """One color a model in every plot and every run, whatever the order of the table."""
-    return f"C{RANKERS.index(model)}" if model in RANKERS else "C7"
+    return f"C{COMPARED_RANKERS.index(model)}" if model in COMPARED_RANKERS else "C7"
 
 
 def _auc_curves(histories: Mapping[str, dict], path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The ranker comparison (report figure 5.4): DLRM, DCN-v2 and MLP trained for real, logged as one MLflow run."""
+"""The ranker comparison (report figure 5.4): DLRM, DCN-v2, MLP and NCF trained for real, logged as one MLflow run."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def tracking_uri(tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def ranker_dirs(nvtabular_output, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The three rankers trained one epoch each by the trainer step, as the DAG's comparison task trains them."""
+    """The four rankers trained one epoch each by the trainer step, as the DAG's comparison task trains them."""
     _, nvtabular_dir, _ = nvtabular_output
     output = tmp_path_factory.mktemp("comparison")
     return train_rankers_for_comparison(nvtabular_dir, output, trainer_python=get_settings().trainer_python, epochs=1)
@@ -43,9 +43,9 @@ def read_artifact(run_id: str, path: str, destination: Path) -> bytes:
 
 def test_comparison_run_logs_table_bar_chart_and_curves(ranker_dirs, nvtabular_output, tracking_uri, tmp_path, spec):
     _, nvtabular_dir, _ = nvtabular_output
-    assert set(ranker_dirs) == {"dlrm", "dcn", "mlp"}
+    assert set(ranker_dirs) == {"dlrm", "dcn", "mlp", "ncf"}
     histories = {model: json.loads((folder / "history.json").read_text()) for model, folder in ranker_dirs.items()}
-    assert {history["model"] for history in histories.values()} == {"dlrm", "dcn", "mlp"}
+    assert {history["model"] for history in histories.values()} == {"dlrm", "dcn", "mlp", "ncf"}
 
     result = compare_rankers(ranker_dirs, tracking_uri=tracking_uri, artifact_root=tmp_path / "artifacts",
                              run_name="comparison", nvtabular_dir=nvtabular_dir, spec=spec)  # fmt: skip
@@ -71,7 +71,7 @@ def test_comparison_run_logs_table_bar_chart_and_curves(ranker_dirs, nvtabular_o
         assert float(row["valid_logloss"]) == pytest.approx(history["valid_logloss"])
         assert int(row["best_epoch"]) == history["best_epoch"]
     markdown = read_artifact(run.info.run_id, "comparison.md", tmp_path).decode()
-    assert markdown.count("\n") == 2 + 3 and f"| {best} | {histories[best]['valid_auc']:.4f} |" in markdown
+    assert markdown.count("\n") == 2 + len(histories) and f"| {best} | {histories[best]['valid_auc']:.4f} |" in markdown
     for plot in ("plots/ranker_comparison.png", "plots/auc_per_epoch.png"):
         image = read_artifact(run.info.run_id, plot, tmp_path)
         assert image.startswith(PNG_SIGNATURE) and len(image) > 10_000, plot
