@@ -187,6 +187,18 @@ def test_prepare_reads_catalog_popularity_relevance_and_rules(tiny):
     assert data.categories.to_dict() == {1: 100, 2: 100, 3: 200, 4: 200, 5: 300, 6: 300, 7: 400}
 
 
+def test_prepare_excludes_as_the_specs_exclude_seen_says_with_validation_clicks_left_to_judge(tiny):
+    import dataclasses
+
+    every = prepare(*tiny, dataclasses.replace(TINY_SPEC, exclude_seen="all"), unavailable={4})
+    # every training row, and purchases in validation too (13 bought 6)
+    assert [items.tolist() for items in every.excluded] == [[3, 4, 6], [1, 4, 5, 6], [4]]
+    clicks = prepare(*tiny, dataclasses.replace(TINY_SPEC, exclude_seen=("click",)))
+    assert [items.tolist() for items in clicks.excluded] == [[3, 4], [1], []]  # training clicks, not validation's
+    nothing = prepare(*tiny, dataclasses.replace(TINY_SPEC, exclude_seen=()))
+    assert [items.tolist() for items in nothing.excluded] == [[], [], []]
+
+
 def test_popularity_baselines_follow_the_counts_and_the_rules(tiny):
     data = prepare(*tiny, TINY_SPEC)
     assert popularity_lists(data, 3).tolist() == [[1, 2, 3]] * 3
@@ -296,6 +308,7 @@ def test_evaluation_of_a_trained_run_writes_the_report_with_values_in_range(eval
         assert heading in report
     final = metrics["final"]
     assert final["users"] > 50 and final["users_without_a_pipeline_list"] == 0
+    assert final["pipeline_lists_exclude_validation_clicks"] is False  # the default spec excludes purchases only
     assert final["pipeline_retrieval_weight"] == DEFAULT_RETRIEVAL_WEIGHT  # batch scoring's order is recorded
     assert f"retrieval weight {DEFAULT_RETRIEVAL_WEIGHT:g}" in report
     for name in ("pipeline", *BASELINES):
