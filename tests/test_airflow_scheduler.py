@@ -213,6 +213,37 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, small_raw: Path) -> Iterat
         running.stop()
 
 
+SECRET_FILES = ("airflow_jwt_secret", "airflow_api_secret_key", "airflow_fernet_key", "airflow_passwords.json")
+
+
+def test_secrets_are_per_installation_owner_only_uncommitted_and_the_environment_wins(tmp_path: Path):
+    """What `make setup` generated: var/secrets/ (0700, files 0600, ignored by git), read through airflow.cfg's
+    `_cmd` options by every Airflow process; a value in the environment (a fleet's) takes precedence."""
+    import stat
+
+    from cryptography.fernet import Fernet
+
+    secrets = PROJECT_ROOT / "var" / "secrets"
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    for name in SECRET_FILES:
+        path = secrets / name
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.stat().st_size > 0, name
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=PROJECT_ROOT, timeout=30)
+        assert ignored.returncode == 0, f"{path} is not ignored by git"
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW_CONFIG": str(PROJECT_ROOT / "airflow.cfg")}
+
+    def value(section: str, key: str, **overrides: str) -> str:
+        process = subprocess.run([str(PROJECT_ROOT / ".venv/bin/airflow"), "config", "get-value", section, key],
+                                 env={**env, **overrides}, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert process.returncode == 0, process.stderr[-2000:]
+        return process.stdout.strip()
+
+    assert value("api_auth", "jwt_secret") == (secrets / "airflow_jwt_secret").read_text()
+    assert value("api", "secret_key") == (secrets / "airflow_api_secret_key").read_text()
+    Fernet(value("core", "fernet_key"))  # a valid key
+    assert value("api_auth", "jwt_secret", AIRFLOW__API_AUTH__JWT_SECRET="set-by-the-fleet") == "set-by-the-fleet"
+
+
 def latest_tick(now: datetime, *, hour: int | None) -> datetime:
     """The newest schedule tick at or before `now`: daily at `hour`:00 UTC, or hourly when `hour` is None."""
     tick = now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
