@@ -8,7 +8,7 @@ ROWS ?= 50000
 API_PORT ?= 8100
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve
+.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ benchmark-model:  ## training, batch scoring and publish speed against bare Kera
 
 benchmark-quality:  ## the whole pipeline against baselines on 1M generated rows (NDCG@10, AUC vs the oracle)
 	$(VENV)/python benchmarks/quality.py
+
+benchmark-movielens:  ## the pipeline's served lists against popularity, item-kNN and EASE on MovieLens-1M (3 min)
+	$(VENV)/python benchmarks/movielens.py
 
 benchmark-ranker-ceiling:  ## how far towards the oracle AUC estimators given more than a ranker get (30 s, no training)
 	$(VENV)/python benchmarks/ranker_ceiling.py
