@@ -230,7 +230,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from recsys.spec import load_spec
-    from tasks.evaluate import EvaluationConfig, auc_and_logloss, boosted_trees_scores
+    from tasks.evaluate import EvaluationConfig, auc_and_logloss, boosted_trees_scores, read_splits
     from tasks.import_atomic import AtomicImportConfig, import_atomic, temporal_split
 
     started = time.perf_counter()
@@ -282,7 +282,7 @@ def main() -> int:
         for name, folder in (("pipeline_fit_part", run), ("pipeline", refit)):
             results[name] = pipeline_metrics(served_lists(folder, test_users, args.redis_url), test_users,
                                              test_relevant, rated)  # fmt: skip
-        labels, tree_scores = boosted_trees_scores(run / "resplit", spec, EvaluationConfig())
+        labels, tree_scores = boosted_trees_scores(*read_splits(run, spec), spec, EvaluationConfig())
         ranking = {"ranker_valid_auc": models["ranker"]["valid_auc"],
                    "boosted_trees_valid_auc": auc_and_logloss(labels, tree_scores)["auc"]}  # fmt: skip
 

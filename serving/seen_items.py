@@ -17,15 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from recsys.spec import DatasetSpec
-
 log = logging.getLogger(__name__)
 
-# The gateway's interaction types that set each kind of target (as `tasks.extract_interactions` derives them:
-# the primary target from any engagement, the purchase target from purchases).
-ENGAGED = frozenset({"click", "add_to_cart", "purchase"})
-PURCHASED = frozenset({"purchase"})
-EVERY_TYPE = frozenset({"view", *ENGAGED})
 DEFAULT_TTL_S = 3 * 24 * 3600  # a missed nightly run or two
 
 
@@ -33,19 +26,10 @@ def seen_key(key_prefix: str, customer_id: int) -> str:
     return f"{key_prefix}seen:{customer_id}"
 
 
-def excluding_types(spec: DatasetSpec) -> frozenset[str]:
-    """The interaction types whose product is kept out of the customer's lists under the spec's rule."""
-    if spec.excludes_every_interaction:
-        return EVERY_TYPE
-    types: set[str] = set()
-    for target in spec.seen_targets:
-        types |= PURCHASED if target == spec.purchase_target and target != spec.primary_target else ENGAGED
-    return frozenset(types)
-
-
 class SeenItemsWriter:
     """Adds a customer's interacted products to their set (a synchronous client: the routes that call it run
-    in threads), each call bounded by the client's socket timeouts."""
+    in threads), each call bounded by the client's socket timeouts. `types`: `recsys.interactions.
+    types_excluding_seen` of the spec."""
 
     def __init__(self, client: Any, key_prefix: str, types: frozenset[str], ttl_s: int = DEFAULT_TTL_S) -> None:
         self.client = client

@@ -507,10 +507,11 @@ def users_subset(data: EvaluationData, mask: np.ndarray) -> EvaluationData:
 
 
 def read_splits(run_dir: Path, spec: DatasetSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The raw training and validation rows of a run (its resplit output), with the columns the evaluation uses."""
+    """The raw training and validation rows of a run (its resplit output), with the columns the evaluation uses
+    (the ranker's input columns among them, for the boosted-trees baseline)."""
     purchase = [spec.purchase_target] if spec.purchase_target else []
     columns = list(dict.fromkeys([spec.user_id, spec.item_id, spec.primary_target, *purchase, *spec.seen_targets,
-                                  *spec.segment_features, *spec.item_features[:1]]))  # fmt: skip
+                                  *spec.features]))  # fmt: skip
     resplit = Path(run_dir) / "resplit"
     return _read_split(resplit / "train", columns), _read_split(resplit / "valid", columns)
 
@@ -579,20 +580,20 @@ def ranking_stage(ranker_dir: Path, train: pd.DataFrame, valid: pd.DataFrame, sp
 BOOSTED_TREES_MAX_CATEGORIES = 255
 
 
-def boosted_trees_scores(resplit_dir: Path, spec: DatasetSpec, config: EvaluationConfig
+def boosted_trees_scores(train: pd.DataFrame, valid: pd.DataFrame, spec: DatasetSpec, config: EvaluationConfig
                          ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(labels, P(click)) on the validation rows of gradient-boosted trees trained on the training rows with the
-    ranker's own input columns (ids, user, item, user-item and context features): the ranker's bar.
+    ranker's own input columns (ids, user, item, user-item and context features): the ranker's bar. The rows
+    are a run's raw splits (`read_splits`).
 
     scikit-learn's HistGradientBoostingClassifier with native categorical support, early stopping on a tenth
     of the training rows (never the validation rows). Missing values, and values the training rows lack, are
-    its missing category."""
+    its missing category.
+    """
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     target = spec.primary_target
     columns = [spec.user_id, spec.item_id, *spec.features]
-    train = _read_split(Path(resplit_dir) / "train", [*columns, target])
-    valid = _read_split(Path(resplit_dir) / "valid", [*columns, target])
     if len(train) > config.boosted_trees_max_rows:
         train = train.sample(config.boosted_trees_max_rows, random_state=config.seed)
     encoded_train, encoded_valid, categorical = [], [], []
@@ -685,7 +686,7 @@ def evaluate(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Evaluat
     oracle = oracle_click_probabilities(raw_input, run / "resplit" / "valid", spec) if raw_input else None
     ranking = ranking_stage(run / "ranker", train, valid, spec, config, oracle)
     started_trees = time.perf_counter()
-    labels, tree_scores = boosted_trees_scores(run / "resplit", spec, config)
+    labels, tree_scores = boosted_trees_scores(train, valid, spec, config)
     ranking["boosted_trees"] = auc_and_logloss(labels, tree_scores) | {"seconds": time.perf_counter() - started_trees}
 
     unseen = sum(int((~np.isin(items, data.catalog)).sum()) for items in data.relevant)

@@ -60,6 +60,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys.interactions import ENGAGED_TYPES, PURCHASE_TYPES
 from recsys.outputs import atomic_write_text
 from recsys.spec import DatasetSpec, SpecError, load_spec
 
@@ -70,8 +71,6 @@ READ_BATCH_ROWS = 10_000
 NULL_FEATURES_KEPT_BY_DEFAULT = 5  # clean_null_rows' default threshold, reported in the metrics
 INTERACTIONS_FOLDER = "interactions"  # under the landing zone: day=YYYY-MM-DD/part-00000.parquet
 GATEWAY_SPLIT = "gateway"  # the split csv_to_parquet and clean_null_rows give the extracted rows
-# Interaction types that make the primary target (`click`) 1; the monitoring DAG counts clicks the same way.
-ENGAGED_TYPES = frozenset({"click", "add_to_cart", "purchase"})
 _INTEGER_RANGES = {f"int{bits}": (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) for bits in (8, 16, 32, 64)}
 
 
@@ -264,8 +263,6 @@ def _groups(connection: Any, start: datetime, end: datetime) -> Iterator[_Group]
 class _RowBuilder:
     """Collects groups as spec rows, column by column, and hands them out as Arrow tables."""
 
-    ENGAGED = ENGAGED_TYPES
-
     def __init__(self, spec: DatasetSpec, columns: IngestionColumns, targets: dict[str, str]) -> None:
         self.spec, self.columns, self.targets = spec, columns, targets
         self.user_features = list(spec.user_features)
@@ -284,7 +281,7 @@ class _RowBuilder:
             self.spec.timestamp: int(group.first_timestamp.timestamp()),
         }
         for target, cause in self.targets.items():
-            happened = bool(group.types & self.ENGAGED) if cause == "engaged" else "purchase" in group.types
+            happened = bool(group.types & (ENGAGED_TYPES if cause == "engaged" else PURCHASE_TYPES))
             row[target] = int(happened)
             self.positives[target] += int(happened)
         mapped = {

@@ -59,10 +59,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from recsys.interactions import ENGAGED_TYPES
 from recsys.settings import safe_run_id
 from recsys.spec import DatasetSpec, load_spec
 from serving.api.impressions import read_impressions
-from tasks.extract_interactions import ENGAGED_TYPES, IngestionColumns
+from tasks.extract_interactions import IngestionColumns
 
 log = logging.getLogger(__name__)
 

@@ -267,6 +267,7 @@ def test_boosted_trees_learn_from_categories_and_codes_and_not_from_validation(t
                        "roles": {"user_id": "u", "item_id": "i", "timestamp": "t", "item_features": ["colour"],
                                  "targets": ["c"]}})  # fmt: skip
     generator = np.random.default_rng(0)
+    splits = {}
     for split, rows in (("train", 20_000), ("valid", 4_000)):
         items = generator.integers(0, 1_000, rows)  # more values than the trees' categories: integer codes
         colours = generator.choice(["red", "blue", "green"], rows)
@@ -274,11 +275,9 @@ def test_boosted_trees_learn_from_categories_and_codes_and_not_from_validation(t
         clicks = (generator.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int8)
         if split == "valid":
             colours[:10] = "purple"
-        frame = pd.DataFrame({"u": generator.integers(0, 50, rows), "i": items, "colour": colours,
-                              "t": np.arange(rows), "c": clicks})  # fmt: skip
-        (tmp_path / split).mkdir()
-        frame.to_parquet(tmp_path / split / "part-0.parquet")
-    labels, scores = boosted_trees_scores(tmp_path, spec, EvaluationConfig())
+        splits[split] = pd.DataFrame({"u": generator.integers(0, 50, rows), "i": items, "colour": colours,
+                                      "t": np.arange(rows), "c": clicks})  # fmt: skip
+    labels, scores = boosted_trees_scores(splits["train"], splits["valid"], spec, EvaluationConfig())
     assert len(labels) == len(scores) == 4_000 and np.isfinite(scores).all()
     from sklearn.metrics import roc_auc_score
 

@@ -29,7 +29,7 @@ from serving.api.observability import ObservabilityMiddleware
 from serving.api.rate_limit import TokenBucket
 from serving.api.routes import customers, demo, health, interactions, products, recommendations
 from serving.recommender import Recommender, RecommenderConfig
-from serving.seen_items import SeenItemsWriter, excluding_types
+from serving.seen_items import SeenItemsWriter
 
 
 def api_router() -> APIRouter:
@@ -70,11 +70,12 @@ def build_seen_items_writer(settings: Settings) -> SeenItemsWriter:
     """A synchronous Redis client for the routes that run in threads; nothing connects until the first write."""
     import redis
 
+    from recsys.interactions import types_excluding_seen
     from recsys.spec import load_spec
 
     timeout_s = settings.redis_timeout_ms / 1000
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    return SeenItemsWriter(client, settings.redis_key_prefix, excluding_types(load_spec(settings.spec)),
+    return SeenItemsWriter(client, settings.redis_key_prefix, types_excluding_seen(load_spec(settings.spec)),
                            ttl_s=settings.seen_items_ttl_s)  # fmt: skip
 
 
