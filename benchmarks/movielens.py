@@ -17,10 +17,12 @@ Protocol (issue "Recommend better than the strong simple baselines on real data"
   Recall@10 and NDCG@10 (tasks/evaluate.py's definitions) over the users with test positives.
 - Baselines refit on the whole train part with the chosen hyperparameters. The pipeline runs as the DAG does
   (benchmarks/pipeline_steps.py), first with the fit part as its train split and the validation part as its
-  validation split (resplit fraction 0; both models stop early there), then again on the whole train part
-  with the epochs that chose (its validation split is the validation part again, inside train). Each run's
-  lists are published to Redis and read back as the gateway reads them (the imported spec's `exclude_seen:
-  all` keeps rated items out; `rated_items_in_top_10` counts any that slip through). The refit's lists are
+  validation split (resplit fraction 0; both models stop early there, and batch scoring chooses the blend
+  weights of the final order there, build_faiss_index the item-to-item source's lambda and recency), then
+  again on the whole train part with the epochs, lambda, recency and weights that chose (its validation
+  split is the validation part again, inside train, where nothing is left to choose on). Each run's lists
+  are published to Redis and read back as the gateway reads them (the imported spec's `exclude_seen: all`
+  keeps rated items out; `rated_items_in_top_10` counts any that slip through). The refit's lists are
   the pipeline's result; the first run's are reported too.
 
 Also the ranker's goal: its validation AUC against gradient-boosted trees on the same columns and rows
@@ -266,6 +268,17 @@ def main() -> int:
         # Then refit on the whole train part with the epochs validation chose, as the baselines are refit (its
         # "validation" split is the validation part again, inside train now: early stopping has nothing to say).
         epochs = {name: int(model["best_epoch"]) for name, model in models.items()}
+        # The item-to-item lambda and the blend weights of the final order were chosen on the validation part
+        # (build_faiss_index, batch_score); the refit keeps them.
+        blend = json.loads((run / "batch_score" / "_metrics.json").read_text())["blend"]
+        index_metrics = json.loads((run / "faiss_index" / "_metrics.json").read_text())
+        regularization, recency = index_metrics["item_to_item_regularization"], index_metrics["item_to_item_recency"]
+        chosen_arguments = {
+            "build-faiss-index": ["--item-to-item-regularization", str(regularization),
+                                  "--item-to-item-recency", str(recency)],
+            "batch-score": ["--retrieval-weight", str(blend["retrieval_weight"]),
+                            "--item-to-item-weight", str(blend["item_to_item_weight"])],
+        }  # fmt: skip
         refit_raw, refit = work / "pipeline_raw_refit", work / "run_refit"
         if not (args.resume and refit_raw.exists()):
             refit_raw.mkdir(parents=True, exist_ok=True)
@@ -274,7 +287,7 @@ def main() -> int:
         refit_times = StepTimes()
         run_steps(refit_raw, refit, imported / "spec.yaml", refit_times, two_tower_epochs=epochs["two_tower"],
                   ranker_epochs=epochs["ranker"], ranker_model=args.ranker_model, resplit_fraction=0.0,
-                  resume=args.resume)  # fmt: skip
+                  resume=args.resume, extra_arguments=chosen_arguments)  # fmt: skip
         times.seconds |= {f"refit_{name}": value for name, value in refit_times.seconds.items()}
         times.kept += [f"refit_{name}" for name in refit_times.kept]
         test_users, test_relevant = relevant_items(test)
@@ -295,7 +308,9 @@ def main() -> int:
         setting = result.get("setting")
         chosen = "" if name == "popularity" else (
             f"lambda {setting:g}" if name == "ease" else f"{int(setting) or 'all'} neighbours" if name == "item_knn"
-            else f"epochs: two-tower {epochs['two_tower']}, ranker {epochs['ranker']}")  # fmt: skip
+            else f"epochs: two-tower {epochs['two_tower']}, ranker {epochs['ranker']}; item-to-item lambda "
+            f"{regularization:g}, recency {recency:g}; blend weights: retrieval {blend['retrieval_weight']:g}, "
+            f"item-to-item {blend['item_to_item_weight']:g}")  # fmt: skip
         table.append(f"| {labels.get(name, name)} | {result['recall_at_10']:.4f} | {result['ndcg_at_10']:.4f} | "
                      f"{chosen} |")  # fmt: skip
     print("\n".join(table))
@@ -309,7 +324,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": command, "spec": spec.name, "seconds": seconds,
                                     "step_seconds": times.seconds, "steps_kept": times.kept,
-                                    "best_epochs": epochs,
+                                    "best_epochs": epochs, "blend": blend,
+                                    "item_to_item": {"regularization": regularization, "recency": recency},
                                     "two_tower_best": models["two_tower"]["best"],
                                     "ranking": ranking, "ranker_goal_met": ranker_goal,
                                     "results": results, "goal_met": goal}, indent=2, default=float) + "\n")  # fmt: skip

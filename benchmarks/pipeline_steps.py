@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -33,9 +33,11 @@ class StepTimes:
 
 def run_steps(raw: Path, run: Path, spec_path: Path | None, times: StepTimes, *, two_tower_epochs: int,
               ranker_epochs: int, ranker_model: str, resplit_fraction: float | None = None,
-              resume: bool = False) -> None:  # fmt: skip
+              resume: bool = False, extra_arguments: Mapping[str, Sequence[str]] | None = None) -> None:  # fmt: skip
     """csv_to_parquet -> clean_null_rows -> resplit -> nvtabular_fit_transform -> train_two_tower, train_ranker
-    -> build_faiss_index -> batch_score, from the raw CSV in `raw` into `run` (the DAG's folder layout)."""
+    -> build_faiss_index -> batch_score, from the raw CSV in `raw` into `run` (the DAG's folder layout).
+
+    `extra_arguments` adds CLI arguments to the trainer steps named (e.g. "batch-score": weights to keep)."""
     from recsys.spec import load_spec
     from recsys.trainer_env import run_trainer_step
     from tasks.clean_null_rows import clean_null_rows
@@ -47,7 +49,8 @@ def run_steps(raw: Path, run: Path, spec_path: Path | None, times: StepTimes, *,
     run.mkdir(parents=True, exist_ok=True)
 
     def trainer(command: str, arguments: list[str]) -> Callable[[], object]:
-        return lambda: run_trainer_step(TRAINER_PYTHON, command, [*arguments, *spec_arguments])
+        extra = list((extra_arguments or {}).get(command, ()))
+        return lambda: run_trainer_step(TRAINER_PYTHON, command, [*arguments, *spec_arguments, *extra])
 
     fraction = DEFAULT_FRACTION if resplit_fraction is None else resplit_fraction
     times.run("csv_to_parquet", run / "parquet", lambda: csv_to_parquet(raw, run / "parquet", spec), resume=resume)

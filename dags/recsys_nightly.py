@@ -10,14 +10,16 @@ Before it, `extract_interactions` writes the gateway's interactions of the day t
 location's `interactions/` as a `gateway` split, and `resplit` adds its cleaned rows to train.
 Model stage: `train_two_tower` and `train_ranker` (DLRM by default), both after
 `nvtabular_fit_transform`, logged and registered in MLflow as `two_tower` and `ranker`;
-`build_faiss_index` over the item embeddings; `feast_apply` -> `feast_materialize` of the user and
-item feature tables into the Redis online store; `batch_score` of every user (plus generic lists per
-segment and similar items); `quality_gate`: the new versions against the MLflow `champion` and the
+`build_faiss_index` over the item embeddings (and the item-to-item source from the train split);
+`feast_apply` -> `feast_materialize` of the user and item feature tables into the Redis online store;
+`batch_score` of every user (plus generic lists per segment and similar items; the blend weights of the
+final order chosen on validation); `quality_gate`: the new versions against the MLflow `champion` and the
 baselines (publish and move `champion`, or hold them as `challenger` and publish nothing, or forced by the
 `quality_gate` Param; the reason is on both MLflow runs); `publish_recommendations` to Redis of what the
-gate names, switched atomically; `export_triton_ensemble` of the online pipeline, logged as an MLflow
-artifact. With `compare_rankers`, `compare_rankers` also trains DLRM, DCN-v2, MLP and NCF on the same data and
-logs their comparison (report figure 5.4) to the MLflow experiment `recsys_ranker_comparison`.
+gate names, switched atomically; `export_triton_ensemble` of the online pipeline (after batch scoring,
+whose weights it takes), logged as an MLflow artifact. With `compare_rankers`, `compare_rankers` also
+trains DLRM, DCN-v2, MLP and NCF on the same data and logs their comparison (report figure 5.4) to the
+MLflow experiment `recsys_ranker_comparison`.
 
 Every output goes to `<RECSYS_DATA_ROOT>/runs/<run id>/<step>` and appears atomically; a rerun of a
 task replaces its output. A failed validation fails the run and nothing downstream runs; the report
@@ -67,10 +69,14 @@ def _fail_without_retry(error: Exception) -> AirflowFailException:
                              description="day of gateway interactions to extract (default: the day before the run)"),
         "top_k": Param(500, type="integer", minimum=1, description="candidates retrieved per user"),
         "top_n": Param(100, type="integer", minimum=1, description="recommendations kept per user"),
-        # Batch scoring and the Triton export read the same value, so offline and online lists agree.
-        "retrieval_weight": Param(1.5, type="number", minimum=0,
+        # Batch scoring chooses both on the validation split unless set; the Triton export takes what batch
+        # scoring used, so offline and online lists agree.
+        "retrieval_weight": Param(None, type=["null", "number"], minimum=0,
                                   description="weight of the two-tower's P(item | user) next to the ranker's "
-                                              "probability in the final order (0: the ranker alone)"),
+                                              "probability in the final order (empty: chosen on validation)"),
+        "item_to_item_weight": Param(None, type=["null", "number"], minimum=0,
+                                     description="weight of the item-to-item source's score in the final order "
+                                                 "(empty: chosen on validation)"),
         "unavailable_items": Param(None, type=["null", "string"],
                                    description="CSV with an item id column: items never recommended"),
         "quality_gate": Param("gate", enum=["gate", "force", "skip"],
@@ -288,8 +294,10 @@ def recsys_nightly() -> None:
         output = run_dir / "batch_score"
         versions = {"two_tower": two_tower["model_version"], "ranker": ranker["model_version"]}
         arguments = ["--input", str(run_dir), "--output", str(output), "--top-k", str(params["top_k"]),
-                     "--top-n", str(params["top_n"]), "--retrieval-weight", str(params["retrieval_weight"]),
-                     "--model-versions", json.dumps(versions)]  # fmt: skip
+                     "--top-n", str(params["top_n"]), "--model-versions", json.dumps(versions)]  # fmt: skip
+        for name in ("retrieval_weight", "item_to_item_weight"):
+            if params[name] is not None:
+                arguments += [f"--{name.replace('_', '-')}", str(params[name])]
         if params["spec"]:
             arguments += ["--spec", params["spec"]]
         if params["unavailable_items"]:
@@ -331,18 +339,19 @@ def recsys_nightly() -> None:
         return str(output)
 
     @task
-    def export_triton_ensemble(faiss_dir: str, two_tower: dict, ranker: dict) -> str:
+    def export_triton_ensemble(batch_dir: str, two_tower: dict, ranker: dict) -> str:
         from recsys.settings import get_settings
         from recsys.spec import load_spec
         from tasks.export_triton_ensemble import TritonEnsembleConfig, log_triton_repository
         from tasks.export_triton_ensemble import export_triton_ensemble as step
 
         params, settings = get_current_context()["params"], get_settings()
-        run_dir = Path(faiss_dir).parent
+        run_dir = Path(batch_dir).parent  # after batch scoring: the weights it chose are the export's
         output = run_dir / "triton_repository"
         unavailable = Path(params["unavailable_items"]) if params["unavailable_items"] else None
         config = TritonEnsembleConfig(top_k=params["top_k"], top_n=params["top_n"], unavailable_items=unavailable,
-                                      retrieval_weight=params["retrieval_weight"])  # fmt: skip
+                                      retrieval_weight=params["retrieval_weight"],
+                                      item_to_item_weight=params["item_to_item_weight"])  # fmt: skip
         versions = {"two_tower": two_tower["model_version"], "ranker": ranker["model_version"]}
         step(run_dir, output, load_spec(params["spec"]), config, model_versions=versions)
         # The repository is reviewed and fetched with the ranker run it serves.
@@ -398,7 +407,7 @@ def recsys_nightly() -> None:
     batch = batch_score(faiss_index, two_tower, ranker)  # type: ignore[arg-type]
     publish_recommendations(quality_gate(batch, two_tower, ranker))  # type: ignore[arg-type]
     evaluate(batch, ranker)  # type: ignore[arg-type]
-    export_triton_ensemble(faiss_index, two_tower, ranker)  # type: ignore[arg-type]
+    export_triton_ensemble(batch, two_tower, ranker)  # type: ignore[arg-type]
     demo_data(faiss_index, two_tower, ranker)  # type: ignore[arg-type]
 
 

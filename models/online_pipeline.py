@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from models.item_to_item import NEIGHBOURS_FILE, ItemToItem
 from recsys.spec import DatasetSpec
 
 if TYPE_CHECKING:
@@ -53,8 +54,13 @@ MISSING = -1  # a filtered or absent candidate
 # (1M rows), not seed 5 that the README reports: the smallest weight whose NDCG@10 is within one standard
 # error of the best (1.5: 0.1000; best 0.1008 at 4-6; the ranker alone 0.017, retrieval's order 0.100).
 DEFAULT_RETRIEVAL_WEIGHT = 1.5
+# Weight of the item-to-item source's score (a share of the user's best) in the final order. 0 leaves the order as
+# it was before the source; batch scoring chooses both weights on the run's validation split unless told
+# (`tasks/batch_score.py`, `choose_blend_weights`).
+DEFAULT_ITEM_TO_ITEM_WEIGHT = 0.0
 RANKER_ROWS_PER_CALL = 262_144  # users x candidates scored per ranker call: bounds memory, keeps calls large
 USER_FEATURES_FILE = "user_features.parquet"  # written by nvtabular_fit_transform
+USER_HISTORY_FILE = "user_history.npz"  # written by build_faiss_index next to the item-to-item source (ItemsByUser)
 ITEM_FEATURES_FILE = "item_features.parquet"
 
 
@@ -78,7 +84,7 @@ def filter_candidates(candidates: np.ndarray, *, excluded: Sequence[np.ndarray] 
                       known: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Candidates with filtered items replaced by MISSING (-1, as Faiss pads short results).
 
-    `excluded[i]` holds the encoded item ids removed for row i (items that user saw, `SeenItems`);
+    `excluded[i]` holds the encoded item ids removed for row i (items that user saw, `ItemsByUser`);
     `unavailable` is a boolean mask indexed by encoded item id; `known[i]` False empties row i (a user
     the run has no features for: retrieval ran on filler input rows, so nothing it found is theirs).
     """
@@ -99,8 +105,12 @@ def filter_candidates(candidates: np.ndarray, *, excluded: Sequence[np.ndarray] 
 
 
 
-class SeenItems:
-    """Encoded ids of the items each raw user id saw (the filter's exclusions), as three flat arrays."""
+class ItemsByUser:
+    """Encoded item ids per raw user id, as three flat arrays, kept in the given order.
+
+    Used for the items each user saw (the filter's exclusions, `seen_items.npz`) and for each user's positives
+    in time order (the item-to-item source's queries, `user_history.npz`).
+    """
 
     def __init__(self, user_ids: np.ndarray, offsets: np.ndarray, items: np.ndarray) -> None:
         self.user_ids = user_ids  # sorted raw user ids
@@ -108,7 +118,7 @@ class SeenItems:
         self.items = items
 
     @classmethod
-    def from_mapping(cls, seen: Mapping[int, np.ndarray]) -> SeenItems:
+    def from_mapping(cls, seen: Mapping[int, np.ndarray]) -> ItemsByUser:  # raw user id -> encoded item ids
         user_ids = np.array(sorted(seen), dtype=np.int64)
         lists = [np.asarray(seen[int(user)], dtype=np.int64) for user in user_ids]
         offsets = np.concatenate([[0], np.cumsum([len(items) for items in lists])]).astype(np.int64)
@@ -130,7 +140,7 @@ class SeenItems:
         np.savez(path, user_ids=self.user_ids, offsets=self.offsets, items=self.items)
 
     @classmethod
-    def load(cls, path: Path) -> SeenItems:
+    def load(cls, path: Path) -> ItemsByUser:
         with np.load(path) as arrays:
             return cls(arrays["user_ids"], arrays["offsets"], arrays["items"])
 
@@ -157,8 +167,59 @@ def nearest_other_items(codes: np.ndarray, found: np.ndarray, distances: np.ndar
     return ids.astype(np.int64), similarity.astype(np.float32)
 
 
+def merge_candidates(*sources: np.ndarray) -> np.ndarray:
+    """The union of each row's candidates from several sources ([users, k_s] each, -1 for none).
+
+    The first occurrence of an item is kept, in source order then rank order (the two-tower's first), duplicates
+    are dropped, and the kept items move to the front: rows are padded with -1 to the sum of the sources' widths.
+    """
+    merged = np.concatenate([np.asarray(source, dtype=np.int64) for source in sources], axis=1)
+    by_item = np.argsort(merged, axis=1, kind="stable")  # equal items in their original order
+    sorted_items = np.take_along_axis(merged, by_item, axis=1)
+    repeated = np.zeros_like(merged, dtype=bool)
+    np.put_along_axis(repeated, by_item[:, 1:], sorted_items[:, 1:] == sorted_items[:, :-1], axis=1)
+    merged = np.where(repeated | (merged < 0), MISSING, merged)
+    front = np.argsort(merged < 0, axis=1, kind="stable")
+    return np.take_along_axis(merged, front, axis=1)
+
+
+def inner_products(queries: np.ndarray, embeddings: ItemEmbeddings, candidates: np.ndarray) -> np.ndarray:
+    """The two-tower score of every candidate (the query's inner product with its item embedding); NaN at -1.
+
+    Items without an embedding (not in the index) get the lowest score of their row's other candidates.
+    """
+    vectors, known = embeddings.queries(candidates.reshape(-1))
+    scores = np.einsum("ukd,ud->uk", vectors.reshape(*candidates.shape, -1), np.asarray(queries, np.float32))
+    known = known.reshape(candidates.shape)
+    lowest = np.min(np.where(known, scores, np.inf), axis=1, keepdims=True)
+    scores = np.where(known, scores, np.where(np.isfinite(lowest), lowest, 0.0))
+    return np.where(candidates >= 0, scores, np.nan).astype(np.float32)
+
+
+def multi_source_candidates(
+    two_tower: np.ndarray, queries: np.ndarray, embeddings: ItemEmbeddings, item_to_item: ItemToItem | None,
+    histories: Sequence[np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Retrieval's union of sources: the two-tower's Faiss results (`two_tower`, [users, top_k]), the item-to-item
+    source's best items for each user's history, and the most clicked items; duplicates merged (`merge_candidates`).
+
+    Returns (candidates, two-tower inner products, item-to-item scores), aligned; -1 pads, NaN at -1. Without an
+    item-to-item source (a run from before it) or histories, the two-tower's candidates alone, item-to-item 0.
+    """
+    two_tower = np.asarray(two_tower, dtype=np.int64)
+    if item_to_item is None or histories is None:
+        zeros = np.where(two_tower >= 0, 0.0, np.nan).astype(np.float32)
+        return two_tower, inner_products(queries, embeddings, two_tower), zeros
+    user_scores = item_to_item.user_scores(histories)
+    found, _ = item_to_item.top(user_scores, item_to_item.config.candidates)
+    popular = np.broadcast_to(item_to_item.popular[None, :], (len(two_tower), len(item_to_item.popular)))
+    candidates = merge_candidates(two_tower, found, popular)
+    return candidates, inner_products(queries, embeddings, candidates), ItemToItem.at(user_scores, candidates)
+
+
 def blend_scores(candidates: np.ndarray, ranker_scores: np.ndarray, retrieval_scores: np.ndarray,
-                 weight: float) -> np.ndarray:  # fmt: skip
+                 weight: float, item_to_item_scores: np.ndarray | None = None,
+                 item_to_item_weight: float = 0.0) -> np.ndarray:  # fmt: skip
     """The ordering score of each candidate: P(click | shown) * P(item | user)^weight, scaled per user.
 
     P(click | shown) is the ranker's probability; P(item | user) the softmax of the two-tower inner
@@ -170,18 +231,31 @@ def blend_scores(candidates: np.ndarray, ranker_scores: np.ndarray, retrieval_sc
     likely candidate keeps its ranker score, the others are discounted), so the promotion threshold and
     the softmax temperature of `order` (and of the gateway, which reorders published scores with
     `order`) still apply to it. weight 0: the ranker's scores alone. NaN where the candidate is MISSING.
+
+    The item-to-item source's scores (`models/item_to_item.py`, EASE sums over the user's history) join the
+    same way, as a share of the user's best: times exp(item_to_item_weight * (score / best - 1)). A user whose
+    best is not positive (no history) keeps the other terms alone.
     """
-    if weight < 0:
-        raise ValueError(f"retrieval weight must not be negative, got {weight}")
+    if weight < 0 or item_to_item_weight < 0:
+        raise ValueError(f"blend weights must not be negative, got {weight} and {item_to_item_weight}")
     ranker = np.asarray(ranker_scores, dtype=np.float64)
     valid = np.asarray(candidates) >= 0
-    if weight == 0:
-        return np.where(valid, ranker, np.nan)
-    retrieval = np.asarray(retrieval_scores, dtype=np.float64)
-    best = np.max(np.where(valid, retrieval, -np.inf), axis=1, keepdims=True)
-    # At most 0 for candidates; 0 elsewhere (a filtered item may have had a higher inner product).
-    gap = np.where(valid, retrieval - np.where(np.isfinite(best), best, 0.0), 0.0)
-    return np.where(valid, ranker * np.exp(weight * gap), np.nan)
+    logit = np.zeros(ranker.shape)
+    if weight > 0:
+        logit += weight * _gap_to_best(valid, np.asarray(retrieval_scores, dtype=np.float64))
+    if item_to_item_weight > 0 and item_to_item_scores is not None:
+        scores = np.where(valid, np.nan_to_num(np.asarray(item_to_item_scores, dtype=np.float64)), 0.0)
+        best = np.max(np.where(valid, scores, -np.inf), axis=1, keepdims=True)
+        share = np.where(best > 0, scores / np.where(best > 0, best, 1.0) - 1.0, 0.0)
+        logit += item_to_item_weight * share
+    return np.where(valid, ranker * np.exp(logit), np.nan)
+
+
+def _gap_to_best(valid: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each candidate's score minus its row's best: at most 0 for candidates, 0 elsewhere (a filtered item may
+    have scored higher)."""
+    best = np.max(np.where(valid, scores, -np.inf), axis=1, keepdims=True)
+    return np.where(valid, scores - np.where(np.isfinite(best), best, 0.0), 0.0)
 
 
 def order(candidates: np.ndarray, scores: np.ndarray, top_n: int, *, temperature: float = 0.0,
@@ -476,6 +550,10 @@ class RecommendationPipeline:
         self.query_tower = QueryTower(artifacts.two_tower_dir / "query_tower", self.columns)
         self.ranker = Ranker(artifacts.ranker_dir / "model", self.columns, self.catalog)
         self.index = load_index(artifacts.faiss_index_dir)
+        # The item-to-item source and each user's history; absent in runs from before them.
+        has_item_to_item = (artifacts.faiss_index_dir / NEIGHBOURS_FILE).exists()
+        self.item_to_item = ItemToItem.load(artifacts.faiss_index_dir) if has_item_to_item else None
+        self.histories = ItemsByUser.load(artifacts.faiss_index_dir / USER_HISTORY_FILE) if has_item_to_item else None
 
     @property
     def users(self) -> pd.DataFrame:
@@ -530,20 +608,37 @@ class RecommendationPipeline:
                                                                 unavailable=unavailable)  # fmt: skip
         return ids, similarity
 
+    def candidates(self, features: Mapping[str, np.ndarray], *, top_k: int,
+                   histories: Sequence[np.ndarray] | None = None, excluded: Sequence[np.ndarray] | None = None,
+                   unavailable: np.ndarray | None = None,
+                   context: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+        """Retrieval (every source), filtering and scoring for a batch of known users: the candidates (MISSING
+        pads) with their ranker, two-tower and item-to-item scores, aligned. `histories`: each user's positives
+        (the item-to-item source's queries; None leaves that source out)."""
+        queries = self.embed_users(features)
+        found, _ = self.retrieve(queries, top_k)
+        candidates, inner, item_to_item = multi_source_candidates(found, queries, self.item_embeddings,
+                                                                  self.item_to_item, histories)  # fmt: skip
+        candidates = filter_candidates(candidates, excluded=excluded, unavailable=unavailable)
+        return {"candidates": candidates, "ranker_scores": self.score(features, candidates, context),
+                "retrieval_scores": inner, "item_to_item_scores": item_to_item}  # fmt: skip
+
     def recommend(self, features: Mapping[str, np.ndarray], *, top_k: int, top_n: int,
+                  histories: Sequence[np.ndarray] | None = None,
                   excluded: Sequence[np.ndarray] | None = None, unavailable: np.ndarray | None = None,
                   context: Mapping[str, np.ndarray] | None = None, temperature: float = 0.0,
                   rng: np.random.Generator | None = None, promoted: np.ndarray | None = None,
-                  promotion_threshold: float = 0.5,
-                  retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT) -> dict[str, np.ndarray]:  # fmt: skip
+                  promotion_threshold: float = 0.5, retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT,
+                  item_to_item_weight: float = DEFAULT_ITEM_TO_ITEM_WEIGHT) -> dict[str, np.ndarray]:  # fmt: skip
         """All four stages for a batch of known users; encoded item ids out (MISSING pads).
 
-        `scores` are `blend_scores`'s (the ranker's alone with `retrieval_weight` 0).
+        `scores` are `blend_scores`'s (the ranker's alone with both weights 0).
         """
-        candidates, inner_products = self.retrieve(self.embed_users(features), top_k)
-        candidates = filter_candidates(candidates, excluded=excluded, unavailable=unavailable)
-        ranker_scores = self.score(features, candidates, context)
-        scores = blend_scores(candidates, ranker_scores, inner_products, retrieval_weight)
+        found = self.candidates(features, top_k=top_k, histories=histories, excluded=excluded,
+                                unavailable=unavailable, context=context)  # fmt: skip
+        candidates = found["candidates"]
+        scores = blend_scores(candidates, found["ranker_scores"], found["retrieval_scores"], retrieval_weight,
+                              found["item_to_item_scores"], item_to_item_weight)  # fmt: skip
         items, ordered_scores, probabilities = order(
             candidates, scores, top_n, temperature=temperature, rng=rng, promoted=promoted,
             promotion_threshold=promotion_threshold,

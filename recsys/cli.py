@@ -93,21 +93,25 @@ def _train_two_tower(args: argparse.Namespace) -> dict:
 
 
 def _build_faiss_index(args: argparse.Namespace) -> dict:
+    from models.item_to_item import ItemToItemConfig
     from tasks.build_faiss_index import FaissIndexConfig, build_faiss_index, user_queries
 
     config = FaissIndexConfig(exact_max_items=args.exact_max_items, nprobe=args.nprobe)
     queries = None
     if args.nvtabular:
         queries = user_queries(args.nvtabular, args.input, load_spec(args.spec), config.recall_queries)
-    return build_faiss_index(args.input, args.output, config, queries=queries)
+    item_to_item = ItemToItemConfig(regularization=args.item_to_item_regularization,
+                                    recency=args.item_to_item_recency)  # fmt: skip
+    return build_faiss_index(args.input, args.output, config, queries=queries, nvtabular_dir=args.nvtabular,
+                             spec=load_spec(args.spec), item_to_item=item_to_item)  # fmt: skip
 
 
 def _batch_score(args: argparse.Namespace) -> dict:
     from tasks.batch_score import BatchScoreConfig, batch_score
 
-    weight = BatchScoreConfig.retrieval_weight if args.retrieval_weight is None else args.retrieval_weight
     config = BatchScoreConfig(top_k=args.top_k, top_n=args.top_n, similar_n=args.similar_n,
-                              unavailable_items=args.unavailable_items, retrieval_weight=weight)  # fmt: skip
+                              unavailable_items=args.unavailable_items, retrieval_weight=args.retrieval_weight,
+                              item_to_item_weight=args.item_to_item_weight)  # fmt: skip
     versions = json.loads(args.model_versions) if args.model_versions else None
     return batch_score(args.input, args.output, load_spec(args.spec), config, model_versions=versions)
 
@@ -136,10 +140,10 @@ def _evaluate(args: argparse.Namespace) -> dict:
 def _export_triton_ensemble(args: argparse.Namespace) -> dict:
     from tasks.export_triton_ensemble import TritonEnsembleConfig, export_triton_ensemble, log_triton_repository
 
-    weight = TritonEnsembleConfig.retrieval_weight if args.retrieval_weight is None else args.retrieval_weight
     config = TritonEnsembleConfig(top_k=args.top_k, top_n=args.top_n, similar_n=args.similar_n,
                                   temperature=args.temperature, unavailable_items=args.unavailable_items,
-                                  retrieval_weight=weight)  # fmt: skip
+                                  retrieval_weight=args.retrieval_weight,
+                                  item_to_item_weight=args.item_to_item_weight)  # fmt: skip
     versions = json.loads(args.model_versions) if args.model_versions else None
     metrics = export_triton_ensemble(args.input, args.output, load_spec(args.spec), config, model_versions=versions)
     if args.mlflow_run_id:
@@ -332,7 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--exact-max-items", type=int, default=100_000, help="larger catalogs get IVF")
             step.add_argument("--nprobe", type=int, default=32)
             step.add_argument("--nvtabular", type=Path, default=None,
-                              help="NVTabular output: user queries measure the IVF index's recall")  # fmt: skip
+                              help="NVTabular output: user queries measure the IVF index's recall, and its train "
+                                   "split's positives make the item-to-item source")  # fmt: skip
+            step.add_argument("--item-to-item-regularization", type=float, default=None,
+                              help="EASE's lambda of the item-to-item source (default: chosen on the validation "
+                                   "split among models.item_to_item.REGULARIZATIONS)")  # fmt: skip
+            step.add_argument("--item-to-item-recency", type=float, default=None,
+                              help="weight of a history item per newer positive, in (0, 1] (default: chosen on "
+                                   "the validation split among models.item_to_item.RECENCIES)")  # fmt: skip
         if name == "batch-score":
             step.add_argument("--top-k", type=int, default=500)
             step.add_argument("--top-n", type=int, default=100)
@@ -341,10 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
                               help="CSV with an item id column: items never recommended")  # fmt: skip
             step.add_argument("--model-versions", default=None, help="JSON: registered versions scored with")
         if name in ("batch-score", "export-triton-ensemble"):
+            chosen = ("chosen on the validation split" if name == "batch-score"
+                      else "the one batch scoring used (batch_score/_metrics.json), else the default")  # fmt: skip
             step.add_argument("--retrieval-weight", type=float, default=None,
                               help="weight of the two-tower's P(item | user) next to the ranker's probability in "
-                                   "the final order (0: the ranker alone; default: models.online_pipeline's "
-                                   "DEFAULT_RETRIEVAL_WEIGHT)")  # fmt: skip
+                                   f"the final order (0 and item-to-item 0: the ranker alone; default: {chosen})")
+            step.add_argument("--item-to-item-weight", type=float, default=None,
+                              help=f"weight of the item-to-item source's score in the final order (default: {chosen})")
         if name == "demo-data":
             step.add_argument("--top-k", type=int, default=200, help="retrieved candidates per user")
             step.add_argument("--max-users", type=int, default=500, help="validation users with the most clicks")

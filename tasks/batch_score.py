@@ -1,10 +1,11 @@
 """Batch scoring of every known user (trainer environment), for the web tier's precomputed lookups.
 
-For each user: the online pipeline's four stages (user tower, Faiss top-K, business-rule filter,
-ranker, top-N by the ranker's probability blended with the retrieval's, `retrieval_weight`) in batches
-of users. Also the generic lists of new visitors (popularity of positive
-interactions per segment of the spec's `segment_features`, seed 000, plus one list over all
-segments under the key "*") and the item-to-item similar lists for the "browsing now" case. Writes
+For each user: the online pipeline's four stages (retrieval from the user tower's Faiss top-K, the
+item-to-item source over the user's positives and the most clicked items; the business-rule filter; the
+ranker; top-N by the ranker's probability blended with the retrieval's and the item-to-item score, with
+weights chosen on the validation split unless given) in batches of users. Also the generic lists of new
+visitors (popularity of positive interactions per segment of the spec's `segment_features`, seed 000, plus
+one list over all segments under the key "*") and the item-to-item similar lists for the "browsing now" case. Writes
 Parquet under the run; `publish_recommendations` loads it into Redis atomically.
 
 Business rules (configuration): items a user bought (the spec's `purchase_target`) are never
@@ -24,7 +25,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from models.online_pipeline import DEFAULT_RETRIEVAL_WEIGHT, PipelineArtifacts, RecommendationPipeline
+from models.online_pipeline import (
+    DEFAULT_ITEM_TO_ITEM_WEIGHT,
+    DEFAULT_RETRIEVAL_WEIGHT,
+    ItemsByUser,
+    PipelineArtifacts,
+    RecommendationPipeline,
+    blend_scores,
+    order,
+)
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import PartitionWriter, nvtabular_part_files
 from recsys.spec import DatasetSpec
@@ -48,15 +57,29 @@ class BatchScoreConfig:
     top_n: int = 100  # items kept per user after ranking
     similar_n: int = 50  # similar items kept per item
     users_per_batch: int = 512
-    # Weight of the two-tower's P(item | user) in the final order next to the ranker's P(click | shown)
-    # (models.online_pipeline.blend_scores); 0: the ranker alone. The published scores are the blend.
-    retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT
+    # Weights of the two-tower's P(item | user) and of the item-to-item score in the final order next to the
+    # ranker's P(click | shown) (models.online_pipeline.blend_scores); 0 and 0: the ranker alone. The published
+    # scores are the blend. None: chosen on the run's validation split (`choose_blend_weights`).
+    retrieval_weight: float | None = None
+    item_to_item_weight: float | None = None
     # CSV with a column named like the spec's item id: items that must not be recommended.
     unavailable_items: Path | None = None
+    # Validation users the weights are chosen on: a seeded sample of at most half of them, so that `evaluate`
+    # judges the lists on the other half.
+    validation_users: int = 3_000
 
     def __post_init__(self) -> None:
-        if self.retrieval_weight < 0:
-            raise ValueError(f"retrieval_weight must not be negative, got {self.retrieval_weight}")
+        for name in ("retrieval_weight", "item_to_item_weight"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative, got {value}")
+
+
+# The grid `choose_blend_weights` searches: the old default first, so ties keep it.
+RETRIEVAL_WEIGHTS = (DEFAULT_RETRIEVAL_WEIGHT, 0.0, 0.5, 4.0)
+ITEM_TO_ITEM_WEIGHTS = (DEFAULT_ITEM_TO_ITEM_WEIGHT, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+CHOICE_K = 10  # the weights maximize NDCG@10 on validation
+BLEND_USERS_FILE = "blend_users.npy"  # the validation users the weights were chosen on (evaluate leaves them out)
 
 
 def segment_key(values: list[Any]) -> str:
@@ -73,17 +96,31 @@ def read_unavailable(path: Path | None, spec: DatasetSpec) -> set[int]:
     return {int(item) for item in frame[spec.item_id].dropna()}
 
 
-def seen_items_by_user(nvtabular_dir: Path, spec: DatasetSpec) -> dict[int, np.ndarray]:
+def _read_splits(nvtabular_dir: Path, splits: tuple[str, ...], columns: list[str]) -> pd.DataFrame:
+    parts = [pd.read_parquet(path, columns=columns) for split in splits
+             for path in nvtabular_part_files(Path(nvtabular_dir) / split)]  # fmt: skip
+    return pd.concat(parts, ignore_index=True)
+
+
+def positives_by_user(nvtabular_dir: Path, spec: DatasetSpec,
+                      splits: tuple[str, ...] = ("train", "valid")) -> dict[int, np.ndarray]:  # fmt: skip
+    """Encoded ids of each raw user id's positives (the primary target) in the splits, oldest first (by the spec's
+    timestamp, ties in file order), repeats kept: the item-to-item source's queries."""
+    user = spec.user_id + RAW_SUFFIX
+    rows = _read_splits(nvtabular_dir, splits, [user, spec.item_id, spec.primary_target, spec.timestamp])
+    rows = rows[rows[spec.primary_target] == 1].sort_values([user, spec.timestamp], kind="stable")
+    return {int(key): items.to_numpy(dtype=np.int64) for key, items in rows.groupby(user, sort=True)[spec.item_id]}
+
+
+def seen_items_by_user(nvtabular_dir: Path, spec: DatasetSpec,
+                       splits: tuple[str, ...] = ("train", "valid")) -> dict[int, np.ndarray]:  # fmt: skip
     """Encoded ids of the items never recommended again to each raw user id, from train and valid: the rows
     the spec's `exclude_seen` names (every interaction, or those positive in the given targets; by default
     the purchases)."""
     targets = spec.seen_targets
     if not spec.excludes_every_interaction and not targets:
         return {}
-    columns = [spec.user_id + RAW_SUFFIX, spec.item_id, *targets]
-    parts = [pd.read_parquet(path, columns=columns) for split in ("train", "valid")
-             for path in nvtabular_part_files(Path(nvtabular_dir) / split)]  # fmt: skip
-    seen = pd.concat(parts, ignore_index=True)
+    seen = _read_splits(nvtabular_dir, splits, [spec.user_id + RAW_SUFFIX, spec.item_id, *targets])
     if not spec.excludes_every_interaction:
         seen = seen[(seen[list(targets)] == 1).any(axis=1)]
     grouped = seen.groupby(spec.user_id + RAW_SUFFIX)[spec.item_id]
@@ -122,6 +159,58 @@ def _lists(raw_items: np.ndarray, scores: np.ndarray) -> tuple[pa.Array, pa.Arra
     return items, values
 
 
+def choose_blend_weights(pipeline: RecommendationPipeline, nvtabular_dir: Path, spec: DatasetSpec,
+                         config: BatchScoreConfig, unavailable: np.ndarray) -> dict[str, Any]:  # fmt: skip
+    """The blend weights of the final order with the best NDCG@10 on validation users, and the grid's scores.
+
+    Measured as the lists will be made, but with what the run knew before validation: the item-to-item queries
+    and the excluded items come from the train split only, and the relevant items are each sampled validation
+    user's positives (the primary target) not seen in train. Weights the config fixes are not searched. The
+    sampled users are returned under "users" (at most half of those with positives: `evaluate` judges the rest).
+    """
+    from tasks.evaluate import list_metrics
+
+    valid = positives_by_user(nvtabular_dir, spec, ("valid",))
+    seen = seen_items_by_user(nvtabular_dir, spec, ("train",))
+    empty = np.empty(0, dtype=np.int64)
+    relevant = {user: np.setdiff1d(items, seen.get(user, empty)) for user, items in valid.items()}
+    users = np.array(sorted(user for user, items in relevant.items() if len(items)), dtype=np.int64)
+    features, known = pipeline.user_features(users)
+    users = users[known]
+    # A weight the config sets is kept; one left open is searched, or takes its default when there is nothing to
+    # choose on (no validation user with positives left, or no item-to-item source).
+    retrieval = ([config.retrieval_weight] if config.retrieval_weight is not None
+                 else RETRIEVAL_WEIGHTS if len(users) >= 2 else [DEFAULT_RETRIEVAL_WEIGHT])  # fmt: skip
+    item_to_item = ([config.item_to_item_weight] if config.item_to_item_weight is not None
+                    else ITEM_TO_ITEM_WEIGHTS if len(users) >= 2 and pipeline.item_to_item is not None
+                    else [DEFAULT_ITEM_TO_ITEM_WEIGHT])  # fmt: skip
+    if len(retrieval) * len(item_to_item) == 1:
+        return {"retrieval_weight": retrieval[0], "item_to_item_weight": item_to_item[0], "validation_users": 0,
+                "users": np.empty(0, dtype=np.int64)}  # fmt: skip
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(len(users), size=min(config.validation_users, len(users) // 2), replace=False))
+    users = users[sample]
+    features, _ = pipeline.user_features(users)
+    train_histories = ItemsByUser.from_mapping(positives_by_user(nvtabular_dir, spec, ("train",)))
+    found = pipeline.candidates(features, top_k=config.top_k, histories=train_histories.of_users(users),
+                                excluded=[seen.get(int(user), empty) for user in users],
+                                unavailable=unavailable)  # fmt: skip
+    targets = [relevant[int(user)] for user in users]
+    grid: dict[str, float] = {}
+    for weight in retrieval:
+        for i2i_weight in item_to_item:
+            scores = blend_scores(found["candidates"], found["ranker_scores"], found["retrieval_scores"], weight,
+                                  found["item_to_item_scores"], i2i_weight)  # fmt: skip
+            top, _, _ = order(found["candidates"], scores, CHOICE_K)
+            grid[f"{weight:g}/{i2i_weight:g}"] = list_metrics(top, targets, CHOICE_K)[f"ndcg_at_{CHOICE_K}"]
+    best = max(grid, key=lambda key: grid[key])  # the first of equals: the grid's order
+    retrieval_weight, item_to_item_weight = (float(value) for value in best.split("/"))
+    log.info("batch_score: blend weights %s chosen on %d validation users (NDCG@%d %.4f; grid %s)", best,
+             len(users), CHOICE_K, grid[best], json.dumps(grid))  # fmt: skip
+    return {"retrieval_weight": retrieval_weight, "item_to_item_weight": item_to_item_weight,
+            "validation_users": len(users), f"validation_ndcg_at_{CHOICE_K}": grid, "users": users}  # fmt: skip
+
+
 def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: BatchScoreConfig = BatchScoreConfig(),
                 model_versions: dict[str, str] | None = None) -> dict:  # fmt: skip
     """Score every user of the run's feature table; write users/, segments/, similar/ and _metrics.json."""
@@ -135,6 +224,8 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
     unavailable[codes[codes >= 0]] = True
     seen_items = seen_items_by_user(run / "nvtabular", spec)
     user_ids = pipeline.users.index.to_numpy(dtype=np.int64)
+    weights = choose_blend_weights(pipeline, run / "nvtabular", spec, config, unavailable)
+    tuned_users = weights.pop("users")
 
     started = time.perf_counter()
     with atomic_output_dir(Path(output_dir)) as staging:
@@ -144,9 +235,11 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
                 batch = user_ids[start : start + config.users_per_batch]
                 features, _ = pipeline.user_features(batch)
                 excluded = [seen_items.get(int(user), np.empty(0, dtype=np.int64)) for user in batch]
-                result = pipeline.recommend(features, top_k=config.top_k, top_n=config.top_n,
+                histories = pipeline.histories.of_users(batch) if pipeline.histories is not None else None
+                result = pipeline.recommend(features, top_k=config.top_k, top_n=config.top_n, histories=histories,
                                            excluded=excluded, unavailable=unavailable,
-                                           retrieval_weight=config.retrieval_weight)  # fmt: skip
+                                           retrieval_weight=weights["retrieval_weight"],
+                                           item_to_item_weight=weights["item_to_item_weight"])  # fmt: skip
                 items, scores = _lists(pipeline.raw_items(result["items"]), result["scores"])
                 writer.write(pa.table({"user_id": pa.array(batch), "item_ids": items, "scores": scores},
                                       schema=USER_SCHEMA))  # fmt: skip
@@ -173,9 +266,12 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
             "users_per_second": len(user_ids) / user_seconds if user_seconds else None,
             "seconds": time.perf_counter() - started,
             "config": {**dataclasses.asdict(config), "unavailable_items": str(config.unavailable_items or "")},
+            # The weights the lists were ordered with (the Triton export takes the same): chosen or given.
+            "blend": weights,
             "unavailable_items": len(unavailable_raw),
             "model_versions": model_versions or {},
         }
+        np.save(staging / BLEND_USERS_FILE, tuned_users)
         (staging / "_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("batch_score: %d users at %.0f users/s, %d segments, %d similar lists", metrics["users"],
              metrics["users_per_second"] or 0, metrics["segments"], metrics["similar_items"])  # fmt: skip

@@ -63,7 +63,7 @@ import pandas as pd
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import part_files
 from recsys.spec import DatasetSpec
-from tasks.batch_score import ALL_SEGMENTS, read_unavailable, segment_key
+from tasks.batch_score import ALL_SEGMENTS, BLEND_USERS_FILE, read_unavailable, segment_key
 
 log = logging.getLogger(__name__)
 
@@ -631,9 +631,11 @@ def evaluate(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Evaluat
     train, valid = read_splits(run, spec)
     unavailable: set[int] = set()
     batch_config: dict[str, Any] = {}
+    blend: dict[str, Any] = {}
     batch_metrics_file = batch_dir / "_metrics.json"
     if batch_metrics_file.exists():
-        batch_config = json.loads(batch_metrics_file.read_text()).get("config", {})
+        batch_metrics = json.loads(batch_metrics_file.read_text())
+        batch_config, blend = batch_metrics.get("config", {}), batch_metrics.get("blend", {})
         listed = batch_config.get("unavailable_items") or ""
         if listed and Path(listed).exists():  # the same rule for the baselines as for the pipeline
             unavailable = read_unavailable(Path(listed), spec)
@@ -659,9 +661,15 @@ def evaluate(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Evaluat
     # Final lists: the business rules for every list, and the items they remove out of the relevant ones.
     k = config.final_k
     kept, keep = final_list_data(data)
+    tuned_users_file = batch_dir / BLEND_USERS_FILE
+    if tuned_users_file.exists():
+        # Batch scoring chose its blend weights on these validation users: every method is judged on the others,
+        # so the pipeline's number is not measured on the users it was tuned on.
+        kept = users_subset(kept, ~np.isin(kept.users, np.load(tuned_users_file)))
     measure = {"catalog_size": len(data.catalog), "categories": data.categories, "popularity": data.popularity}
     final: dict[str, Any] = {"k": k, "users": len(kept.users),
-                             "users_without_relevant_items_left": int((~keep).sum())}  # fmt: skip
+                             "users_without_relevant_items_left": int((~keep).sum()),
+                             "users_left_out_blend_weights_chosen_on": int(keep.sum()) - len(kept.users)}  # fmt: skip
     methods: dict[str, np.ndarray] = {}
     users_dir = batch_dir / "users"
     if users_dir.is_dir():
@@ -670,8 +678,11 @@ def evaluate(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Evaluat
         # validation clicks they are judged on here (judge them on a later split: benchmarks/movielens.py).
         final["pipeline_lists_exclude_validation_clicks"] = (
             spec.excludes_every_interaction or spec.primary_target in spec.seen_targets)  # fmt: skip
-        if "retrieval_weight" in batch_config:  # how the lists were ordered (models.online_pipeline.blend_scores)
-            final["pipeline_retrieval_weight"] = batch_config["retrieval_weight"]
+        # How the lists were ordered (models.online_pipeline.blend_scores); older runs kept it in the config.
+        weight = blend.get("retrieval_weight", batch_config.get("retrieval_weight"))
+        if weight is not None:
+            final["pipeline_retrieval_weight"] = weight
+            final["pipeline_item_to_item_weight"] = blend.get("item_to_item_weight", 0.0)
     methods.update(baseline_lists(kept, k, config, excluded=kept.excluded, similarities=similarities))
     raw_input = Path(raw_input_dir) if raw_input_dir else _default_raw_input(run)
     truth = generator_truth(raw_input, data) if raw_input else None
@@ -768,7 +779,11 @@ def report_markdown(metrics: dict[str, Any]) -> str:
                   "scoring excludes what users saw in both splits): its row is not comparable here."]  # fmt: skip
     if "pipeline_retrieval_weight" in final:
         lines += ["", f"The pipeline's lists are ordered with retrieval weight {final['pipeline_retrieval_weight']:g} "
-                  "(`models.online_pipeline.blend_scores`; 0: the ranker alone)."]  # fmt: skip
+                  f"and item-to-item weight {final['pipeline_item_to_item_weight']:g} "
+                  "(`models.online_pipeline.blend_scores`; 0 and 0: the ranker alone)."]  # fmt: skip
+    if final.get("users_left_out_blend_weights_chosen_on"):
+        lines += ["", f"{final['users_left_out_blend_weights_chosen_on']:,} validation users are left out of this "
+                  "table: batch scoring chose its blend weights on them."]  # fmt: skip
     cutoffs = retrieval["cutoffs"]
     lines += ["", f"### Retrieval (whole catalog of {metrics['catalog_items']:,} items, no business rule; "
               f"{retrieval['users']:,} users)", ""]  # fmt: skip

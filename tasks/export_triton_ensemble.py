@@ -1,17 +1,21 @@
 """Write a run's online pipeline as a Triton model repository (platform environment: it only copies and writes).
 
-Two ensembles over seven Python-backend models (the code in `serving/triton_models/`, which calls the
+Two ensembles over eight Python-backend models (the code in `serving/triton_models/`, which calls the
 one pipeline implementation in `models/online_pipeline.py`, as batch scoring does):
 
-    recommend:         query_tower -> faiss_retrieval -> filter_candidates -> ranker -> ordering
+    recommend:         query_tower -> faiss_retrieval -> candidate_sources -> filter_candidates -> ranker
+                       -> ordering
     similar_products:  item_lookup -> faiss_retrieval -> similar_items
 
-`ordering` also receives `faiss_retrieval`'s inner products: it orders by the ranker's probability
-blended with the retrieval's (`retrieval_weight`, as batch scoring's `blend_scores`).
+`candidate_sources` adds the item-to-item source's and the most clicked items to the Faiss candidates (as
+batch scoring's retrieval), with every candidate's two-tower and item-to-item scores; `ordering` orders by
+the ranker's probability blended with those (`retrieval_weight`, `item_to_item_weight`: batch scoring's
+`blend_scores` with the weights batch scoring used).
 
 The repository is self-contained: each model's version folder `<model>/1/` holds its `model.py` and
 copies of what that stage loads (the query tower or ranker SavedModel, the Faiss index, the user or
-item feature table, the item embeddings, each user's seen items (the spec's `exclude_seen`), the unavailable items) and
+item feature table, the item embeddings, the item-to-item source and each user's history, each user's seen
+items (the spec's `exclude_seen`), the unavailable items) and
 `pipeline_columns.json`, so it keeps working after the run's folder is gone and each stage process
 holds only its own share. `config.pbtxt` files are written from the tensor lists below. The models
 run in the trainer environment inside Triton's Python backend (README, "Triton server"), so this
@@ -33,14 +37,17 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from models.item_to_item import CONFIG_FILE, NEIGHBOURS_FILE
 from models.online_pipeline import (
+    DEFAULT_ITEM_TO_ITEM_WEIGHT,
     DEFAULT_RETRIEVAL_WEIGHT,
     ITEM_FEATURES_FILE,
     USER_FEATURES_FILE,
+    USER_HISTORY_FILE,
     ItemCatalog,
+    ItemsByUser,
     PipelineArtifacts,
     PipelineColumns,
-    SeenItems,
 )
 from recsys.outputs import atomic_output_dir
 from recsys.spec import DatasetSpec
@@ -58,7 +65,7 @@ SIMILAR_PRODUCTS = "similar_products"
 # Tensor names of the recommend ensemble that are not dataset columns; a spec column named like one is refused.
 RESERVED_NAMES = ("top_k", "top_n", "temperature", "seed", "item_ids", "scores", "probabilities", "known_users",
                   "query_embeddings", "user_features", "candidates", "candidate_scores", "filtered_candidates",
-                  "ranker_scores")  # fmt: skip
+                  "ranker_scores", "merged_candidates", "retrieval_scores", "item_to_item_scores")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +77,29 @@ class TritonEnsembleConfig:
     max_top_k: int = 10_000  # requests asking for more candidates are refused
     # CSV with a column named like the spec's item id: items never recommended nor returned as similar.
     unavailable_items: Path | None = None
-    # Weight of the two-tower's P(item | user) next to the ranker's P(click | shown) in the order
-    # (models.online_pipeline.blend_scores), as batch_score's: the two must agree for online and offline
-    # lists to be the same. The returned `scores` are the blend.
-    retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT
+    # Weights of the two-tower's P(item | user) and of the item-to-item score next to the ranker's P(click | shown)
+    # in the order (models.online_pipeline.blend_scores), as batch_score's: the two must agree for online and
+    # offline lists to be the same. None: the ones the run's batch scoring used (batch_score/_metrics.json),
+    # else the defaults. The returned `scores` are the blend.
+    retrieval_weight: float | None = None
+    item_to_item_weight: float | None = None
 
     def __post_init__(self) -> None:
-        if self.retrieval_weight < 0:
-            raise ValueError(f"retrieval_weight must not be negative, got {self.retrieval_weight}")
+        for name in ("retrieval_weight", "item_to_item_weight"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative, got {value}")
+
+    def with_weights_of(self, run_dir: Path) -> TritonEnsembleConfig:
+        """The weights left open filled in from the run's batch scoring, else the defaults."""
+        path = Path(run_dir) / "batch_score" / "_metrics.json"
+        used = json.loads(path.read_text()).get("blend", {}) if path.exists() else {}
+        retrieval = self.retrieval_weight
+        item_to_item = self.item_to_item_weight
+        return dataclasses.replace(
+            self, retrieval_weight=used.get("retrieval_weight", DEFAULT_RETRIEVAL_WEIGHT) if retrieval is None
+            else retrieval, item_to_item_weight=used.get("item_to_item_weight", DEFAULT_ITEM_TO_ITEM_WEIGHT)
+            if item_to_item is None else item_to_item)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,16 +199,21 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
                               (query_embeddings, user_features, known_users))  # fmt: skip
     retrieval = StageConfig("faiss_retrieval", (query_embeddings, _one("top_k", "TYPE_INT32")), (candidates, scores),
                             {"top_k": str(config.top_k), "max_top_k": str(config.max_top_k)})  # fmt: skip
+    retrieval_scores, item_to_item_scores = _matrix("retrieval_scores", "TYPE_FP32"), _matrix("item_to_item_scores",
+                                                                                             "TYPE_FP32")
+    sources = StageConfig("candidate_sources", (_ids("raw_user_ids"), query_embeddings, candidates),
+                          (_matrix("merged_candidates", "TYPE_INT64"), retrieval_scores, item_to_item_scores))
     filtering = StageConfig("filter_candidates", (_ids("raw_user_ids"), candidates, known_users),
                             (_matrix("filtered_candidates", "TYPE_INT64"),))  # fmt: skip
     ranker = StageConfig("ranker", (user_features, candidates, *context_inputs), (ranker_scores,))
     ordering = StageConfig(
         "ordering",
-        (candidates, ranker_scores, _matrix("retrieval_scores", "TYPE_FP32"), top_n, _one("temperature", "TYPE_FP32"),
+        (candidates, ranker_scores, retrieval_scores, item_to_item_scores, top_n, _one("temperature", "TYPE_FP32"),
          _one("seed", "TYPE_INT64")),
         (*item_lists, _matrix("probabilities", "TYPE_FP32")),
         {"top_n": str(config.top_n), "temperature": repr(float(config.temperature)),
-         "retrieval_weight": repr(float(config.retrieval_weight))},
+         "retrieval_weight": repr(float(config.retrieval_weight or 0.0)),
+         "item_to_item_weight": repr(float(config.item_to_item_weight or 0.0))},
     )  # fmt: skip
     item_lookup = StageConfig(
         "item_lookup",
@@ -196,7 +223,7 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
         {"top_n": str(config.similar_n)},
     )  # fmt: skip
     similar = StageConfig("similar_items", (item_codes, candidates, scores), item_lists)
-    return [query_tower, retrieval, filtering, ranker, ordering, item_lookup, similar]
+    return [query_tower, retrieval, sources, filtering, ranker, ordering, item_lookup, similar]
 
 
 def _context_columns(columns: PipelineColumns) -> list[str]:
@@ -221,15 +248,21 @@ def ensemble_configs(columns: PipelineColumns) -> list[EnsembleConfig]:
             EnsembleStep("query_tower", {"raw_user_ids": raw_user, **features},
                          {"query_embeddings": "query_embeddings", "user_features": "user_features",
                           "known_users": "known_users"}),
+            # Its scores are left out: `candidate_sources` computes every candidate's inner product, Faiss's too.
             EnsembleStep("faiss_retrieval", {"query_embeddings": "query_embeddings", "top_k": "top_k"},
-                         {"candidates": "candidates", "candidate_scores": "candidate_scores"}),
-            EnsembleStep("filter_candidates", {"raw_user_ids": raw_user, "candidates": "candidates",
+                         {"candidates": "candidates"}),
+            EnsembleStep("candidate_sources", {"raw_user_ids": raw_user, "query_embeddings": "query_embeddings",
+                                               "candidates": "candidates"},
+                         {"merged_candidates": "merged_candidates", "retrieval_scores": "retrieval_scores",
+                          "item_to_item_scores": "item_to_item_scores"}),
+            EnsembleStep("filter_candidates", {"raw_user_ids": raw_user, "candidates": "merged_candidates",
                                                "known_users": "known_users"},
                          {"filtered_candidates": "filtered_candidates"}),
             EnsembleStep("ranker", {"user_features": "user_features", "candidates": "filtered_candidates", **context},
                          {"ranker_scores": "ranker_scores"}),
             EnsembleStep("ordering", {"candidates": "filtered_candidates", "ranker_scores": "ranker_scores",
-                                      "retrieval_scores": "candidate_scores", "top_n": "top_n",
+                                      "retrieval_scores": "retrieval_scores",
+                                      "item_to_item_scores": "item_to_item_scores", "top_n": "top_n",
                                       "temperature": "temperature", "seed": "seed"},
                          {"item_ids": "item_ids", "scores": "scores", "probabilities": "probabilities"}),
         ),
@@ -267,6 +300,11 @@ def _stage_files(artifacts: PipelineArtifacts) -> dict[str, list[tuple[Path, str
         "query_tower": [(artifacts.two_tower_dir / "query_tower", QUERY_TOWER_DIR),
                         (artifacts.nvtabular_dir / USER_FEATURES_FILE, USER_FEATURES_FILE)],
         "faiss_retrieval": [(artifacts.faiss_index_dir / INDEX_FILE, INDEX_FILE)],
+        # The item-to-item files are absent in runs from before the source: the stage then passes Faiss's on.
+        "candidate_sources": [(artifacts.two_tower_dir / "item_embeddings.parquet", "item_embeddings.parquet"),
+                              *((artifacts.faiss_index_dir / name, name)
+                                for name in (NEIGHBOURS_FILE, CONFIG_FILE, USER_HISTORY_FILE)
+                                if (artifacts.faiss_index_dir / name).exists())],
         "filter_candidates": [],
         "ranker": [(artifacts.ranker_dir / "model", RANKER_DIR), items],
         "ordering": [items],
@@ -305,6 +343,7 @@ def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
 
     started = time.perf_counter()
     artifacts = PipelineArtifacts.of_run(Path(run_dir))
+    config = config.with_weights_of(run_dir)
     columns = PipelineColumns.of_run(artifacts, spec)
     _check_names(columns)
     catalog = ItemCatalog.read(artifacts.nvtabular_dir / ITEM_FEATURES_FILE, columns)
@@ -312,7 +351,7 @@ def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
     unavailable = np.zeros(len(catalog), dtype=bool)
     codes = catalog.encode(sorted(unavailable_raw))
     unavailable[codes[codes >= 0]] = True
-    seen_items = SeenItems.from_mapping(seen_items_by_user(artifacts.nvtabular_dir, spec))
+    seen_items = ItemsByUser.from_mapping(seen_items_by_user(artifacts.nvtabular_dir, spec))
     stages = stage_configs(columns, config)
     ensembles = ensemble_configs(columns)
     files = _stage_files(artifacts)

@@ -89,7 +89,8 @@ def trained_run(nvtabular_output: tuple[Path, Path, dict], tmp_path_factory: pyt
     steps = [
         ("train-two-tower", ["--input", str(nvtabular), "--output", str(run / "two_tower"), "--epochs", "2"]),
         ("train-ranker", ["--input", str(nvtabular), "--output", str(run / "ranker"), "--epochs", "1"]),
-        ("build-faiss-index", ["--input", str(run / "two_tower"), "--output", str(run / "faiss_index")]),
+        ("build-faiss-index", ["--input", str(run / "two_tower"), "--output", str(run / "faiss_index"),
+                               "--nvtabular", str(nvtabular)]),  # with the item-to-item source
     ]
     for command, arguments in steps:
         run_trainer_step(python, command, arguments)

@@ -3,7 +3,9 @@
 `tests/test_triton_ensemble.py` compares the Triton ensembles with these. The business rules are the
 ones batch scoring applies: each user's seen items and the unavailable items are filtered out
 ("unfiltered" is the same ranking without them). "recommend" is the ranked order (temperature 0),
-"sampled" the order drawn at `--temperature` with `--seed`.
+with the item-to-item source over each user's history and the weights given as the export's,
+"sampled" the order drawn at `--temperature` with `--seed`, "newcomer" the ranked order without seen items
+or history (a raw id the run does not know, sent with these users' features).
 
     .venv-trainer/bin/python tests/in_process_pipeline.py --run RUN --users 1,2 --items 3,4 --output out.json
 """
@@ -31,6 +33,13 @@ def _rows(matrix: np.ndarray) -> list[list]:
             for row in matrix.tolist()]  # fmt: skip
 
 
+def added_candidates(pipeline: RecommendationPipeline, features: dict, histories: list, top_k: int) -> list[list[int]]:
+    found = pipeline.candidates(features, top_k=top_k, histories=histories)["candidates"]
+    two_tower, _ = pipeline.retrieve(pipeline.embed_users(features), top_k)
+    return [sorted(set(pipeline.raw_items(row[row >= 0]).tolist()) - set(pipeline.raw_items(faiss_row).tolist()))
+            for row, faiss_row in zip(found, two_tower, strict=True)]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", type=Path, required=True)
@@ -42,6 +51,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, required=True, help="of the sampled answer")
     parser.add_argument("--seed", type=int, required=True, help="of the sampled answer")
     parser.add_argument("--unavailable-items", type=Path, default=None)
+    parser.add_argument("--retrieval-weight", type=float, required=True, help="as exported")
+    parser.add_argument("--item-to-item-weight", type=float, required=True, help="as exported")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
 
@@ -55,10 +66,14 @@ def main() -> None:
     unavailable[codes[codes >= 0]] = True
     seen_items = seen_items_by_user(args.run / "nvtabular", spec)
     excluded = [seen_items.get(int(user), np.empty(0, dtype=np.int64)) for user in args.users]
+    assert pipeline.histories is not None, "the run was built without the item-to-item source"
+    histories = pipeline.histories.of_users(args.users)
 
     def recommend(temperature: float, **rules: object) -> dict:
+        rules = {"histories": histories, **rules}
         result = pipeline.recommend(features, top_k=args.top_k, top_n=args.top_n, temperature=temperature,
-                                    rng=np.random.default_rng(args.seed), **rules)  # type: ignore[arg-type]  # fmt: skip
+                                    rng=np.random.default_rng(args.seed), retrieval_weight=args.retrieval_weight,
+                                    item_to_item_weight=args.item_to_item_weight, **rules)  # type: ignore[arg-type]  # fmt: skip
         return {"item_ids": pipeline.raw_items(result["items"]).tolist(), "scores": _rows(result["scores"]),
                 "probabilities": _rows(result["probabilities"])}  # fmt: skip
 
@@ -68,7 +83,11 @@ def main() -> None:
         "recommend": recommend(0.0, excluded=excluded, unavailable=unavailable),
         "sampled": recommend(args.temperature, excluded=excluded, unavailable=unavailable),
         "unfiltered": recommend(0.0),
+        # As for a user the run never saw, sent with these users' features: nothing seen, no history.
+        "newcomer": recommend(0.0, unavailable=unavailable, histories=[np.empty(0, dtype=np.int64)] * len(args.users)),
         "purchases": [pipeline.raw_items(items).tolist() for items in excluded],
+        # The candidates the item-to-item source and popularity added to the two-tower's, before the rules.
+        "added_candidates": added_candidates(pipeline, features, histories, args.top_k),
         "similar": {"item_ids": pipeline.raw_items(similar_ids).tolist(), "scores": _rows(similarity)},
     }
     args.output.write_text(json.dumps(answer))

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import ndcg_score
 
-from models.online_pipeline import DEFAULT_RETRIEVAL_WEIGHT
 from recsys.settings import get_settings
 from recsys.spec import DatasetSpec, parse_spec
 from recsys.trainer_env import run_trainer_step
+from tasks.batch_score import BLEND_USERS_FILE
 from tasks.evaluate import (
     ALL_SEGMENTS,
     BASELINES,
@@ -299,7 +299,7 @@ def evaluated(trained_run: Path, medium_raw: Path, spec: DatasetSpec, tmp_path_f
     return output, metrics
 
 
-def test_evaluation_of_a_trained_run_writes_the_report_with_values_in_range(evaluated):
+def test_evaluation_of_a_trained_run_writes_the_report_with_values_in_range(evaluated, trained_run: Path):
     output, metrics = evaluated
     assert json.loads((output / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     report = (output / "report.md").read_text()
@@ -308,8 +308,17 @@ def test_evaluation_of_a_trained_run_writes_the_report_with_values_in_range(eval
     final = metrics["final"]
     assert final["users"] > 50 and final["users_without_a_pipeline_list"] == 0
     assert final["pipeline_lists_exclude_validation_clicks"] is False  # the default spec excludes purchases only
-    assert final["pipeline_retrieval_weight"] == DEFAULT_RETRIEVAL_WEIGHT  # batch scoring's order is recorded
-    assert f"retrieval weight {DEFAULT_RETRIEVAL_WEIGHT:g}" in report
+    # Batch scoring chose its blend weights on validation users; they are recorded, and those users left out.
+    blend = json.loads((trained_run / "batch_score_evaluate" / "_metrics.json").read_text())["blend"]
+    assert final["pipeline_retrieval_weight"] == blend["retrieval_weight"]
+    assert final["pipeline_item_to_item_weight"] == blend["item_to_item_weight"]
+    assert f"retrieval weight {blend['retrieval_weight']:g}" in report
+    tuned = np.load(trained_run / "batch_score_evaluate" / BLEND_USERS_FILE)
+    assert blend["validation_users"] == len(tuned) > 0
+    # (a tuned user whose validation clicks the evaluation's rules all remove was not among them anyway)
+    left_out = final["users_left_out_blend_weights_chosen_on"]
+    assert 0.9 * len(tuned) <= left_out <= len(tuned)
+    assert f"{left_out:,} validation users are left out" in report
     for name in ("pipeline", *BASELINES):
         values = final[name]
         for key in ("precision_at_10", "recall_at_10", "ndcg_at_10", "map_at_10", "coverage_at_10", "diversity_at_10"):

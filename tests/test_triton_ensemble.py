@@ -32,6 +32,9 @@ pytestmark = pytest.mark.e2e
 
 TOP_K, TOP_N, SIMILAR_N = 200, 20, 10  # the exported defaults
 TEMPERATURE, SEED = 0.01, 7
+# Exported, so the ordering stage's blend of the item-to-item score is compared too; no two-tower term, which
+# would hold back every candidate the two-tower's top-k lacks (their inner products are below all of its).
+RETRIEVAL_WEIGHT, ITEM_TO_ITEM_WEIGHT = 0.0, 4.0
 UNKNOWN_ID = 10**12
 RUN_FOLDERS = ("nvtabular", "two_tower", "ranker", "faiss_index")
 RECOMMEND_OUTPUTS = ("item_ids", "scores", "probabilities", "known_users")
@@ -73,6 +76,7 @@ def exported(run_dir: Path, chosen: dict[str, np.ndarray], spec: DatasetSpec) ->
         "export-triton-ensemble", "--input", str(run_dir), "--output", str(repository),
         "--top-k", str(TOP_K), "--top-n", str(TOP_N), "--similar-n", str(SIMILAR_N),
         "--unavailable-items", str(unavailable_csv), "--metrics-json", str(metrics_json),
+        "--retrieval-weight", str(RETRIEVAL_WEIGHT), "--item-to-item-weight", str(ITEM_TO_ITEM_WEIGHT),
     ])  # fmt: skip
     assert exit_code == 0
     return repository, json.loads(metrics_json.read_text())
@@ -112,14 +116,15 @@ def in_process(exported: tuple[Path, dict], run_dir: Path, chosen: dict[str, np.
         "--items", ",".join(map(str, chosen["items"])), "--top-k", str(TOP_K), "--top-n", str(TOP_N),
         "--similar-n", str(SIMILAR_N), "--temperature", str(TEMPERATURE), "--seed", str(SEED),
         "--unavailable-items", str(run_dir / "unavailable_items.csv"), "--output", str(output),
+        "--retrieval-weight", str(RETRIEVAL_WEIGHT), "--item-to-item-weight", str(ITEM_TO_ITEM_WEIGHT),
     ], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert process.returncode == 0, process.stderr[-4000:]
     answer = json.loads(output.read_text())
     return {
         name: {key: np.array(values, dtype=np.float32 if key != "item_ids" else np.int64)
                for key, values in answer[name].items()}
-        for name in ("recommend", "sampled", "unfiltered", "similar")
-    } | {"purchases": answer["purchases"]}  # fmt: skip
+        for name in ("recommend", "sampled", "unfiltered", "newcomer", "similar")
+    } | {"purchases": answer["purchases"], "added_candidates": answer["added_candidates"]}  # fmt: skip
 
 
 def infer(server: TritonServer, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
@@ -169,6 +174,10 @@ def test_recommend_matches_the_in_process_pipeline(served: TritonServer, in_proc
     assert all(not filtered_items & set(row) for filtered_items, row in zip(filtered, answer["item_ids"], strict=True))
     unfiltered = in_process["unfiltered"]["item_ids"]
     assert any(filtered_items & set(row) for filtered_items, row in zip(filtered, unfiltered, strict=True))
+    # Retrieval's other sources mattered too: items the two-tower's top-k lacks are in the served lists.
+    added = [set(items) for items in in_process["added_candidates"]]
+    assert all(added), "the item-to-item source and popularity add candidates for every user"
+    assert any(extra & set(row) for extra, row in zip(added, answer["item_ids"], strict=True))
 
 
 def test_parameters_left_out_take_the_exported_defaults(served: TritonServer, in_process: dict,
@@ -189,13 +198,15 @@ def test_request_features_are_used_instead_of_the_lookup(served: TritonServer, i
     answer = recommend(served, chosen["users"], **features, **ranked())
 
     assert_same_lists(answer, in_process["recommend"])
-    # A user the run has never seen, with the features of a known user that bought nothing.
-    no_purchases = len(chosen["users"]) - 1
-    single = {column: values[no_purchases : no_purchases + 1] for column, values in features.items()}
+    # A user the run has never seen, with the features of a known user: their features count, the known user's
+    # history and seen items do not (the item-to-item source has nothing to start from, popularity still adds).
+    other = len(chosen["users"]) - 1
+    single = {column: values[other : other + 1] for column, values in features.items()}
     newcomer = recommend(served, np.array([UNKNOWN_ID]), **single, **ranked())
     assert newcomer["known_users"].tolist() == [True]
     assert_same_lists({key: values[0] for key, values in newcomer.items()},
-                      {key: values[no_purchases] for key, values in in_process["recommend"].items()})  # fmt: skip
+                      {key: values[other] for key, values in in_process["newcomer"].items()})  # fmt: skip
+    assert newcomer["item_ids"][0].tolist() != in_process["recommend"]["item_ids"][other].tolist()
     with pytest.raises(InferenceServerException, match="give all query-tower features or none"):
         recommend(served, chosen["users"], **{query_columns[0]: features[query_columns[0]]})
 
@@ -275,10 +286,13 @@ def test_invalid_parameters_are_refused_with_a_message(served: TritonServer, cho
 
 def test_repository_is_self_contained_and_described(exported: tuple[Path, dict]):
     repository, metrics = exported
-    stages = ["query_tower", "faiss_retrieval", "filter_candidates", "ranker", "ordering", "item_lookup",
-              "similar_items"]  # fmt: skip
+    stages = ["query_tower", "faiss_retrieval", "candidate_sources", "filter_candidates", "ranker", "ordering",
+              "item_lookup", "similar_items"]  # fmt: skip
     assert metrics["models"] == stages
-    assert metrics["ensembles"]["recommend"]["steps"] == stages[:5]
+    assert metrics["ensembles"]["recommend"]["steps"] == stages[:6]
+    # The item-to-item source and each user's history travel with the stage that reads them.
+    for name in ("item_to_item.npz", "item_to_item.json", "user_history.npz", "item_embeddings.parquet"):
+        assert (repository / "candidate_sources" / "1" / name).is_file(), name
     assert metrics["ensembles"]["similar_products"]["steps"] == ["item_lookup", "faiss_retrieval", "similar_items"]
     assert metrics["unavailable_items"] == 3
     for name in stages:

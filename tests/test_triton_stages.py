@@ -13,8 +13,8 @@ import pytest
 from models.online_pipeline import (
     ITEM_FEATURES_FILE,
     MISSING,
+    ItemsByUser,
     PipelineColumns,
-    SeenItems,
     filter_candidates,
     nearest_other_items,
 )
@@ -52,13 +52,13 @@ def test_filter_candidates_empties_rows_of_unknown_users():
 
 
 def test_seen_items_round_trip(tmp_path: Path):
-    seen_items = SeenItems.from_mapping({30: np.array([4, 5]), 10: np.array([1])})
+    seen_items = ItemsByUser.from_mapping({30: np.array([4, 5]), 10: np.array([1])})
     seen_items.save(tmp_path / "seen_items.npz")
 
-    loaded = SeenItems.load(tmp_path / "seen_items.npz")
+    loaded = ItemsByUser.load(tmp_path / "seen_items.npz")
 
     assert [items.tolist() for items in loaded.of_users([10, 20, 30, 99])] == [[1], [], [4, 5], []]
-    assert [items.tolist() for items in SeenItems.from_mapping({}).of_users([10])] == [[]]
+    assert [items.tolist() for items in ItemsByUser.from_mapping({}).of_users([10])] == [[]]
 
 
 def test_pipeline_columns_round_trip(tmp_path: Path):
@@ -76,7 +76,8 @@ def ordering(tmp_path: Path) -> OrderingModel:
     items = pd.DataFrame({"item": [100, 101, 102, 103], "item_encoded": [2, 3, 4, 5], "shop": [1, 2, 3, 4]})
     items.to_parquet(version / ITEM_FEATURES_FILE, index=False)
     config = {"parameters": {"top_n": {"string_value": "2"}, "temperature": {"string_value": "0.0"},
-                             "retrieval_weight": {"string_value": "1.0"}}}  # fmt: skip
+                             "retrieval_weight": {"string_value": "1.0"},
+                             "item_to_item_weight": {"string_value": "2.0"}}}  # fmt: skip
     model = OrderingModel()
     model.initialize({"model_repository": str(tmp_path / "ordering"), "model_version": "1",
                       "model_config": json.dumps(config)})  # fmt: skip
@@ -86,7 +87,8 @@ def ordering(tmp_path: Path) -> OrderingModel:
 def test_ordering_stage_applies_defaults_and_returns_raw_ids(ordering: OrderingModel):
     # Equal inner products: the blend leaves the ranker's scores as they are.
     inputs = {"candidates": np.array([[2, 3, 4, MISSING]]), "ranker_scores": np.array([[0.1, 0.9, 0.5, np.nan]]),
-              "retrieval_scores": np.array([[1.0, 1.0, 1.0, 5.0]])}  # fmt: skip
+              "retrieval_scores": np.array([[1.0, 1.0, 1.0, 5.0]]),
+              "item_to_item_scores": np.array([[0.0, 0.0, 0.0, np.nan]])}  # fmt: skip
 
     outputs = ordering.run(inputs)
 
@@ -100,13 +102,18 @@ def test_ordering_stage_applies_defaults_and_returns_raw_ids(ordering: OrderingM
 
 def test_ordering_stage_blends_ranker_scores_with_retrieval_inner_products(ordering: OrderingModel):
     inputs = {"candidates": np.array([[2, 3, 4]]), "ranker_scores": np.array([[0.1, 0.9, 0.5]]),
-              "retrieval_scores": np.array([[2.0, 0.0, 1.0]])}  # fmt: skip
+              "retrieval_scores": np.array([[2.0, 0.0, 1.0]]), "item_to_item_scores": np.zeros((1, 3))}  # fmt: skip
 
     outputs = ordering.run(inputs)
 
     # weight 1: 0.1 * e^0 = 0.1, 0.9 * e^-2 = 0.1218, 0.5 * e^-1 = 0.1839
     np.testing.assert_array_equal(outputs["item_ids"], [[102, 101]])
     np.testing.assert_allclose(outputs["scores"], [[0.5 * np.exp(-1.0), 0.9 * np.exp(-2.0)]], rtol=1e-6)
+
+    # The item-to-item score as a share of the user's best, weight 2: item 3 (code 2) lifted by e^0 against e^-2.
+    outputs = ordering.run({**inputs, "item_to_item_scores": np.array([[4.0, 0.0, 0.0]])})
+    np.testing.assert_array_equal(outputs["item_ids"], [[100, 102]])
+    np.testing.assert_allclose(outputs["scores"], [[0.1, 0.5 * np.exp(-1.0) * np.exp(-2.0)]], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -117,11 +124,13 @@ def test_ordering_stage_blends_ranker_scores_with_retrieval_inner_products(order
         ({"temperature": np.array([np.inf], np.float32)}, "must be finite"),
         ({"top_n": np.array([1, 2], np.int32)}, "must hold one value"),
         ({"retrieval_scores": np.array([[1.0, 2.0, 3.0]])}, "must have the same shape"),
+        ({"item_to_item_scores": np.array([[1.0]])}, "must have the same shape"),
     ],
 )
 def test_ordering_stage_refuses_bad_parameters(ordering: OrderingModel, extra: dict, message: str):
     inputs = {"candidates": np.array([[2, 3]]), "ranker_scores": np.array([[0.1, 0.9]]),
-              "retrieval_scores": np.array([[1.0, 2.0]]), **extra}  # fmt: skip
+              "retrieval_scores": np.array([[1.0, 2.0]]), "item_to_item_scores": np.array([[1.0, 2.0]]),
+              **extra}  # fmt: skip
 
     with pytest.raises(RequestError, match=message):
         ordering.run(inputs)
@@ -132,3 +141,6 @@ def test_ordering_stage_requires_candidates_and_both_scores(ordering: OrderingMo
         ordering.run({"ranker_scores": np.array([[0.1]]), "retrieval_scores": np.array([[0.1]])})
     with pytest.raises(RequestError, match="input 'retrieval_scores' is required"):
         ordering.run({"candidates": np.array([[2]]), "ranker_scores": np.array([[0.1]])})
+    with pytest.raises(RequestError, match="input 'item_to_item_scores' is required"):
+        ordering.run({"candidates": np.array([[2]]), "ranker_scores": np.array([[0.1]]),
+                      "retrieval_scores": np.array([[0.1]])})  # fmt: skip

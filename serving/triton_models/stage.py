@@ -25,7 +25,7 @@ Number = TypeVar("Number", int, float)
 # (the run's feature tables, `items.faiss` and `item_embeddings.parquet` keep their names).
 QUERY_TOWER_DIR = "query_tower"  # SavedModel
 RANKER_DIR = "model"  # SavedModel
-SEEN_ITEMS_FILE = "seen_items.npz"  # models.online_pipeline.SeenItems
+SEEN_ITEMS_FILE = "seen_items.npz"  # models.online_pipeline.ItemsByUser
 UNAVAILABLE_FILE = "unavailable.npy"  # bool mask indexed by encoded item id
 
 

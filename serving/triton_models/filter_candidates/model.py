@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from models.online_pipeline import SeenItems, filter_candidates
+from models.online_pipeline import ItemsByUser, filter_candidates
 from serving.triton_models.stage import (
     SEEN_ITEMS_FILE,
     UNAVAILABLE_FILE,
@@ -24,7 +24,7 @@ from serving.triton_models.stage import (
 
 class TritonPythonModel(StageModel):
     def load(self) -> None:
-        self.seen_items = SeenItems.load(self.directory / SEEN_ITEMS_FILE)
+        self.seen_items = ItemsByUser.load(self.directory / SEEN_ITEMS_FILE)
         self.unavailable = np.load(self.directory / UNAVAILABLE_FILE)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,7 +1,8 @@
 """Triton model `ordering`: the final list of each user, raw item ids out.
 
-`models.online_pipeline.blend_scores`: the ranker's probabilities blended with the retrieval's inner
-products (the `retrieval_weight` of the export, as batch scoring's), the scores returned; then
+`models.online_pipeline.blend_scores`: the ranker's probabilities blended with the two-tower's inner
+products and the item-to-item scores (`candidate_sources`; the `retrieval_weight` and `item_to_item_weight`
+of the export, as batch scoring's), the scores returned; then
 `models.online_pipeline.order`: softmax sampling over score / temperature (temperature 0: the ranked
 order), the top n kept, the sampling probabilities returned with the list. `seed` makes a sampled
 order reproducible; without it every request draws afresh.
@@ -23,11 +24,13 @@ class TritonPythonModel(StageModel):
         self.default_top_n = int(self.parameters["top_n"])
         self.default_temperature = float(self.parameters["temperature"])
         self.retrieval_weight = float(self.parameters["retrieval_weight"])
+        self.item_to_item_weight = float(self.parameters["item_to_item_weight"])
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         candidates = np.asarray(required(inputs, "candidates"), dtype=np.int64)
         ranker_scores = np.asarray(required(inputs, "ranker_scores"), dtype=np.float32)
         retrieval_scores = np.asarray(required(inputs, "retrieval_scores"), dtype=np.float32)
+        item_to_item_scores = np.asarray(required(inputs, "item_to_item_scores"), dtype=np.float32)
         top_n = scalar(inputs, "top_n", self.default_top_n, int)
         temperature = scalar(inputs, "temperature", self.default_temperature, float)
         seed = scalar(inputs, "seed", -1, int)
@@ -35,9 +38,11 @@ class TritonPythonModel(StageModel):
             raise RequestError(f"top_n must be at least 1, got {top_n}")
         if temperature < 0:
             raise RequestError(f"temperature must not be negative, got {temperature}")
-        if not candidates.shape == ranker_scores.shape == retrieval_scores.shape:
-            raise RequestError("candidates, ranker_scores and retrieval_scores must have the same shape")
-        scores = blend_scores(candidates, ranker_scores, retrieval_scores, self.retrieval_weight)
+        if not candidates.shape == ranker_scores.shape == retrieval_scores.shape == item_to_item_scores.shape:
+            raise RequestError("candidates, ranker_scores, retrieval_scores and item_to_item_scores must have the "
+                               "same shape")  # fmt: skip
+        scores = blend_scores(candidates, ranker_scores, retrieval_scores, self.retrieval_weight,
+                              item_to_item_scores, self.item_to_item_weight)  # fmt: skip
         rng = np.random.default_rng(seed if seed >= 0 else None)
         items, ordered_scores, probabilities = order(candidates, scores, top_n, temperature=temperature, rng=rng)
         return {"item_ids": self.catalog.raw(items), "scores": ordered_scores, "probabilities": probabilities}
