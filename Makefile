@@ -57,7 +57,7 @@ benchmark-model:  ## training, batch scoring and publish speed against bare Kera
 benchmark-quality:  ## the whole pipeline against baselines on 1M generated rows (NDCG@10, AUC vs the oracle)
 	$(VENV)/python benchmarks/quality.py
 
-benchmark-movielens:  ## the pipeline's served lists against popularity, item-kNN and EASE on MovieLens-1M (8 min)
+benchmark-movielens:  ## the pipeline's served lists against popularity, item-kNN and EASE on MovieLens-1M (14 min)
 	$(VENV)/python benchmarks/movielens.py
 
 benchmark-ranker-ceiling:  ## how far towards the oracle AUC estimators given more than a ranker get (30 s, no training)

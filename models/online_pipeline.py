@@ -3,16 +3,20 @@
 One implementation serves both `batch_score` (every user, offline) and the Triton ensemble (one
 request online), so the two cannot drift. The stages follow the report's four-stage design:
 
-1. retrieval: the query tower embeds the user's features; Faiss returns the top-K items by inner
-   product (the score the towers were trained with), distances kept;
+1. retrieval, a union of sources (`multi_source_candidates`): the query tower embeds the user's features
+   and Faiss returns the top-K items by inner product (the score the towers were trained with); the
+   item-to-item source (`models/item_to_item.py`: EASE weights summed over the user's recency-weighted
+   positives) adds its best items, and the most clicked items are added for everyone; duplicates merged,
+   every candidate's inner product and item-to-item score kept;
 2. filtering: business rules remove candidates (items the user saw: bought, or any the spec's
    `exclude_seen` names; unavailable items) and
    Faiss's -1 padding when the catalog has fewer than K items;
 3. scoring: the user's features are unrolled against every candidate's item features, held in
    memory as arrays indexed by encoded item id (the report fetched them from Feast per candidate,
    which made latency grow with K), and the ranker scores every pair in one call;
-4. ordering: the ranker's P(click | shown) blended with the retrieval's P(item | user)
-   (`blend_scores`, weight `retrieval_weight`), then the promotion rule (report 4.4.7), then
+4. ordering: the ranker's P(click | shown) blended with the retrieval's P(item | user) and the
+   item-to-item score (`blend_scores`, weights `retrieval_weight` and `item_to_item_weight`, chosen on
+   validation by batch scoring), then the promotion rule (report 4.4.7), then
    softmax sampling with temperature T over `score / T` (report formula 2.2; T -> 0 gives the ranked
    order, unlike NVIDIA's example, which multiplies by T), with the sampling probabilities returned.
 
@@ -26,9 +30,9 @@ Ranker inputs that cannot be known for a new (user, item) pair (user-item crosse
 item will be shown at) get Categorify's code for a missing value, as in training rows with nulls.
 
 Each stage loads on its own (`UserFeatureTable`, `ItemCatalog`, `ItemEmbeddings`, `QueryTower`,
-`Ranker`, the Faiss index) from the files a run wrote, so a Triton model of one stage holds only what
-that stage needs (`tasks/export_triton_ensemble.py`, `serving/triton_models/`);
-`RecommendationPipeline` loads them all for one process.
+`Ranker`, the Faiss index, `ItemToItem` with the users' histories) from the files a run wrote, so a
+Triton model of one stage holds only what that stage needs (`tasks/export_triton_ensemble.py`,
+`serving/triton_models/`); `RecommendationPipeline` loads them all for one process.
 """
 
 from __future__ import annotations
