@@ -144,3 +144,44 @@ def test_ordering_stage_requires_candidates_and_both_scores(ordering: OrderingMo
     with pytest.raises(RequestError, match="input 'item_to_item_scores' is required"):
         ordering.run({"candidates": np.array([[2]]), "ranker_scores": np.array([[0.1]]),
                       "retrieval_scores": np.array([[0.1]])})  # fmt: skip
+
+
+@pytest.fixture
+def candidate_sources(tmp_path: Path):
+    """The `candidate_sources` stage loaded from a version folder written by hand: embeddings of items 1-5 (unit
+    vectors), an item-to-item source where items 1 and 2 go together, user 10's history [1]."""
+    from models.item_to_item import ItemToItem, ItemToItemConfig
+    from models.online_pipeline import USER_HISTORY_FILE
+    from serving.triton_models.candidate_sources.model import TritonPythonModel as CandidateSourcesModel
+
+    version = tmp_path / "candidate_sources" / "1"
+    version.mkdir(parents=True)
+    COLUMNS.write(version)
+    vectors = np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1]]  # item 3's is the third axis
+    pd.DataFrame({"item": [1, 2, 3, 4, 5], **{f"e{i}": vectors[:, i] for i in range(3)}}).to_parquet(
+        version / "item_embeddings.parquet", index=False)  # fmt: skip
+    users = np.array([0, 0, 1, 1, 2, 3])
+    items = np.array([1, 2, 1, 2, 3, 4])
+    config = ItemToItemConfig(regularization=1.0, recency=1.0, popular_candidates=1)
+    ItemToItem.fit(users, items, 6, config).save(version)
+    ItemsByUser.from_mapping({10: np.array([1])}).save(version / USER_HISTORY_FILE)
+    model = CandidateSourcesModel()
+    model.initialize({"model_repository": str(tmp_path / "candidate_sources"), "model_version": "1",
+                      "model_config": json.dumps({"parameters": {}})})  # fmt: skip
+    return model
+
+
+def test_candidate_sources_stage_adds_the_item_to_item_and_popular_items(candidate_sources):
+    queries = np.array([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    outputs = candidate_sources.run({"raw_user_ids": np.array([10, 99]), "query_embeddings": queries,
+                                     "candidates": np.array([[3], [3]])})  # fmt: skip
+
+    merged = outputs["merged_candidates"]
+    assert merged[0].tolist()[:2] == [3, 2] and 1 not in merged[0][:2]  # Faiss's, then item 1's neighbour 2
+    assert set(merged[0][merged[0] >= 0]) == {3, 2, 1}  # and the most clicked item, 1
+    assert set(merged[1][merged[1] >= 0]) == {3, 1}  # an unknown user: no history, popularity still adds
+    assert outputs["retrieval_scores"][0, 0] == pytest.approx(1.0)  # query . embedding of item 3
+    assert outputs["item_to_item_scores"][0, 1] > 0 and (np.nan_to_num(outputs["item_to_item_scores"][1]) == 0).all()
+    with pytest.raises(RequestError, match="one row per user"):
+        candidate_sources.run({"raw_user_ids": np.array([10]), "query_embeddings": queries,
+                               "candidates": np.array([[3], [3]])})  # fmt: skip
