@@ -127,7 +127,8 @@ def prepare_run(work: Path, rows: int, users: int, seed: int) -> Path:
         ("train_ranker", lambda: run_trainer_step(python, "train-ranker", [
             "--input", str(run / "nvtabular"), "--output", str(run / "ranker"), "--epochs", "1"])),
         ("build_faiss_index", lambda: run_trainer_step(python, "build-faiss-index", [
-            "--input", str(run / "two_tower"), "--output", str(run / "faiss_index")])),
+            "--input", str(run / "two_tower"), "--output", str(run / "faiss_index"),
+            "--nvtabular", str(run / "nvtabular")])),  # with the item-to-item source, as the DAG builds it
         ("batch_score", lambda: run_trainer_step(python, "batch-score", [
             "--input", str(run), "--output", str(run / "batch_score")])),
         ("export_triton_ensemble", lambda: export_triton_ensemble(run, run / "triton_repository", spec,

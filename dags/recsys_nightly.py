@@ -353,7 +353,8 @@ def recsys_nightly() -> None:
                                       retrieval_weight=params["retrieval_weight"],
                                       item_to_item_weight=params["item_to_item_weight"])  # fmt: skip
         versions = {"two_tower": two_tower["model_version"], "ranker": ranker["model_version"]}
-        step(run_dir, output, load_spec(params["spec"]), config, model_versions=versions)
+        step(run_dir, output, load_spec(params["spec"]), config, model_versions=versions,
+             batch_score_dir=Path(batch_dir))  # fmt: skip
         # The repository is reviewed and fetched with the ranker run it serves.
         log_triton_repository(output, tracking_uri=settings.mlflow_tracking_uri, run_id=ranker["run_id"])
         return str(output)

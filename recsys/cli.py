@@ -145,7 +145,8 @@ def _export_triton_ensemble(args: argparse.Namespace) -> dict:
                                   retrieval_weight=args.retrieval_weight,
                                   item_to_item_weight=args.item_to_item_weight)  # fmt: skip
     versions = json.loads(args.model_versions) if args.model_versions else None
-    metrics = export_triton_ensemble(args.input, args.output, load_spec(args.spec), config, model_versions=versions)
+    metrics = export_triton_ensemble(args.input, args.output, load_spec(args.spec), config, model_versions=versions,
+                                     batch_score_dir=args.batch_score)  # fmt: skip
     if args.mlflow_run_id:
         from recsys.settings import get_settings
 
@@ -370,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--unavailable-items", type=Path, default=None,
                               help="CSV with an item id column: items never recommended")  # fmt: skip
             step.add_argument("--model-versions", default=None, help="JSON: registered versions exported")
+            step.add_argument("--batch-score", type=Path, default=None,
+                              help="the batch scoring whose blend weights to take (default: <input>/batch_score)")
             step.add_argument("--mlflow-run-id", default=None, help="also log the repository to this MLflow run")
         if name == "evaluate":
             step.add_argument("--raw-input", type=Path, default=None,

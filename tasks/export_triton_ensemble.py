@@ -90,9 +90,9 @@ class TritonEnsembleConfig:
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative, got {value}")
 
-    def with_weights_of(self, run_dir: Path) -> TritonEnsembleConfig:
-        """The weights left open filled in from the run's batch scoring, else the defaults."""
-        path = Path(run_dir) / "batch_score" / "_metrics.json"
+    def with_weights_of(self, batch_score_dir: Path) -> TritonEnsembleConfig:
+        """The weights left open filled in from a batch scoring's `_metrics.json`, else the defaults."""
+        path = Path(batch_score_dir) / "_metrics.json"
         used = json.loads(path.read_text()).get("blend", {}) if path.exists() else {}
         retrieval = self.retrieval_weight
         item_to_item = self.item_to_item_weight
@@ -331,7 +331,8 @@ def _tensor_summary(tensors: Sequence[TensorConfig]) -> list[dict]:
 
 def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
                            config: TritonEnsembleConfig = TritonEnsembleConfig(),
-                           model_versions: dict[str, str] | None = None) -> dict:  # fmt: skip
+                           model_versions: dict[str, str] | None = None,
+                           batch_score_dir: Path | None = None) -> dict:  # fmt: skip
     """Write the run's `recommend` and `similar_products` ensembles into `output_dir` (atomically); return metrics.
 
     `run_dir` holds nvtabular/, two_tower/, ranker/ and faiss_index/ (`PipelineArtifacts.of_run`).
@@ -343,7 +344,8 @@ def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
 
     started = time.perf_counter()
     artifacts = PipelineArtifacts.of_run(Path(run_dir))
-    config = config.with_weights_of(run_dir)
+    # The blend weights the config leaves open are those of the batch scoring whose lists are published.
+    config = config.with_weights_of(batch_score_dir or Path(run_dir) / "batch_score")
     columns = PipelineColumns.of_run(artifacts, spec)
     _check_names(columns)
     catalog = ItemCatalog.read(artifacts.nvtabular_dir / ITEM_FEATURES_FILE, columns)
