@@ -175,7 +175,7 @@ def choose_blend_weights(pipeline: RecommendationPipeline, nvtabular_dir: Path, 
     empty = np.empty(0, dtype=np.int64)
     relevant = {user: np.setdiff1d(items, seen.get(user, empty)) for user, items in valid.items()}
     users = np.array(sorted(user for user, items in relevant.items() if len(items)), dtype=np.int64)
-    features, known = pipeline.user_features(users)
+    _, known = pipeline.user_features(users)
     users = users[known]
     # A weight the config sets is kept; one left open is searched, or takes its default when there is nothing to
     # choose on (no validation user with positives left, or no item-to-item source).
@@ -196,17 +196,18 @@ def choose_blend_weights(pipeline: RecommendationPipeline, nvtabular_dir: Path, 
                                 excluded=[seen.get(int(user), empty) for user in users],
                                 unavailable=unavailable)  # fmt: skip
     targets = [relevant[int(user)] for user in users]
-    grid: dict[str, float] = {}
+    measured: dict[tuple[float, float], float] = {}
     for weight in retrieval:
         for i2i_weight in item_to_item:
             scores = blend_scores(found["candidates"], found["ranker_scores"], found["retrieval_scores"], weight,
                                   found["item_to_item_scores"], i2i_weight)  # fmt: skip
             top, _, _ = order(found["candidates"], scores, CHOICE_K)
-            grid[f"{weight:g}/{i2i_weight:g}"] = list_metrics(top, targets, CHOICE_K)[f"ndcg_at_{CHOICE_K}"]
-    best = max(grid, key=lambda key: grid[key])  # the first of equals: the grid's order
-    retrieval_weight, item_to_item_weight = (float(value) for value in best.split("/"))
-    log.info("batch_score: blend weights %s chosen on %d validation users (NDCG@%d %.4f; grid %s)", best,
-             len(users), CHOICE_K, grid[best], json.dumps(grid))  # fmt: skip
+            measured[(weight, i2i_weight)] = list_metrics(top, targets, CHOICE_K)[f"ndcg_at_{CHOICE_K}"]
+    retrieval_weight, item_to_item_weight = max(measured, key=lambda pair: measured[pair])  # first of equals
+    grid = {f"{weight:g}/{i2i_weight:g}": value for (weight, i2i_weight), value in measured.items()}
+    log.info("batch_score: blend weights %g/%g chosen on %d validation users (NDCG@%d %.4f; grid %s)",
+             retrieval_weight, item_to_item_weight, len(users), CHOICE_K,
+             measured[(retrieval_weight, item_to_item_weight)], json.dumps(grid))  # fmt: skip
     return {"retrieval_weight": retrieval_weight, "item_to_item_weight": item_to_item_weight,
             "validation_users": len(users), f"validation_ndcg_at_{CHOICE_K}": grid, "users": users}  # fmt: skip
 
