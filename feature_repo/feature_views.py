@@ -25,5 +25,6 @@ def feature_view(table: EntityTable, entity: Entity, source: FileSource, schema:
         # No expiry: a row is the entity's latest state, still right for a user last seen a year ago.
         ttl=timedelta(0),
         online=True,
-        description=f"Categorify-encoded {table.kind} features, the inputs the models embed",
+        description=f"Encoded {table.kind} features (Categorify codes, code lists, normalized numbers), the "
+                    "inputs the models take",
     )

@@ -27,7 +27,8 @@ threw that away (on the 1M-row benchmark its lists scored NDCG@10 0.0085, the tw
 the same candidates 0.097).
 
 Ranker inputs that cannot be known for a new (user, item) pair (user-item crosses, the position an
-item will be shown at) get Categorify's code for a missing value, as in training rows with nulls.
+item will be shown at) get what training rows with nulls had (`PipelineColumns.missing`): Categorify's code
+for a missing value, an all-padding list, or a normalized number's mean.
 
 Each stage loads on its own (`UserFeatureTable`, `ItemCatalog`, `ItemEmbeddings`, `QueryTower`,
 `Ranker`, the Faiss index, `ItemToItem` with the users' histories) from the files a run wrote, so a
@@ -325,10 +326,25 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     return ids.astype(np.int64), distances
 
 
+def model_input(data: Any, *, continuous: bool = False, width: int | None = None) -> np.ndarray:
+    """A feature's values (an array, per-row lists, or a pandas column of them) as the models take them: int64
+    codes or float32 numbers, one per row, or a multi-valued feature's codes as one [rows, width] array."""
+    if width is None:
+        return np.asarray(data, dtype=np.float32 if continuous else np.int64).reshape(-1)
+    if isinstance(data, np.ndarray) and data.ndim == 2:
+        return data.astype(np.int64, copy=False)
+    rows = list(data.to_numpy() if isinstance(data, pd.Series) else data)
+    if not rows:
+        return np.zeros((0, width), dtype=np.int64)
+    return np.stack([np.asarray(row, dtype=np.int64) for row in rows]).reshape(len(rows), width)
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineColumns:
     """What every stage must know about columns: names from the spec and the models, Categorify's null codes.
 
+    A feature's values are int64 codes, one per row (a category); float32 numbers, one per row (a continuous
+    feature); or int64 codes, `list_widths[column]` per row (a multi-valued feature, padded to that width).
     Written next to each exported Triton model (`pipeline_columns.json`), so a stage loads without
     the dataset spec or the run's other files.
     """
@@ -342,6 +358,8 @@ class PipelineColumns:
     ranker_columns: tuple[str, ...]  # the ranker's inputs
     null_codes: dict[str, int]
     item_cardinality: int  # Categorify's item id codes: the size of the arrays indexed by encoded item id
+    continuous: tuple[str, ...] = ()
+    list_widths: dict[str, int] = dataclasses.field(default_factory=dict)
 
     FILE = "pipeline_columns.json"
 
@@ -352,6 +370,53 @@ class PipelineColumns:
 
     def null_code(self, column: str) -> int:
         return self.null_codes.get(column, 1)
+
+    def width(self, column: str) -> int:
+        """Values per row: a multi-valued feature's width, else 1."""
+        return self.list_widths.get(column, 1)
+
+    def dtype(self, column: str) -> type[np.generic]:
+        return np.float32 if column in self.continuous else np.int64
+
+    def values(self, column: str, data: Any) -> np.ndarray:
+        """`data` as the models take `column` (`model_input`)."""
+        return model_input(data, continuous=column in self.continuous, width=self.list_widths.get(column))
+
+    def missing(self, column: str, rows: int) -> np.ndarray:
+        """What the models saw in training where a value was missing: Categorify's null code, an all-padding
+        list, or 0.0 (a normalized number's mean)."""
+        if column in self.list_widths:
+            return np.zeros((rows, self.list_widths[column]), dtype=np.int64)  # Categorify's padding code
+        if column in self.continuous:
+            return np.zeros(rows, dtype=np.float32)
+        return np.full(rows, self.null_code(column), dtype=np.int64)
+
+    def pack(self, features: Mapping[str, np.ndarray], columns: Sequence[str]) -> np.ndarray:
+        """`columns` of `features` as one int64 matrix, the tensor Triton stages pass on: a multi-valued
+        feature takes its width in columns, a float32 its bit pattern (exact both ways, see `unpack`)."""
+        parts = []
+        for column in columns:
+            values = np.asarray(features[column])
+            if column in self.continuous:
+                values = values.astype(np.float32).view(np.int32).astype(np.int64)
+            parts.append(values.reshape(len(values), -1).astype(np.int64))
+        return np.concatenate(parts, axis=1) if parts else np.zeros((0, 0), dtype=np.int64)
+
+    def unpack(self, matrix: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
+        matrix = np.asarray(matrix, dtype=np.int64)
+        expected = sum(self.width(column) for column in columns)
+        if matrix.ndim != 2 or matrix.shape[1] != expected:
+            raise ValueError(f"a packed feature matrix of {', '.join(columns)} has {expected} columns, "
+                             f"not shape {matrix.shape}")  # fmt: skip
+        features, start = {}, 0
+        for column in columns:
+            block = matrix[:, start : start + self.width(column)]
+            start += self.width(column)
+            if column in self.continuous:
+                features[column] = block[:, 0].astype(np.int32).view(np.float32)
+            else:
+                features[column] = block if column in self.list_widths else block[:, 0].copy()
+        return features
 
     @classmethod
     def of_run(cls, artifacts: PipelineArtifacts, spec: DatasetSpec) -> PipelineColumns:
@@ -364,6 +429,8 @@ class PipelineColumns:
             query_columns=tuple(two_tower["query_columns"]), ranker_columns=tuple(ranker["input_columns"]),
             null_codes=dict(nvtabular["null_encodings"]),
             item_cardinality=int(nvtabular["cardinalities"][spec.item_id]),
+            continuous=tuple(spec.continuous),
+            list_widths={column: options.max_tokens for column, options in spec.multi_valued.items()},
         )  # fmt: skip
 
     def write(self, directory: Path) -> Path:
@@ -374,7 +441,8 @@ class PipelineColumns:
     @classmethod
     def read(cls, directory: Path) -> PipelineColumns:
         data: dict[str, Any] = json.loads((Path(directory) / cls.FILE).read_text())
-        tuples = ("user_features", "item_features", "context_features", "query_columns", "ranker_columns")
+        tuples = ("user_features", "item_features", "context_features", "query_columns", "ranker_columns",
+                  "continuous")  # fmt: skip
         values: dict[str, Any] = {key: tuple(value) if key in tuples else value for key, value in data.items()}
         return cls(**values)
 
@@ -382,28 +450,28 @@ class PipelineColumns:
 class UserFeatureTable:
     """Encoded features of every user the run knows, looked up by raw user id (retrieval and ranking inputs)."""
 
-    def __init__(self, frame: pd.DataFrame, columns: PipelineColumns) -> None:
-        self.frame = frame  # index: raw user id; columns: `columns.user_columns`, int64
+    def __init__(self, raw_user_ids: np.ndarray, features: dict[str, np.ndarray], columns: PipelineColumns) -> None:
+        self.positions = pd.Index(np.asarray(raw_user_ids, dtype=np.int64))  # raw user id -> row
+        self.features = features  # `columns.user_columns` -> values, one row per user (PipelineColumns.values)
         self.columns = columns
 
     @classmethod
     def read(cls, path: Path, columns: PipelineColumns) -> UserFeatureTable:
         users = pd.read_parquet(path)
-        encoded = users.pop(f"{columns.user_id}_encoded")
-        users = users.set_index(columns.user_id)
-        users[columns.user_id] = encoded.to_numpy()  # the model input named like the id is the encoded id
-        return cls(users[list(columns.user_columns)].astype(np.int64), columns)
+        raw_ids = users[columns.user_id].to_numpy(dtype=np.int64)
+        users[columns.user_id] = users.pop(f"{columns.user_id}_encoded")  # the model input named like the id
+        return cls(raw_ids, {column: columns.values(column, users[column]) for column in columns.user_columns},
+                   columns)  # fmt: skip
 
     @property
     def raw_user_ids(self) -> np.ndarray:
-        return self.frame.index.to_numpy(dtype=np.int64)
+        return self.positions.to_numpy(dtype=np.int64)
 
     def lookup(self, raw_user_ids: Sequence[int] | np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Encoded features of the known users among `raw_user_ids` and a mask of which ids are known."""
-        rows = self.frame.reindex(np.asarray(raw_user_ids, dtype=np.int64))
-        mask = rows[self.columns.user_id].notna().to_numpy()
-        rows = rows[mask]
-        return {column: rows[column].to_numpy(dtype=np.int64) for column in rows.columns}, mask
+        rows = self.positions.get_indexer(np.asarray(raw_user_ids, dtype=np.int64))
+        mask = rows >= 0
+        return {column: values[rows[mask]] for column, values in self.features.items()}, mask
 
 
 class ItemCatalog:
@@ -427,8 +495,8 @@ class ItemCatalog:
         code_of_raw = pd.Series(codes, index=items[columns.item_id].to_numpy(dtype=np.int64))
         feature_columns: dict[str, np.ndarray] = {columns.item_id: np.arange(size, dtype=np.int64)}
         for column in columns.item_features:
-            values = np.full(size, columns.null_code(column), dtype=np.int64)
-            values[codes] = items[column].to_numpy(dtype=np.int64)
+            values = columns.missing(column, size)
+            values[codes] = columns.values(column, items[column])
             feature_columns[column] = values
         return cls(raw_ids, code_of_raw, feature_columns)
 
@@ -482,12 +550,13 @@ class QueryTower:
         import tensorflow as tf
 
         self.model = tf.keras.models.load_model(str(saved_model_dir))
-        self.input_columns = columns.query_columns
+        self.columns = columns
 
     def embed(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         import tensorflow as tf
 
-        inputs = {column: tf.constant(np.asarray(features[column], dtype=np.int64)) for column in self.input_columns}
+        inputs = {column: tf.constant(self.columns.values(column, features[column]))
+                  for column in self.columns.query_columns}  # fmt: skip
         return np.ascontiguousarray(self.model(inputs, training=False).numpy(), dtype=np.float32)
 
 
@@ -530,8 +599,8 @@ class Ranker:
                 elif context is not None and column in context:
                     values = np.asarray(context[column])[user_rows]
                 else:
-                    values = np.full(len(items), self.columns.null_code(column), dtype=np.int64)
-                inputs[column] = tf.constant(values.astype(np.int64))
+                    values = self.columns.missing(column, len(items))
+                inputs[column] = tf.constant(self.columns.values(column, values))
             predicted = self.model(inputs, training=False).numpy().reshape(-1)
             block_scores = np.full(block.shape, np.nan, dtype=np.float32)
             block_scores[valid] = predicted
@@ -558,11 +627,6 @@ class RecommendationPipeline:
         has_item_to_item = (artifacts.faiss_index_dir / NEIGHBOURS_FILE).exists()
         self.item_to_item = ItemToItem.load(artifacts.faiss_index_dir) if has_item_to_item else None
         self.histories = ItemsByUser.load(artifacts.faiss_index_dir / USER_HISTORY_FILE) if has_item_to_item else None
-
-    @property
-    def users(self) -> pd.DataFrame:
-        """Encoded features of every known user, indexed by raw user id."""
-        return self.user_table.frame
 
     @property
     def item_raw_ids(self) -> np.ndarray:

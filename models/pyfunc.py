@@ -27,6 +27,12 @@ class SavedKerasModel(PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         import tensorflow as tf
 
-        features = {name: tf.constant(model_input[name].to_numpy()) for name in model_input.columns}
+        features = {name: tf.constant(_array(model_input[name])) for name in model_input.columns}
         output = self._model(features, training=False).numpy()
         return output.reshape(-1) if output.shape[-1] == 1 else output  # a score per row, or an embedding
+
+
+def _array(column: pd.Series) -> np.ndarray:
+    """A column as the model takes it: a multi-valued feature's lists (one per row) as one [rows, width] array."""
+    values = column.to_numpy()
+    return np.stack([np.asarray(row) for row in values]) if values.dtype == object else values

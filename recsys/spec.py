@@ -37,6 +37,17 @@ class Categorify:
 
 
 @dataclasses.dataclass(frozen=True)
+class MultiValued:
+    """A column of tokens joined by `separator` (ML-1M's genres "Comedy|Romance"): an NVTabular list column.
+
+    Each row keeps its first `max_tokens` tokens, padded to that width, so the models see a fixed-size list.
+    """
+
+    separator: str = "|"
+    max_tokens: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
 class Validation:
     """Thresholds for the Great Expectations suite."""
 
@@ -67,6 +78,11 @@ class DatasetSpec:
     # whatever its targets; a rated movie), a tuple of targets (rows positive in any of them), or None for
     # the default, the purchase target's positives.
     exclude_seen: str | tuple[str, ...] | None = None
+    # Features that are numbers, not categories (a price, an age): NVTabular fills missing values with the
+    # median and normalizes them; the models take them as floats.
+    continuous: tuple[str, ...] = ()
+    # Features that hold several tokens each (genres): column -> how to split it.
+    multi_valued: dict[str, MultiValued] = dataclasses.field(default_factory=dict)
     categorify: Categorify = Categorify()
     validation: Validation = Validation()
     source: str = "<memory>"
@@ -89,7 +105,14 @@ class DatasetSpec:
 
     @property
     def categorical_columns(self) -> tuple[str, ...]:
-        return (self.user_id, self.item_id, *self.features)
+        """The columns Categorify encodes: ids and every feature that is not continuous (multi-valued ones too)."""
+        return (self.user_id, self.item_id, *(name for name in self.features if name not in self.continuous))
+
+    def feature_kind(self, column: str) -> str:
+        """"continuous", "multi_valued" or "categorical"."""
+        if column in self.continuous:
+            return "continuous"
+        return "multi_valued" if column in self.multi_valued else "categorical"
 
     @property
     def primary_target(self) -> str:
@@ -141,6 +164,8 @@ def parse_spec(raw: dict[str, Any], source: str = "<memory>") -> DatasetSpec:
         segment_features=role_list("segment_features"),
         purchase_target=roles.get("purchase_target"),
         exclude_seen=_exclude_seen(raw, source),
+        continuous=_name_list(raw, "continuous", source),
+        multi_valued=_multi_valued(raw, source),
         categorify=Categorify(**raw.get("categorify", {})),
         validation=Validation(
             max_null_fraction=raw.get("validation", {}).get("max_null_fraction", 0.5),
@@ -153,6 +178,32 @@ def parse_spec(raw: dict[str, Any], source: str = "<memory>") -> DatasetSpec:
     )
     _check_roles(spec)
     return spec
+
+
+def _name_list(raw: dict[str, Any], key: str, source: str) -> tuple[str, ...]:
+    value = raw.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise SpecError(f"{source}: {key} must be a list of column names, not {value!r}")
+    return tuple(value)
+
+
+def _multi_valued(raw: dict[str, Any], source: str) -> dict[str, MultiValued]:
+    value = raw.get("multi_valued") or {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{source}: multi_valued must map column names to {{separator, max_tokens}}")
+    result = {}
+    for column, options in value.items():
+        options = options or {}
+        unknown = sorted(set(options) - {"separator", "max_tokens"}) if isinstance(options, dict) else None
+        if unknown is None or unknown:
+            raise SpecError(f"{source}: multi_valued.{column} may set separator and max_tokens only, not {options!r}")
+        parsed = MultiValued(**options)
+        if not isinstance(parsed.separator, str) or not parsed.separator:
+            raise SpecError(f"{source}: multi_valued.{column}.separator must be a non-empty string")
+        if not isinstance(parsed.max_tokens, int) or parsed.max_tokens < 1:
+            raise SpecError(f"{source}: multi_valued.{column}.max_tokens must be a positive integer")
+        result[str(column)] = parsed
+    return result
 
 
 def _exclude_seen(raw: dict[str, Any], source: str) -> str | tuple[str, ...] | None:
@@ -184,6 +235,24 @@ def _check_roles(spec: DatasetSpec) -> None:
     for target in spec.seen_targets:
         if target not in spec.targets:
             raise SpecError(f"{spec.source}: exclude_seen names '{target}', which is not one of the targets")
+    for column in spec.continuous:
+        if column not in spec.features:
+            raise SpecError(f"{spec.source}: continuous names '{column}', which is not a feature")
+        if not spec.columns[column].startswith(("float", "int")):
+            raise SpecError(f"{spec.source}: continuous column '{column}' is {spec.columns[column]}, not a number")
+    for column in spec.multi_valued:
+        if column not in spec.features:
+            raise SpecError(f"{spec.source}: multi_valued names '{column}', which is not a feature")
+        if spec.columns[column] != "string":
+            raise SpecError(f"{spec.source}: multi_valued column '{column}' is {spec.columns[column]}, not string")
+        if column in spec.continuous:
+            raise SpecError(f"{spec.source}: '{column}' is both continuous and multi_valued")
+        if column in spec.context_features:  # a request sends one value per context feature
+            raise SpecError(f"{spec.source}: multi_valued '{column}' is a context feature; only user, item and "
+                            "user-item features may be multi-valued")
+    for column in spec.segment_features:
+        if spec.feature_kind(column) != "categorical":
+            raise SpecError(f"{spec.source}: segment feature '{column}' must be a single-valued category")
     for column in spec.validation.value_ranges:
         if column not in spec.columns:
             raise SpecError(f"{spec.source}: validation.value_ranges names unknown column '{column}'")

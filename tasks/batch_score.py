@@ -224,7 +224,7 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
     codes = pipeline.encode_items(sorted(unavailable_raw))
     unavailable[codes[codes >= 0]] = True
     seen_items = seen_items_by_user(run / "nvtabular", spec)
-    user_ids = pipeline.users.index.to_numpy(dtype=np.int64)
+    user_ids = pipeline.user_table.raw_user_ids
     weights = choose_blend_weights(pipeline, run / "nvtabular", spec, config, unavailable)
     tuned_users = weights.pop("users")
 

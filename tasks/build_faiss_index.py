@@ -225,12 +225,20 @@ def user_queries(nvtabular_dir: Path, two_tower_dir: Path, spec: DatasetSpec, li
     import pandas as pd
     import tensorflow as tf
 
+    from models.online_pipeline import model_input
+
     history = json.loads((Path(two_tower_dir) / "history.json").read_text())
     users = pd.read_parquet(Path(nvtabular_dir) / "user_features.parquet").head(limit)
     users[spec.user_id] = users[f"{spec.user_id}_encoded"]  # the model's id input is the encoded id
     tower = tf.keras.models.load_model(str(Path(two_tower_dir) / "query_tower"))
-    inputs = {column: tf.constant(users[column].to_numpy(dtype=np.int64)) for column in history["query_columns"]}
+    inputs = {column: tf.constant(model_input(users[column], continuous=column in spec.continuous,
+                                              width=_list_width(spec, column)))
+              for column in history["query_columns"]}  # fmt: skip
     return np.ascontiguousarray(tower(inputs, training=False).numpy(), dtype=np.float32)
+
+
+def _list_width(spec: DatasetSpec, column: str) -> int | None:
+    return spec.multi_valued[column].max_tokens if column in spec.multi_valued else None
 
 
 def load_index(index_dir: Path) -> Any:

@@ -35,9 +35,9 @@ hits / relevant items; NDCG@k = sum over hits of 1/log2(rank + 1), divided by th
 list (min(relevant, k) hits in front); AP@k = sum over hit ranks r of precision@r, divided by
 min(relevant, k), MAP@k its mean. Coverage = distinct items in the evaluated users' top k / catalog
 items (every item of the training split). Intra-list diversity = the share of pairs of a top-k list whose
-items differ in category (the spec's first item feature), averaged over lists. Popularity bias = mean
-training clicks of the recommended items / mean training clicks of a catalog item (1: as popular as the
-average item; above 1: biased towards popular items).
+items differ in category (the spec's first item feature that is not continuous), averaged over lists.
+Popularity bias = mean training clicks of the recommended items / mean training clicks of a catalog item (1: as
+popular as the average item; above 1: biased towards popular items).
 
 Business rules and relevance: batch scoring never recommends an item the user bought (the spec's
 `purchase_target`, in train or validation) nor an unavailable item. Counting such an item as a relevant
@@ -239,7 +239,7 @@ class EvaluationData:
     popularity: pd.Series  # catalog item -> training clicks
     ranked_by_popularity: np.ndarray  # catalog items, most clicked first, ties by id
     segment_rankings: dict[str, np.ndarray]  # segment key -> its items, most clicked first, ties by id
-    categories: pd.Series  # item -> category (the spec's first item feature), train and validation
+    categories: pd.Series  # item -> category (the spec's first non-continuous item feature), train and validation
     clicks_by_user: pd.Series  # training user -> clicked catalog items (item-kNN's input)
     users: np.ndarray  # validation users with at least one click, sorted
     relevant: list[np.ndarray]  # per user: items clicked in validation
@@ -270,8 +270,9 @@ def prepare(train: pd.DataFrame, valid: pd.DataFrame, spec: DatasetSpec,
             segment_rankings[_segment_key(values)] = _ranked(group[item].value_counts())
 
     categories = pd.Series(dtype="float64")
-    if spec.item_features:
-        category = spec.item_features[0]
+    categorical_item_features = [name for name in spec.item_features if name not in spec.continuous]
+    if categorical_item_features:
+        category = categorical_item_features[0]
         rows = pd.concat([train[[item, category]], valid[[item, category]]]).dropna()
         categories = rows.drop_duplicates(item, keep="last").set_index(item)[category]
 
@@ -598,6 +599,12 @@ def boosted_trees_scores(train: pd.DataFrame, valid: pd.DataFrame, spec: Dataset
         train = train.sample(config.boosted_trees_max_rows, random_state=config.seed)
     encoded_train, encoded_valid, categorical = [], [], []
     for column in columns:
+        if column in spec.continuous:  # a number stays a number
+            encoded_train.append(train[column].to_numpy(dtype=np.float64, na_value=np.nan))
+            encoded_valid.append(valid[column].to_numpy(dtype=np.float64, na_value=np.nan))
+            categorical.append(False)
+            continue
+        # A multi-valued feature's joined tokens ("Comedy|Romance") are one category here.
         by_frequency = train[column].value_counts().index  # the most frequent value gets code 0
         codes = {value: code for code, value in enumerate(by_frequency)}
         encoded_train.append(train[column].map(codes).to_numpy(dtype=np.float64, na_value=np.nan))

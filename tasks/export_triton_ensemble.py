@@ -174,6 +174,13 @@ def _ids(name: str, optional: bool = False) -> TensorConfig:
     return TensorConfig(name, "TYPE_INT64", (-1,), optional)
 
 
+def _feature(columns: PipelineColumns, column: str) -> TensorConfig:
+    """An optional input of one encoded feature: a value per user, or a multi-valued feature's padded row."""
+    data_type = "TYPE_FP32" if column in columns.continuous else "TYPE_INT64"
+    dims = (-1, columns.list_widths[column]) if column in columns.list_widths else (-1,)
+    return TensorConfig(column, data_type, dims, optional=True)
+
+
 def _matrix(name: str, data_type: str) -> TensorConfig:
     return TensorConfig(name, data_type, (-1, -1))
 
@@ -188,8 +195,8 @@ def raw_id_name(column: str) -> str:
 
 
 def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> list[StageConfig]:
-    query_inputs = tuple(_ids(column, optional=True) for column in columns.query_columns)
-    context_inputs = tuple(_ids(column, optional=True) for column in _context_columns(columns))
+    query_inputs = tuple(_feature(columns, column) for column in columns.query_columns)
+    context_inputs = tuple(_feature(columns, column) for column in _context_columns(columns))
     candidates, known_users = _matrix("candidates", "TYPE_INT64"), TensorConfig("known_users", "TYPE_BOOL", (-1,))
     query_embeddings, user_features = _matrix("query_embeddings", "TYPE_FP32"), _matrix("user_features", "TYPE_INT64")
     scores, ranker_scores = _matrix("candidate_scores", "TYPE_FP32"), _matrix("ranker_scores", "TYPE_FP32")
@@ -238,7 +245,7 @@ def ensemble_configs(columns: PipelineColumns) -> list[EnsembleConfig]:
         RECOMMEND,
         inputs=(
             _ids(raw_user),
-            *(_ids(column, optional=True) for column in [*features, *context]),
+            *(_feature(columns, column) for column in [*features, *context]),
             _one("top_k", "TYPE_INT32"), _one("top_n", "TYPE_INT32"), _one("temperature", "TYPE_FP32"),
             _one("seed", "TYPE_INT64"),
         ),

@@ -15,9 +15,11 @@ without a rating field every interaction is a positive. The split is temporal pe
 interaction at or after the first of them, in (time, item id) order, is test; the rest is train
 (`temporal_split`, which a benchmark also uses to carve a validation split from train by the same rule).
 
-The spec has one kind of feature so far, categorical: a `float` field is written as a number and encoded as a
-category, a sequence field as one value whose tokens are joined by `|` (ML-1M's genres "Comedy|Romance").
-Empty fields are missing values.
+Feature kinds follow the field types: a `token` field is a category; a `float` field a continuous feature
+(`continuous` in the spec: NVTabular fills and normalizes it); a sequence field (`token_seq`, or one named in
+`sequence_fields`) a multi-valued feature (`multi_valued`), written as its tokens joined by `|` (ML-1M's genres
+"Comedy|Romance") and kept to the most tokens a row has, at most `MAX_TOKENS`. A `float_seq` field is
+multi-valued too: its numbers become tokens. Empty fields are missing values.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from recsys.spec import EVERY_INTERACTION, load_spec
 ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
 SEQUENCE_JOIN = "|"
 CLICK = "click"
+MAX_TOKENS = 16  # a multi-valued feature's width cap: the models see each row's first tokens, padded to the width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,16 +119,19 @@ def _numbers(file: AtomicFile, field: str) -> pd.Series:
     return numbers.astype("float64")
 
 
-def _feature_column(file: AtomicFile, field: str, config: AtomicImportConfig) -> tuple[pd.Series, str]:
-    """A user or item field as the CSV column and spec type it becomes."""
+def _feature_column(file: AtomicFile, field: str, config: AtomicImportConfig) -> tuple[pd.Series, str, int | None]:
+    """A user or item field as the CSV column and spec type it becomes, and its most tokens in a row when it is a
+    sequence (else None)."""
     kind = file.fields[field]
     if kind == "float":
-        return _numbers(file, field), "float64"
+        return _numbers(file, field), "float64", None
     values = file.frame[field]
     if kind.endswith("_seq") or field in config.sequence_fields:
         tokens = values.str.split(re.escape(config.sequence_separator), regex=True)
-        values = tokens.map(lambda parts: SEQUENCE_JOIN.join(part for part in parts if part))
-    return values.where(values != "", None), "string"
+        tokens = tokens.map(lambda parts: [part for part in parts if part])
+        joined = tokens.map(SEQUENCE_JOIN.join)
+        return joined.where(joined != "", None), "string", max(1, int(tokens.map(len).max()) if len(tokens) else 1)
+    return values.where(values != "", None), "string", None
 
 
 def integer_ids(tokens: Sequence[pd.Series]) -> pd.Series:
@@ -197,6 +203,8 @@ def import_atomic(input_dir: Path, output_dir: Path, config: AtomicImportConfig 
 
     columns: dict[str, str] = {"user_id": "int64", "item_id": "int64"}
     features: dict[str, list[str]] = {"user": [], "item": []}
+    continuous: list[str] = []
+    multi_valued: dict[str, dict[str, Any]] = {}
     for suffix, file in sides.items():
         table = pd.DataFrame({f"{suffix}_id": ids[suffix].loc[file.frame[f"{suffix}_id"]].to_numpy()})
         for field in file.fields:
@@ -204,8 +212,12 @@ def import_atomic(input_dir: Path, output_dir: Path, config: AtomicImportConfig 
                 continue
             if field in columns or field in (config.timestamp_field, CLICK):
                 raise InputDataError(f"{file.path} line 1: field '{field}' is also a field of another file")
-            table[field], columns[field] = _feature_column(file, field, config)
+            table[field], columns[field], most_tokens = _feature_column(file, field, config)
             features[suffix].append(field)
+            if file.fields[field] == "float":
+                continuous.append(field)
+            elif most_tokens is not None:
+                multi_valued[field] = {"separator": SEQUENCE_JOIN, "max_tokens": min(most_tokens, MAX_TOKENS)}
         table = table.drop_duplicates(f"{suffix}_id", keep="last")  # a repeated id: its last row counts
         rows = rows.merge(table, on=f"{suffix}_id", how="left")
     rows[config.timestamp_field] = np.floor(timestamps.to_numpy()).astype("int64")
@@ -221,6 +233,8 @@ def import_atomic(input_dir: Path, output_dir: Path, config: AtomicImportConfig 
         "roles": {"user_id": "user_id", "item_id": "item_id", "timestamp": config.timestamp_field,
                   "user_features": features["user"], "item_features": features["item"],
                   "targets": [CLICK]},
+        **({"continuous": continuous} if continuous else {}),
+        **({"multi_valued": multi_valued} if multi_valued else {}),
         "validation": {"value_ranges": {CLICK: [0, 1]}},
         "exclude_seen": EVERY_INTERACTION,  # a rated item is not recommended to that user again
     }
@@ -247,6 +261,8 @@ def import_atomic(input_dir: Path, output_dir: Path, config: AtomicImportConfig 
         "test_users": int(rows.loc[is_test, "user_id"].nunique()),
         "user_features": features["user"],
         "item_features": features["item"],
+        "continuous": continuous,
+        "multi_valued": sorted(multi_valued),
         "ignored_interaction_fields": ignored,
         "spec": str(Path(output_dir) / "spec.yaml"),
     }

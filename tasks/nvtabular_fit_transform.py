@@ -1,7 +1,8 @@
 """Step 5 of the data stage (trainer environment): fit the NVTabular workflow on train, transform both splits.
 
 The workflow is built from the dataset spec: Categorify every categorical column (with the spec's
-frequency threshold and per-column caps for huge cardinalities), tag ids, user, item and context
+frequency threshold and per-column caps for huge cardinalities; a multi-valued one token by token, padded to
+its width), fill and normalize continuous ones, tag ids, user, item and context
 features and targets the way Merlin Models selects inputs, fit on train only, and save it so that
 batch scoring and the Triton ensemble reuse the very same transforms. It also writes the per-user and
 per-item feature tables (encoded features, raw entity ids, event timestamps) that Feast serves.
@@ -36,34 +37,48 @@ def build_workflow(spec: DatasetSpec, categories_dir: Path):  # type: ignore[no-
     from merlin.schema import Tags
     from nvtabular import ops
 
-    def categorify(columns: list[str]):  # type: ignore[no-untyped-def]
+    from models.nvtabular_ops import PaddedListSlice, SplitTokens
+
+    def categorify(column: str):  # type: ignore[no-untyped-def]
         # One op per column so each can carry its own cap (max_size) for huge cardinalities.
+        cap = spec.categorify.max_size.get(column, 0)
+        return ops.Categorify(freq_threshold=spec.categorify.freq_threshold, max_size=cap, out_path=str(categories_dir))
+
+    def encoded(columns: list[str]):  # type: ignore[no-untyped-def]
+        """Each column by its kind: a category, a list of categories, or a number."""
         node = None
         for column in columns:
-            op = ops.Categorify(
-                freq_threshold=spec.categorify.freq_threshold,
-                max_size=spec.categorify.max_size.get(column, 0),
-                out_path=str(categories_dir),
-            )
-            encoded = [column] >> op
-            node = encoded if node is None else node + encoded
+            kind = spec.feature_kind(column)
+            if kind == "continuous":  # the median for missing values, then zero mean and unit variance
+                part = [column] >> ops.FillMedian() >> ops.Normalize() >> ops.LambdaOp(_as_float32, dtype="float32")
+            elif kind == "multi_valued":
+                options = spec.multi_valued[column]
+                tokens = [column] >> ops.LambdaOp(SplitTokens(options.separator))
+                part = tokens >> categorify(column) >> PaddedListSlice(options.max_tokens)
+            else:
+                part = [column] >> categorify(column)
+            node = part if node is None else node + part
         return node
 
-    user_id = categorify([spec.user_id]) >> ops.TagAsUserID()
-    item_id = categorify([spec.item_id]) >> ops.TagAsItemID()
+    user_id = encoded([spec.user_id]) >> ops.TagAsUserID()
+    item_id = encoded([spec.item_id]) >> ops.TagAsItemID()
     outputs = user_id + item_id
     if spec.user_features:
-        outputs += categorify(list(spec.user_features)) >> ops.TagAsUserFeatures()
+        outputs += encoded(list(spec.user_features)) >> ops.TagAsUserFeatures()
     if spec.item_features:
-        outputs += categorify(list(spec.item_features)) >> ops.TagAsItemFeatures()
+        outputs += encoded(list(spec.item_features)) >> ops.TagAsItemFeatures()
     if spec.user_item_features:
-        outputs += categorify(list(spec.user_item_features)) >> ops.AddTags(["user_item"])
+        outputs += encoded(list(spec.user_item_features)) >> ops.AddTags(["user_item"])
     if spec.context_features:
-        outputs += categorify(list(spec.context_features)) >> ops.AddTags([Tags.CONTEXT])
+        outputs += encoded(list(spec.context_features)) >> ops.AddTags([Tags.CONTEXT])
     outputs += list(spec.targets) >> ops.AddTags([Tags.BINARY_CLASSIFICATION, Tags.TARGET])
     raw_ids = [spec.user_id, spec.item_id] >> ops.Rename(postfix=RAW_SUFFIX) >> ops.AddTags([RAW_ID_TAG])
     timestamp = [spec.timestamp] >> ops.AddTags(["time"])
     return nvt.Workflow(outputs + raw_ids + timestamp)
+
+
+def _as_float32(column):  # type: ignore[no-untyped-def]
+    return column.astype("float32")
 
 
 def _latest_per_entity(frame: pd.DataFrame, entity: str, timestamp: str) -> pd.DataFrame:

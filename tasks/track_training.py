@@ -157,9 +157,9 @@ def log_ranker_run(ranker_dir: Path, nvtabular_dir: Path, spec: DatasetSpec, *, 
         mlflow.log_dict(spec.to_dict(), "dataset_spec.json")
         mlflow.log_artifacts(str(nvtabular_dir / "workflow"), artifact_path="nvtabular_workflow")
         columns = metrics["input_columns"]
-        signature = ModelSignature(inputs=Schema([ColSpec("long", name) for name in columns]),
+        signature = ModelSignature(inputs=_input_schema(spec, columns),
                                    outputs=Schema([ColSpec("float", spec.primary_target)]))  # fmt: skip
-        example = _input_example(nvtabular_dir, columns)
+        example = _input_example(nvtabular_dir, spec, columns)
         # MLflow tries the input example in this environment, which has no TensorFlow, and warns; the
         # model is meant to be loaded in the trainer environment (its pip requirements say so).
         info = mlflow.pyfunc.log_model(
@@ -183,7 +183,7 @@ def log_two_tower_run(two_tower_dir: Path, nvtabular_dir: Path, spec: DatasetSpe
     """Log the two-tower model as an MLflow run and register its query tower as a version of 'two_tower'."""
     import mlflow
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import Schema, TensorSpec
 
     from models.pyfunc import SavedKerasModel
 
@@ -215,7 +215,7 @@ def log_two_tower_run(two_tower_dir: Path, nvtabular_dir: Path, spec: DatasetSpe
         mlflow.log_artifacts(str(nvtabular_dir / "workflow"), artifact_path="nvtabular_workflow")
         columns = result["query_columns"]
         signature = ModelSignature(
-            inputs=Schema([ColSpec("long", name) for name in columns]),
+            inputs=_input_schema(spec, columns),
             outputs=Schema([TensorSpec(np.dtype("float32"), (-1, result["embedding_dim"]), "query_embedding")]),
         )
         # MLflow tries the input example in this environment, which has no TensorFlow, and warns.
@@ -224,7 +224,7 @@ def log_two_tower_run(two_tower_dir: Path, nvtabular_dir: Path, spec: DatasetSpe
             python_model=SavedKerasModel(),
             artifacts={"saved_model": str(two_tower_dir / "query_tower")},
             signature=signature,
-            input_example=_input_example(nvtabular_dir, columns),
+            input_example=_input_example(nvtabular_dir, spec, columns),
             registered_model_name=TWO_TOWER_MODEL_NAME,
             pip_requirements=str(TRAINER_REQUIREMENTS),
         )
@@ -291,8 +291,25 @@ def oracle_click_probabilities(input_dir: Path, valid_dir: Path, spec: DatasetSp
     return joined["click_probability"].to_numpy()
 
 
-def _input_example(nvtabular_dir: Path, columns: list[str]) -> Any:
+def _input_schema(spec: DatasetSpec, columns: list[str]) -> Any:
+    """The models' inputs as MLflow column types: a code, a float, or a multi-valued feature's list of codes."""
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    kinds: dict[str, Array | DataType] = {"continuous": DataType.float, "multi_valued": Array(DataType.long),
+                                          "categorical": DataType.long}  # fmt: skip
+    return Schema([ColSpec(kinds[spec.feature_kind(name)], name) for name in columns])
+
+
+def _input_example(nvtabular_dir: Path, spec: DatasetSpec, columns: list[str]) -> Any:
     import pyarrow.parquet as pq
 
     first = nvtabular_part_files(Path(nvtabular_dir, "valid"))[0]
-    return pq.ParquetFile(first).read_row_group(0, columns=columns).slice(0, 5).to_pandas().astype("int64")
+    example = pq.ParquetFile(first).read_row_group(0, columns=columns).slice(0, 5).to_pandas()
+    for name in columns:
+        kind = spec.feature_kind(name)
+        if kind == "multi_valued":
+            example[name] = [[int(code) for code in row] for row in example[name]]
+        else:
+            example[name] = example[name].astype("float32" if kind == "continuous" else "int64")
+    return example

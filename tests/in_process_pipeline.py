@@ -54,9 +54,10 @@ def main() -> None:
     parser.add_argument("--retrieval-weight", type=float, required=True, help="as exported")
     parser.add_argument("--item-to-item-weight", type=float, required=True, help="as exported")
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--spec", type=Path, default=None, help="the run's dataset spec (default: AliCCP's)")
     args = parser.parse_args()
 
-    spec = load_spec()
+    spec = load_spec(args.spec)
     pipeline = RecommendationPipeline(PipelineArtifacts.of_run(args.run), spec)
     features, known = pipeline.user_features(args.users)
     if not known.all():

@@ -81,6 +81,10 @@ def test_ids_split_features_and_a_spec_the_pipeline_reads(tmp_path: Path):
     assert (spec.user_features, spec.item_features, spec.targets) == (("age", "gender"), ("genre", "keywords"),
                                                                       ("click",))  # fmt: skip
     assert spec.columns["age"] == "float64" and spec.columns["genre"] == "string" and spec.name == "tiny"
+    # A float field is a continuous feature; a sequence is multi-valued, as wide as its longest row.
+    assert spec.continuous == ("age",)
+    assert {name: (kind.separator, kind.max_tokens) for name, kind in spec.multi_valued.items()} == {
+        "genre": ("|", 2), "keywords": ("|", 2)}  # fmt: skip
     parquet = csv_to_parquet(out, tmp_path / "parquet", spec)  # the pipeline's first step takes it as it is
     assert parquet["rows_out"] == 9
 

@@ -9,7 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.online_pipeline import MISSING, blend_scores, filter_candidates, order, ranked_order
+from models.online_pipeline import (
+    MISSING,
+    ItemCatalog,
+    PipelineColumns,
+    UserFeatureTable,
+    blend_scores,
+    filter_candidates,
+    order,
+    ranked_order,
+)
 from tasks.build_faiss_index import FaissIndexConfig, build_faiss_index, build_index, load_index
 
 CANDIDATES = np.array([[10, 11, 12, 13], [20, 21, MISSING, MISSING]])
@@ -162,3 +171,52 @@ def _read(two_tower: Path) -> tuple[np.ndarray, np.ndarray]:
     from tasks.build_faiss_index import read_item_embeddings
 
     return read_item_embeddings(two_tower)
+
+
+KINDS = PipelineColumns(
+    user_id="user", item_id="item", user_features=("age", "tags"), item_features=("genre", "price"),
+    context_features=(), query_columns=("user", "age", "tags"), ranker_columns=("user", "item", "age", "genre"),
+    null_codes={"user": 1, "item": 1, "tags": 1, "genre": 1}, item_cardinality=5,
+    continuous=("age", "price"), list_widths={"tags": 2, "genre": 3},
+)  # fmt: skip
+
+
+def test_packed_user_features_come_back_exactly_whatever_their_kind():
+    features = {"user": np.array([3, 4]), "age": np.array([-0.125, 1e-7], dtype=np.float32),
+                "tags": np.array([[5, 2], [0, 0]])}  # fmt: skip
+
+    packed = KINDS.pack(features, KINDS.user_columns)
+    unpacked = KINDS.unpack(packed, KINDS.user_columns)
+
+    assert packed.dtype == np.int64 and packed.shape == (2, 4)  # user, age, two tags
+    assert unpacked["age"].dtype == np.float32 and unpacked["tags"].shape == (2, 2)
+    for column, values in features.items():
+        np.testing.assert_array_equal(unpacked[column], values)
+    with pytest.raises(ValueError, match="has 4 columns"):
+        KINDS.unpack(packed[:, :3], KINDS.user_columns)
+
+
+def test_missing_values_are_what_training_saw_for_each_kind():
+    assert KINDS.missing("user", 2).tolist() == [1, 1]  # Categorify's null code
+    assert KINDS.missing("genre", 2).tolist() == [[0, 0, 0], [0, 0, 0]]  # all padding
+    assert KINDS.missing("age", 2).dtype == np.float32 and KINDS.missing("age", 2).tolist() == [0.0, 0.0]
+    # Per-row lists (as Parquet gives them) become one [rows, width] array.
+    assert KINDS.values("genre", pd.Series([np.array([4, 0, 0]), np.array([2, 3, 0])])).shape == (2, 3)
+    assert KINDS.values("genre", []).shape == (0, 3)
+
+
+def test_the_catalog_and_user_table_hold_lists_and_numbers(tmp_path: Path):
+    pd.DataFrame({"item": [10, 11], "item_encoded": [3, 4], "genre": [np.array([2, 0, 0]), np.array([3, 2, 0])],
+                  "price": np.array([0.5, -1.0], dtype=np.float32)}).to_parquet(tmp_path / "items.parquet")
+    pd.DataFrame({"user": [7, 8], "user_encoded": [2, 3], "age": np.array([0.25, -0.5], dtype=np.float32),
+                  "tags": [np.array([1, 0]), np.array([4, 5])]}).to_parquet(tmp_path / "users.parquet")
+
+    catalog = ItemCatalog.read(tmp_path / "items.parquet", KINDS)
+    users = UserFeatureTable.read(tmp_path / "users.parquet", KINDS)
+    found, known = users.lookup([8, 99, 7])
+
+    assert catalog.columns["genre"].tolist() == [[0, 0, 0]] * 3 + [[2, 0, 0], [3, 2, 0]]  # codes 0-2: no item
+    assert catalog.columns["price"].dtype == np.float32 and catalog.columns["price"][4] == -1.0
+    assert known.tolist() == [True, False, True]
+    assert found["user"].tolist() == [3, 2] and found["tags"].tolist() == [[4, 5], [1, 0]]
+    assert found["age"].dtype == np.float32 and found["age"].tolist() == [-0.5, 0.25]

@@ -22,27 +22,33 @@ class TritonPythonModel(StageModel):
 
     def user_features(self, inputs: Mapping[str, np.ndarray], raw_user_ids: np.ndarray
                       ) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip
-        """Encoded user columns (null code where unknown) and which users are known."""
-        rows = len(raw_user_ids)
-        given = [column for column in self.columns.query_columns if column in inputs]
+        """Encoded user columns (the missing value where unknown) and which users are known."""
+        rows, columns = len(raw_user_ids), self.columns
+        given = [column for column in columns.query_columns if column in inputs]
         if given:
-            missing = [column for column in self.columns.query_columns if column not in inputs]
+            missing = [column for column in columns.query_columns if column not in inputs]
             if missing:
                 raise RequestError(f"give all query-tower features or none; missing: {', '.join(missing)}")
             features = {}
-            for column in self.columns.user_columns:
+            for column in columns.user_columns:
                 if column in inputs:
-                    values = np.asarray(inputs[column], dtype=np.int64).reshape(-1)
-                    if len(values) != rows:
-                        raise RequestError(f"input '{column}' has {len(values)} values for {rows} users")
+                    values = np.asarray(inputs[column], dtype=columns.dtype(column))
+                    expected: tuple[int, ...]
+                    if column in columns.list_widths:
+                        expected = (rows, columns.width(column))
+                    else:
+                        values, expected = values.reshape(-1), (rows,)
+                    if values.shape != expected:
+                        raise RequestError(f"input '{column}' has shape {list(np.shape(inputs[column]))}, "
+                                           f"not {list(expected)}")  # fmt: skip
                 else:  # a user column the query tower does not take: the ranker sees a missing value
-                    values = np.full(rows, self.columns.null_code(column), dtype=np.int64)
+                    values = columns.missing(column, rows)
                 features[column] = values
             return features, np.ones(rows, dtype=bool)
         found, known = self.users.lookup(raw_user_ids)
         features = {}
-        for column in self.columns.user_columns:
-            values = np.full(rows, self.columns.null_code(column), dtype=np.int64)
+        for column in columns.user_columns:
+            values = columns.missing(column, rows)
             values[known] = found[column]
             features[column] = values
         return features, known
@@ -52,6 +58,6 @@ class TritonPythonModel(StageModel):
         features, known = self.user_features(inputs, raw_user_ids)
         return {
             "query_embeddings": self.tower.embed(features),
-            "user_features": np.stack([features[column] for column in self.columns.user_columns], axis=1),
+            "user_features": self.columns.pack(features, self.columns.user_columns),
             "known_users": known,
         }

@@ -28,13 +28,14 @@ class TritonPythonModel(StageModel):
         candidates = np.asarray(required(inputs, "candidates"), dtype=np.int64)
         matrix = np.asarray(required(inputs, "user_features"), dtype=np.int64)
         user_columns = self.columns.user_columns
-        if matrix.shape != (len(candidates), len(user_columns)):
-            raise RequestError(f"user_features must have shape [{len(candidates)}, {len(user_columns)}]")
-        features = {column: matrix[:, position] for position, column in enumerate(user_columns)}
+        width = sum(self.columns.width(column) for column in user_columns)
+        if matrix.shape != (len(candidates), width):
+            raise RequestError(f"user_features must have shape [{len(candidates)}, {width}]")
+        features = self.columns.unpack(matrix, user_columns)  # packed by query_tower
         context = {}
         for column in self.context_columns:
             if column in inputs:
-                values = np.asarray(inputs[column], dtype=np.int64).reshape(-1)
+                values = np.asarray(inputs[column], dtype=self.columns.dtype(column)).reshape(-1)
                 if len(values) == 1:
                     values = np.repeat(values, len(candidates))
                 if len(values) != len(candidates):
