@@ -20,7 +20,8 @@ In order, before the first request:
    `triton_unavailable`).
 3. **The database** at `RECSYS_DATABASE_URL` is migrated to the newest revision (the application itself
    refuses a database that is not; migrating here, once, before the workers start, cannot race).
-4. **The gateway**: uvicorn on `serving.api.main:create_app` (factory), `--workers` processes.
+4. **The gateway**: uvicorn on `serving.api.main:create_app` (factory), `--workers` processes; with more than
+   one, Prometheus' multiprocess mode in a temporary folder, so `/metrics` counts every worker's requests.
 
 Ctrl-C or SIGTERM stops the gateway, then Triton. A SIGKILL leaves Triton running in its own session:
 stop it by its process id (the log line "starting Triton" and `var/triton/tritonserver.log` name it).
@@ -31,10 +32,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -45,6 +48,7 @@ from types import FrameType
 from typing import Any
 
 from recsys.settings import PROJECT_ROOT, Settings, get_settings
+from serving.api.metrics import MULTIPROCESS_DIR_ENV
 from serving.triton_server import TritonServer, TritonServerError
 
 log = logging.getLogger("serving.run")
@@ -278,6 +282,21 @@ def live_api_keys(database_url: str) -> int:
         engine.dispose()
 
 
+@contextlib.contextmanager
+def shared_metrics(workers: int) -> Iterator[None]:
+    """With several workers, Prometheus' multiprocess mode in a fresh folder, so `/metrics` counts them all
+    (serving/api/metrics.py); a folder the environment already names is used as it is (its owner wipes it)."""
+    if workers == 1 or os.environ.get(MULTIPROCESS_DIR_ENV):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="recsys-metrics-") as folder:
+        os.environ[MULTIPROCESS_DIR_ENV] = folder  # the workers, started after this, inherit it
+        try:
+            yield
+        finally:
+            del os.environ[MULTIPROCESS_DIR_ENV]
+
+
 def serve(args: argparse.Namespace, settings: Settings) -> None:
     import uvicorn
 
@@ -293,8 +312,9 @@ def serve(args: argparse.Namespace, settings: Settings) -> None:
             log.warning("no API keys yet: every route but /health, /docs and /metrics answers 401; create one with "
                         "`make api-key NAME=web-tier SCOPES=read` (python -m serving.api.keys create ...)")  # fmt: skip
         log.info("gateway on http://%s:%d (docs at /docs), %d worker(s)", args.host, args.port, args.workers)
-        uvicorn.run("serving.api.main:create_app", factory=True, host=args.host, port=args.port,
-                    workers=args.workers, log_level=args.log_level, access_log=not args.no_access_log)  # fmt: skip
+        with shared_metrics(args.workers):
+            uvicorn.run("serving.api.main:create_app", factory=True, host=args.host, port=args.port,
+                        workers=args.workers, log_level=args.log_level, access_log=not args.no_access_log)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,20 +21,25 @@ The online cache's hit ratio, from the answers counted above:
 and the share of answers served from the nightly lists: `route="precomputed"` over all routes.
 
 Every application built by `create_app` has its own `CollectorRegistry`, so several apps in one process (the
-tests build many) never collide. A registry counts what its own process served: with `uvicorn --workers N`
-each worker has one, and a scrape reaches whichever worker accepts the connection. A multi-worker deployment
-would set prometheus_client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR` pointing at an empty folder
-before the workers start, `/metrics` answering from a `MultiProcessCollector` over a fresh registry, and
-`multiprocess.mark_process_dead` when a worker exits), or run one single-worker gateway per port and scrape
-each; neither is set up here (`make serve` starts one worker by default).
+tests build many) never collide. With several workers (`python -m serving.run --workers N`), `serving.run` turns
+on prometheus_client's multiprocess mode: it points `PROMETHEUS_MULTIPROC_DIR` at a fresh empty folder before
+the workers start, every worker writes its values there, and `/metrics`, whichever worker answers, reads them all
+(`MultiProcessCollector` over a registry made for the scrape), so one scrape counts every worker's requests.
+All metrics here are counters and histograms, which the collector sums over live and dead workers alike (a
+worker that exits keeps its counts), so no `mark_process_dead` is needed; a gauge added later would need one.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# prometheus_client reads it at import: set before a worker starts, its values go to files in that folder.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Seconds; the SLA of a whole request is 500 ms, the gateway's own budgets 50 ms (Redis) and 250 ms (Triton).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -97,6 +102,10 @@ router = APIRouter(tags=["monitoring"])
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    """Prometheus' text exposition of this process's metrics (no API key: scrapers carry none)."""
+    """Prometheus' text exposition of the gateway's metrics, every worker's in multiprocess mode (no API key:
+    scrapers carry none)."""
     registry: CollectorRegistry = request.app.state.metrics.registry
+    if os.environ.get(MULTIPROCESS_DIR_ENV):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
