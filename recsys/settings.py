@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     # HTTP endpoint the serving tier sends inference requests to.
     triton_env: Path = PROJECT_ROOT / ".venv-triton"
     triton_url: str = "http://127.0.0.1:8000"
+    # True where Triton serves every published version's models under names of their own and follows the version
+    # pointer (serving/model_versions.py): `serving.run` sets it for its workers when it starts Triton itself.
+    triton_versioned_models: bool = False
+    # Where that Triton finds every version's models, laid out under version names.
+    triton_models_dir: Path = PROJECT_ROOT / "var" / "triton" / "models"
 
     # Feast: the online store is Redis, in a DB index of its own (not 0) so that Feast's keys never mix
     # with ours (redis://[:password@]host:port/db, rediss:// for TLS); the registry is a local file.

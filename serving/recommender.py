@@ -339,7 +339,8 @@ class Recommender:
         if self.triton is None:
             return None
         try:
-            answer = await asyncio.wait_for(self.triton.recommend(query.customer_id, top_k=self.config.online_top_k),
+            answer = await asyncio.wait_for(self.triton.recommend(query.customer_id, top_k=self.config.online_top_k,
+                                                                  version=version),
                                             timeout=self.config.triton_timeout_s)  # fmt: skip
         except Exception as error:  # any Triton failure falls back; the reason is logged
             log.warning("Triton recommend failed (%s): generic list instead", error)
@@ -392,7 +393,7 @@ class Recommender:
         if not ask or self.triton is None:
             return found, []
         try:
-            online = await asyncio.wait_for(self.triton.similar([item for item, _ in ask]),
+            online = await asyncio.wait_for(self.triton.similar([item for item, _ in ask], version=version),
                                             timeout=self.config.triton_timeout_s)  # fmt: skip
         except Exception as error:  # any Triton failure falls back; the reason is logged
             log.warning("Triton similar_products failed (%s)", error)

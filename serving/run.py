@@ -9,15 +9,17 @@ In order, before the first request:
    (127.0.0.1, localhost, ::1) without a password, `redis-server --port <port> --daemonize yes` starts
    one (files in `var/redis/`); it keeps running after the gateway stops, as a system Redis would.
    Otherwise the start fails, saying what to do.
-2. **Triton** on the latest exported repository of a published run: `<RECSYS_DATA_ROOT>/runs/<run>/
-   triton_repository` of the run whose version is current in Redis (the nightly DAG publishes run
-   `<run>` as version `<run>`), so the online models are the ones the precomputed lists came from;
-   failing that, the newest repository whose run's version is published (status `complete`).
-   `--model-repository DIR` names one instead. It listens on `RECSYS_TRITON_URL`'s port (gRPC and
-   metrics on the next two) and is stopped when the gateway stops. A Triton that already answers at
-   that URL (`python -m serving.triton_server` in another terminal) is used as it is and left running;
-   `--no-triton` starts none (customers without a nightly list then get the generic lists, marked
-   `triton_unavailable`).
+2. **Triton**, following the version current in Redis (`serving/model_versions.py`): in explicit model
+   control on `RECSYS_TRITON_MODELS_DIR` (`var/triton/models`), where the current version's models
+   (`<RECSYS_DATA_ROOT>/runs/<run>/triton_repository`: the nightly DAG publishes run `<run>` as version
+   `<run>`) are laid out under version names and loaded; a thread loads the next version when publishing
+   or a rollback moves the pointer and unloads the older ones after a grace period; the workers call the
+   version-named models (`RECSYS_TRITON_VERSIONED_MODELS`, set here). At least one published run must
+   have an export. `--model-repository DIR` serves that repository instead, as it is. It listens on
+   `RECSYS_TRITON_URL`'s port (gRPC and metrics on the next two) and is stopped when the gateway stops.
+   A Triton that already answers at that URL (`python -m serving.triton_server` in another terminal) is
+   used as it is and left running; `--no-triton` starts none (customers without a nightly list then get
+   the generic lists, marked `triton_unavailable`).
 3. **The database** at `RECSYS_DATABASE_URL` is migrated to the newest revision (the application itself
    refuses a database that is not; migrating here, once, before the workers start, cannot race).
 4. **The gateway**: uvicorn on `serving.api.main:create_app` (factory), `--workers` processes; with more than
@@ -49,11 +51,14 @@ from typing import Any
 
 from recsys.settings import PROJECT_ROOT, Settings, get_settings
 from serving.api.metrics import MULTIPROCESS_DIR_ENV
+from serving.model_versions import VERSIONED_MODELS_ENV, ModelFollower
 from serving.triton_server import TritonServer, TritonServerError
 
 log = logging.getLogger("serving.run")
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+FOLLOW_INTERVAL_S = 5.0  # how often the version pointer is read
+VERSION_GRACE_S = 60.0  # how long an older version's models stay loaded after the current one's load
 REDIS_START_TIMEOUT_S = 10.0
 
 
@@ -178,7 +183,8 @@ def _triton_ready(url: str) -> bool:
 
 @contextlib.contextmanager
 def triton_for(settings: Settings, repository: Path | None, *, enabled: bool) -> Iterator[None]:
-    """A Triton server on `repository` at settings.triton_url while the block runs (or none, or one running)."""
+    """A Triton server at settings.triton_url while the block runs: following the published version, or on
+    `repository` as it is (or none, or one already running)."""
     if not enabled:
         log.warning("--no-triton: customers without a nightly list get the generic lists (triton_unavailable)")
         yield
@@ -193,27 +199,76 @@ def triton_for(settings: Settings, repository: Path | None, *, enabled: bool) ->
     if parts.hostname not in LOCAL_HOSTS:
         raise ServeError(f"Triton does not answer at {url} (RECSYS_TRITON_URL), which is not local: start it there, "
                          "or pass --no-triton")  # fmt: skip
-    if repository is None:
-        import redis
+    import redis
 
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-        try:
-            repository = latest_published_repository(settings.data_root, client, settings.redis_key_prefix)
-        finally:
-            client.close()
     http_port = parts.port or 8000
-    # Resolved: the next nightly export replaces the link and deletes the folder this server was started on.
-    server = TritonServer(repository.resolve(), http_port=http_port, grpc_port=http_port + 1,
-                          metrics_port=http_port + 2, startup_timeout_s=300,
-                          log_path=PROJECT_ROOT / "var" / "triton" / "tritonserver.log")  # fmt: skip
-    log.info("starting Triton on %s (takes 10-30 s: seven model processes load TensorFlow and Faiss)", repository)
-    with server:
-        assert server.process is not None
-        log.info("Triton runs as pid %d (its own session; log %s)", server.process.pid, server.log_path)
-        try:
-            yield
-        finally:
-            log.info("stopping Triton")
+    log_path = PROJECT_ROOT / "var" / "triton" / "tritonserver.log"
+
+    def server_on(models: Path, **options: Any) -> TritonServer:
+        return TritonServer(models, http_port=http_port, grpc_port=http_port + 1, metrics_port=http_port + 2,
+                            startup_timeout_s=300, log_path=log_path, **options)  # fmt: skip
+
+    if repository is not None:  # that repository, as it is, until the gateway stops
+        # Resolved: the next nightly export replaces the link and deletes the folder this server was started on.
+        server = server_on(repository.resolve())
+        log.info("starting Triton on %s (takes 10-30 s: its model processes load TensorFlow and Faiss)", repository)
+        with server:
+            assert server.process is not None
+            log.info("Triton runs as pid %d (its own session; log %s)", server.process.pid, server.log_path)
+            try:
+                yield
+            finally:
+                log.info("stopping Triton")
+        return
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    try:
+        latest_published_repository(settings.data_root, client, settings.redis_key_prefix)  # something to serve
+        settings.triton_models_dir.mkdir(parents=True, exist_ok=True)
+        with server_on(settings.triton_models_dir, model_control_mode="explicit") as server, \
+                following_versions(settings, client):  # fmt: skip
+            assert server.process is not None
+            log.info("Triton runs as pid %d (its own session; log %s), following the published version",
+                     server.process.pid, server.log_path)  # fmt: skip
+            try:
+                yield
+            finally:
+                log.info("stopping Triton")
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def following_versions(settings: Settings, client: Any) -> Iterator[None]:
+    """Triton loads the current version's models now and follows the pointer in a thread while the block runs;
+    the gateway's workers call the version-named models (`serving/model_versions.py`)."""
+    import threading
+
+    follower = ModelFollower(triton_url=settings.triton_url, repository=settings.triton_models_dir,
+                             data_root=settings.data_root, redis_client=client, key_prefix=settings.redis_key_prefix,
+                             grace_s=VERSION_GRACE_S)  # fmt: skip
+    log.info("loading the current version's models into Triton (10-30 s: TensorFlow and Faiss)")
+    follower.sync()
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.wait(FOLLOW_INTERVAL_S):
+            try:
+                follower.sync()
+            except Exception:  # a version that fails to load leaves the loaded ones serving; the next try may work
+                log.exception("Triton could not follow the published version")
+
+    thread = threading.Thread(target=follow, name="triton-follower", daemon=True)
+    os.environ[VERSIONED_MODELS_ENV] = "true"  # read by the workers' settings (triton_versioned_models)
+    get_settings.cache_clear()  # one worker runs in this process, whose settings were read before
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        del os.environ[VERSIONED_MODELS_ENV]
+        get_settings.cache_clear()
+        follower.close()
 
 
 def warm_up(settings: Settings) -> None:
@@ -244,10 +299,11 @@ def warm_up(settings: Settings) -> None:
         client.close()
 
     async def requests() -> None:
-        triton = TritonEnsembles(settings.triton_url, timeout_s=60)
+        triton = TritonEnsembles(settings.triton_url, timeout_s=60,
+                                 versioned=os.environ.get(VERSIONED_MODELS_ENV) == "true")  # fmt: skip
         try:
-            await triton.recommend(ids["user"], top_k=settings.online_top_k)
-            await triton.similar([ids["similar"]])
+            await triton.recommend(ids["user"], top_k=settings.online_top_k, version=version)
+            await triton.similar([ids["similar"]], version=version)
         finally:
             await triton.close()
 

@@ -7,6 +7,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from serving.model_versions import versioned_name
+
 RawList = tuple[list[int], list[float]]
 
 
@@ -16,12 +18,16 @@ def _unpadded(item_ids: np.ndarray, scores: np.ndarray) -> RawList:
 
 
 class TritonEnsembles:
-    """`recommend` (raw user id in) and `similar_products` (raw item ids in), over HTTP with a timeout."""
+    """`recommend` (raw user id in) and `similar_products` (raw item ids in), over HTTP with a timeout.
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    With `versioned`, Triton serves each published version's models under names of their own
+    (`serving/model_versions.py`) and every call names the version it wants."""
+
+    def __init__(self, url: str, timeout_s: float, *, versioned: bool = False) -> None:
         import tritonclient.http.aio as triton_http
 
         address = urlparse(url).netloc or url  # tritonclient takes host:port
+        self.versioned = versioned
         self._http = triton_http
         self._client = triton_http.InferenceServerClient(address, conn_timeout=timeout_s)
 
@@ -39,9 +45,16 @@ class TritonEnsembles:
         )  # fmt: skip
         return {name: result.as_numpy(name) for name in outputs}
 
-    async def recommend(self, user_id: int, *, top_k: int) -> RawList | None:
+    def _model(self, ensemble: str, version: str | None) -> str:
+        if not self.versioned:
+            return ensemble
+        if version is None:
+            raise ValueError(f"Triton serves versioned models: {ensemble} needs the version")
+        return versioned_name(ensemble, version)
+
+    async def recommend(self, user_id: int, *, top_k: int, version: str | None = None) -> RawList | None:
         """The ranked list of a user (temperature 0: the gateway samples itself); None for an unknown user."""
-        answer = await self._infer("recommend", {
+        answer = await self._infer(self._model("recommend", version), {
             "user_id_raw": np.array([user_id], dtype=np.int64), "top_k": np.array([top_k], dtype=np.int32),
             "temperature": np.array([0.0], dtype=np.float32),
         }, ("item_ids", "scores", "known_users"))  # fmt: skip
@@ -49,9 +62,10 @@ class TritonEnsembles:
             return None
         return _unpadded(answer["item_ids"][0], answer["scores"][0])
 
-    async def similar(self, item_ids: Sequence[int]) -> dict[int, RawList]:
+    async def similar(self, item_ids: Sequence[int], *, version: str | None = None) -> dict[int, RawList]:
         """Similar products of each known item (unknown items are left out)."""
-        answer = await self._infer("similar_products", {"item_id_raw": np.array(list(item_ids), dtype=np.int64)},
+        ids = np.array(list(item_ids), dtype=np.int64)
+        answer = await self._infer(self._model("similar_products", version), {"item_id_raw": ids},
                                    ("item_ids", "scores", "known_items"))  # fmt: skip
         return {
             int(item): _unpadded(ids, scores)

@@ -62,7 +62,8 @@ def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender
         promotion_threshold=settings.promotion_threshold, database_timeout_s=settings.database_timeout_ms / 1000,
         product_flags_ttl_s=settings.product_flags_ttl_s,
     )  # fmt: skip
-    triton = TritonEnsembles(settings.triton_url, timeout_s=settings.triton_timeout_ms / 1000)
+    triton = TritonEnsembles(settings.triton_url, timeout_s=settings.triton_timeout_ms / 1000,
+                             versioned=settings.triton_versioned_models)  # fmt: skip
     return Recommender(client, triton, config, recommendations.product_flags_reader(sessions))
 
 
