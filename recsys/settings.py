@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     api_key_cache_s: float = Field(default=10.0, ge=0)
     ingest_rate_per_s: float = Field(default=200.0, gt=0)
     ingest_burst: int = Field(default=400, ge=1)
+    # Recommendation reads each API key may make, the same way (a bucket per key in Redis), taken in the read's
+    # own round trip; a web tier serving many visitors through one key needs a key of its own with room.
+    read_rate_per_s: float = Field(default=2_000.0, gt=0)
+    read_burst: int = Field(default=4_000, ge=1)
     # Request bodies above this many bytes are refused with 413 before they reach a route.
     max_request_bytes: int = Field(default=65_536, gt=0)
     # Budgets of the gateway's other calls on the request path (well inside the 500 ms SLA), the TTL of

@@ -51,6 +51,7 @@ from redis.exceptions import RedisError
 
 from models.online_pipeline import order, ranked_order
 from serving.seen_items import seen_key
+from serving.token_bucket import TOKEN_BUCKET_STEP, read_bucket_key
 from tasks.batch_score import ALL_SEGMENTS, segment_key
 from tasks.publish_recommendations import REDIS_MAX_BITS, decode_recommendations, encode_recommendations
 
@@ -60,15 +61,24 @@ log = logging.getLogger(__name__)
 REDIS_FAILURES = (RedisError, TimeoutError, OSError)
 
 # The version pointer and the lists of `kind` under it, in one round trip (and read atomically): KEYS[2] is
-# the customer's set of items seen since the nightly run (serving/seen_items.py); ARGV[1] is
-# "<prefix>recs:", ARGV[2] a user id to look up in the version's known users when the first list is missing
-# ("" for none; -1 for an id no bitmap can hold), ARGV[3] how many "<kind>:<key>" names follow that are always
+# the customer's set of items seen since the nightly run (serving/seen_items.py), KEYS[3] the API key's read
+# bucket; ARGV[1] is "<prefix>recs:", ARGV[2] a user id to look up in the version's known users when the first
+# list is missing ("" for none; -1 for an id no bitmap can hold), ARGV[3] and ARGV[4] the bucket's tokens a
+# second and size ("" for no limit), ARGV[5] how many "<kind>:<key>" names follow that are always
 # read; the names after those are read only for a user the bitmap says the models do not know (a new
-# visitor's segment lists, so that the generic route costs no second round trip). Replies {} without a
-# version, else {version, seen items, list or nil, ...} and, when asked, the user's bit (1 known, 0 not, -1
-# the version has no bitmap) followed, for 0, by the lists read for an unknown user.
+# visitor's segment lists, so that the generic route costs no second round trip). Replies {0, seconds to
+# wait} when the key is over its read rate (serving/api/rate_limit.py's bucket, taken here so that a read
+# costs no second round trip), {} without a version, else {version, seen items, list or nil, ...} and, when
+# asked, the user's bit (1 known, 0 not, -1 the version has no bitmap) followed, for 0, by the lists read for
+# an unknown user.
 # It reads keys it derives (not passed in KEYS): fine on one Redis server, not on Redis Cluster.
 _CURRENT_AND_LISTS = """
+if ARGV[3] ~= '' then
+  local bucket, rate, burst = KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4])
+  local allowed, wait
+""" + TOKEN_BUCKET_STEP + """
+  if allowed == 0 then return {0, tostring(wait)} end
+end
 local version = redis.call('GET', KEYS[1])
 if not version then return {} end
 local namespace = ARGV[1] .. version .. ':'
@@ -80,8 +90,8 @@ local function read(first, last)
   local values = redis.call('MGET', unpack(names))
   for i = 1, #names do reply[#reply + 1] = values[i] end
 end
-local always = 3 + tonumber(ARGV[3])
-read(4, always)
+local always = 5 + tonumber(ARGV[5])
+read(6, always)
 if ARGV[2] ~= '' and not reply[3] then
   local known = namespace .. 'known_users'
   local bit
@@ -121,6 +131,16 @@ class VisitorQuery:
     count: int = 20
     temperature: float = 0.0
     seed: int | None = None
+    api_key: str | None = None  # the caller's key name: its reads are rate-limited (None: not limited)
+
+
+class ReadRateLimited(Exception):
+    """The API key is over its read rate; `wait_s` until a read is allowed again."""
+
+    def __init__(self, api_key: str, wait_s: float) -> None:
+        super().__init__(f"read rate limit of API key {api_key!r} exceeded")
+        self.api_key = api_key
+        self.wait_s = wait_s
 
 
 @dataclasses.dataclass
@@ -155,6 +175,9 @@ class RecommenderConfig:
     product_flags_ttl_s: float = 5.0
     product_flags_cached: int = 1_000_000  # about 100 MB at most
     local_copies: int = 10_000  # recent answers kept in process for when Redis is down
+    # Reads an API key may make, taken from a bucket in the same round trip as the list (None: no limit).
+    read_rate_per_s: float | None = None
+    read_burst: int = 1
 
 
 class ProductFlagsCache:
@@ -221,16 +244,23 @@ class Recommender:
             return await call
 
     async def _current(self, kind: str, keys: Sequence[str], customer: int, *, ask_known: bool = False,
-                       segments_if_unknown: Sequence[str] = ()) -> CurrentLists:  # fmt: skip
+                       segments_if_unknown: Sequence[str] = (), api_key: str | None = None
+                       ) -> CurrentLists:  # fmt: skip
         """The current version, the lists of `kind` for `keys` under it and the customer's items seen since
         the nightly run; with `ask_known`, when the first list is missing, whether the models know the customer,
-        and if not the lists of `segments_if_unknown`: all in one round trip."""
+        and if not the lists of `segments_if_unknown`: all in one round trip, which also takes a token of
+        `api_key`'s read bucket (ReadRateLimited when there is none)."""
         prefix = f"{self.config.key_prefix}recs:"
         member = "" if not ask_known else str(customer if 0 <= customer < REDIS_MAX_BITS else -1)
-        names = [prefix, member, str(len(keys)), *(f"{kind}:{key}" for key in keys),
+        limited = api_key is not None and self.config.read_rate_per_s is not None
+        rate = [str(self.config.read_rate_per_s), str(self.config.read_burst)] if limited else ["", ""]
+        names = [prefix, member, *rate, str(len(keys)), *(f"{kind}:{key}" for key in keys),
                  *(f"segment:{key}" for key in segments_if_unknown)]  # fmt: skip
-        script_keys = [f"{prefix}current", seen_key(self.config.key_prefix, customer)]
+        bucket = read_bucket_key(self.config.key_prefix, api_key) if limited and api_key else ""
+        script_keys = [f"{prefix}current", seen_key(self.config.key_prefix, customer), bucket]
         reply = await self._redis(self._current_and_lists(keys=script_keys, args=names, client=self.redis))
+        if reply and reply[0] == 0:  # integers only here: a version is a string
+            raise ReadRateLimited(str(api_key), float(reply[1]))
         if not reply:
             return CurrentLists(None, [None] * len(keys), frozenset(), None, [])
         seen = frozenset(int(item) for item in reply[1])
@@ -268,12 +298,12 @@ class Recommender:
     async def _candidates(self, query: VisitorQuery) -> RankedList:
         if query.viewed:
             version, similar, seen, _, _ = await self._current("similar", [str(item) for item in query.viewed],
-                                                               query.customer_id)  # fmt: skip
+                                                               query.customer_id, api_key=query.api_key)  # fmt: skip
             return dataclasses.replace(await self._browsing_now(query, version, similar), seen=seen)
         segments = self._segments(query)
         version, [precomputed], seen, known, generic = await self._current(
             "user", [str(query.customer_id)], query.customer_id, ask_known=True,
-            segments_if_unknown=segments)  # fmt: skip
+            segments_if_unknown=segments, api_key=query.api_key)  # fmt: skip
         return dataclasses.replace(await self._answer(query, version, precomputed, known, segments, generic),
                                    seen=seen)  # fmt: skip
 

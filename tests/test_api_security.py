@@ -154,3 +154,19 @@ def test_without_redis_writes_are_let_through_unlimited(database: str) -> None:
         statuses = [client.post("/interactions", json=interaction(number), headers={"X-API-Key": tracker}).status_code
                     for number in range(3)]  # fmt: skip
     assert statuses == [201, 201, 201]
+
+
+def test_reads_over_the_rate_are_429_with_retry_after_per_key_and_shared_by_routes_and_workers(database: str) -> None:
+    """Recommendation reads take their key's token in the Lua call that reads the list (serving/recommender.py; that
+    a read stays one round trip is `test_new_visitor_gets_the_generic_list_of_their_segment`'s to check)."""
+    limits = {"read_rate_per_s": 0.5, "read_burst": 3, "triton_url": f"http://127.0.0.1:{free_port()}"}
+    reader, other = new_key(database, ("read",)), new_key(database, ("read",))
+    with gateway(database, **limits) as first, gateway(database, **limits) as second:  # two workers
+        statuses = [worker.get(path, headers={"X-API-Key": reader})
+                    for worker, path in ((first, "/recommendations/7"), (second, "/products/5/similar"),
+                                         (first, "/recommendations/8"), (second, "/recommendations/9"))]  # fmt: skip
+        assert [response.status_code for response in statuses] == [200, 200, 200, 429]
+        refused = statuses[-1]
+        assert 1 <= int(refused.headers["Retry-After"]) <= 2 and "read rate limit" in refused.json()["detail"]
+        # Another key has its own bucket.
+        assert second.get("/recommendations/7", headers={"X-API-Key": other}).status_code == 200

@@ -2,6 +2,7 @@
 
 - a database call that ran out of its time budget, waited too long for a lock or a pooled connection, or
   could not reach the database: 503 with `Retry-After`, so clients and load balancers retry elsewhere;
+- an API key over its read rate (serving/recommender.py's read takes the token): 429 with `Retry-After`;
 - anything else unexpected: a generic 500, with the traceback in the server log only.
 4xx errors come from the routes (`HTTPException`) and from FastAPI's request validation (422).
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 
 import psycopg
@@ -16,6 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from serving.recommender import ReadRateLimited
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,12 @@ async def _database_error(request: Request, error: Exception) -> JSONResponse:
     return await _internal_error(request, error)
 
 
+async def _read_rate_limited(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ReadRateLimited)
+    return JSONResponse({"detail": str(error)}, status_code=429,
+                        headers={"Retry-After": str(max(1, math.ceil(error.wait_s)))})  # fmt: skip
+
+
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     log.error("%s %s failed", request.method, request.url.path, exc_info=error)
     return JSONResponse({"detail": "internal server error"}, status_code=500)
@@ -56,4 +66,5 @@ async def _internal_error(request: Request, error: Exception) -> JSONResponse:
 
 def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(SQLAlchemyError, _database_error)
+    app.add_exception_handler(ReadRateLimited, _read_rate_limited)
     app.add_exception_handler(Exception, _internal_error)

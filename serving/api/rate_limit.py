@@ -1,14 +1,16 @@
-"""Rate limits per API key on the ingestion routes: a token bucket kept in Redis.
+"""Rate limits per API key: a token bucket kept in Redis (`serving/token_bucket.py`).
 
-Each key may write `ingest_rate_per_s` requests a second on average and `ingest_burst` at once. The bucket
-lives in Redis, so every gateway worker draws from the same one, and it is updated by one Lua script (one
-round trip, atomic, Redis' own clock, so workers' clocks do not matter). Over the limit: 429 with
-`Retry-After`, the seconds until a token is back.
+Each key may write `ingest_rate_per_s` requests a second on average and `ingest_burst` at once, and read
+recommendations (`/recommendations/{id}`, `/products/{id}/similar`) `read_rate_per_s` and `read_burst`, in a
+bucket of its own. A bucket lives in Redis, so every gateway worker draws from the same one, and it is updated
+by one Lua script (atomic, Redis' own clock, so workers' clocks do not matter): for writes the script below, a
+round trip before the write; for reads the recommender's read script itself, so a read stays one round trip
+(serving/recommender.py). Over the limit: 429 with `Retry-After`, the seconds until a token is back.
 
 If Redis cannot answer within its budget, the request is let through and a warning logged: losing an
-interaction would be worse than briefly not limiting a client. (The `limits` library behind slowapi has
-fixed and sliding windows but no token bucket, which lets a client spend its burst and then a steady
-rate; the script is the bucket.)
+interaction would be worse than briefly not limiting a client (a read then answers from the process's copies,
+unlimited). (The `limits` library behind slowapi has fixed and sliding windows but no token bucket, which lets
+a client spend its burst and then a steady rate; the script is the bucket.)
 """
 
 from __future__ import annotations
@@ -22,24 +24,15 @@ from fastapi import Depends, HTTPException, Request, status
 
 from serving.api.auth import Caller, authenticate
 from serving.recommender import REDIS_FAILURES
+from serving.token_bucket import TOKEN_BUCKET_STEP, write_bucket_key
 
 log = logging.getLogger(__name__)
 
 # KEYS[1]: the bucket; ARGV: tokens per second, bucket size. Returns {allowed (0/1), seconds to wait}.
 TOKEN_BUCKET = """
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(state[1]) or burst
-local at = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
-local allowed, wait = 0, (1 - tokens) / rate
-if tokens >= 1 then
-  tokens, allowed, wait = tokens - 1, 1, 0
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+local bucket, rate, burst = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local allowed, wait
+""" + TOKEN_BUCKET_STEP + """
 return {allowed, tostring(wait)}
 """
 
@@ -57,7 +50,7 @@ class TokenBucket:
     async def take(self, name: str) -> float:
         """0 if `name` may go on now, else the seconds until it may."""
         allowed, wait = await asyncio.wait_for(
-            self.script(keys=[f"{self.key_prefix}ratelimit:{name}"], args=[self.rate_per_s, self.burst]),
+            self.script(keys=[write_bucket_key(self.key_prefix, name)], args=[self.rate_per_s, self.burst]),
             timeout=self.timeout_s,
         )
         return 0.0 if int(allowed) else float(wait)

@@ -21,12 +21,14 @@ from serving.api.auth import AUTH_ERRORS, ReadScope
 from serving.api.db import Interaction, InteractionType, Product
 from serving.api.deps import CustomerIdPath, ProductIdPath, get_recommender
 from serving.api.errors import is_database_unavailable
+from serving.api.rate_limit import RATE_LIMITED
 from serving.api.schemas import INT64_MAX, error_responses
 from serving.recommender import ProductFlags, VisitorQuery
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["recommendations"], dependencies=[ReadScope], responses=error_responses(AUTH_ERRORS))
+router = APIRouter(tags=["recommendations"], dependencies=[ReadScope],
+                   responses=error_responses({**AUTH_ERRORS, **RATE_LIMITED}))  # fmt: skip
 
 SESSION_VIEWS = 5  # the latest products viewed in a session stand for "browsing now"
 MAX_VIEWED = 20
@@ -129,7 +131,7 @@ async def recommendations(
         seen = views or ()
     context = {name: value for name, value in (("location", location), ("device", device)) if value}
     query = VisitorQuery(customer_id=customer_id, context=context, viewed=seen, count=count,
-                         temperature=temperature, seed=seed)  # fmt: skip
+                         temperature=temperature, seed=seed, api_key=request.state.caller.name)  # fmt: skip
     ranked, probabilities, promoted = await get_recommender(request).recommend(query)
     if views_unknown and "database_unavailable" not in ranked.degraded:
         ranked.degraded.append("database_unavailable")
@@ -142,6 +144,7 @@ async def similar_products(
     product_id: ProductIdPath,
     count: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Response:
-    query = VisitorQuery(customer_id=0, context={}, viewed=(product_id,), count=count)
+    query = VisitorQuery(customer_id=0, context={}, viewed=(product_id,), count=count,
+                         api_key=request.state.caller.name)  # fmt: skip
     ranked, probabilities, promoted = await get_recommender(request).recommend(query)
     return _response(request, None, ranked, probabilities, promoted, sampled=False)

@@ -1,0 +1,30 @@
+"""The token bucket both rate limits use (writes: serving/api/rate_limit.py; reads: serving/recommender.py's
+read script), as a piece of Lua that scripts embed, so the arithmetic lives in one place.
+
+Before the piece, the script sets `bucket` (the key), `rate` (tokens a second) and `burst` (the bucket's size)
+and declares `allowed` and `wait`; after it, `allowed` is 1 (a token taken) or 0, and `wait` the seconds until
+a token is back. Redis' own clock, so the workers' clocks do not matter.
+"""
+
+TOKEN_BUCKET_STEP = """
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+  local state = redis.call('HMGET', bucket, 'tokens', 'at')
+  local tokens = tonumber(state[1]) or burst
+  local at = tonumber(state[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+  allowed, wait = 0, (1 - tokens) / rate
+  if tokens >= 1 then
+    tokens, allowed, wait = tokens - 1, 1, 0
+  end
+  redis.call('HSET', bucket, 'tokens', tostring(tokens), 'at', tostring(now))
+  redis.call('EXPIRE', bucket, math.ceil(burst / rate) + 1)
+"""
+
+
+def read_bucket_key(key_prefix: str, api_key_name: str) -> str:
+    return f"{key_prefix}ratelimit-read:{api_key_name}"
+
+
+def write_bucket_key(key_prefix: str, api_key_name: str) -> str:
+    return f"{key_prefix}ratelimit:{api_key_name}"
