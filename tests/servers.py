@@ -1,12 +1,16 @@
-"""The gateway served for real (uvicorn, loopback, a free port) in a thread of the test process."""
+"""The gateway served for real on loopback and a free port: in a thread of the test process (uvicorn), or as its
+own process (`python -m serving.run`)."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
@@ -35,3 +39,31 @@ def served(app: FastAPI, startup_timeout_s: float = 60) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def serving_run(arguments: list[str], env: dict[str, str], log: Path, startup_timeout_s: float) -> Iterator[str]:
+    """`python -m serving.run --port <free> ARGUMENTS`, as users start it, until the block ends; yields its base
+    URL once `/health` answers 200 (stderr in `log`)."""
+    import httpx
+
+    port = free_port()
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "serving.run", "--port", str(port), *arguments], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"serving.run did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)

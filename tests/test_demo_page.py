@@ -146,11 +146,19 @@ def test_a_user_picked_in_the_browser_shows_recommendations_with_clicked_items_h
     user = demo.users[user_id]
     final = published_list(client, user_id)[:count]
 
-    # The page needs the read scope, as the recommendations it shows do: the browser sends the key.
-    browser.execute_cdp_cmd("Network.enable", {})
-    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": READ_KEY})
+    # The page needs the read scope, as the recommendations it shows do: a plain browser (no header injected)
+    # gets the sign-in form, and the key typed there once is kept in the page's cookie.
     browser.get(f"{server}/demo")
-    assert browser.title == "Recommender demo"
+    assert browser.title == "Sign in · Recommender demo"
+    browser.find_element(By.ID, "api_key").send_keys("rk_not-a-key")
+    browser.find_element(By.ID, "login").click()
+    assert "Unknown or revoked" in browser.find_element(By.ID, "problem").text
+    browser.find_element(By.ID, "api_key").send_keys(READ_KEY["X-API-Key"])
+    browser.find_element(By.ID, "login").click()
+    WebDriverWait(browser, 30).until(expected_conditions.title_is("Recommender demo"))
+    cookie = browser.get_cookie("recsys_demo_key")
+    assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/demo"
+    assert browser.execute_script("return document.cookie") == ""  # the page's scripts cannot read the key
     assert not browser.find_elements(By.ID, "recommendations")  # nobody picked yet
     picker = Select(browser.find_element(By.ID, "user"))
     assert [int(option.get_attribute("value")) for option in picker.options if option.get_attribute("value")] == list(
@@ -193,7 +201,8 @@ def test_a_user_picked_in_the_browser_shows_recommendations_with_clicked_items_h
 def test_the_page_is_self_contained_and_refuses_unknown_users(demo_run: tuple[DemoData, redis.Redis], server: str):
     demo, _ = demo_run
     user = next(iter(demo.users))
-    assert httpx.get(f"{server}/demo", timeout=30).status_code == 401
+    refused = httpx.get(f"{server}/demo", timeout=30)
+    assert refused.status_code == 401 and 'id="api_key"' in refused.text  # the sign-in form, not the page
     page = httpx.get(f"{server}/demo", params={"user": user, "temperature": 0.05}, headers=READ_KEY, timeout=30)
     assert page.status_code == 200
     assert not re.search(r"https?:|//[a-z0-9]|@import|<script|<link", page.text, re.IGNORECASE), "external reference"
@@ -201,3 +210,23 @@ def test_the_page_is_self_contained_and_refuses_unknown_users(demo_run: tuple[De
     unknown = httpx.get(f"{server}/demo", params={"user": max(demo.users) + 10_000}, headers=READ_KEY, timeout=30)
     assert unknown.status_code == 404 and "not among the demo users" in unknown.text
     assert json.loads((Path(demo.directory) / "_metrics.json").read_text())["users"] == len(demo.users)
+
+
+def test_the_sign_in_form_keeps_a_read_key_in_a_cookie_only_the_demo_accepts(tmp_path: Path):
+    settings = gateway_settings(tmp_path, data_root=tmp_path / "data")
+    reader, writer = new_key(settings.database_url, ("read",)), new_key(settings.database_url, ("ingest",))
+    with TestClient(create_app(settings), follow_redirects=False) as client:
+        assert client.get("/demo").status_code == 401
+        assert client.post("/demo/session", data={"api_key": "rk_not-a-key"}).status_code == 401
+        lacking = client.post("/demo/session", data={"api_key": writer})
+        assert lacking.status_code == 403 and "lacks the read scope" in lacking.text and not client.cookies
+        signed_in = client.post("/demo/session", data={"api_key": reader})
+        assert signed_in.status_code == 303 and signed_in.headers["location"] == "/demo"
+        cookie = signed_in.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie and "path=/demo" in cookie
+        page = client.get("/demo")  # the cookie, no header
+        assert page.status_code == 503 and "recsys demo-data" in page.text  # the page itself (no demo data here)
+        # Other routes take the header only, even when the cookie is sent to them.
+        assert client.get("/recommendations/1", headers={"Cookie": f"recsys_demo_key={reader}"}).status_code == 401
+        client.post("/demo/logout")
+        assert client.get("/demo").status_code == 401

@@ -168,8 +168,6 @@ def test_make_serve_answers_from_the_models_of_the_version_it_names(
     """`python -m serving.run`, as users start it: customers without a nightly list are answered online by the
     current version's models, and by the other run's after a publish and after a rollback, with no restart."""
     import os
-    import subprocess
-    import sys
     import time
 
     import httpx
@@ -179,7 +177,7 @@ def test_make_serve_answers_from_the_models_of_the_version_it_names(
     from serving.api.migrate import upgrade
     from tasks.publish_recommendations import publish_recommendations
     from tests.api_keys import new_key
-    from tests.servers import free_port
+    from tests.servers import free_port, serving_run
 
     data_root, users, withheld = published
     client, prefix = pointer
@@ -190,14 +188,13 @@ def test_make_serve_answers_from_the_models_of_the_version_it_names(
     database_url = f"sqlite:///{tmp_path / 'gateway.db'}"
     upgrade(database_url)
     key = new_key(database_url)
-    port, triton_port = free_port(), free_port()
+    triton_port = free_port()
     env = {**os.environ, "RECSYS_DATA_ROOT": str(data_root), "RECSYS_REDIS_URL": REDIS_URL,
            "RECSYS_REDIS_KEY_PREFIX": prefix, "RECSYS_DATABASE_URL": database_url,
            "RECSYS_TRITON_URL": f"http://127.0.0.1:{triton_port}", "RECSYS_TRITON_MODELS_DIR": str(tmp_path / "models"),
            "RECSYS_TRITON_TIMEOUT_MS": "20000", "RECSYS_REDIS_TIMEOUT_MS": "2000",
            "RECSYS_IMPRESSIONS_DIR": str(tmp_path / "impressions")}  # fmt: skip
     log = tmp_path / "serve.log"
-    url = f"http://127.0.0.1:{port}"
 
     def online_answers() -> tuple[set[str], list[list[int]]]:
         for user in users:  # as if the nightly run had missed these customers: the online path answers
@@ -221,27 +218,12 @@ def test_make_serve_answers_from_the_models_of_the_version_it_names(
             assert time.monotonic() < deadline, f"still {answered}, not {version}: {log.read_text()[-3000:]}"
             time.sleep(1)
 
-    with log.open("w") as stderr:
-        server = subprocess.Popen([sys.executable, "-m", "serving.run", "--port", str(port), "--no-redis-start",
-                                   "--no-access-log"], env=env, stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300  # Triton starts and loads the current version first
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
-        first = until_version("run_a")
+    with serving_run(["--no-redis-start", "--no-access-log"], env, log, startup_timeout_s=300) as url:
+        first = until_version("run_a")  # Triton started and loaded the current version before the gateway
         publish_recommendations(batch, redis_url=REDIS_URL, version="run_b", key_prefix=prefix, progress=False)
         second = until_version("run_b")
         rollback(REDIS_URL, prefix)
         again = until_version("run_a")
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
     held = set(withheld.tolist())
     assert any(held & set(row) for row in first) and not any(held & set(row) for row in second)

@@ -127,11 +127,8 @@ class KeyCache:
         self._entries[digest] = (time.monotonic() + self.ttl_s, caller)
 
 
-async def authenticate(request: Request, secret: Annotated[str | None, Security(key_header)]) -> Caller:
-    """The caller of this request, or 401."""
-    if not secret:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing X-API-Key header",
-                            headers={"WWW-Authenticate": "ApiKey"})  # fmt: skip
+async def caller_of(request: Request, secret: str) -> Caller | None:
+    """The caller a secret names (None: unknown or revoked), from this process's cache or the database."""
     cache: KeyCache = request.app.state.key_cache
     digest = hash_secret(secret)
     known, caller = cache.get(digest)
@@ -152,10 +149,20 @@ async def authenticate(request: Request, secret: Annotated[str | None, Security(
             log.warning("API key %r accepted from this process's copy: the database is unavailable", caller.name)
         else:
             cache.put(digest, caller)
+    if caller is not None:
+        request.state.caller = caller
+    return caller
+
+
+async def authenticate(request: Request, secret: Annotated[str | None, Security(key_header)]) -> Caller:
+    """The caller of this request, or 401."""
+    if not secret:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing X-API-Key header",
+                            headers={"WWW-Authenticate": "ApiKey"})  # fmt: skip
+    caller = await caller_of(request, secret)
     if caller is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown or revoked API key",
                             headers={"WWW-Authenticate": "ApiKey"})  # fmt: skip
-    request.state.caller = caller
     return caller
 
 

@@ -1,5 +1,10 @@
 """The demo page (report 5.5, figures 5.6 and 5.7): one validation user's recommendations against their clicks.
 
+A plain browser opens it: without a key, `GET /demo` answers a form that takes one (read scope) and
+`POST /demo/session` keeps it in an HttpOnly, SameSite=Strict cookie whose path is /demo, so the page's
+own requests carry it and no other route accepts it (they read the `X-API-Key` header only); a client
+sending the header works as before. `POST /demo/logout` drops the cookie.
+
 `GET /demo?user=ID` renders, on the server, a picker of the demo users, then for the chosen one the final
 recommendations the gateway's recommender answers that customer now (the precomputed nightly list with
 the rules of the moment, as `GET /recommendations/{id}` does), the candidates the retrieval stage found
@@ -19,19 +24,24 @@ import functools
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Depends, Form, Query, Request, Security
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.security import APIKeyCookie
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from recsys.settings import Settings
-from serving.api.auth import AUTH_ERRORS, ReadScope
+from serving.api.auth import AUTH_ERRORS, Caller, Scope, caller_of, key_header
 from serving.api.deps import SettingsDep
 from serving.api.schemas import INT64_MAX, error_responses
 from serving.recommender import Recommender, VisitorQuery
 from tasks.demo_data import METRICS_FILE, DemoData, DemoUser, hits, read_demo_data
 
-router = APIRouter(tags=["demo"], dependencies=[ReadScope], responses=error_responses(AUTH_ERRORS))
+router = APIRouter(tags=["demo"], responses=error_responses(AUTH_ERRORS))
+
+DEMO_COOKIE = "recsys_demo_key"
+COOKIE_HOURS = 8
+demo_cookie = APIKeyCookie(name=DEMO_COOKIE, auto_error=False, description="the key the demo's sign-in form keeps")
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 
@@ -78,8 +88,9 @@ class ListedItem:
     recommended: bool = False
 
 
-async def _user_view(recommender: Recommender, user: DemoUser, count: int, temperature: float) -> dict[str, Any]:
-    query = VisitorQuery(customer_id=user.user_id, context={}, count=count, temperature=temperature)
+async def _user_view(recommender: Recommender, user: DemoUser, count: int, temperature: float, api_key: str
+                     ) -> dict[str, Any]:  # fmt: skip
+    query = VisitorQuery(customer_id=user.user_id, context={}, count=count, temperature=temperature, api_key=api_key)
     answer, probabilities, promoted = await recommender.recommend(query)
     final = [ListedItem(item, score, item in user.clicked, probability, flag)
              for item, score, probability, flag in zip(answer.items, answer.scores, probabilities, promoted,
@@ -98,17 +109,57 @@ async def _user_view(recommender: Recommender, user: DemoUser, count: int, tempe
     }  # fmt: skip
 
 
-@router.get("/demo", response_class=HTMLResponse,
+async def demo_caller(request: Request, header: Annotated[str | None, Security(key_header)],
+                      cookie: Annotated[str | None, Security(demo_cookie)]) -> Caller | None:  # fmt: skip
+    """The caller by the `X-API-Key` header, else by the demo's cookie; None without a valid key."""
+    secret = header or cookie
+    return await caller_of(request, secret) if secret else None
+
+
+def _sign_in_page(request: Request, problem: str | None, status: int) -> HTMLResponse:
+    context = {"login_action": request.url_for("demo_session").path, "problem": problem, "hours": COOKIE_HOURS}
+    return _templates().TemplateResponse(request, "demo_login.html", context, status_code=status)
+
+
+@router.post("/demo/session", response_class=HTMLResponse, name="demo_session",
+             responses={303: {"description": "signed in: on to the demo page with the cookie set"}})  # fmt: skip
+async def demo_session(request: Request, api_key: Annotated[str, Form(max_length=200)]) -> Response:
+    """Check the key of the sign-in form; keep it in the demo's cookie and go on to the page."""
+    caller = await caller_of(request, api_key.strip())
+    if caller is None:
+        return _sign_in_page(request, "Unknown or revoked API key.", 401)
+    if Scope.READ not in caller.scopes:
+        return _sign_in_page(request, f"API key {caller.name!r} lacks the read scope.", 403)
+    page = RedirectResponse(request.url_for("demo_page").path, status_code=303)
+    page.set_cookie(DEMO_COOKIE, api_key.strip(), max_age=COOKIE_HOURS * 3600, path="/demo", httponly=True,
+                    samesite="strict", secure=request.url.scheme == "https")  # fmt: skip
+    return page
+
+
+@router.post("/demo/logout", response_class=HTMLResponse, responses={303: {"description": "the cookie dropped"}})
+async def demo_logout(request: Request) -> Response:
+    page = RedirectResponse(request.url_for("demo_page").path, status_code=303)
+    page.delete_cookie(DEMO_COOKIE, path="/demo", httponly=True, samesite="strict")
+    return page
+
+
+@router.get("/demo", response_class=HTMLResponse, name="demo_page",
             responses={404: {"description": "the user is not among the demo users"},
                        503: {"description": "no demo data: run `recsys demo-data` on a run"}})  # fmt: skip
 async def demo_page(
     request: Request,
     settings: SettingsDep,
+    caller: Annotated[Caller | None, Depends(demo_caller)],
     user: Annotated[int | None, Query(gt=0, le=INT64_MAX, description="a demo user (raw id)")] = None,
     count: Annotated[int, Query(ge=1, le=100, description="recommendations shown")] = 10,
     temperature: Annotated[float, Query(ge=0, le=100, description="softmax sampling; 0 = ranked order")] = 0.0,
 ) -> HTMLResponse:
-    """The demo page: a user picker, then that user's recommendations, candidates, clicks and measures."""
+    """The demo page: a user picker, then that user's recommendations, candidates, clicks and measures; the
+    sign-in form without a valid key."""
+    if caller is None:
+        return _sign_in_page(request, None, 401)
+    if Scope.READ not in caller.scopes:
+        return _sign_in_page(request, f"API key {caller.name!r} lacks the read scope.", 403)
     context: dict[str, Any] = {"form_action": request.url.path, "count": count, "temperature": temperature,
                                "choices": [], "user": None, "demo": None, "problem": None}  # fmt: skip
     status = 200
@@ -125,5 +176,6 @@ async def demo_page(
             status = 404
             context["problem"] = f"User {user} is not among the demo users: pick one from the list."
         elif user is not None:
-            context.update(await _user_view(request.app.state.recommender, demo.users[user], count, temperature))
+            context.update(await _user_view(request.app.state.recommender, demo.users[user], count, temperature,
+                                            caller.name))  # fmt: skip
     return _templates().TemplateResponse(request, "demo.html", context, status_code=status)
