@@ -191,7 +191,8 @@ def served_lists(run: Path, users: np.ndarray, redis_url: str) -> list[list[int]
     """Publish the run's batch lists to Redis and read each user's back as the gateway does."""
     import redis
 
-    from tasks.publish_recommendations import publish_recommendations, read_recommendations
+    from recsys.recommendation_store import read_recommendations
+    from tasks.publish_recommendations import publish_recommendations
 
     client = redis.Redis.from_url(redis_url)
     if client.connection_pool.connection_kwargs.get("db", 0) == 0:

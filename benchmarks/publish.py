@@ -32,9 +32,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from recsys.parquet_io import PartitionWriter  # noqa: E402
+from recsys.recommendation_store import RecommendationKeys  # noqa: E402
 from tasks.publish_recommendations import (  # noqa: E402
     PIPELINE_CHUNK,
-    RecommendationKeys,
     _batches,
     _encode_batch,
     _sources,

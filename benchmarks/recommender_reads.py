@@ -32,8 +32,7 @@ CONTEXT = {"location": "1", "device": "2"}
 def publish(redis_url: str) -> None:
     import redis
 
-    from tasks.batch_score import ALL_SEGMENTS, segment_key
-    from tasks.publish_recommendations import RecommendationKeys, encode_recommendations
+    from recsys.recommendation_store import ALL_SEGMENTS, RecommendationKeys, encode_recommendations, segment_key
 
     client = redis.Redis.from_url(redis_url)
     lists = encode_recommendations(list(range(1000, 1100)), [1.0 - index / 200 for index in range(100)])
@@ -58,8 +57,8 @@ async def measure(redis_url: str, calls: int, rounds: int) -> dict[str, tuple[fl
     """Best round's (CPU, wall) microseconds per call, by route."""
     import redis.asyncio
 
+    from recsys.recommendation_store import RecommendationKeys
     from serving.recommender import Recommender, RecommenderConfig, VisitorQuery
-    from tasks.publish_recommendations import RecommendationKeys
 
     client = redis.asyncio.Redis.from_url(redis_url)
 

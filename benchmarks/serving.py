@@ -166,7 +166,7 @@ class Cohorts:
 def cohorts(run: Path, spec: DatasetSpec, client: Any) -> Cohorts:
     import pandas as pd
 
-    from tasks.publish_recommendations import RecommendationKeys
+    from recsys.recommendation_store import RecommendationKeys
 
     keys = RecommendationKeys(PREFIX)
     known = pd.read_parquet(run / "nvtabular" / "user_features.parquet")[spec.user_id].astype(int).tolist()
@@ -510,7 +510,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 async def measure(args: argparse.Namespace, people: Cohorts, bare: Uvicorn, gateways: dict[int, Uvicorn],
                   triton_address: str, triton_cpu: Callable[[], float], client: Any) -> list[Measurement]:  # fmt: skip
-    from tasks.publish_recommendations import RecommendationKeys
+    from recsys.recommendation_store import RecommendationKeys
 
     keys = RecommendationKeys(PREFIX)
     main_gateway = gateways.get(500) or gateways[args.top_k[0]]  # the default TopK serves the other routes

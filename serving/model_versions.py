@@ -98,7 +98,7 @@ class ModelFollower:
                  grace_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         import tritonclient.http as triton_http
 
-        from tasks.publish_recommendations import RecommendationKeys
+        from recsys.recommendation_store import RecommendationKeys
 
         # Loading a version starts its model processes (TensorFlow, Faiss): far longer than a request.
         self.triton = triton_http.InferenceServerClient(urlparse(triton_url).netloc or triton_url,

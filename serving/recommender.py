@@ -50,10 +50,15 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from models.online_pipeline import order, ranked_order
+from recsys.recommendation_store import (
+    ALL_SEGMENTS,
+    REDIS_MAX_BITS,
+    decode_recommendations,
+    encode_recommendations,
+    segment_key,
+)
 from serving.seen_items import seen_key
 from serving.token_bucket import TOKEN_BUCKET_STEP, read_bucket_key
-from tasks.batch_score import ALL_SEGMENTS, segment_key
-from tasks.publish_recommendations import REDIS_MAX_BITS, decode_recommendations, encode_recommendations
 
 log = logging.getLogger(__name__)
 

@@ -143,7 +143,7 @@ def latest_published_repository(data_root: Path, redis_client: Any, key_prefix: 
     A run `<data_root>/runs/<run>` is published as version `<run>` (the DAG passes the run id made safe,
     which is also the run folder's name), so a version's meta hash says whether its run published.
     """
-    from tasks.publish_recommendations import RecommendationKeys
+    from recsys.recommendation_store import RecommendationKeys
 
     runs = Path(data_root) / "runs"
     # The newest export first: atomic outputs are links replaced by rename, so the link's own time is the export's.
@@ -283,8 +283,8 @@ def warm_up(settings: Settings) -> None:
 
     import redis
 
+    from recsys.recommendation_store import RecommendationKeys
     from serving.triton_client import TritonEnsembles
-    from tasks.publish_recommendations import RecommendationKeys
 
     keys = RecommendationKeys(settings.redis_key_prefix)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)

@@ -36,13 +36,12 @@ from models.online_pipeline import (
 )
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import PartitionWriter, nvtabular_part_files
+from recsys.recommendation_store import ALL_SEGMENTS, segment_key
 from recsys.spec import DatasetSpec
 from tasks.nvtabular_fit_transform import RAW_SUFFIX
 
 log = logging.getLogger(__name__)
 
-ALL_SEGMENTS = "*"  # the generic list of visitors whose segment is unknown
-SEGMENT_SEPARATOR = ":"
 
 LIST_TYPE = pa.list_(pa.int64())
 SCORES_TYPE = pa.list_(pa.float32())
@@ -80,11 +79,6 @@ RETRIEVAL_WEIGHTS = (DEFAULT_RETRIEVAL_WEIGHT, 0.0, 0.5, 4.0)
 ITEM_TO_ITEM_WEIGHTS = (DEFAULT_ITEM_TO_ITEM_WEIGHT, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 CHOICE_K = 10  # the weights maximize NDCG@10 on validation
 BLEND_USERS_FILE = "blend_users.npy"  # the validation users the weights were chosen on (evaluate leaves them out)
-
-
-def segment_key(values: list[Any]) -> str:
-    """The Redis key part of a segment: its context values joined, e.g. 'DE:mobile'."""
-    return SEGMENT_SEPARATOR.join(str(value) for value in values)
 
 
 def read_unavailable(path: Path | None, spec: DatasetSpec) -> set[int]:

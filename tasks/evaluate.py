@@ -62,8 +62,9 @@ import pandas as pd
 
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import part_files
+from recsys.recommendation_store import ALL_SEGMENTS, segment_key
 from recsys.spec import DatasetSpec
-from tasks.batch_score import ALL_SEGMENTS, BLEND_USERS_FILE, read_unavailable, segment_key
+from tasks.batch_score import BLEND_USERS_FILE, read_unavailable
 
 log = logging.getLogger(__name__)
 

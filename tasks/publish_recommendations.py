@@ -15,29 +15,7 @@ publish never touches what readers can see until its last step:
 5. retire versions beyond `keep_versions`: their keys get a TTL (`expire_after_s`), they are never
    deleted on the hot path, and a reader that resolved the pointer just before a swap still finds them.
 
-Key layout (prefix `recsys:` by default; DESIGN.md, "Publishing a batch to Redis atomically"):
-
-    {prefix}recs:current                     string: the version readers use
-    {prefix}recs:previous                    string: the version `rollback` switches back to
-    {prefix}recs:versions                    list: retained versions, newest publish first
-    {prefix}recs:loading                     set: versions whose load has started but not been switched to
-    {prefix}recs:{version}:meta              hash: status, counts, times, model versions, fingerprint
-    {prefix}recs:{version}:user:{user_id}    value: one user's list (raw ids, best first)
-    {prefix}recs:{version}:segment:{segment} value: a new visitor's generic list ("3:1", "*" for all)
-    {prefix}recs:{version}:similar:{item_id} value: the items similar to one item
-    {prefix}recs:{version}:known_users       string: a bitmap, bit `user_id` set for every user with a list
-
-The bitmap lets a reader tell a visitor the models do not know (a new visitor: the generic list) from a
-known customer whose list is missing (evicted, deleted: the online path), in the same round trip as the
-list, instead of asking Triton. It is written only while it stays small: ids below Redis's 2**32-bit
-limit and at most `KNOWN_USERS_BITS_PER_USER` bits a user (dense ids, as database sequences give; 1 MiB
-is always allowed). Otherwise a version has none, and readers treat every miss as possibly known.
-
-A value is the list as packed little-endian pairs (item id int64, score float32): 12 bytes an item,
-no parsing on the serving path (`decode_recommendations`). Encoding a batch is a few vectorized numpy
-and Arrow calls (0.4 µs a list of 100), so the publish runs at the rate of redis-py's pipelines
-themselves; JSON, even built by Arrow, took 28 µs a list here, more than its SET. See
-`benchmarks/publish.py`.
+The key layout and the value format are `recsys/recommendation_store.py`'s (the readers' contract too).
 """
 
 from __future__ import annotations
@@ -55,7 +33,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -64,10 +42,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
-from redis.client import NEVER_DECODE
 
 from recsys.errors import InputDataError
 from recsys.parquet_io import part_files
+from recsys.recommendation_store import (
+    DEFAULT_KEY_PREFIX,
+    KINDS,
+    PAYLOAD_DTYPE,
+    REDIS_MAX_BITS,
+    VALUE_FORMAT,
+    RecommendationKeys,
+    as_text,
+    as_texts,
+    hash_as_text,
+)
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -80,11 +68,8 @@ SOURCES: dict[str, tuple[str, str]] = {
     "segment": ("segments", "segment"),
     "similar": ("similar", "item_id"),
 }
-KINDS = tuple(SOURCES)
-PAYLOAD_DTYPE = np.dtype([("item_id", "<i8"), ("score", "<f4")])  # packed: 12 bytes an item
-VALUE_FORMAT = "item_id:int64le,score:float32le"  # recorded in every version's meta hash
+assert tuple(SOURCES) == KINDS
 
-DEFAULT_KEY_PREFIX = "recsys:"
 DEFAULT_EXPIRE_AFTER_S = 24 * 3600  # grace period of a retired version (late readers, inspection)
 DEFAULT_ABANDONED_AFTER_S = 15 * 60  # a load without a heartbeat for this long was killed
 # Commands per pipeline round trip: 5k lists of 100 items is ~6 MB a round trip. 1k and 5k measured
@@ -94,7 +79,6 @@ SCAN_COUNT = 10_000
 # The known-users bitmap (see above): at most this many bits a user, never more than Redis allows.
 KNOWN_USERS_BITS_PER_USER = 64
 KNOWN_USERS_MIN_BITS = 2**23
-REDIS_MAX_BITS = 2**32
 SETRANGE_CHUNK = 2**20  # bytes of the bitmap per SETRANGE
 # A retired version's meta hash outlives its data keys, so "no meta hash" always means "no keys left".
 META_GRACE_S = 300
@@ -110,130 +94,6 @@ class PublishError(RuntimeError):
 
 class VersionConflictError(InputDataError):
     """The version was already published from different input; a version's lists never change."""
-
-
-class Recommendations(NamedTuple):
-    version: str
-    item_ids: list[int]
-    scores: list[float]
-
-
-@dataclasses.dataclass(frozen=True)
-class RecommendationKeys:
-    """The Redis key names, in one place for the publisher and every reader."""
-
-    prefix: str = DEFAULT_KEY_PREFIX
-
-    @property
-    def current(self) -> str:
-        return f"{self.prefix}recs:current"
-
-    @property
-    def previous(self) -> str:
-        return f"{self.prefix}recs:previous"
-
-    @property
-    def versions(self) -> str:
-        return f"{self.prefix}recs:versions"
-
-    @property
-    def loading(self) -> str:
-        return f"{self.prefix}recs:loading"
-
-    def namespace(self, version: str) -> str:
-        return f"{self.prefix}recs:{version}:"
-
-    def meta(self, version: str) -> str:
-        return f"{self.namespace(version)}meta"
-
-    def data(self, version: str, kind: str, key: str | int) -> str:
-        return f"{self.namespace(version)}{kind}:{key}"
-
-    def known_users(self, version: str) -> str:
-        return f"{self.namespace(version)}known_users"
-
-
-def encode_recommendations(item_ids: Sequence[int], scores: Sequence[float]) -> bytes:
-    """One list as stored in Redis (the publisher encodes whole batches at once, the same way)."""
-    if len(item_ids) != len(scores):
-        raise ValueError(f"{len(item_ids)} item ids but {len(scores)} scores")
-    pairs = np.empty(len(item_ids), PAYLOAD_DTYPE)
-    pairs["item_id"] = item_ids
-    pairs["score"] = scores
-    return pairs.tobytes()
-
-
-def decode_recommendations(value: bytes) -> tuple[list[int], list[float]]:
-    """(item ids, scores) of a stored list, best first."""
-    if len(value) % PAYLOAD_DTYPE.itemsize:
-        raise ValueError(f"a stored list is a multiple of {PAYLOAD_DTYPE.itemsize} bytes, got {len(value)}")
-    pairs = np.frombuffer(value, dtype=PAYLOAD_DTYPE)
-    return pairs["item_id"].tolist(), pairs["score"].tolist()
-
-
-# --- reading (the serving tier) ---------------------------------------------------------------------
-
-
-def read_recommendations(client: redis.Redis, key_prefix: str, kind: str, key: str | int) -> Recommendations | None:
-    """The list of `kind` ("user", "segment", "similar") for `key` in the current version, or None.
-
-    Two GETs, the pointer and then the list, and still consistent: a version stays readable after the
-    pointer moves away from it (the previous one is kept; older ones expire only after a grace
-    period), so a swap between the two reads returns the complete list of the version that was
-    current at the first read, never a mix. This also works on Redis Cluster, where one Lua script or
-    MGET could not span the pointer and a list living on other slots.
-    """
-    keys = _reader_keys(key_prefix, kind)
-    version = client.get(keys.current)
-    if version is None:
-        return None
-    version_text = _text(version)
-    # NEVER_DECODE: the value is binary even when the caller's client has decode_responses=True.
-    value = client.execute_command("GET", keys.data(version_text, kind, key), **{NEVER_DECODE: []})
-    if value is None:
-        return None
-    item_ids, scores = decode_recommendations(value)
-    return Recommendations(version_text, item_ids, scores)
-
-
-async def read_recommendations_async(client: redis.asyncio.Redis, key_prefix: str, kind: str, key: str | int
-                                     ) -> Recommendations | None:  # fmt: skip
-    """`read_recommendations` for an asyncio client (FastAPI)."""
-    keys = _reader_keys(key_prefix, kind)
-    version = await client.get(keys.current)
-    if version is None:
-        return None
-    version_text = _text(version)
-    value = await client.execute_command("GET", keys.data(version_text, kind, key), **{NEVER_DECODE: []})
-    if value is None:
-        return None
-    item_ids, scores = decode_recommendations(value)
-    return Recommendations(version_text, item_ids, scores)
-
-
-def version_metadata(client: redis.Redis, key_prefix: str, version: str) -> dict[str, str]:
-    """A version's meta hash as text (status, counts, times, `model_versions` as JSON); {} if unknown."""
-    return _hash_text(client.hgetall(RecommendationKeys(key_prefix).meta(version)))
-
-
-def _reader_keys(key_prefix: str, kind: str) -> RecommendationKeys:
-    if kind not in SOURCES:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    return RecommendationKeys(key_prefix)
-
-
-# redis-py types every reply as "a value or an awaitable" (one set of annotations for both clients):
-# these take the sync client's replies as they come and give them a type.
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _texts(values: Any) -> list[str | None]:
-    return [None if value is None else _text(value) for value in values]
-
-
-def _hash_text(values: Any) -> dict[str, str]:
-    return {_text(field): _text(value) for field, value in values.items()}
 
 
 # --- publishing -------------------------------------------------------------------------------------
@@ -284,10 +144,10 @@ def publish_recommendations(
     client = redis.Redis.from_url(redis_url)
     try:
         abandoned = _retire_abandoned_loads(client, keys, version, abandoned_after_s, expire_after_s)
-        status = _text(client.hget(keys.meta(version), "status") or b"")
+        status = as_text(client.hget(keys.meta(version), "status") or b"")
         if status == "complete":
             fingerprint, counts = _fingerprint_only(sources, chunk_size)
-            published = _text(client.hget(keys.meta(version), "fingerprint") or b"")
+            published = as_text(client.hget(keys.meta(version), "fingerprint") or b"")
             if fingerprint != published:
                 raise VersionConflictError(
                     f"version {version} was already published from different input than {batch_dir} "
@@ -304,7 +164,7 @@ def publish_recommendations(
                 raise
             loaded = True
         previous = _switch(client, keys, version, attempt, fingerprint)
-        known_users_bytes = int(_text(client.hget(keys.meta(version), "known_users_bytes") or 0))
+        known_users_bytes = int(as_text(client.hget(keys.meta(version), "known_users_bytes") or 0))
         retire_started = time.perf_counter()
         retired = _retire_old_versions(client, keys, keep_versions, expire_after_s)
         retire_seconds = time.perf_counter() - retire_started
@@ -342,11 +202,11 @@ def rollback(redis_url: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> dict[str, 
             while True:
                 try:
                     pipe.watch(keys.current, keys.previous)
-                    current, previous = _texts(pipe.mget(keys.current, keys.previous))
+                    current, previous = as_texts(pipe.mget(keys.current, keys.previous))
                     if previous is None:
                         raise PublishError("nothing to roll back to: no previous version")
                     pipe.watch(keys.meta(previous))
-                    status = _text(pipe.hget(keys.meta(previous), "status") or b"missing")
+                    status = as_text(pipe.hget(keys.meta(previous), "status") or b"missing")
                     if status != "complete":
                         raise PublishError(f"cannot roll back to version {previous}: it is {status}")
                     pipe.multi()
@@ -614,7 +474,7 @@ def _claim(client: redis.Redis, keys: RecommendationKeys, version: str, batch_di
             try:
                 pipe.watch(meta_key)
                 status = pipe.hget(meta_key, "status")
-                if status is not None and _text(status) == "complete":
+                if status is not None and as_text(status) == "complete":
                     raise PublishError(f"version {version} was completed by another publisher meanwhile")
                 existed = status is not None
                 pipe.multi()
@@ -630,7 +490,7 @@ def _claim(client: redis.Redis, keys: RecommendationKeys, version: str, batch_di
         # at these keys, and SET NX must find none of them to count duplicates.
         deleted = _for_each_version_key(client, keys, version, lambda pipe, key: pipe.unlink(key))
         log.info("publish %s: took over from an earlier attempt (status %s), deleted its %d keys", version,
-                 _text(status or b""), deleted)  # fmt: skip
+                 as_text(status or b""), deleted)  # fmt: skip
     return attempt
 
 
@@ -703,14 +563,14 @@ def _switch(client: redis.Redis, keys: RecommendationKeys, version: str, attempt
         while True:
             try:
                 pipe.watch(keys.current, keys.previous, meta_key)
-                status, owner = _texts(pipe.hmget(meta_key, ["status", "attempt"]))
+                status, owner = as_texts(pipe.hmget(meta_key, ["status", "attempt"]))
                 if attempt is None and status != "complete":
                     raise PublishError(f"version {version} is {status} now, not complete: not switching to it")
                 if attempt is not None and (status, owner) != ("loading", attempt):
                     raise PublishError(f"version {version} was taken over or expired while loading "
                                        f"(status {status}); not switching to it")  # fmt: skip
                 current = pipe.get(keys.current)
-                current_text = _text(current) if current is not None else None
+                current_text = as_text(current) if current is not None else None
                 pipe.multi()
                 pipe.set(keys.current, version)
                 if current_text is not None and current_text != version:
@@ -735,7 +595,7 @@ def _set_status(client: redis.Redis, meta_key: str, expected: set[str], new: str
             try:
                 pipe.watch(meta_key)
                 status = pipe.hget(meta_key, "status")
-                if status is None or _text(status) not in expected:
+                if status is None or as_text(status) not in expected:
                     return False
                 pipe.multi()
                 pipe.hset(meta_key, mapping={"status": new, **fields})
@@ -757,7 +617,7 @@ def _for_each_version_key(client: redis.Redis, keys: RecommendationKeys, version
     for batch in _scan_chunks(client, pattern, SCAN_COUNT):
         pipe = client.pipeline(transaction=False)
         for key in batch:
-            if _text(key) != meta_key:
+            if as_text(key) != meta_key:
                 command(pipe, key)
                 done += 1
         pipe.execute()
@@ -785,7 +645,7 @@ def _fail(client: redis.Redis, keys: RecommendationKeys, version: str, attempt: 
           expire_after_s: int) -> None:  # fmt: skip
     """A refused load: never pointed at; its keys expire (kept a while for inspection)."""
     meta_key = keys.meta(version)
-    if _text(client.hget(meta_key, "attempt") or "") != attempt:
+    if as_text(client.hget(meta_key, "attempt") or "") != attempt:
         return  # taken over by another attempt: its keys are that attempt's now
     if _set_status(client, meta_key, {"loading"}, "failed", reason=reason[:1000]):
         _expire_version(client, keys, version, expire_after_s)
@@ -797,10 +657,10 @@ def _retire_abandoned_loads(client: redis.Redis, keys: RecommendationKeys, own_v
                             abandoned_after_s: float, expire_after_s: int) -> list[str]:  # fmt: skip
     """Expire loads of other versions that were killed (no heartbeat for `abandoned_after_s`) or refused."""
     abandoned = []
-    for version in sorted(_text(member) for member in cast(set[Any], client.smembers(keys.loading))):
+    for version in sorted(as_text(member) for member in cast(set[Any], client.smembers(keys.loading))):
         if version == own_version:
             continue  # this attempt takes it over in _claim
-        meta = _hash_text(client.hgetall(keys.meta(version)))
+        meta = hash_as_text(client.hgetall(keys.meta(version)))
         status = meta.get("status")
         if status == "loading" and time.time() - float(meta.get("heartbeat_at", 0)) < abandoned_after_s:
             continue  # may still be loading somewhere
@@ -817,13 +677,13 @@ def _retire_abandoned_loads(client: redis.Redis, keys: RecommendationKeys, own_v
 def _retire_old_versions(client: redis.Redis, keys: RecommendationKeys, keep_versions: int, expire_after_s: int
                          ) -> list[str]:  # fmt: skip
     """Keep `current`, `previous` and the newest others up to `keep_versions`; the rest expire."""
-    pointed = [value for value in _texts(client.mget(keys.current, keys.previous)) if value is not None]
-    listed = [_text(value) for value in cast(list[Any], client.lrange(keys.versions, 0, -1))]
+    pointed = [value for value in as_texts(client.mget(keys.current, keys.previous)) if value is not None]
+    listed = [as_text(value) for value in cast(list[Any], client.lrange(keys.versions, 0, -1))]
     keep = list(dict.fromkeys(pointed))
     for version in listed:
         if len(keep) >= keep_versions:
             break
-        if version not in keep and _text(client.hget(keys.meta(version), "status") or "") == "complete":
+        if version not in keep and as_text(client.hget(keys.meta(version), "status") or "") == "complete":
             keep.append(version)
     retired = []
     for version in listed:

@@ -169,7 +169,7 @@ def published_model_versions(redis_url: str, key_prefix: str) -> dict[str, str]:
     """The model versions of the recommendations readers see now ({} when nothing is published)."""
     import redis
 
-    from tasks.publish_recommendations import RecommendationKeys, version_metadata
+    from recsys.recommendation_store import RecommendationKeys, version_metadata
 
     client = redis.Redis.from_url(redis_url)
     try:

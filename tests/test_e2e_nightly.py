@@ -191,7 +191,7 @@ def test_data_stage_end_to_end(airflow_env, medium_raw: Path, tmp_path: Path, sp
     assert check_published_recommendations(rerun, spec, key_prefix="e2e:") == rerun.name
     redis_client = redis.Redis.from_url(E2E_REDIS_URL)
     assert redis_client.get("e2e:recs:previous").decode() == version
-    from tasks.publish_recommendations import read_recommendations
+    from recsys.recommendation_store import read_recommendations
 
     for user in users[spec.user_id]:
         before = read_recommendations_of_version(redis_client, "e2e:", version, int(user))
@@ -201,7 +201,7 @@ def test_data_stage_end_to_end(airflow_env, medium_raw: Path, tmp_path: Path, sp
 
 def read_recommendations_of_version(client: redis.Redis, key_prefix: str, version: str, key: int,
                                     kind: str = "user") -> tuple:  # fmt: skip
-    from tasks.publish_recommendations import decode_recommendations
+    from recsys.recommendation_store import decode_recommendations
 
     return decode_recommendations(client.get(f"{key_prefix}recs:{version}:{kind}:{key}"))
 
@@ -220,7 +220,7 @@ def version_of_ranker(client) -> str:  # type: ignore[no-untyped-def]
 
 def check_published_recommendations(run: Path, spec, key_prefix: str) -> str:  # type: ignore[no-untyped-def]
     """Assert what the web tier reads from Redis after `run`; return the published version."""
-    from tasks.publish_recommendations import read_recommendations
+    from recsys.recommendation_store import read_recommendations
 
     client = redis.Redis.from_url(E2E_REDIS_URL)
     version = client.get(f"{key_prefix}recs:current").decode()

@@ -15,10 +15,10 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
+from recsys.recommendation_store import encode_recommendations
 from recsys.settings import Settings
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
-from tasks.publish_recommendations import encode_recommendations
 from tests.api_keys import authorized
 
 REDIS_URL = "redis://127.0.0.1:6379/10"

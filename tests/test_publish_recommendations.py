@@ -27,17 +27,19 @@ import redis.asyncio
 import tasks.publish_recommendations as publish_module
 from recsys.cli import main as cli_main
 from recsys.errors import InputDataError
-from tasks.publish_recommendations import (
-    PublishError,
+from recsys.recommendation_store import (
     RecommendationKeys,
-    VersionConflictError,
     decode_recommendations,
     encode_recommendations,
-    publish_recommendations,
     read_recommendations,
     read_recommendations_async,
-    rollback,
     version_metadata,
+)
+from tasks.publish_recommendations import (
+    PublishError,
+    VersionConflictError,
+    publish_recommendations,
+    rollback,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -410,3 +412,17 @@ def test_cli_publishes_and_rolls_back(client: Client, tmp_path: Path, capsys: py
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["previous_version"] == "v1"
     assert cli_main(["rollback-recommendations", "--redis-url", REDIS_URL, "--key-prefix", PREFIX]) == 0
     assert pointers(client) == ("v1", "v2")
+
+
+def test_a_publish_between_a_readers_two_gets_leaves_it_the_whole_list_of_the_version_it_read(
+        client: Client, tmp_path: Path):  # fmt: skip
+    """The contract of docs/redis-contract.md: the pointer, then the list, with publishes in between."""
+    batches = {version: write_batch(tmp_path / version, seed=seed) for seed, version in enumerate(["v1", "v2", "v3"])}
+    publish(batches["v1"], "v1", expire_after_s=3600)
+    read_first = client.get(KEYS.current).decode()  # the reader's first GET
+    publish(batches["v2"], "v2", expire_after_s=3600)
+    publish(batches["v3"], "v3", expire_after_s=3600)  # v1 is now retired: expiring, still readable
+
+    expected = expected_lists(batches["v1"], "users", "user_id")
+    for user, lists in expected.items():  # the reader's second GET
+        assert decode_recommendations(client.get(KEYS.data(read_first, "user", user))) == lists

@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import redis
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
-from tasks.publish_recommendations import publish_recommendations, version_metadata
+from recsys.recommendation_store import version_metadata
+from tasks.publish_recommendations import publish_recommendations
 from tasks.quality_gate import (
     BATCH_SCORE_DIR_TAG,
     CHALLENGER,
@@ -41,9 +44,10 @@ REDIS_URL = "redis://127.0.0.1:6379/15"  # DBs 10 to 14 belong to other tests, w
 
 
 class ConstantModel(PythonModel):
-    # No type hints: MLflow would try to derive a signature from them.
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        return [0.5] * len(model_input)
+    # The hints models/pyfunc.py's model has: MLflow accepts them without inferring a signature (and warns
+    # about a predict without any).
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        return np.full(len(model_input), 0.5)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from recsys.recommendation_store import decode_recommendations
 from recsys.settings import Settings, get_settings
 from recsys.spec import DatasetSpec
 from recsys.trainer_env import run_trainer_step
@@ -23,7 +24,7 @@ from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from serving.triton_server import TritonServer
 from tasks.export_triton_ensemble import TritonEnsembleConfig, export_triton_ensemble
-from tasks.publish_recommendations import decode_recommendations, publish_recommendations
+from tasks.publish_recommendations import publish_recommendations
 from tests.api_keys import authorized
 from tests.servers import free_port
 

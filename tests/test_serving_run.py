@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from recsys.recommendation_store import RecommendationKeys
 from serving.run import ServeError, ensure_redis, latest_published_repository
-from tasks.publish_recommendations import RecommendationKeys
 from tests.servers import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/7"

@@ -1,0 +1,181 @@
+"""The nightly lists' store in Redis: its key layout, the value format and the reference readers.
+
+This is the contract between the publisher (`tasks/publish_recommendations.py`, which writes it) and every
+reader: the gateway (`serving/recommender.py`) and a web tier that reads Redis itself (docs/redis-contract.md).
+Readers resolve the pointer `{prefix}recs:current` to a version and read that version's keys.
+
+Key layout (prefix `recsys:` by default; DESIGN.md, "Publishing a batch to Redis atomically"):
+
+    {prefix}recs:current                     string: the version readers use
+    {prefix}recs:previous                    string: the version `rollback` switches back to
+    {prefix}recs:versions                    list: retained versions, newest publish first
+    {prefix}recs:loading                     set: versions whose load has started but not been switched to
+    {prefix}recs:{version}:meta              hash: status, counts, times, model versions, fingerprint
+    {prefix}recs:{version}:user:{user_id}    value: one user's list (raw ids, best first)
+    {prefix}recs:{version}:segment:{segment} value: a new visitor's generic list ("3:1", "*" for all)
+    {prefix}recs:{version}:similar:{item_id} value: the items similar to one item
+    {prefix}recs:{version}:known_users       string: a bitmap, bit `user_id` set for every user with a list
+
+The bitmap lets a reader tell a visitor the models do not know (a new visitor: the generic list) from a
+known customer whose list is missing (evicted, deleted: the online path), in the same round trip as the
+list, instead of asking Triton. It is written only while it stays small: ids below Redis's 2**32-bit
+limit and at most the publisher's `KNOWN_USERS_BITS_PER_USER` bits a user (dense ids, as database sequences give; 1 MiB
+is always allowed). Otherwise a version has none, and readers treat every miss as possibly known.
+
+A value is the list as packed little-endian pairs (item id int64, score float32): 12 bytes an item,
+no parsing on the serving path (`decode_recommendations`). Encoding a batch is a few vectorized numpy
+and Arrow calls (0.4 µs a list of 100), so the publish runs at the rate of redis-py's pipelines
+themselves; JSON, even built by Arrow, took 28 µs a list here, more than its SET. See
+`benchmarks/publish.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+from redis.client import NEVER_DECODE
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+
+KINDS = ("user", "segment", "similar")
+PAYLOAD_DTYPE = np.dtype([("item_id", "<i8"), ("score", "<f4")])  # packed: 12 bytes an item
+VALUE_FORMAT = "item_id:int64le,score:float32le"  # recorded in every version's meta hash
+DEFAULT_KEY_PREFIX = "recsys:"
+REDIS_MAX_BITS = 2**32
+ALL_SEGMENTS = "*"  # the generic list of visitors whose segment is unknown
+SEGMENT_SEPARATOR = ":"
+
+
+def segment_key(values: Sequence[Any]) -> str:
+    """The key part of a segment: its context values joined, e.g. 'DE:mobile'."""
+    return SEGMENT_SEPARATOR.join(str(value) for value in values)
+
+
+class Recommendations(NamedTuple):
+    version: str
+    item_ids: list[int]
+    scores: list[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecommendationKeys:
+    """The Redis key names, in one place for the publisher and every reader."""
+
+    prefix: str = DEFAULT_KEY_PREFIX
+
+    @property
+    def current(self) -> str:
+        return f"{self.prefix}recs:current"
+
+    @property
+    def previous(self) -> str:
+        return f"{self.prefix}recs:previous"
+
+    @property
+    def versions(self) -> str:
+        return f"{self.prefix}recs:versions"
+
+    @property
+    def loading(self) -> str:
+        return f"{self.prefix}recs:loading"
+
+    def namespace(self, version: str) -> str:
+        return f"{self.prefix}recs:{version}:"
+
+    def meta(self, version: str) -> str:
+        return f"{self.namespace(version)}meta"
+
+    def data(self, version: str, kind: str, key: str | int) -> str:
+        return f"{self.namespace(version)}{kind}:{key}"
+
+    def known_users(self, version: str) -> str:
+        return f"{self.namespace(version)}known_users"
+
+
+def encode_recommendations(item_ids: Sequence[int], scores: Sequence[float]) -> bytes:
+    """One list as stored in Redis (the publisher encodes whole batches at once, the same way)."""
+    if len(item_ids) != len(scores):
+        raise ValueError(f"{len(item_ids)} item ids but {len(scores)} scores")
+    pairs = np.empty(len(item_ids), PAYLOAD_DTYPE)
+    pairs["item_id"] = item_ids
+    pairs["score"] = scores
+    return pairs.tobytes()
+
+
+def decode_recommendations(value: bytes) -> tuple[list[int], list[float]]:
+    """(item ids, scores) of a stored list, best first."""
+    if len(value) % PAYLOAD_DTYPE.itemsize:
+        raise ValueError(f"a stored list is a multiple of {PAYLOAD_DTYPE.itemsize} bytes, got {len(value)}")
+    pairs = np.frombuffer(value, dtype=PAYLOAD_DTYPE)
+    return pairs["item_id"].tolist(), pairs["score"].tolist()
+
+
+# --- reading (the serving tier) ---------------------------------------------------------------------
+
+
+def read_recommendations(client: redis.Redis, key_prefix: str, kind: str, key: str | int) -> Recommendations | None:
+    """The list of `kind` ("user", "segment", "similar") for `key` in the current version, or None.
+
+    Two GETs, the pointer and then the list, and still consistent: a version stays readable after the
+    pointer moves away from it (the previous one is kept; older ones expire only after a grace
+    period), so a swap between the two reads returns the complete list of the version that was
+    current at the first read, never a mix. This also works on Redis Cluster, where one Lua script or
+    MGET could not span the pointer and a list living on other slots.
+    """
+    keys = _reader_keys(key_prefix, kind)
+    version = client.get(keys.current)
+    if version is None:
+        return None
+    version_text = as_text(version)
+    # NEVER_DECODE: the value is binary even when the caller's client has decode_responses=True.
+    value = client.execute_command("GET", keys.data(version_text, kind, key), **{NEVER_DECODE: []})
+    if value is None:
+        return None
+    item_ids, scores = decode_recommendations(value)
+    return Recommendations(version_text, item_ids, scores)
+
+
+async def read_recommendations_async(client: redis.asyncio.Redis, key_prefix: str, kind: str, key: str | int
+                                     ) -> Recommendations | None:  # fmt: skip
+    """`read_recommendations` for an asyncio client (FastAPI)."""
+    keys = _reader_keys(key_prefix, kind)
+    version = await client.get(keys.current)
+    if version is None:
+        return None
+    version_text = as_text(version)
+    value = await client.execute_command("GET", keys.data(version_text, kind, key), **{NEVER_DECODE: []})
+    if value is None:
+        return None
+    item_ids, scores = decode_recommendations(value)
+    return Recommendations(version_text, item_ids, scores)
+
+
+def version_metadata(client: redis.Redis, key_prefix: str, version: str) -> dict[str, str]:
+    """A version's meta hash as text (status, counts, times, `model_versions` as JSON); {} if unknown."""
+    return hash_as_text(client.hgetall(RecommendationKeys(key_prefix).meta(version)))
+
+
+def _reader_keys(key_prefix: str, kind: str) -> RecommendationKeys:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return RecommendationKeys(key_prefix)
+
+
+# redis-py types every reply as "a value or an awaitable" (one set of annotations for both clients):
+# these take the sync client's replies as they come and give them a type.
+def as_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def as_texts(values: Any) -> list[str | None]:
+    return [None if value is None else as_text(value) for value in values]
+
+
+def hash_as_text(values: Any) -> dict[str, str]:
+    return {as_text(field): as_text(value) for field, value in values.items()}
+
