@@ -39,7 +39,7 @@ migrate:  ## create or upgrade the gateway's database (RECSYS_DATABASE_URL, defa
 api: migrate  ## the REST gateway (ingestion) on http://127.0.0.1:8100 (API_PORT=...), OpenAPI docs at /docs
 	$(VENV)/uvicorn serving.api.main:create_app --factory --host 127.0.0.1 --port $(API_PORT)
 
-api-key:  ## create an API key and print it once: make api-key NAME=web-tier SCOPES="read" (read, ingest, admin)
+api-key: migrate  ## create an API key and print it once: make api-key NAME=web-tier SCOPES="read" (read, ingest, admin)
 	$(VENV)/python -m serving.api.keys create $(NAME) --scopes $(SCOPES)
 
 serve:  ## serve recommendations: Redis if not running, Triton on the latest published run, migrate, gateway on API_PORT
