@@ -33,7 +33,7 @@ SEPARATOR = "--"
 CONFIG_FILE = "config.pbtxt"
 # Environment variable `serving.run` sets for its workers: Triton serves version-named models.
 VERSIONED_MODELS_ENV = "RECSYS_TRITON_VERSIONED_MODELS"
-_UNSAFE = re.compile(r"[^0-9A-Za-z_.-]")
+_UNSAFE = re.compile(r"[^0-9A-Za-z_.+-]")  # the publisher's version characters stay as they are
 
 
 def versioned_name(model: str, version: str) -> str:

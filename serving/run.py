@@ -50,7 +50,7 @@ from types import FrameType
 from typing import Any
 
 from recsys.settings import PROJECT_ROOT, Settings, get_settings
-from serving.api.metrics import MULTIPROCESS_DIR_ENV
+from serving.api.metrics import MULTIPROCESS_DIR_ENV, MULTIPROCESS_ON_ENV
 from serving.model_versions import VERSIONED_MODELS_ENV, ModelFollower
 from serving.triton_server import TritonServer, TritonServerError
 
@@ -342,15 +342,19 @@ def live_api_keys(database_url: str) -> int:
 def shared_metrics(workers: int) -> Iterator[None]:
     """With several workers, Prometheus' multiprocess mode in a fresh folder, so `/metrics` counts them all
     (serving/api/metrics.py); a folder the environment already names is used as it is (its owner wipes it)."""
-    if workers == 1 or os.environ.get(MULTIPROCESS_DIR_ENV):
+    if workers == 1:
         yield
         return
+    given = os.environ.get(MULTIPROCESS_DIR_ENV)
     with tempfile.TemporaryDirectory(prefix="recsys-metrics-") as folder:
-        os.environ[MULTIPROCESS_DIR_ENV] = folder  # the workers, started after this, inherit it
+        os.environ[MULTIPROCESS_DIR_ENV] = given or folder  # the workers, started after this, inherit it
+        os.environ[MULTIPROCESS_ON_ENV] = "1"
         try:
             yield
         finally:
-            del os.environ[MULTIPROCESS_DIR_ENV]
+            del os.environ[MULTIPROCESS_ON_ENV]
+            if given is None:
+                del os.environ[MULTIPROCESS_DIR_ENV]
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> None:

@@ -2,6 +2,12 @@ from __future__ import annotations
 
 import os
 import uuid
+
+# Before any test imports Feast: Feast sets PROMETHEUS_MULTIPROC_DIR at import, and prometheus_client picks
+# file-backed values for good if that is set when it is first imported, which would give the gateway apps the
+# tests build (in this one process) metrics that their own registries do not report. The gateway never imports
+# Feast; its multiprocess mode is serving.run's (serving/api/metrics.py).
+import prometheus_client  # noqa: F401  isort: skip
 from collections.abc import Iterator
 from pathlib import Path
 

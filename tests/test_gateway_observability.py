@@ -103,6 +103,7 @@ def test_metrics_count_latency_answers_fallbacks_errors_and_keys(published: redi
         samples = scrape(client)
         again = scrape(client)
     key_names = {dict(labels)["api_key"] for name, labels in samples if name == "recsys_http_requests_by_api_key_total"}
+    assert len(key_names - {"none"}) == 1, key_names
     [key_name] = key_names - {"none"}
 
     histogram = "recsys_http_request_duration_seconds_count"

@@ -40,6 +40,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 # prometheus_client reads it at import: set before a worker starts, its values go to files in that folder.
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Set with it by serving.run: /metrics reads the folder only then, since other libraries set the folder too
+# (Feast does at import), which alone says nothing about where this process's values are.
+MULTIPROCESS_ON_ENV = "RECSYS_METRICS_MULTIPROCESS"
 
 # Seconds; the SLA of a whole request is 500 ms, the gateway's own budgets 50 ms (Redis) and 250 ms (Triton).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -105,7 +108,7 @@ async def metrics(request: Request) -> Response:
     """Prometheus' text exposition of the gateway's metrics, every worker's in multiprocess mode (no API key:
     scrapers carry none)."""
     registry: CollectorRegistry = request.app.state.metrics.registry
-    if os.environ.get(MULTIPROCESS_DIR_ENV):
+    if os.environ.get(MULTIPROCESS_ON_ENV) == "1" and os.environ.get(MULTIPROCESS_DIR_ENV):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
