@@ -77,13 +77,19 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def repo_config(project: str, config: FeastStoreConfig) -> RepoConfig:
-    """Feast's RepoConfig: local provider, file registry, Redis online store, Dask reading the Parquet tables."""
+def repo_config(project: str, config: FeastStoreConfig, *, writes_always_land: bool = False) -> RepoConfig:
+    """Feast's RepoConfig: local provider, file registry, Redis online store, Dask reading the Parquet tables.
+
+    Feast skips a write whose event time is not newer than the stored row's (DESIGN.md); `writes_always_land`
+    turns that check off (Feast's `skip_dedup`), for the gateway's write-through: its rows carry the served
+    run's snapshot time, so that the next nightly load, a newer snapshot, replaces them, and a second change
+    of the same customer must land too."""
     return RepoConfig(
         project=project,
         provider="local",
         registry=str(config.registry_path),
-        online_store=RedisOnlineStoreConfig(connection_string=redis_connection_string(config.redis_url)),
+        online_store=RedisOnlineStoreConfig(connection_string=redis_connection_string(config.redis_url),
+                                            skip_dedup=writes_always_land),
         offline_store=DaskOfflineStoreConfig(),
         entity_key_serialization_version=3,
         repo_path=REPO_DIR,

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from feast import FeatureService, FeatureView
 
+RANKER_SERVICE = "ranker"
+# The query tower's: the gateway's online path reads a customer's features through it (serving/live_features.py).
+TWO_TOWER_SERVICE = "two_tower"
+
 
 def feature_services(user_view: FeatureView, item_view: FeatureView) -> list[FeatureService]:
     return [
-        FeatureService(name="ranker", features=[user_view, item_view],
+        FeatureService(name=RANKER_SERVICE, features=[user_view, item_view],
                        description="user and item features of the ranking model (DLRM / DCN-v2 / MLP)"),
-        FeatureService(name="two_tower", features=[user_view],
+        FeatureService(name=TWO_TOWER_SERVICE, features=[user_view],
                        description="user features of the two-tower model's query tower"),
     ]  # fmt: skip

@@ -1,4 +1,5 @@
-"""Opening the feature store and reading online features: shared by the pipeline and the serving tier."""
+"""Opening the feature store and reading online features: shared by the pipeline, the tests and the gateway's
+online path (serving/live_features.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from feature_repo.tables import EntityTable, entity_tables
 from recsys.spec import DatasetSpec
 
 
-def open_feature_store(spec: DatasetSpec, config: FeastStoreConfig | None = None) -> FeatureStore:
-    """The dataset's feature store (nothing connects until it is used)."""
-    return FeatureStore(config=repo_config(project_name(spec), config or FeastStoreConfig.from_settings()))
+def open_feature_store(spec: DatasetSpec, config: FeastStoreConfig | None = None, *,
+                       writes_always_land: bool = False) -> FeatureStore:  # fmt: skip
+    """The dataset's feature store (nothing connects until it is used); see `repo_config`."""
+    return FeatureStore(config=repo_config(project_name(spec), config or FeastStoreConfig.from_settings(),
+                                           writes_always_land=writes_always_land))  # fmt: skip
 
 
 def online_features(store: FeatureStore, table: EntityTable, ids: Sequence[Any]) -> dict[str, list[Any]]:

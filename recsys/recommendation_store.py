@@ -15,6 +15,8 @@ Key layout (prefix `recsys:` by default; DESIGN.md, "Publishing a batch to Redis
     {prefix}recs:{version}:segment:{segment} value: a new visitor's generic list ("3:1", "*" for all)
     {prefix}recs:{version}:similar:{item_id} value: the items similar to one item
     {prefix}recs:{version}:known_users       string: a bitmap, bit `user_id` set for every user with a list
+    {prefix}recs:{version}:live_users        string: a bitmap, bit `user_id` set by the gateway for every customer
+                                             whose features it wrote to Feast since (serving/live_features.py)
 
 The bitmap lets a reader tell a visitor the models do not know (a new visitor: the generic list) from a
 known customer whose list is missing (evicted, deleted: the online path), in the same round trip as the
@@ -95,6 +97,13 @@ class RecommendationKeys:
 
     def known_users(self, version: str) -> str:
         return f"{self.namespace(version)}known_users"
+
+    def live_users(self, version: str) -> str:
+        return f"{self.namespace(version)}live_users"
+
+    def online_cache(self, version: str, kind: str, key: str | int) -> str:
+        """The gateway's cache of an online (Triton) answer under `version`, with a TTL."""
+        return f"{self.prefix}cache:{version}:{kind}:{key}"
 
 
 def encode_recommendations(item_ids: Sequence[int], scores: Sequence[float]) -> bytes:

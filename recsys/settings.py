@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     # with ours (redis://[:password@]host:port/db, rediss:// for TLS); the registry is a local file.
     feast_redis_url: str = "redis://127.0.0.1:6379/1"
     feast_registry_path: Path = PROJECT_ROOT / "var" / "feast" / "registry.db"
+    # Feast on the gateway's online path (serving/live_features.py): a customer's features are read from its
+    # online store at request time and written through when the API creates or changes the customer. Off, the
+    # online path looks customers up in the run's own table inside Triton and the API writes nothing to Feast.
+    live_features: bool = True
+    # Budget of the online path's Feast read (a Redis round trip and Feast's own conversions).
+    feast_timeout_ms: int = Field(default=50, gt=0)
 
     # Redis that the web tier reads the published batch recommendations from
     # (tasks/publish_recommendations.py); every key written there starts with the prefix.

@@ -6,7 +6,8 @@ name), whose export is `<run>/triton_repository`. `stage_version` lays that repo
 repository (one Triton runs on it, in explicit model control) as `<model>--<v>`: every file hard-linked, not
 copied (a re-export of the run does not pull files from under loaded models), and each `config.pbtxt` rewritten
 to the new names, ensemble steps included. `ModelFollower.sync` then loads the
-current version's two ensembles (Triton loads the stages they name with them) and, once the current version has
+current version's two ensembles (Triton loads the stages they name with them) and `encode_features`,
+and, once the current version has
 been current (and loaded) for `grace_s`, unloads the others: a request already on its way to an older version's models
 finishes there. The gateway calls the ensembles of the version its Redis read returned (`versioned_name`), so
 the `model_version` of an answer is the version whose models produced it; in the seconds between a pointer move
@@ -29,6 +30,8 @@ from urllib.parse import urlparse
 log = logging.getLogger(__name__)
 
 ENSEMBLES = ("recommend", "similar_products")
+# The standalone model the gateway calls to encode what the API receives (tasks/export_triton_ensemble.py).
+ENCODE_FEATURES = "encode_features"
 SEPARATOR = "--"
 CONFIG_FILE = "config.pbtxt"
 # Environment variable `serving.run` sets for its workers: Triton serves version-named models.
@@ -134,8 +137,8 @@ class ModelFollower:
                 return None
             started = time.perf_counter()
             stage_version(exported, self.repository, version)
-            for ensemble in ENSEMBLES:
-                self.triton.load_model(versioned_name(ensemble, version))  # and the stages it names
+            for model in self.served_models(version):
+                self.triton.load_model(model)  # an ensemble: and the stages it names
             self.loaded.add(version)
             log.info("Triton serves version %s (%s), loaded in %.1f s", version, exported,
                      time.perf_counter() - started)  # fmt: skip
@@ -143,11 +146,18 @@ class ModelFollower:
             self.current, self.current_since = version, self.clock()
         if self.clock() - self.current_since >= self.grace_s:
             for old in sorted(self.loaded - {version}):
-                for ensemble in ENSEMBLES:
-                    self.triton.unload_model(versioned_name(ensemble, old), unload_dependents=True)
+                for model in self.served_models(old):
+                    self.triton.unload_model(model, unload_dependents=True)
                 self.loaded.discard(old)
                 log.info("Triton unloaded version %s (current: %s)", old, version)
         return version
+
+    def served_models(self, version: str) -> list[str]:
+        """What Triton loads of a version: its ensembles (with the stages they name) and `encode_features`, which
+        runs exported before it lack."""
+        names = [versioned_name(ensemble, version) for ensemble in ENSEMBLES]
+        encode = versioned_name(ENCODE_FEATURES, version)
+        return [*names, encode] if (self.repository / encode).is_dir() else names
 
     def close(self) -> None:
         self.triton.close()

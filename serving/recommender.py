@@ -53,10 +53,12 @@ from models.online_pipeline import order, ranked_order
 from recsys.recommendation_store import (
     ALL_SEGMENTS,
     REDIS_MAX_BITS,
+    RecommendationKeys,
     decode_recommendations,
     encode_recommendations,
     segment_key,
 )
+from serving.live_features import LiveFeatures
 from serving.seen_items import seen_key
 from serving.token_bucket import TOKEN_BUCKET_STEP, read_bucket_key
 
@@ -74,8 +76,9 @@ REDIS_FAILURES = (RedisError, TimeoutError, OSError)
 # visitor's segment lists, so that the generic route costs no second round trip). Replies {0, seconds to
 # wait} when the key is over its read rate (serving/api/rate_limit.py's bucket, taken here so that a read
 # costs no second round trip), {} without a version, else {version, seen items, list or nil, ...} and, when
-# asked, the user's bit (1 known, 0 not, -1 the version has no bitmap) followed, for 0, by the lists read for
-# an unknown user.
+# asked, 2 for a user whose features the gateway wrote since the nightly run (the version's `live_users` bitmap,
+# serving/live_features.py: the online path answers them), else, when the first list is missing, the user's bit
+# (1 known, 0 not, -1 the version has no bitmap) followed, for 0, by the lists read for an unknown user.
 # It reads keys it derives (not passed in KEYS): fine on one Redis server, not on Redis Cluster.
 _CURRENT_AND_LISTS = """
 if ARGV[3] ~= '' then
@@ -97,20 +100,26 @@ local function read(first, last)
 end
 local always = 5 + tonumber(ARGV[5])
 read(6, always)
-if ARGV[2] ~= '' and not reply[3] then
-  local known = namespace .. 'known_users'
-  local bit
-  if redis.call('EXISTS', known) == 0 then bit = -1
-  elseif tonumber(ARGV[2]) < 0 then bit = 0
-  else bit = redis.call('GETBIT', known, ARGV[2]) end
-  reply[#reply + 1] = bit
-  if bit == 0 then read(always + 1, #ARGV) end
+if ARGV[2] ~= '' then
+  local user = tonumber(ARGV[2])
+  if user >= 0 and redis.call('GETBIT', namespace .. 'live_users', ARGV[2]) == 1 then
+    reply[#reply + 1] = 2
+  elseif not reply[3] then
+    local known = namespace .. 'known_users'
+    local bit
+    if redis.call('EXISTS', known) == 0 then bit = -1
+    elseif user < 0 then bit = 0
+    else bit = redis.call('GETBIT', known, ARGV[2]) end
+    reply[#reply + 1] = bit
+    if bit == 0 then read(always + 1, #ARGV) end
+  end
 end
 return reply
 """
 
 
 PublishedList = tuple[list[int], list[float]]  # item ids and scores, best first
+Inputs = dict[str, np.ndarray]  # tensors of the recommend ensemble by name
 
 
 class CurrentLists(NamedTuple):
@@ -123,6 +132,8 @@ class CurrentLists(NamedTuple):
     known: bool | None
     # The segment lists asked for in case the user is unknown, read when `known` is False; else empty.
     segments: list[PublishedList | None]
+    # The gateway wrote the user's features since the nightly run (a new or changed profile): answer online.
+    live: bool = False
 
 
 UNKNOWN_TO_THE_MODELS = b""  # the online cache's value for a customer the models do not know (no list is empty)
@@ -226,9 +237,12 @@ class Recommender:
     """Answers visitors from Redis and Triton; `product_flags` reads availability and promotion now."""
 
     def __init__(self, redis_client: Any, triton: Any | None, config: RecommenderConfig,
-                 product_flags: Callable[[Sequence[int]], Awaitable[dict[int, ProductFlags]]]) -> None:  # fmt: skip
+                 product_flags: Callable[[Sequence[int]], Awaitable[dict[int, ProductFlags]]],
+                 live: LiveFeatures | None = None) -> None:  # fmt: skip
         self.redis = redis_client
         self.triton = triton
+        self.live = live  # Feast on the online path (None: Triton looks customers up in its run's table)
+        self.keys = RecommendationKeys(config.key_prefix)
         self.config = config
         self.product_flags = product_flags
         self._flags = ProductFlagsCache(config.product_flags_ttl_s, config.product_flags_cached)
@@ -271,9 +285,10 @@ class Recommender:
         seen = frozenset(int(item) for item in reply[1])
         lists = reply[2:]
         decoded = [decode_recommendations(value) if value else None for value in lists[: len(keys)]]
-        known = {1: True, 0: False}.get(lists[len(keys)]) if len(lists) > len(keys) else None
+        marker = lists[len(keys)] if len(lists) > len(keys) else None
+        known = {1: True, 0: False, 2: True}.get(marker)  # type: ignore[arg-type]
         segments = [decode_recommendations(value) if value else None for value in lists[len(keys) + 1 :]]
-        return CurrentLists(reply[0].decode(), decoded, seen, known, segments)
+        return CurrentLists(reply[0].decode(), decoded, seen, known, segments, live=marker == 2)
 
     async def _published(self, version: str, kind: str, keys: Sequence[str]) -> list[PublishedList | None]:
         names = [f"{self.config.key_prefix}recs:{version}:{kind}:{key}" for key in keys]
@@ -302,15 +317,19 @@ class Recommender:
 
     async def _candidates(self, query: VisitorQuery) -> RankedList:
         if query.viewed:
-            version, similar, seen, _, _ = await self._current("similar", [str(item) for item in query.viewed],
+            version, similar, seen, *_ = await self._current("similar", [str(item) for item in query.viewed],
                                                                query.customer_id, api_key=query.api_key)  # fmt: skip
             return dataclasses.replace(await self._browsing_now(query, version, similar), seen=seen)
         segments = self._segments(query)
-        version, [precomputed], seen, known, generic = await self._current(
-            "user", [str(query.customer_id)], query.customer_id, ask_known=True,
-            segments_if_unknown=segments, api_key=query.api_key)  # fmt: skip
-        return dataclasses.replace(await self._answer(query, version, precomputed, known, segments, generic),
-                                   seen=seen)  # fmt: skip
+        current = await self._current("user", [str(query.customer_id)], query.customer_id, ask_known=True,
+                                      segments_if_unknown=segments, api_key=query.api_key)  # fmt: skip
+        answer = None
+        if current.live:  # features written since the nightly run: the user tower on them, not last night's list
+            answer = await self._online(query, current.version)
+        if answer is None:
+            answer = await self._answer(query, current.version, current.lists[0], current.known, segments,
+                                        current.segments)  # fmt: skip
+        return dataclasses.replace(answer, seen=current.seen)
 
     async def _answer(self, query: VisitorQuery, version: str | None, precomputed: PublishedList | None,
                       known: bool | None, segments: list[str], generic: list[PublishedList | None]
@@ -364,7 +383,7 @@ class Recommender:
         That the models do not know a customer is cached too (an empty value, same TTL): where the version
         has no known-users bitmap, a new visitor's next requests then cost the one cache read instead of a
         Triton call each."""
-        cache_key = f"{self.config.key_prefix}cache:{version}:user:{query.customer_id}"
+        cache_key = self.keys.online_cache(str(version), "user", query.customer_id)
         cached = await self._redis(self.redis.get(cache_key))
         if cached == UNKNOWN_TO_THE_MODELS:
             return None
@@ -373,20 +392,49 @@ class Recommender:
             return RankedList(items, scores, route="online_cached", model_version=version)
         if self.triton is None:
             return None
-        try:
-            answer = await asyncio.wait_for(self.triton.recommend(query.customer_id, top_k=self.config.online_top_k,
-                                                                  version=version),
-                                            timeout=self.config.triton_timeout_s)  # fmt: skip
-        except Exception as error:  # any Triton failure falls back; the reason is logged
-            log.warning("Triton recommend failed (%s): generic list instead", error)
-            return await self._generic(query, version, degraded=["triton_unavailable"])
-        if answer is None:  # a customer the models do not know: a new visitor
+        features, context, degraded = await self._live_inputs(query, version)
+        if self.live is not None and features is None and not degraded:  # Feast has no row: a new visitor
             await self._redis(self.redis.set(cache_key, UNKNOWN_TO_THE_MODELS, ex=self.config.online_cache_ttl_s))
             return None
+        try:
+            call = self.triton.recommend(query.customer_id, top_k=self.config.online_top_k, version=version,
+                                         features=features, context=context)  # fmt: skip
+            answer = await asyncio.wait_for(call, timeout=self.config.triton_timeout_s)
+        except Exception as error:  # any Triton failure falls back; the reason is logged
+            log.warning("Triton recommend failed (%s): generic list instead", error)
+            return await self._generic(query, version, degraded=[*degraded, "triton_unavailable"])
+        if answer is None:  # a customer the models do not know: a new visitor
+            if not degraded:
+                await self._redis(self.redis.set(cache_key, UNKNOWN_TO_THE_MODELS, ex=self.config.online_cache_ttl_s))
+            return None
         items, scores = answer
-        await self._redis(self.redis.set(cache_key, encode_recommendations(items, scores),
-                                         ex=self.config.online_cache_ttl_s))  # fmt: skip
-        return RankedList(items, scores, route="online", model_version=version)
+        if not degraded:  # an answer without the customer's current features or context is not kept for the TTL
+            await self._redis(self.redis.set(cache_key, encode_recommendations(items, scores),
+                                             ex=self.config.online_cache_ttl_s))  # fmt: skip
+        return RankedList(items, scores, route="online", model_version=version, degraded=degraded)
+
+    async def _live_inputs(self, query: VisitorQuery, version: str | None
+                           ) -> tuple[Inputs | None, Inputs | None, list[str]]:  # fmt: skip
+        """The customer's features from Feast and the request's encoded context, for Triton, and what degraded.
+
+        Feast unreachable: Triton looks the customer up in its run's own table (`feature_store_unavailable`);
+        the context not encodable (Triton's `encode_features` down): the ranker sees it missing."""
+        if self.live is None:
+            return None, None, []
+        degraded = []
+        features = context = None
+        try:
+            features = await self.live.user_features(query.customer_id)
+        except Exception as error:  # any Feast failure: the run's table instead; the reason is logged
+            log.warning("Feast online read failed (%s: %s): Triton's own table instead", type(error).__name__, error)
+            degraded.append("feature_store_unavailable")
+        try:
+            async with asyncio.timeout(self.config.triton_timeout_s):
+                context = await self.live.context_features(version, query.context)
+        except Exception as error:
+            log.warning("encoding the context failed (%s: %s): ranked without it", type(error).__name__, error)
+            degraded.append("context_unavailable")
+        return features, context, degraded
 
     async def _browsing_now(self, query: VisitorQuery, version: str | None,
                             found: list[PublishedList | None]) -> RankedList:  # fmt: skip
@@ -417,7 +465,7 @@ class Recommender:
 
         Cached as the online user lists are (same TTL), "the models do not know this product" too: a new
         product's page, viewed again and again, costs one cache read instead of a Triton call each time."""
-        keys = [f"{self.config.key_prefix}cache:{version}:similar:{item}" for item in items]
+        keys = [self.keys.online_cache(str(version), "similar", item) for item in items]
         found: dict[int, PublishedList] = {}
         ask = []
         for item, key, cached in zip(items, keys, await self._redis(self.redis.mget(keys)), strict=True):

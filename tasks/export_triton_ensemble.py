@@ -1,7 +1,8 @@
 """Write a run's online pipeline as a Triton model repository (platform environment: it only copies and writes).
 
 Two ensembles over eight Python-backend models (the code in `serving/triton_models/`, which calls the
-one pipeline implementation in `models/online_pipeline.py`, as batch scoring does):
+one pipeline implementation in `models/online_pipeline.py`, as batch scoring does), and `encode_features`,
+which the gateway calls on its own to encode what the API receives with the run's fitted NVTabular workflow:
 
     recommend:         query_tower -> faiss_retrieval -> candidate_sources -> filter_candidates -> ranker
                        -> ordering
@@ -15,7 +16,7 @@ the ranker's probability blended with those (`retrieval_weight`, `item_to_item_w
 The repository is self-contained: each model's version folder `<model>/1/` holds its `model.py` and
 copies of what that stage loads (the query tower or ranker SavedModel, the Faiss index, the user or
 item feature table, the item embeddings, the item-to-item source and each user's history, each user's seen
-items (the spec's `exclude_seen`), the unavailable items) and
+items (the spec's `exclude_seen`), the unavailable items, the fitted workflow) and
 `pipeline_columns.json`, so it keeps working after the run's folder is gone and each stage process
 holds only its own share. `config.pbtxt` files are written from the tensor lists below. The models
 run in the trainer environment inside Triton's Python backend (README, "Triton server"), so this
@@ -37,6 +38,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from feature_repo.tables import EVENT_TIMESTAMP
 from models.item_to_item import CONFIG_FILE, NEIGHBOURS_FILE
 from models.online_pipeline import (
     DEFAULT_ITEM_TO_ITEM_WEIGHT,
@@ -52,7 +54,15 @@ from models.online_pipeline import (
 from recsys.outputs import atomic_output_dir
 from recsys.spec import DatasetSpec
 from serving import triton_models
-from serving.triton_models.stage import QUERY_TOWER_DIR, RANKER_DIR, SEEN_ITEMS_FILE, UNAVAILABLE_FILE
+from serving.model_versions import ENCODE_FEATURES
+from serving.triton_models.stage import (
+    QUERY_TOWER_DIR,
+    RANKER_DIR,
+    SEEN_ITEMS_FILE,
+    SNAPSHOT_FILE,
+    UNAVAILABLE_FILE,
+    WORKFLOW_DIR,
+)
 from tasks.build_faiss_index import INDEX_FILE
 from tasks.nvtabular_fit_transform import RAW_SUFFIX
 
@@ -107,7 +117,7 @@ class TensorConfig:
     """One input or output of a model's config.pbtxt."""
 
     name: str
-    data_type: str  # TYPE_INT64, TYPE_FP32, TYPE_INT32, TYPE_BOOL
+    data_type: str  # TYPE_INT64, TYPE_FP32, TYPE_INT32, TYPE_BOOL, TYPE_STRING
     dims: tuple[int, ...]
     optional: bool = False
 
@@ -230,7 +240,11 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
         {"top_n": str(config.similar_n)},
     )  # fmt: skip
     similar = StageConfig("similar_items", (item_codes, candidates, scores), item_lists)
-    return [query_tower, retrieval, sources, filtering, ranker, ordering, item_lookup, similar]
+    # Called by the gateway on its own, not by an ensemble: what the API receives, encoded by the run's workflow.
+    text = ("TYPE_STRING", (-1,))
+    encode = StageConfig(ENCODE_FEATURES, (TensorConfig("kind", "TYPE_STRING", (1,)), TensorConfig("rows", *text)),
+                         (TensorConfig("encoded", *text), _one("snapshot_time", "TYPE_INT64", optional=False)))
+    return [query_tower, retrieval, sources, filtering, ranker, ordering, item_lookup, similar, encode]
 
 
 def _context_columns(columns: PipelineColumns) -> list[str]:
@@ -317,7 +331,18 @@ def _stage_files(artifacts: PipelineArtifacts) -> dict[str, list[tuple[Path, str
         "ordering": [items],
         "item_lookup": [items, (artifacts.two_tower_dir / "item_embeddings.parquet", "item_embeddings.parquet")],
         "similar_items": [items],
+        ENCODE_FEATURES: [(artifacts.nvtabular_dir / "workflow", WORKFLOW_DIR)],
     }  # fmt: skip
+
+
+def feature_snapshot_time(feature_table: Path) -> int:
+    """Unix seconds of a feature table's event time (every row of a snapshot has the same, see feature_tables)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    times = pq.read_table(feature_table, columns=[EVENT_TIMESTAMP])[EVENT_TIMESTAMP]
+    latest = pc.max(times).as_py()
+    return int(latest.timestamp()) if latest is not None else 0
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -377,6 +402,8 @@ def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
         seen_items.save(staging / "filter_candidates" / VERSION / SEEN_ITEMS_FILE)
         for stage_name in ("filter_candidates", "similar_items"):
             np.save(staging / stage_name / VERSION / UNAVAILABLE_FILE, unavailable)
+        snapshot = {"snapshot_time": feature_snapshot_time(artifacts.nvtabular_dir / USER_FEATURES_FILE)}
+        (staging / ENCODE_FEATURES / VERSION / SNAPSHOT_FILE).write_text(json.dumps(snapshot) + "\n")
         for ensemble in ensembles:
             (staging / ensemble.name / VERSION).mkdir(parents=True)  # an ensemble needs an (empty) version folder
             (staging / ensemble.name / "config.pbtxt").write_text(ensemble.pbtxt())

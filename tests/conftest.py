@@ -27,17 +27,23 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session", autouse=True)
-def impressions_outside_the_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Every gateway a test starts appends served lists to RECSYS_IMPRESSIONS_DIR (default under var/data):
-    the session's own folder instead, unless a test names one."""
-    previous = os.environ.get("RECSYS_IMPRESSIONS_DIR")
+def gateways_outside_the_project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every gateway a test starts appends served lists to RECSYS_IMPRESSIONS_DIR (default under var/data): the
+    session's own folder instead, unless a test names one. And none reads or writes the user's Feast store
+    (default registry under var/feast): gateways run without Feast on the online path unless a test turns it
+    on with a store of its own (tests/test_recommendations_api.py), and a stray one finds an empty registry."""
+    names = ("RECSYS_IMPRESSIONS_DIR", "RECSYS_LIVE_FEATURES", "RECSYS_FEAST_REGISTRY_PATH")
+    previous = {name: os.environ.get(name) for name in names}
     os.environ["RECSYS_IMPRESSIONS_DIR"] = str(tmp_path_factory.mktemp("impressions"))
+    os.environ["RECSYS_LIVE_FEATURES"] = "false"
+    os.environ["RECSYS_FEAST_REGISTRY_PATH"] = str(tmp_path_factory.mktemp("feast") / "registry.db")
     get_settings.cache_clear()
     yield
-    if previous is None:
-        os.environ.pop("RECSYS_IMPRESSIONS_DIR", None)
-    else:
-        os.environ["RECSYS_IMPRESSIONS_DIR"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     get_settings.cache_clear()
 
 
@@ -101,6 +107,18 @@ def trained_run(nvtabular_output: tuple[Path, Path, dict], tmp_path_factory: pyt
     for command, arguments in steps:
         run_trainer_step(python, command, arguments)
     return run
+
+
+def latest_raw_features(run: Path, spec: DatasetSpec, kind: str) -> dict[int, dict[str, int]]:
+    """Each user's (or item's) raw features as their latest event in the run's resplit data carries them (the row
+    nvtabular_fit_transform's feature table encodes), as the API takes them: JSON integers, missing values left
+    out. For the integer-typed default spec."""
+    id_column, features = (spec.user_id, spec.user_features) if kind == "user" else (spec.item_id, spec.item_features)
+    frames = [pd.read_parquet(run / "resplit" / split) for split in ("train", "valid")]
+    rows = pd.concat(frames, ignore_index=True).sort_values([id_column, spec.timestamp], kind="stable")
+    latest = rows.groupby(id_column, sort=True).tail(1)
+    return {int(row[id_column]): {name: int(row[name]) for name in features if pd.notna(row[name])}
+            for row in latest.to_dict("records")}  # fmt: skip
 
 
 def read_nvtabular_output(directory: Path) -> pd.DataFrame:

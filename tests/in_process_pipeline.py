@@ -5,7 +5,9 @@ ones batch scoring applies: each user's seen items and the unavailable items are
 ("unfiltered" is the same ranking without them). "recommend" is the ranked order (temperature 0),
 with the item-to-item source over each user's history and the weights given as the export's,
 "sampled" the order drawn at `--temperature` with `--seed`, "newcomer" the ranked order without seen items
-or history (a raw id the run does not know, sent with these users' features).
+or history (a raw id the run does not know, sent with these users' features). With `--given FILE` (JSON:
+"features", encoded user columns -> one value per row, and optionally "context", encoded context columns -> one
+value per row), "given" is the ranked order of those rows as newcomers, with that context.
 
     .venv-trainer/bin/python tests/in_process_pipeline.py --run RUN --users 1,2 --items 3,4 --output out.json
 """
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--item-to-item-weight", type=float, required=True, help="as exported")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--spec", type=Path, default=None, help="the run's dataset spec (default: AliCCP's)")
+    parser.add_argument("--given", type=Path, default=None, help="encoded features (and context) of newcomers")
     args = parser.parse_args()
 
     spec = load_spec(args.spec)
@@ -70,7 +73,7 @@ def main() -> None:
     assert pipeline.histories is not None, "the run was built without the item-to-item source"
     histories = pipeline.histories.of_users(args.users)
 
-    def recommend(temperature: float, **rules: object) -> dict:
+    def recommend(temperature: float, features: dict = features, **rules: object) -> dict:
         rules = {"histories": histories, **rules}
         result = pipeline.recommend(features, top_k=args.top_k, top_n=args.top_n, temperature=temperature,
                                     rng=np.random.default_rng(args.seed), retrieval_weight=args.retrieval_weight,
@@ -91,6 +94,14 @@ def main() -> None:
         "added_candidates": added_candidates(pipeline, features, histories, args.top_k),
         "similar": {"item_ids": pipeline.raw_items(similar_ids).tolist(), "scores": _rows(similarity)},
     }
+    if args.given is not None:
+        given = json.loads(args.given.read_text())
+        columns = pipeline.columns
+        rows = {name: columns.values(name, values) for name, values in given["features"].items()}
+        context = {name: columns.values(name, values) for name, values in given.get("context", {}).items()}
+        count = len(next(iter(rows.values())))
+        answer["given"] = recommend(0.0, features=rows, unavailable=unavailable, context=context or None,
+                                    histories=[np.empty(0, dtype=np.int64)] * count)  # fmt: skip
     args.output.write_text(json.dumps(answer))
 
 

@@ -1,12 +1,16 @@
 """The gateway's recommendation routes against a real Redis and a real Triton server on a trained run.
 
 A briefly trained run (conftest's `trained_run`) is batch-scored and published to Redis DB 10 as the
-DAG does, its pipeline exported to a Triton repository and served; the app runs in-process with
-those URLs and a SQLite database built by the migrations.
+DAG does, its pipeline exported to a Triton repository and served, and its feature tables applied and
+materialized to a Feast store of this module's own (Redis DB 4, a registry in a temporary folder), which every
+gateway here reads on the online path; the app runs in-process with those URLs and a SQLite database built by
+the migrations.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -16,6 +20,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from feature_repo.config import FeastStoreConfig
+from feature_repo.store import online_user_features, open_feature_store
 from recsys.recommendation_store import decode_recommendations
 from recsys.settings import Settings, get_settings
 from recsys.spec import DatasetSpec
@@ -24,15 +30,40 @@ from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from serving.triton_server import TritonServer
 from tasks.export_triton_ensemble import TritonEnsembleConfig, export_triton_ensemble
+from tasks.feast_features import feast_apply, feast_materialize
 from tasks.publish_recommendations import publish_recommendations
 from tests.api_keys import authorized
+from tests.conftest import latest_raw_features
 from tests.servers import free_port
 
 pytestmark = pytest.mark.e2e
 
 REDIS_URL = "redis://127.0.0.1:6379/10"
+FEAST_REDIS_URL = "redis://127.0.0.1:6379/4"
 PREFIX = "api-test:"
 VERSION = "v1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def feast_store(trained_run: Path, spec: DatasetSpec, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[FeastStoreConfig]:  # fmt: skip
+    """The run's features in Feast, as the nightly DAG loads them; this module's gateways read them online."""
+    config = FeastStoreConfig(FEAST_REDIS_URL, tmp_path_factory.mktemp("feast") / "registry.db")
+    online_store = redis.Redis.from_url(FEAST_REDIS_URL)
+    online_store.flushdb()
+    feast_apply(trained_run / "nvtabular", spec, config)
+    feast_materialize(trained_run / "nvtabular", spec, config)
+    environment = {"RECSYS_LIVE_FEATURES": "true", "RECSYS_FEAST_REDIS_URL": FEAST_REDIS_URL,
+                   "RECSYS_FEAST_REGISTRY_PATH": str(config.registry_path)}  # fmt: skip
+    previous = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    yield config
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    online_store.flushdb()
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +157,123 @@ def test_a_miss_goes_online_to_triton_then_to_the_cache(client: TestClient, publ
     # The online ensemble ranks like batch scoring did (same K, same models, sampling off).
     assert items_of(first) == items_of(again) == nightly[0][:10]
     assert published.ttl(f"{PREFIX}cache:{VERSION}:user:{user}") > 0  # cached with a TTL, not forever
+
+
+# --- Feast and the fitted workflow on the online path (issue 18) ---------------------------------------------
+
+
+def feast_row(config: FeastStoreConfig, spec: DatasetSpec, user: int) -> dict[str, object]:
+    row = online_user_features(open_feature_store(spec, config), spec, [user])
+    return {name: values[0] for name, values in row.items()}
+
+
+def in_process_list(run: Path, spec: DatasetSpec, tmp_path: Path, features: dict[str, object],
+                    context: dict[str, object] | None = None) -> list[int]:  # fmt: skip
+    """The in-process pipeline's ranked list for one newcomer with these encoded features (the Feast row's
+    columns, the encoded id under the raw id's name) and context, with the weights the export took."""
+    import subprocess
+
+    config = TritonEnsembleConfig().with_weights_of(run / "batch_score_api")
+    given, output = tmp_path / "given.json", tmp_path / "in_process.json"
+    encoded = {(spec.user_id if name == f"{spec.user_id}_encoded" else name): [value]
+               for name, value in features.items() if name != spec.user_id}  # fmt: skip
+    given.write_text(json.dumps({"features": encoded, "context": {name: [value] for name, value in
+                                                                  (context or {}).items()}}))  # fmt: skip
+    known = user_ids(run, spec)[0]
+    process = subprocess.run([
+        str(get_settings().trainer_python), str(Path(__file__).with_name("in_process_pipeline.py")),
+        "--run", str(run), "--users", str(known), "--items", str(stored_items(known)[0]),
+        "--top-k", str(Settings().online_top_k), "--top-n", str(config.top_n), "--similar-n", "10",
+        "--temperature", "0.5", "--seed", "1", "--retrieval-weight", str(config.retrieval_weight),
+        "--item-to-item-weight", str(config.item_to_item_weight), "--given", str(given), "--output", str(output),
+    ], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert process.returncode == 0, process.stderr[-4000:]
+    return json.loads(output.read_text())["given"]["item_ids"][0]
+
+
+def stored_items(user: int) -> list[int]:
+    return decode_recommendations(redis.Redis.from_url(REDIS_URL).get(f"{PREFIX}recs:{VERSION}:user:{user}"))[0]
+
+
+def test_a_customer_created_now_gets_a_personal_list_from_their_features_at_once(
+    client: TestClient, published: redis.Redis, feast_store: FeastStoreConfig, trained_run: Path,
+    spec: DatasetSpec, tmp_path: Path,
+):
+    """A new id with a known user's profile: the API encodes it with the run's workflow (Triton's
+    encode_features), writes it to Feast, and the next request goes online on those features (the id out of
+    vocabulary): the in-process pipeline's list for the same encoded features. A profile change drops the
+    cached answer: the next request is online again, on the new features."""
+    users = user_ids(trained_run, spec)
+    profiles = latest_raw_features(trained_run, spec, "user")
+    newcomer = 990_000_001
+    assert client.get(f"/recommendations/{newcomer}", params={"count": 10}).json()["route"] == "generic"
+
+    created = client.post("/customers", json={"id": newcomer, "attributes": profiles[users[2]]})
+    assert created.status_code == 201, created.text
+    row = feast_row(feast_store, spec, newcomer)
+    table = feast_row(feast_store, spec, users[2])
+    assert row[f"{spec.user_id}_encoded"] == 2  # Categorify's out-of-vocabulary code: the run never saw this id
+    assert {name: row[name] for name in spec.user_features} == {name: table[name] for name in spec.user_features}
+    assert published.getbit(f"{PREFIX}recs:{VERSION}:live_users", newcomer) == 1
+
+    first = client.get(f"/recommendations/{newcomer}", params={"count": 10}).json()
+    again = client.get(f"/recommendations/{newcomer}", params={"count": 10}).json()
+    assert first["route"] == "online" and again["route"] == "online_cached", (first, again)
+    assert first["model_version"] == VERSION and first["degraded"] == []
+    assert items_of_body(first) == items_of_body(again) == in_process_list(trained_run, spec, tmp_path, row)[:10]
+    assert items_of_body(first) != stored(published, "segment", "*")[0][:10]  # not the generic list
+
+    # Another user's profile: the cached answer is dropped, and the next one is online on the new features.
+    other = next(user for user in users[3:] if feast_row(feast_store, spec, user)[spec.user_features[0]]
+                 != table[spec.user_features[0]])  # fmt: skip
+    changed = client.patch(f"/customers/{newcomer}", json={"attributes": profiles[other]})
+    assert changed.status_code == 200, changed.text
+    assert not published.exists(f"{PREFIX}cache:{VERSION}:user:{newcomer}")
+    row = feast_row(feast_store, spec, newcomer)
+    after = client.get(f"/recommendations/{newcomer}", params={"count": 10}).json()
+    assert after["route"] == "online" and items_of_body(after) != items_of_body(first)
+    assert items_of_body(after) == in_process_list(trained_run, spec, tmp_path, row)[:10]
+
+
+def test_a_known_customer_whose_profile_changed_is_answered_online_on_it(
+    client: TestClient, published: redis.Redis, feast_store: FeastStoreConfig, trained_run: Path, spec: DatasetSpec
+):
+    """A customer with a nightly list whose profile the API writes now is answered by the user tower on the
+    profile as written (their history and seen items still count), not by last night's list; with the same
+    profile as the run's, that is the nightly list itself."""
+    user = user_ids(trained_run, spec)[12]
+    nightly = stored(published, "user", user)
+    assert client.get(f"/recommendations/{user}", params={"count": 10}).json()["route"] == "precomputed"
+    profile = latest_raw_features(trained_run, spec, "user")[user]
+    assert client.post("/customers", json={"id": user, "attributes": profile}).status_code == 201
+    answer = client.get(f"/recommendations/{user}", params={"count": 10}).json()
+    assert answer["route"] == "online" and answer["degraded"] == []
+    assert items_of_body(answer) == nightly[0][:10]
+
+
+def test_the_request_context_reaches_the_ranker_online(
+    client: TestClient, feast_store: FeastStoreConfig, trained_run: Path, spec: DatasetSpec, tmp_path: Path
+):
+    """Location and device, encoded by the run's workflow, are the ranker's context online: the answer is the
+    in-process pipeline's for the codes training gave them (the most frequent raw value of each has the most
+    frequent code in the transformed training data)."""
+    import pandas as pd
+
+    from tests.conftest import read_nvtabular_output
+
+    users = user_ids(trained_run, spec)
+    newcomer = 990_000_002
+    profile = latest_raw_features(trained_run, spec, "user")[users[9]]
+    assert client.post("/customers", json={"id": newcomer, "attributes": profile}).status_code == 201
+    raw = pd.read_parquet(trained_run / "resplit" / "train")
+    location, device = raw["location"].mode()[0], raw["device"].mode()[0]
+    answer = client.get(f"/recommendations/{newcomer}",
+                        params={"count": 10, "location": location, "device": device}).json()  # fmt: skip
+    assert answer["route"] == "online", answer
+    encoded = read_nvtabular_output(trained_run / "nvtabular" / "train")
+    codes = {"location": int(encoded["location"].mode()[0]), "device": int(encoded["device"].mode()[0])}
+    row = feast_row(feast_store, spec, newcomer)
+    assert items_of_body(answer) == in_process_list(trained_run, spec, tmp_path, row, context=codes)[:10]
 
 
 def test_new_visitor_gets_the_generic_list_of_their_segment(client: TestClient, published: redis.Redis):

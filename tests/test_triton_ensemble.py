@@ -27,6 +27,7 @@ from recsys.settings import get_settings
 from recsys.spec import DatasetSpec
 from serving.triton_server import TritonServer
 from tasks.batch_score import seen_items_by_user
+from tests.conftest import latest_raw_features
 
 pytestmark = pytest.mark.e2e
 
@@ -284,10 +285,45 @@ def test_invalid_parameters_are_refused_with_a_message(served: TritonServer, cho
     assert recommend(served, chosen["users"][:1])["known_users"].all(), "the server goes on serving"
 
 
+def encode(served: TritonServer, kind: str, rows: list[dict]) -> tuple[list[dict], int]:
+    texts = np.array([json.dumps(row).encode() for row in rows], dtype=object)
+    answer = infer(served, "encode_features", {"kind": np.array([kind.encode()], dtype=object), "rows": texts},
+                   ("encoded", "snapshot_time"))  # fmt: skip
+    return [json.loads(value) for value in answer["encoded"]], int(answer["snapshot_time"][0])
+
+
+@pytest.mark.parametrize("kind", ["user", "item"])
+def test_encode_features_encodes_raw_rows_as_the_run_did(served: TritonServer, run_dir: Path, spec: DatasetSpec,
+                                                         kind: str):  # fmt: skip
+    """Raw rows as the API receives them, encoded by the exported workflow (the run's folders were hidden when the
+    server loaded): the codes of the run's feature table; an id and a value the fit never saw get the
+    out-of-vocabulary code, a missing value the null code."""
+    id_column, features = (spec.user_id, spec.user_features) if kind == "user" else (spec.item_id, spec.item_features)
+    table = pd.read_parquet(run_dir / "nvtabular" / f"{kind}_features.parquet").set_index(id_column)
+    raw = latest_raw_features(run_dir, spec, kind)
+    ids = [entity for entity in table.index[:5] if len(raw[entity]) == len(features)]
+    assert ids
+    stranger = {id_column: UNKNOWN_ID, features[0]: 10**6}  # the rest missing
+    encoded, snapshot_time = encode(served, kind, [{id_column: entity, **raw[entity]} for entity in ids] + [stranger])
+    for entity, row in zip(ids, encoded, strict=False):
+        expected = table.loc[entity]
+        assert row[id_column] == expected[f"{id_column}_encoded"], entity
+        assert {name: row[name] for name in features} == {name: expected[name] for name in features}, entity
+    assert encoded[-1][id_column] == encoded[-1][features[0]] == 2  # NVTabular's OOV_OFFSET
+    assert {encoded[-1][name] for name in features[1:]} == {1}  # NULL_OFFSET
+    assert snapshot_time == int(table["event_timestamp"].max().timestamp())
+
+
+def test_encode_features_refuses_a_column_the_spec_lacks(served: TritonServer):
+    with pytest.raises(InferenceServerException, match="no column named bogus") as raised:
+        encode(served, "user", [{"user_id": 1, "bogus": 3}])
+    assert raised.value.status() == "400"
+
+
 def test_repository_is_self_contained_and_described(exported: tuple[Path, dict]):
     repository, metrics = exported
     stages = ["query_tower", "faiss_retrieval", "candidate_sources", "filter_candidates", "ranker", "ordering",
-              "item_lookup", "similar_items"]  # fmt: skip
+              "item_lookup", "similar_items", "encode_features"]  # fmt: skip
     assert metrics["models"] == stages
     assert metrics["ensembles"]["recommend"]["steps"] == stages[:6]
     # The item-to-item source and each user's history travel with the stage that reads them.

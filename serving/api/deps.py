@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from recsys.settings import Settings
 from serving.api.schemas import INT64_MAX
+from serving.live_features import LiveFeatures
 from serving.recommender import Recommender
 from serving.seen_items import SeenItemsWriter
 
@@ -34,12 +35,19 @@ def get_recommender(request: Request) -> Recommender:
     return recommender
 
 
+def get_live_features(request: Request) -> LiveFeatures | None:
+    """Feast on the online path, where the settings turn it on (`live_features`)."""
+    live: LiveFeatures | None = request.app.state.recommender.live
+    return live
+
+
 def get_seen_items(request: Request) -> SeenItemsWriter:
     writer: SeenItemsWriter = request.app.state.seen_items
     return writer
 
 
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
+LiveFeaturesDep = Annotated[LiveFeatures | None, Depends(get_live_features)]
 SeenItemsDep = Annotated[SeenItemsWriter, Depends(get_seen_items)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]

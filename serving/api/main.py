@@ -28,6 +28,7 @@ from serving.api.migrate import ensure_schema_current
 from serving.api.observability import ObservabilityMiddleware
 from serving.api.rate_limit import TokenBucket
 from serving.api.routes import customers, demo, health, interactions, products, recommendations
+from serving.live_features import LiveFeatures
 from serving.recommender import Recommender, RecommenderConfig
 from serving.seen_items import SeenItemsWriter
 
@@ -65,7 +66,20 @@ def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender
     )  # fmt: skip
     triton = TritonEnsembles(settings.triton_url, timeout_s=settings.triton_timeout_ms / 1000,
                              versioned=settings.triton_versioned_models)  # fmt: skip
-    return Recommender(client, triton, config, recommendations.product_flags_reader(sessions))
+    live = build_live_features(settings, triton, client) if settings.live_features else None
+    return Recommender(client, triton, config, recommendations.product_flags_reader(sessions), live=live)
+
+
+def build_live_features(settings: Settings, triton: object, client: object) -> LiveFeatures:
+    """Feast's online store (the gateway's writes always land, see feature_repo/config.py) on the online path."""
+    from feature_repo.config import FeastStoreConfig
+    from feature_repo.store import open_feature_store
+    from recsys.spec import load_spec
+
+    spec = load_spec(settings.spec)
+    store = open_feature_store(spec, FeastStoreConfig.from_settings(settings), writes_always_land=True)
+    return LiveFeatures(spec, store, triton, client, settings.redis_key_prefix,
+                        timeout_s=settings.feast_timeout_ms / 1000)  # fmt: skip
 
 
 def build_seen_items_writer(settings: Settings) -> SeenItemsWriter:

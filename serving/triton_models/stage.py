@@ -27,6 +27,8 @@ QUERY_TOWER_DIR = "query_tower"  # SavedModel
 RANKER_DIR = "model"  # SavedModel
 SEEN_ITEMS_FILE = "seen_items.npz"  # models.online_pipeline.ItemsByUser
 UNAVAILABLE_FILE = "unavailable.npy"  # bool mask indexed by encoded item id
+WORKFLOW_DIR = "workflow"  # the run's fitted NVTabular workflow (`<run>/nvtabular/workflow`)
+SNAPSHOT_FILE = "snapshot.json"  # {"snapshot_time": unix seconds of the run's feature tables' event time}
 
 
 class RequestError(ValueError):

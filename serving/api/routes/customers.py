@@ -1,15 +1,24 @@
-"""Customers: create, read, list, update, delete (ingestion, report 4.1.1)."""
+"""Customers: create, read, list, update, delete (ingestion, report 4.1.1).
+
+Creating or updating a customer writes their encoded profile through to Feast's online store
+(serving/live_features.py), so that their next recommendation request gets a personal list from the user tower;
+the database row is the truth, and a write-through that fails (no published version, Triton or Feast down) is
+logged and leaves the customer with the generic list until the next nightly run.
+"""
 
 from __future__ import annotations
 
+import logging
+from functools import partial
 from typing import Annotated
 
+import anyio.from_thread
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import select
 
 from serving.api.auth import AUTH_ERRORS, AdminScope
 from serving.api.db import Customer, utc_now
-from serving.api.deps import CustomerIdPath, SeenItemsDep, SessionDep
+from serving.api.deps import CustomerIdPath, LiveFeaturesDep, SeenItemsDep, SessionDep
 from serving.api.persistence import commit_or_conflict, get_or_404
 from serving.api.rate_limit import RATE_LIMITED, RateLimit
 from serving.api.schemas import (
@@ -20,6 +29,9 @@ from serving.api.schemas import (
     CustomerUpdate,
     error_responses,
 )
+from serving.live_features import LiveFeatures
+
+log = logging.getLogger(__name__)
 
 # Customers are personal data: every route needs the admin scope.
 router = APIRouter(prefix="/customers", tags=["customers"], dependencies=[AdminScope],
@@ -30,7 +42,7 @@ WRITE_ERRORS = error_responses({404: "no customer with this id", **RATE_LIMITED}
 
 @router.post("", response_model=CustomerPublic, status_code=status.HTTP_201_CREATED, dependencies=[RateLimit],
              responses=error_responses({409: "a customer with this id exists", **RATE_LIMITED}))  # fmt: skip
-def create_customer(body: CustomerCreate, session: SessionDep) -> CustomerPublic:
+def create_customer(body: CustomerCreate, session: SessionDep, live: LiveFeaturesDep) -> CustomerPublic:
     conflict = f"customer {body.id} already exists"
     if session.get(Customer, body.id) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, conflict)
@@ -38,6 +50,7 @@ def create_customer(body: CustomerCreate, session: SessionDep) -> CustomerPublic
     customer = Customer(**body.model_dump(), created_at=now, updated_at=now)
     session.add(customer)
     commit_or_conflict(session, conflict)
+    write_through(live, customer)
     return CustomerPublic.model_validate(customer)
 
 
@@ -58,20 +71,46 @@ def read_customer(customer_id: CustomerIdPath, session: SessionDep) -> CustomerP
 
 
 @router.patch("/{customer_id}", response_model=CustomerPublic, responses=WRITE_ERRORS, dependencies=[RateLimit])
-def update_customer(customer_id: CustomerIdPath, body: CustomerUpdate, session: SessionDep) -> CustomerPublic:
+def update_customer(customer_id: CustomerIdPath, body: CustomerUpdate, session: SessionDep,
+                    live: LiveFeaturesDep) -> CustomerPublic:  # fmt: skip
     customer = get_or_404(session, Customer, customer_id, "customer")
-    for name, value in body.changes().items():
+    changes = body.changes()
+    for name, value in changes.items():
         setattr(customer, name, value)
     customer.updated_at = utc_now()
     session.commit()
+    if "attributes" in changes:  # the profile the models see
+        write_through(live, customer, changed=True)
     return CustomerPublic.model_validate(customer)
 
 
 @router.delete("/{customer_id}", response_model=None, status_code=status.HTTP_204_NO_CONTENT,
                 responses=WRITE_ERRORS, dependencies=[RateLimit])  # fmt: skip
-def delete_customer(customer_id: CustomerIdPath, session: SessionDep, seen_items: SeenItemsDep) -> None:
-    """Deletes the customer and, with them, their interactions (the database cascades) and the items they
-    interacted with since the nightly run."""
+def delete_customer(customer_id: CustomerIdPath, session: SessionDep, seen_items: SeenItemsDep,
+                    live: LiveFeaturesDep) -> None:  # fmt: skip
+    """Deletes the customer and, with them, their interactions (the database cascades), the items they
+    interacted with since the nightly run and their cached online answer."""
     session.delete(get_or_404(session, Customer, customer_id, "customer"))
     session.commit()
     seen_items.forget(customer_id)
+    if live is not None:
+        try:
+            anyio.from_thread.run(live.forget, customer_id)
+        except Exception as error:  # the row is gone; the cached answer expires with its TTL
+            log.warning("forgetting customer %d online failed (%s: %s)", customer_id, type(error).__name__, error)
+
+
+def write_through(live: LiveFeatures | None, customer: Customer, *, changed: bool = False) -> None:
+    """The customer's profile to Feast's online store now (sync routes run in a worker thread: the write runs on
+    the event loop, with the gateway's async clients)."""
+    if live is None:
+        return
+    try:
+        version = anyio.from_thread.run(partial(live.write_through, changed=changed), customer.id,
+                                        dict(customer.attributes or {}))  # fmt: skip
+    except Exception as error:  # the database row is the truth; the nightly run encodes it
+        log.warning("writing customer %d's features to Feast failed (%s: %s): generic list until the nightly run",
+                    customer.id, type(error).__name__, error)  # fmt: skip
+        return
+    if version is None:
+        log.info("customer %d: no profile features or no published version: nothing written to Feast", customer.id)
