@@ -34,6 +34,11 @@ requests/s: the cores are shared with other work, and the least disturbed round 
 - `new_visitor`: a different unknown customer id per request, with a published (location, device)
   segment (route `generic`; the version's known-users bitmap, read with the list, says the models do not
   know the customer, so Triton is not asked; before that bitmap the gateway asked Triton first);
+- `precomputed_workers`: the same precomputed hits on one more gateway with `--scaling-workers` uvicorn workers
+  (2), its metrics in Prometheus' multiprocess mode as `serving.run --workers 2` runs them, against the
+  one-worker gateway's: how the gateway scales across processes. The load generator runs on the same cores,
+  so every row also has its own CPU time per request (`client cpu`), and the goal line says how many of the
+  cores it took while driving the workers;
 - `feast_read`: the online path's Feast read on its own (`serving/live_features.py`: one customer's features
   through the `two_tower` FeatureService, from the run's features materialized into the benchmark's own Feast
   store, `--feast-redis-url`, flushed before and after), at `--latency-concurrency`, from the load generator;
@@ -54,7 +59,8 @@ unlike requests/s, it barely moves with what else runs on the machine.
 Goals (issue 19): a precomputed hit and a new visitor each at 0.7 or better of `bare_redis_get`'s requests/s
 (and of its requests per CPU second), with a p99 of 20 ms or less at `--concurrency`; online p99 at the largest
 TopK no more than 1.5 times its p99 at the smallest; every route's p99 far inside the 500 ms SLA (here: under
-half of it). Issue 18: every online p99 under 50 ms with one client, and the Feast read's p99 5 ms or less.
+half of it); 2 workers at least 1.6 times one worker's requests/s on a precomputed hit. Issue 18: every online
+p99 under 50 ms with one client, and the Feast read's p99 5 ms or less.
 Also prints, per route, the cores a billion impressions a day needs at a peak of 3 times the average (11,574
 requests/s), from the route's measured CPU per request. Prints a table and the goals, writes
 benchmarks/results/serving.json and benchmarks/results/serving_latency_vs_topk.png.
@@ -99,8 +105,9 @@ NEW_VISITOR_BASE = 10**9
 # The hot path against the bare endpoint doing one Redis GET (issue 19's reference), each route's p99 (20 ms: the
 # issue's bar for those two routes at 8 clients), the online path's TopK growth and every route's p99.
 GOALS = {"vs_bare_redis_get_rps": 0.7, "hot_path_p99_ms": 20.0, "online_p99_largest_over_smallest_topk": 1.5,
-         "p99_ms": 250.0, "feast_read_p99_ms": 5.0, "online_p99_ms_c1": 50.0}
+         "p99_ms": 250.0, "feast_read_p99_ms": 5.0, "online_p99_ms_c1": 50.0, "workers_scaling": 1.6}
 HOT_PATH = ("precomputed", "new_visitor")
+SCALED = "precomputed_workers"  # a precomputed hit on the gateway with `--scaling-workers` workers
 # Seed 000's scale: a billion impressions a day, and the peak factor its capacity line assumes over the average.
 IMPRESSIONS_PER_DAY = 1_000_000_000
 PEAK_FACTOR = 3.0
@@ -301,10 +308,13 @@ class Uvicorn:
 
 
 @contextlib.contextmanager
-def servers(gateway_env: dict[str, str], top_ks: Sequence[int], workers: int, log_dir: Path
-            ) -> Iterator[tuple[Uvicorn, dict[int, Uvicorn]]]:  # fmt: skip
+def servers(gateway_env: dict[str, str], top_ks: Sequence[int], workers: int, log_dir: Path, scaling_workers: int
+            ) -> Iterator[tuple[Uvicorn, dict[int, Uvicorn], Uvicorn | None]]:  # fmt: skip
+    """The bare app, a gateway per TopK, and one more gateway with `scaling_workers` workers (0: none) whose
+    metrics are in Prometheus' multiprocess mode, as `serving.run --workers N` starts them."""
     started: list[Uvicorn] = []
     from recsys.recommendation_store import RecommendationKeys
+    from serving.api.metrics import MULTIPROCESS_DIR_ENV, MULTIPROCESS_ON_ENV
 
     try:
         lists = RecommendationKeys(PREFIX).data(VERSION, "user", "")  # the bare app's one GET: this + user id
@@ -318,9 +328,18 @@ def servers(gateway_env: dict[str, str], top_ks: Sequence[int], workers: int, lo
             gateways[top_k] = Uvicorn(f"gateway_k{top_k}", "serving.api.main:create_app", workers=workers, env=env,
                                       log_dir=log_dir)  # fmt: skip
             started.append(gateways[top_k])
+        scaled = None
+        if scaling_workers:
+            metrics_dir = log_dir / f"metrics_w{scaling_workers}"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir()
+            env = {**gateway_env, MULTIPROCESS_ON_ENV: "1", MULTIPROCESS_DIR_ENV: str(metrics_dir)}
+            scaled = Uvicorn(f"gateway_w{scaling_workers}", "serving.api.main:create_app", workers=scaling_workers,
+                             env=env, log_dir=log_dir)  # fmt: skip
+            started.append(scaled)
         for server in started:
             server.wait_ready()
-        yield bare, gateways
+        yield bare, gateways, scaled
     finally:
         for server in started:
             server.stop()
@@ -377,6 +396,8 @@ class Measurement:
     # processes: unlike requests/s, barely moved by what else runs on the shared cores.
     server_cpu_ms: float | None = None
     triton_cpu_ms: float | None = None
+    # The load generator's own CPU time per request (this process): it shares the cores with the servers.
+    client_cpu_ms: float | None = None
     round: int = 0
     top_k: int | None = None
 
@@ -428,8 +449,10 @@ async def measured(name: str, call: Callable[[int], Awaitable[bool]], load: Load
         await closed_loop(shifted, count=load.warmup, concurrency=load.concurrency, time_cap_s=load.time_cap_s)
     probes = [probe for probe in (load.server_cpu, load.triton_cpu)]
     before = [probe() if probe else 0.0 for probe in probes]
+    client_before = time.process_time()
     latencies, seconds, failures = await closed_loop(call, count=load.count, concurrency=load.concurrency,
                                                      time_cap_s=load.time_cap_s)  # fmt: skip
+    client_cpu_s = time.process_time() - client_before
     after = [probe() if probe else 0.0 for probe in probes]
     served = max(len(latencies), 1)
     cpu = [round(1000 * (end - start) / served, 3) if probe else None
@@ -437,7 +460,8 @@ async def measured(name: str, call: Callable[[int], Awaitable[bool]], load: Load
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return Measurement(name, load.concurrency, len(latencies), round(seconds, 3), round(len(latencies) / seconds, 1),
                        round(float(np.percentile(ms, 50)), 2), round(float(np.percentile(ms, 99)), 2),
-                       round(float(ms.max()), 2), failures, cpu[0], cpu[1], **extra)  # fmt: skip
+                       round(float(ms.max()), 2), failures, cpu[0], cpu[1],
+                       client_cpu_ms=round(1000 * client_cpu_s / served, 3), **extra)  # fmt: skip
 
 
 async def http_measurement(name: str, urls: Sequence[str], expect: bytes | None, load: Load,
@@ -536,12 +560,13 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                            "RECSYS_IMPRESSIONS_DIR": str(work / "impressions"), "RECSYS_LIVE_FEATURES": "true",
                            "RECSYS_FEAST_REDIS_URL": feast.redis_url,
                            "RECSYS_FEAST_REGISTRY_PATH": str(feast.registry_path)}  # fmt: skip
-            with servers(gateway_env, args.top_k, args.workers, log_dir) as (bare, gateways):
+            with servers(gateway_env, args.top_k, args.workers, log_dir, args.scaling_workers) as (bare, gateways,
+                                                                                                     scaled):
                 setup_seconds = time.perf_counter() - setup_started
                 print(f"setup done in {setup_seconds:.0f} s (Triton ready in {triton.startup_seconds:.1f} s); "
                       "measuring", flush=True)  # fmt: skip
                 measurements = asyncio.run(measure(args, people, bare, gateways, triton.http_address, triton_cpu,
-                                                   client, feast))  # fmt: skip
+                                                   client, feast, scaled))  # fmt: skip
     finally:
         client.flushdb()
         client.close()
@@ -568,8 +593,8 @@ async def feast_measurement(feast: Any, users: Sequence[int], load: Load) -> Mea
 
 
 async def measure(args: argparse.Namespace, people: Cohorts, bare: Uvicorn, gateways: dict[int, Uvicorn],
-                  triton_address: str, triton_cpu: Callable[[], float], client: Any, feast: Any
-                  ) -> list[Measurement]:  # fmt: skip
+                  triton_address: str, triton_cpu: Callable[[], float], client: Any, feast: Any,
+                  scaled: Uvicorn | None) -> list[Measurement]:  # fmt: skip
     from recsys.recommendation_store import RecommendationKeys
 
     keys = RecommendationKeys(PREFIX)
@@ -606,6 +631,10 @@ async def measure(args: argparse.Namespace, people: Cohorts, bare: Uvicorn, gate
                                                         people.precomputed], load(c)), round_index)  # fmt: skip
         report(await http_measurement("precomputed", precomputed, b'"route":"precomputed"', load(c, main_gateway)),
                round_index)  # fmt: skip
+        if scaled is not None:  # the same requests on the gateway with more workers
+            scaled_urls = [url.replace(main_gateway.url, scaled.url) for url in precomputed]
+            report(await http_measurement(SCALED, scaled_urls, b'"route":"precomputed"', load(c, scaled)),
+                   round_index)  # fmt: skip
         report(await http_measurement("new_visitor", visitors, b'"route":"generic"',
                                       load(c, main_gateway, triton=True)), round_index)  # fmt: skip
 
@@ -651,7 +680,8 @@ def summarize(args: argparse.Namespace, measurements: list[Measurement], setup_s
     c = args.concurrency
     rows = []
     reference = best(measurements, "bare_redis_get", c)
-    names = ["bare", "bare_redis_get", "redis_get", *HOT_PATH, "feast_read", *(f"online_k{k}" for k in args.top_k),
+    names = ["bare", "bare_redis_get", "redis_get", *HOT_PATH, SCALED, "feast_read",
+             *(f"online_k{k}" for k in args.top_k),
              *(f"triton_k{k}" for k in args.top_k)]  # fmt: skip
     for name in names:
         for concurrency in sorted({m.concurrency for m in measurements if m.name == name}, reverse=True):
@@ -659,6 +689,8 @@ def summarize(args: argparse.Namespace, measurements: list[Measurement], setup_s
             against: Measurement | None = None
             if name.startswith("online_k"):
                 against = best(measurements, f"triton_k{chosen.top_k}", concurrency)
+            elif name == SCALED:
+                against = best(measurements, "precomputed", concurrency)
             elif name in HOT_PATH:
                 against = reference
             row: dict[str, Any] = {**dataclasses.asdict(chosen), "reference": against.name if against else None}
@@ -696,6 +728,14 @@ def summarize(args: argparse.Namespace, measurements: list[Measurement], setup_s
             worst = max(gateway_rows, key=lambda row: row["p99_ms"])
             goals[f"max_gateway_p99_ms_{label}"] = {"measured": worst["p99_ms"], "route": worst["name"],
                                                     "goal": GOALS["p99_ms"], "better": "lower"}  # fmt: skip
+    if SCALED in loaded:
+        scaled = loaded[SCALED]
+        goals[f"precomputed_{args.scaling_workers}_workers_over_1_rps"] = {
+            "measured": scaled["rps_ratio"], "goal": GOALS["workers_scaling"], "better": "higher",
+            # The load generator's share of the cores while it drove the workers: what the servers could not use.
+            "client_cores": round(scaled["client_cpu_ms"] * scaled["rps"] / 1000, 2),
+            "server_cores": round((scaled["server_cpu_ms"] or 0.0) * scaled["rps"] / 1000, 2),
+        }  # fmt: skip
     if "feast_read" in unloaded:
         goals[f"feast_read_p99_ms_c{args.latency_concurrency}"] = {
             "measured": unloaded["feast_read"]["p99_ms"], "goal": GOALS["feast_read_p99_ms"], "better": "lower"}
@@ -721,8 +761,8 @@ def summarize(args: argparse.Namespace, measurements: list[Measurement], setup_s
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print(f"\n{'route':<13} {'conc':>4} {'requests':>8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'fail':>4} "
-          f"{'cpu ms/req':>10} {'triton cpu':>10}  vs reference: req/s, p99 (, req per CPU s)")  # fmt: skip
+    print(f"\n{'route':<19} {'conc':>4} {'requests':>8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'fail':>4} "
+          f"{'cpu ms/req':>10} {'triton cpu':>10} {'client cpu':>10}  vs reference: req/s, p99 (, req per CPU s)")
     for row in summary["results"]:
         ratio = ""
         if row["reference"]:
@@ -731,8 +771,10 @@ def print_table(summary: dict[str, Any]) -> None:
             ratio += f" of {row['reference']}"
         cpu = f"{row['server_cpu_ms']:.3f}" if row["server_cpu_ms"] is not None else ""
         triton = f"{row['triton_cpu_ms']:.2f}" if row["triton_cpu_ms"] is not None else ""
-        print(f"{row['name']:<13} {row['concurrency']:>4} {row['requests']:>8} {row['rps']:>8.1f} "
-              f"{row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['failures']:>4} {cpu:>10} {triton:>10}  {ratio}")
+        client = f"{row['client_cpu_ms']:.3f}" if row.get("client_cpu_ms") is not None else ""
+        print(f"{row['name']:<19} {row['concurrency']:>4} {row['requests']:>8} {row['rps']:>8.1f} "
+              f"{row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['failures']:>4} {cpu:>10} {triton:>10} {client:>10}  "
+              f"{ratio}")  # fmt: skip
     print(f"\ncores a fleet needs for {IMPRESSIONS_PER_DAY:,} impressions a day ({IMPRESSIONS_PER_DAY / 86_400:,.0f} "
           f"requests/s on average) at a peak of {PEAK_FACTOR:g} times that, from each route's CPU per request at "
           f"{summary['config']['concurrency']} clients (the gateway's, plus Triton's where the route calls it):")
@@ -743,6 +785,8 @@ def print_table(summary: dict[str, Any]) -> None:
     for name, goal in summary["goals"].items():
         sign = ">=" if goal["better"] == "higher" else "<="
         route = f", {goal['route']}" if "route" in goal else ""
+        if "client_cores" in goal:
+            route += f"; cores used by the load generator {goal['client_cores']}, by the gateway {goal['server_cores']}"
         print(f"  {name}: {goal['measured']} (goal {sign} {goal['goal']}{route}): {'met' if goal['met'] else 'MISSED'}")
 
 
@@ -809,6 +853,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the bare, Redis, precomputed and new visitor")
     parser.add_argument("--online-rounds", type=int, default=2, help="rounds of the online and Triton measurements")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of every app")
+    parser.add_argument("--scaling-workers", type=int, default=2,
+                        help="workers of one more gateway, measured on precomputed hits against the first (0: none)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/9", help="a database this benchmark flushes")
     parser.add_argument("--feast-redis-url", default="redis://127.0.0.1:6379/3",
                         help="Feast's online store for the benchmark: a database it flushes")
