@@ -286,7 +286,7 @@ class Recommender:
         lists = reply[2:]
         decoded = [decode_recommendations(value) if value else None for value in lists[: len(keys)]]
         marker = lists[len(keys)] if len(lists) > len(keys) else None
-        known = {1: True, 0: False, 2: True}.get(marker)  # type: ignore[arg-type]
+        known = {1: True, 0: False}.get(marker)  # type: ignore[arg-type]  # 2 (live): the bit was not read
         segments = [decode_recommendations(value) if value else None for value in lists[len(keys) + 1 :]]
         return CurrentLists(reply[0].decode(), decoded, seen, known, segments, live=marker == 2)
 
@@ -323,10 +323,13 @@ class Recommender:
         segments = self._segments(query)
         current = await self._current("user", [str(query.customer_id)], query.customer_id, ask_known=True,
                                       segments_if_unknown=segments, api_key=query.api_key)  # fmt: skip
-        answer = None
         if current.live:  # features written since the nightly run: the user tower on them, not last night's list
             answer = await self._online(query, current.version)
-        if answer is None:
+            if answer is None:  # the models do not know them after all: last night's list, else the generic one
+                precomputed = current.lists[0]
+                answer = (RankedList(*precomputed, route="precomputed", model_version=current.version)
+                          if precomputed is not None else await self._generic(query, current.version))  # fmt: skip
+        else:
             answer = await self._answer(query, current.version, current.lists[0], current.known, segments,
                                         current.segments)  # fmt: skip
         return dataclasses.replace(answer, seen=current.seen)

@@ -6,6 +6,7 @@ migrations, as `make migrate` makes it, never by `create_all`.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -80,10 +81,10 @@ def test_the_app_refuses_a_database_the_migrations_have_not_built(database_url: 
 
 
 def test_customer_round_trip(client: TestClient) -> None:
-    created = client.post("/customers", json=customer(1, attributes={"user_age": 3, "user_gender": "f"}))
+    created = client.post("/customers", json=customer(1, attributes={"user_age": 3, "user_gender": 2}))
     assert created.status_code == 201, created.text
     body = created.json()
-    assert body["id"] == 1 and body["attributes"] == {"user_age": 3, "user_gender": "f"}
+    assert body["id"] == 1 and body["attributes"] == {"user_age": 3, "user_gender": 2}
     assert body["created_at"].endswith("Z")
     assert client.get("/customers/1").json() == body
 
@@ -161,6 +162,11 @@ BAD_BODIES = [
     ("/customers", customer(1, attributes={"1st": 1}), "attributes"),
     ("/customers", customer(1, attributes={"user_age": True}), "attributes"),
     ("/customers", customer(1, attributes={f"a{n}": n for n in range(65)}), "attributes"),
+    # The profile is the spec's user features (specs/aliccp.yaml: int32 columns), each named in its error.
+    ("/customers", customer(1, attributes={"nickname": "x"}), "nickname"),
+    ("/customers", customer(1, attributes={"user_age": "3"}), "user_age"),
+    ("/customers", customer(1, attributes={"user_age": 2**31}), "user_age"),
+    ("/customers", customer(1, attributes={"user_gender": 1.5}), "user_gender"),
     ("/products", product(category=-1), "category"),
     ("/products", product(category=2**31), "category"),
     ("/products", product(price=-1), "price"),
@@ -183,6 +189,23 @@ def test_bad_fields_are_422_naming_the_field(client: TestClient, path: str, body
     response = client.post(path, json=body)
     assert response.status_code == 422, response.text
     assert any(field in error["loc"] for error in response.json()["detail"]), response.json()
+
+
+def test_customer_profiles_follow_the_dataset_spec(migrated_database_url: str) -> None:
+    """Another spec, other bodies: shop_events' customers carry its user features, shown in OpenAPI, and AliCCP's
+    are refused there."""
+    from recsys.settings import PROJECT_ROOT
+
+    with gateway(migrated_database_url, spec=PROJECT_ROOT / "tests" / "data" / "shop_events.yaml") as client:
+        profile = client.get("/openapi.json").json()["components"]["schemas"]["CustomerProfile"]
+        assert list(profile["properties"]) == ["customer_segment", "customer_region"]
+        assert profile["additionalProperties"] is False
+        created = client.post("/customers", json=customer(1, attributes={"customer_segment": 4}))
+        assert created.status_code == 201 and created.json()["attributes"] == {"customer_segment": 4}
+        refused = client.post("/customers", json=customer(2, attributes={"user_age": 3}))
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "attributes", "user_age"]
+        changed = client.patch("/customers/1", json={"attributes": {"customer_region": 2, "customer_segment": None}})
+        assert changed.status_code == 200 and changed.json()["attributes"] == {"customer_region": 2}
 
 
 @pytest.mark.parametrize("method, path, params", [
@@ -208,8 +231,8 @@ def test_oversized_bodies_are_413(client: TestClient) -> None:
     assert chunked.request.headers.get("content-length") is None
     assert chunked.status_code == 413
     assert client.get("/customers/1").status_code == 404  # nothing was stored
-    fits = customer(1, attributes={f"a{n}": "x" * 100 for n in range(30)})  # ~3.5 kB
-    assert client.post("/customers", json=fits).status_code == 201
+    fits = json.dumps(customer(1)) + " " * 3_500  # ~3.6 kB of valid JSON (a profile holds only the spec's features)
+    assert client.post("/customers", content=fits, headers={"content-type": "application/json"}).status_code == 201
 
 
 def test_interactions_are_stored_listed_and_filtered(client: TestClient) -> None:

@@ -115,7 +115,8 @@ class Customer(Base):
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     location: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
     device: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
-    # Profile attributes, name -> int or string; the extract copies those named like a spec user feature.
+    # The profile: the spec's user features by name (serving.api.schemas.profile_model validates them; rows stored
+    # before may hold other names or types, which the extract leaves out); the extract copies them.
     attributes: Mapped[dict[str, Any]] = mapped_column(AttributesType, default=dict)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]

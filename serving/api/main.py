@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy.orm import sessionmaker
 
 from recsys.settings import Settings, get_settings
+from recsys.spec import DatasetSpec, load_spec
 from serving.api import metrics
 from serving.api.auth import KeyCache
 from serving.api.body_limit import BodySizeLimitMiddleware
@@ -33,11 +34,12 @@ from serving.recommender import Recommender, RecommenderConfig
 from serving.seen_items import SeenItemsWriter
 
 
-def api_router() -> APIRouter:
-    """Every route of the gateway, one router per resource."""
+def api_router(spec: DatasetSpec) -> APIRouter:
+    """Every route of the gateway, one router per resource (customers' bodies follow the dataset spec)."""
     router = APIRouter()
     router.include_router(health.router)
     router.include_router(metrics.router)
+    router.include_router(customers.profile_router(spec))
     router.include_router(customers.router)
     router.include_router(products.router)
     router.include_router(interactions.router)
@@ -50,7 +52,6 @@ def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender
     """Redis and Triton clients with their timeouts; nothing connects until the first request."""
     import redis.asyncio
 
-    from recsys.spec import load_spec
     from serving.triton_client import TritonEnsembles
 
     timeout_s = settings.redis_timeout_ms / 1000
@@ -74,7 +75,6 @@ def build_live_features(settings: Settings, triton: object, client: object) -> L
     """Feast's online store (the gateway's writes always land, see feature_repo/config.py) on the online path."""
     from feature_repo.config import FeastStoreConfig
     from feature_repo.store import open_feature_store
-    from recsys.spec import load_spec
 
     spec = load_spec(settings.spec)
     store = open_feature_store(spec, FeastStoreConfig.from_settings(settings), writes_always_land=True)
@@ -87,7 +87,6 @@ def build_seen_items_writer(settings: Settings) -> SeenItemsWriter:
     import redis
 
     from recsys.interactions import types_excluding_seen
-    from recsys.spec import load_spec
 
     timeout_s = settings.redis_timeout_ms / 1000
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
@@ -149,5 +148,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     impressions = ImpressionLog(settings.impressions_path, on_drop=app.state.metrics.impressions_dropped.inc)
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics, impressions=impressions)
     add_error_handlers(app)
-    app.include_router(api_router())
+    app.include_router(api_router(load_spec(settings.spec)))
     return app

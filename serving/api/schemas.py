@@ -20,12 +20,15 @@ from pydantic import (
     Field,
     PlainSerializer,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StringConstraints,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from recsys.spec import DatasetSpec
 from serving.api.db import CLIENT_ID_TEXT, SHORT_TEXT, InteractionType
 
 INT64_MAX = 2**63 - 1
@@ -89,6 +92,8 @@ class ErrorDetail(BaseModel):
 # Customers
 
 
+# The bodies a gateway takes are `customer_models(spec)`'s, whose `attributes` are the spec's user features; these
+# are their bases (free-form attributes, name -> int or string).
 class CustomerCreate(RequestModel):
     id: EntityId
     location: ContextValue | None = None
@@ -104,11 +109,55 @@ class CustomerUpdate(UpdateModel):
     attributes: Attributes | None = None
 
 
+def _feature_type(spec: DatasetSpec, name: str) -> Any:
+    """A profile attribute's type from its spec column: integers in the column type's range, finite numbers, or
+    text (a multi-valued feature's tokens joined by its separator, as in the dataset's files)."""
+    column_type = spec.columns[name]
+    if column_type.startswith(("int", "uint")):
+        bits = int(column_type.removeprefix("u").removeprefix("int") or 64)
+        low, high = (0, 2**bits - 1) if column_type.startswith("u") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        return Annotated[StrictInt, Field(ge=low, le=high)]
+    if column_type.startswith(("float", "double")):
+        return Annotated[StrictInt | StrictFloat, Field(allow_inf_nan=False)]
+    if column_type == "bool":
+        return StrictBool
+    return Annotated[str, StringConstraints(max_length=256)]
+
+
+def profile_model(spec: DatasetSpec) -> type[BaseModel]:
+    """A customer's profile in the dataset `spec`: one optional attribute per user feature, named and typed as its
+    column (an unknown name or a wrong type is refused with 422 naming it); what the models see of a customer."""
+    fields: dict[str, Any] = {
+        name: (_feature_type(spec, name) | None,
+               Field(default=None, description=f"user feature `{name}` ({spec.columns[name]}, "
+                                               f"{spec.feature_kind(name).replace('_', '-')})"))
+        for name in spec.user_features
+    }  # fmt: skip
+    return create_model("CustomerProfile", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def customer_models(spec: DatasetSpec) -> tuple[type[CustomerCreate], type[CustomerUpdate]]:
+    """The customer bodies of the dataset `spec`: `attributes` is its profile (`profile_model`)."""
+    profile = profile_model(spec)
+    text = "the customer's profile: the dataset's user features, each optional"
+    create = create_model("CustomerCreate", __base__=CustomerCreate,
+                          attributes=(profile, Field(default_factory=profile, description=text)))  # fmt: skip
+    update = create_model("CustomerUpdate", __base__=CustomerUpdate,
+                          attributes=(profile | None, Field(default=None, description=text)))  # type: ignore[arg-type]  # fmt: skip
+    return create, update
+
+
+def profile_attributes(attributes: Any) -> dict[str, Any]:
+    """The attributes to store: those given, without nulls (a missing feature)."""
+    values = attributes.model_dump() if isinstance(attributes, BaseModel) else dict(attributes or {})
+    return {name: value for name, value in values.items() if value is not None}
+
+
 class CustomerPublic(PublicModel):
     id: int
     location: str | None
     device: str | None
-    attributes: dict[str, int | str]
+    attributes: dict[str, int | float | str]
     created_at: datetime
     updated_at: datetime
 

@@ -1,5 +1,8 @@
 """Customers: create, read, list, update, delete (ingestion, report 4.1.1).
 
+A customer's `attributes` are their profile: the dataset spec's user features, with the names and types of their
+columns (`serving.api.schemas.profile_model`), validated strictly and shown in OpenAPI.
+
 Creating or updating a customer writes their encoded profile through to Feast's online store
 (serving/live_features.py), so that their next recommendation request gets a personal list from the user tower;
 the database row is the truth, and a write-through that fails (no published version, Triton or Feast down) is
@@ -16,6 +19,7 @@ import anyio.from_thread
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import select
 
+from recsys.spec import DatasetSpec
 from serving.api.auth import AUTH_ERRORS, AdminScope
 from serving.api.db import Customer, utc_now
 from serving.api.deps import CustomerIdPath, LiveFeaturesDep, SeenItemsDep, SessionDep
@@ -27,31 +31,20 @@ from serving.api.schemas import (
     CustomerPublic,
     CustomersPublic,
     CustomerUpdate,
+    customer_models,
     error_responses,
+    profile_attributes,
 )
 from serving.live_features import LiveFeatures
 
 log = logging.getLogger(__name__)
 
-# Customers are personal data: every route needs the admin scope.
+# Customers are personal data: every route needs the admin scope. Reading, listing and deleting; creating and
+# updating take the spec's profile (`profile_router`).
 router = APIRouter(prefix="/customers", tags=["customers"], dependencies=[AdminScope],
                    responses=error_responses(AUTH_ERRORS))  # fmt: skip
 NOT_FOUND = error_responses({404: "no customer with this id"})
 WRITE_ERRORS = error_responses({404: "no customer with this id", **RATE_LIMITED})
-
-
-@router.post("", response_model=CustomerPublic, status_code=status.HTTP_201_CREATED, dependencies=[RateLimit],
-             responses=error_responses({409: "a customer with this id exists", **RATE_LIMITED}))  # fmt: skip
-def create_customer(body: CustomerCreate, session: SessionDep, live: LiveFeaturesDep) -> CustomerPublic:
-    conflict = f"customer {body.id} already exists"
-    if session.get(Customer, body.id) is not None:
-        raise HTTPException(status.HTTP_409_CONFLICT, conflict)
-    now = utc_now()
-    customer = Customer(**body.model_dump(), created_at=now, updated_at=now)
-    session.add(customer)
-    commit_or_conflict(session, conflict)
-    write_through(live, customer)
-    return CustomerPublic.model_validate(customer)
 
 
 @router.get("", response_model=CustomersPublic)
@@ -70,20 +63,6 @@ def read_customer(customer_id: CustomerIdPath, session: SessionDep) -> CustomerP
     return CustomerPublic.model_validate(get_or_404(session, Customer, customer_id, "customer"))
 
 
-@router.patch("/{customer_id}", response_model=CustomerPublic, responses=WRITE_ERRORS, dependencies=[RateLimit])
-def update_customer(customer_id: CustomerIdPath, body: CustomerUpdate, session: SessionDep,
-                    live: LiveFeaturesDep) -> CustomerPublic:  # fmt: skip
-    customer = get_or_404(session, Customer, customer_id, "customer")
-    changes = body.changes()
-    for name, value in changes.items():
-        setattr(customer, name, value)
-    customer.updated_at = utc_now()
-    session.commit()
-    if "attributes" in changes:  # the profile the models see
-        write_through(live, customer, changed=True)
-    return CustomerPublic.model_validate(customer)
-
-
 @router.delete("/{customer_id}", response_model=None, status_code=status.HTTP_204_NO_CONTENT,
                 responses=WRITE_ERRORS, dependencies=[RateLimit])  # fmt: skip
 def delete_customer(customer_id: CustomerIdPath, session: SessionDep, seen_items: SeenItemsDep,
@@ -98,6 +77,49 @@ def delete_customer(customer_id: CustomerIdPath, session: SessionDep, seen_items
             anyio.from_thread.run(live.forget, customer_id)
         except Exception as error:  # the row is gone; the cached answer expires with its TTL
             log.warning("forgetting customer %d online failed (%s: %s)", customer_id, type(error).__name__, error)
+
+
+def profile_router(spec: DatasetSpec) -> APIRouter:
+    """Creating and updating customers, whose bodies' `attributes` are the spec's user features (`customer_models`):
+    the routes are built per application, for the spec its settings name."""
+    create_body, update_body = customer_models(spec)
+    profiles = APIRouter(prefix="/customers", tags=["customers"], dependencies=[AdminScope],
+                         responses=error_responses(AUTH_ERRORS))  # fmt: skip
+
+    def create_customer(body: CustomerCreate, session: SessionDep, live: LiveFeaturesDep) -> CustomerPublic:
+        conflict = f"customer {body.id} already exists"
+        if session.get(Customer, body.id) is not None:
+            raise HTTPException(status.HTTP_409_CONFLICT, conflict)
+        now = utc_now()
+        fields = {**body.model_dump(), "attributes": profile_attributes(body.attributes)}
+        customer = Customer(**fields, created_at=now, updated_at=now)
+        session.add(customer)
+        commit_or_conflict(session, conflict)
+        write_through(live, customer)
+        return CustomerPublic.model_validate(customer)
+
+    def update_customer(customer_id: CustomerIdPath, body: CustomerUpdate, session: SessionDep,
+                        live: LiveFeaturesDep) -> CustomerPublic:  # fmt: skip
+        customer = get_or_404(session, Customer, customer_id, "customer")
+        changes = body.changes()
+        if "attributes" in changes:  # the whole profile is replaced
+            changes["attributes"] = profile_attributes(changes["attributes"])
+        for name, value in changes.items():
+            setattr(customer, name, value)
+        customer.updated_at = utc_now()
+        session.commit()
+        if "attributes" in changes:  # the profile the models see
+            write_through(live, customer, changed=True)
+        return CustomerPublic.model_validate(customer)
+
+    # FastAPI reads the body's model from the annotation: the spec's, not the free-form base mypy checks against.
+    create_customer.__annotations__["body"] = create_body
+    update_customer.__annotations__["body"] = update_body
+    profiles.post("", response_model=CustomerPublic, status_code=status.HTTP_201_CREATED, dependencies=[RateLimit],
+                  responses=error_responses({409: "a customer with this id exists", **RATE_LIMITED}))(create_customer)
+    profiles.patch("/{customer_id}", response_model=CustomerPublic, responses=WRITE_ERRORS,
+                   dependencies=[RateLimit])(update_customer)  # fmt: skip
+    return profiles
 
 
 def write_through(live: LiveFeatures | None, customer: Customer, *, changed: bool = False) -> None:
