@@ -5,11 +5,10 @@ A published version `v` is the run `<data_root>/runs/<v>` (the nightly DAG publi
 name), whose export is `<run>/triton_repository`. `stage_version` lays that repository's models into the serving
 repository (one Triton runs on it, in explicit model control) as `<model>--<v>`: every file hard-linked, not
 copied (a re-export of the run does not pull files from under loaded models), and each `config.pbtxt` rewritten
-to the new names, ensemble steps included. `ModelFollower.sync` then loads the
-current version's two ensembles (Triton loads the stages they name with them) and `encode_features`,
-and, once the current version has
-been current (and loaded) for `grace_s`, unloads the others: a request already on its way to an older version's models
-finishes there. The gateway calls the ensembles of the version its Redis read returned (`versioned_name`), so
+to the new names, ensemble steps included. `ModelFollower.sync` then loads the current version's two ensembles
+(Triton loads the stages they name with them) and `encode_features` and, once the current version has been
+current (and loaded) for `grace_s`, unloads the others: a request already on its way to an older version's
+models finishes there. The gateway calls the ensembles of the version its Redis read returned (`versioned_name`), so
 the `model_version` of an answer is the version whose models produced it; in the seconds between a pointer move
 and the load, such a call fails and the gateway answers the generic list (`triton_unavailable`).
 """
