@@ -121,10 +121,9 @@ class LiveFeatures:
         features = {name: attributes[name] for name in self.spec.user_features if name in attributes}
         if not features and not changed:
             return None
-        version = await self.redis.get(self.keys.current)
+        version = await self._current_version()
         if version is None:
             return None
-        version = version.decode() if isinstance(version, bytes) else str(version)
         raw = {self.spec.user_id: customer_id, **features}
         [encoded], snapshot_time = await self.triton.encode("user", [raw], version=version)
         row = {self.table.join_key: customer_id,
@@ -138,12 +137,15 @@ class LiveFeatures:
         await pipe.execute()
         return version
 
+    async def _current_version(self) -> str | None:
+        value = await self.redis.get(self.keys.current)
+        return value.decode() if isinstance(value, bytes) else value
+
     async def forget(self, customer_id: int) -> None:
         """A deleted customer: no longer live under the current version, their cached online answer dropped."""
-        version = await self.redis.get(self.keys.current)
+        version = await self._current_version()
         if version is None:
             return
-        version = version.decode() if isinstance(version, bytes) else str(version)
         pipe = self.redis.pipeline(transaction=True)
         if 0 <= customer_id < REDIS_MAX_BITS:
             pipe.setbit(self.keys.live_users(version), customer_id, 0)

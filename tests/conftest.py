@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -32,19 +33,27 @@ def gateways_outside_the_project(tmp_path_factory: pytest.TempPathFactory) -> It
     session's own folder instead, unless a test names one. And none reads or writes the user's Feast store
     (default registry under var/feast): gateways run without Feast on the online path unless a test turns it
     on with a store of its own (tests/test_recommendations_api.py), and a stray one finds an empty registry."""
-    names = ("RECSYS_IMPRESSIONS_DIR", "RECSYS_LIVE_FEATURES", "RECSYS_FEAST_REGISTRY_PATH")
-    previous = {name: os.environ.get(name) for name in names}
-    os.environ["RECSYS_IMPRESSIONS_DIR"] = str(tmp_path_factory.mktemp("impressions"))
-    os.environ["RECSYS_LIVE_FEATURES"] = "false"
-    os.environ["RECSYS_FEAST_REGISTRY_PATH"] = str(tmp_path_factory.mktemp("feast") / "registry.db")
+    with environment({"RECSYS_IMPRESSIONS_DIR": str(tmp_path_factory.mktemp("impressions")),
+                      "RECSYS_LIVE_FEATURES": "false",
+                      "RECSYS_FEAST_REGISTRY_PATH": str(tmp_path_factory.mktemp("feast") / "registry.db")}):
+        yield
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """These environment variables set (settings read them) until the block ends, then as they were."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     get_settings.cache_clear()
-    yield
-    for name, value in previous.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ the migrations.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from tasks.export_triton_ensemble import TritonEnsembleConfig, export_triton_ens
 from tasks.feast_features import feast_apply, feast_materialize
 from tasks.publish_recommendations import publish_recommendations
 from tests.api_keys import authorized
-from tests.conftest import latest_raw_features
+from tests.conftest import environment, latest_raw_features
 from tests.servers import free_port
 
 pytestmark = pytest.mark.e2e
@@ -53,16 +52,9 @@ def feast_store(trained_run: Path, spec: DatasetSpec, tmp_path_factory: pytest.T
     online_store.flushdb()
     feast_apply(trained_run / "nvtabular", spec, config)
     feast_materialize(trained_run / "nvtabular", spec, config)
-    environment = {"RECSYS_LIVE_FEATURES": "true", "RECSYS_FEAST_REDIS_URL": FEAST_REDIS_URL,
-                   "RECSYS_FEAST_REGISTRY_PATH": str(config.registry_path)}  # fmt: skip
-    previous = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    yield config
-    for name, value in previous.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with environment({"RECSYS_LIVE_FEATURES": "true", "RECSYS_FEAST_REDIS_URL": FEAST_REDIS_URL,
+                      "RECSYS_FEAST_REGISTRY_PATH": str(config.registry_path)}):
+        yield config
     online_store.flushdb()
 
 
