@@ -6,9 +6,12 @@ export AIRFLOW_CONFIG := $(ROOT)/airflow.cfg
 VENV := $(ROOT)/.venv/bin
 ROWS ?= 50000
 API_PORT ?= 8100
+MLFLOW_PORT ?= 5000
+# `make demo ROWS=...` sets the demo's size; generate-data keeps its own default.
+DEMO_ROWS := $(if $(filter command line,$(origin ROWS)),$(ROWS),20000)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve
+.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve demo mlflow
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -41,6 +44,13 @@ api: migrate  ## the REST gateway (ingestion) on http://127.0.0.1:8100 (API_PORT
 
 api-key: migrate  ## create an API key and print it once: make api-key NAME=web-tier SCOPES="read" (read, ingest, admin)
 	$(VENV)/python -m serving.api.keys create $(NAME) --scopes $(SCOPES)
+
+demo:  ## the main job in one command: data, the nightly DAG, the serving stack, a read key; Ctrl-C stops it (ROWS=20000)
+	$(VENV)/python scripts/demo.py --rows $(DEMO_ROWS) --port $(API_PORT)
+
+mlflow:  ## the MLflow UI on http://127.0.0.1:5000 (MLFLOW_PORT=...): runs, registered models, aliases
+	$(VENV)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --backend-store-uri "$$($(VENV)/python -c 'from recsys.settings import get_settings; print(get_settings().mlflow_tracking_uri)')"
 
 serve:  ## serve recommendations: Redis if not running, Triton on the latest published run, migrate, gateway on API_PORT
 	$(VENV)/python -m serving.run --port $(API_PORT) $(SERVE_ARGS)

@@ -5,7 +5,7 @@
 In a throw-away database (created and dropped here), both engines do the same `--calls` times: check a
 connection out (a liveness check), run `SELECT 1`, give it back (a rollback). The reference is SQLAlchemy's
 own `pool_pre_ping` engine with the same statement timeout; the measured one is `create_database_engine`, whose
-liveness check, statement and rollback each arm and disarm a deadline (`serving/api/call_deadline.py`).
+liveness check, statement and rollback each arm and disarm a deadline (`recsys/call_deadline.py`).
 Then the same with a new connection each time (`--new-connections` times, engines without a pool), where
 the call deadline also hands the connection attempt to a worker thread. Rounds alternate between the
 engines; prints microseconds per call and the ratio per round.
@@ -45,8 +45,8 @@ def main() -> int:
     from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
-    from serving.api.call_deadline import add_call_deadline
-    from serving.api.db import CALL_DEADLINE_FACTOR, create_database_engine, database_url
+    from recsys.call_deadline import add_call_deadline
+    from recsys.database import CALL_DEADLINE_FACTOR, create_database_engine, database_url
 
     admin_url = database_url(args.url)
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")

@@ -236,8 +236,8 @@ def prepare_database(path: Path, run: Path, spec: DatasetSpec) -> str:
     from sqlalchemy import insert
     from sqlalchemy.orm import Session
 
+    from recsys.database import Product, create_database_engine
     from serving.api.auth import create_api_key
-    from serving.api.db import Product, create_database_engine
     from serving.api.migrate import upgrade
 
     path.unlink(missing_ok=True)

@@ -48,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 from models.item_to_item import NEIGHBOURS_FILE, ItemToItem
+from models.retrieval_index import load_index, read_item_embeddings
 from recsys.spec import DatasetSpec
 
 if TYPE_CHECKING:
@@ -524,8 +525,6 @@ class ItemEmbeddings:
 
     @classmethod
     def read(cls, two_tower_dir: Path, catalog_size: int) -> ItemEmbeddings:
-        from tasks.build_faiss_index import read_item_embeddings
-
         ids, vectors = read_item_embeddings(two_tower_dir)
         size = max(catalog_size, int(ids.max()) + 1 if len(ids) else 0)
         embeddings = np.zeros((size, vectors.shape[1]), dtype=np.float32)
@@ -612,8 +611,6 @@ class RecommendationPipeline:
     """The models, index and feature arrays of one run, loaded once and kept in memory."""
 
     def __init__(self, artifacts: PipelineArtifacts, spec: DatasetSpec) -> None:
-        from tasks.build_faiss_index import load_index
-
         self.spec = spec
         self.artifacts = artifacts
         self.columns = PipelineColumns.of_run(artifacts, spec)

@@ -23,12 +23,12 @@ class TrainerStepError(RuntimeError):
 
 
 def run_trainer_step(python: Path, command: str, arguments: list[str]) -> dict:
-    """Run `python -m recsys.cli <command> <arguments>`; stream its output to the log; return its metrics."""
+    """Run `python -m tasks.cli <command> <arguments>`; stream its output to the log; return its metrics."""
     if not Path(python).exists():
         raise TrainerStepError(f"trainer interpreter {python} not found: run the README's setup command")
     with tempfile.TemporaryDirectory(prefix="recsys-trainer-") as scratch:
         metrics_path = Path(scratch) / "metrics.json"
-        argv = [str(python), "-m", "recsys.cli", command, *arguments, "--metrics-json", str(metrics_path)]
+        argv = [str(python), "-m", "tasks.cli", command, *arguments, "--metrics-json", str(metrics_path)]
         log.info("running in the trainer environment: %s", " ".join(argv))
         tail: deque[str] = deque(maxlen=40)
         # TensorFlow's C++ INFO lines (one per graph placeholder) would drown the step's own log.

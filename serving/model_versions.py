@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from recsys.triton_repository import ENCODE_FEATURES, ENSEMBLES
+
 log = logging.getLogger(__name__)
 
-ENSEMBLES = ("recommend", "similar_products")
-# The standalone model the gateway calls to encode what the API receives (tasks/export_triton_ensemble.py).
-ENCODE_FEATURES = "encode_features"
 SEPARATOR = "--"
 CONFIG_FILE = "config.pbtxt"
 # Environment variable `serving.run` sets for its workers: Triton serves version-named models.

@@ -328,7 +328,7 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def live_api_keys(database_url: str) -> int:
     from sqlalchemy import func, select
 
-    from serving.api.db import ApiKey, create_database_engine
+    from recsys.database import ApiKey, create_database_engine
 
     engine = create_database_engine(database_url, timeout_ms=None)
     try:

@@ -9,7 +9,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from serving.model_versions import ENCODE_FEATURES, versioned_name
+from recsys.triton_repository import ENCODE_FEATURES
+from serving.model_versions import versioned_name
 
 RawList = tuple[list[int], list[float]]
 

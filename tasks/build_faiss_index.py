@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.item_to_item import ItemToItem, ItemToItemConfig
+from models.retrieval_index import INDEX_FILE, read_item_embeddings
 from recsys.outputs import atomic_output_dir
 from recsys.spec import DatasetSpec, load_spec
 
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
     import numpy as np
 
 log = logging.getLogger(__name__)
-
-INDEX_FILE = "items.faiss"
-
 
 @dataclasses.dataclass(frozen=True)
 class FaissIndexConfig:
@@ -39,16 +37,6 @@ class FaissIndexConfig:
     recall_k: int = 100
     recall_queries: int = 2_000
     seed: int = 0
-
-
-def read_item_embeddings(two_tower_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(encoded item ids, float32 embeddings) as train_two_tower wrote them."""
-    import numpy as np
-    import pandas as pd
-
-    frame = pd.read_parquet(Path(two_tower_dir) / "item_embeddings.parquet")
-    ids = frame.iloc[:, 0].to_numpy(dtype=np.int64)
-    return ids, np.ascontiguousarray(frame.iloc[:, 1:].to_numpy(dtype=np.float32))
 
 
 def build_index(ids: np.ndarray, embeddings: np.ndarray, config: FaissIndexConfig) -> tuple[Any, dict]:
@@ -239,9 +227,3 @@ def user_queries(nvtabular_dir: Path, two_tower_dir: Path, spec: DatasetSpec, li
 
 def _list_width(spec: DatasetSpec, column: str) -> int | None:
     return spec.multi_valued[column].max_tokens if column in spec.multi_valued else None
-
-
-def load_index(index_dir: Path) -> Any:
-    import faiss
-
-    return faiss.read_index(str(Path(index_dir) / INDEX_FILE))

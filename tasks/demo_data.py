@@ -10,7 +10,8 @@ gets now (published list, availability, promotion, sampling).
     <output>/users/part-00000.parquet   user_id, impressions, clicked_item_ids, candidate_item_ids, candidate_scores
     <output>/_metrics.json              users, top_k, mean retrieval recall@top_k over them, the source run
 
-Raw ids throughout, as the web tier knows them. `read_demo_data` (platform environment) reads it back.
+Raw ids throughout, as the web tier knows them. The format and its reader (the gateway's) are in
+`recsys/demo_format.py`.
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from recsys.demo_format import LIST_TYPE, METRICS_FILE, USER_SCHEMA, hits
 from recsys.outputs import atomic_output_dir
-from recsys.parquet_io import PartitionWriter, nvtabular_part_files, part_files
+from recsys.parquet_io import PartitionWriter, nvtabular_part_files
 from recsys.spec import DatasetSpec
 from tasks.nvtabular_fit_transform import RAW_SUFFIX
 
@@ -36,40 +36,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "_metrics.json"
-LIST_TYPE = pa.list_(pa.int64())
-USER_SCHEMA = pa.schema([
-    ("user_id", pa.int64()), ("impressions", pa.int64()), ("clicked_item_ids", LIST_TYPE),
-    ("candidate_item_ids", LIST_TYPE), ("candidate_scores", pa.list_(pa.float32())),
-])  # fmt: skip
-
-
 @dataclasses.dataclass(frozen=True)
 class DemoDataConfig:
     top_k: int = 200  # retrieved candidates shown per user (the report's demo showed 200)
     max_users: int = 500  # the validation users with the most clicks; the page lists them all in one picker
     users_per_batch: int = 512
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoUser:
-    user_id: int
-    impressions: int  # validation rows of the user
-    clicked: frozenset[int]  # items clicked in validation
-    candidates: list[int]  # retrieved, best first
-    candidate_scores: list[float]  # inner products
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoData:
-    directory: Path
-    users: dict[int, DemoUser]  # in the output's order: most validation clicks first
-    metrics: dict[str, Any]
-
-
-def hits(items: Sequence[int], clicked: frozenset[int]) -> int:
-    """How many of `items` the user clicked in validation (true positives)."""
-    return sum(1 for item in items if item in clicked)
 
 
 def validation_clicks(nvtabular_dir: Path, spec: DatasetSpec) -> pd.DataFrame:
@@ -100,7 +71,7 @@ def demo_data(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: DemoDa
         UserFeatureTable,
         search,
     )
-    from tasks.build_faiss_index import load_index
+    from models.retrieval_index import load_index
 
     if config.top_k < 1 or config.max_users < 1:
         raise ValueError(f"top_k and max_users must be positive, got {config.top_k} and {config.max_users}")
@@ -149,17 +120,3 @@ def demo_data(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: DemoDa
     log.info("demo_data: %d of %d validation users with clicks, mean retrieval recall@%d %.3f", len(chosen),
              clickers, config.top_k, metrics[f"mean_retrieval_recall_at_{config.top_k}"] or 0.0)  # fmt: skip
     return metrics
-
-
-def read_demo_data(directory: Path) -> DemoData:
-    """A `demo_data` output, whole (a few hundred users and their lists)."""
-    directory = Path(directory)
-    metrics = json.loads((directory / METRICS_FILE).read_text())
-    users: dict[int, DemoUser] = {}
-    for path in part_files(directory / "users"):
-        for row in pq.read_table(path, schema=USER_SCHEMA).to_pylist():
-            users[row["user_id"]] = DemoUser(
-                user_id=row["user_id"], impressions=row["impressions"], clicked=frozenset(row["clicked_item_ids"]),
-                candidates=row["candidate_item_ids"], candidate_scores=row["candidate_scores"],
-            )  # fmt: skip
-    return DemoData(directory, users, metrics)

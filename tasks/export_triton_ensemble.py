@@ -51,27 +51,26 @@ from models.online_pipeline import (
     PipelineArtifacts,
     PipelineColumns,
 )
+from models.retrieval_index import INDEX_FILE, ITEM_EMBEDDINGS_FILE
 from recsys.outputs import atomic_output_dir
 from recsys.spec import DatasetSpec
-from serving import triton_models
-from serving.model_versions import ENCODE_FEATURES
-from serving.triton_models.stage import (
+from recsys.triton_repository import (
+    ENCODE_FEATURES,
+    MODEL_CODE_DIR,
     QUERY_TOWER_DIR,
     RANKER_DIR,
+    RECOMMEND,
     SEEN_ITEMS_FILE,
+    SIMILAR_PRODUCTS,
     SNAPSHOT_FILE,
     UNAVAILABLE_FILE,
+    VERSION,
     WORKFLOW_DIR,
 )
-from tasks.build_faiss_index import INDEX_FILE
 from tasks.nvtabular_fit_transform import RAW_SUFFIX
 
 log = logging.getLogger(__name__)
 
-MODEL_CODE_DIR = Path(triton_models.__file__).parent  # <model>/model.py of every stage
-VERSION = "1"
-RECOMMEND = "recommend"
-SIMILAR_PRODUCTS = "similar_products"
 # Tensor names of the recommend ensemble that are not dataset columns; a spec column named like one is refused.
 RESERVED_NAMES = ("top_k", "top_n", "temperature", "seed", "item_ids", "scores", "probabilities", "known_users",
                   "query_embeddings", "user_features", "candidates", "candidate_scores", "filtered_candidates",
@@ -322,14 +321,14 @@ def _stage_files(artifacts: PipelineArtifacts) -> dict[str, list[tuple[Path, str
                         (artifacts.nvtabular_dir / USER_FEATURES_FILE, USER_FEATURES_FILE)],
         "faiss_retrieval": [(artifacts.faiss_index_dir / INDEX_FILE, INDEX_FILE)],
         # The item-to-item files are absent in runs from before the source: the stage then passes Faiss's on.
-        "candidate_sources": [(artifacts.two_tower_dir / "item_embeddings.parquet", "item_embeddings.parquet"),
+        "candidate_sources": [(artifacts.two_tower_dir / ITEM_EMBEDDINGS_FILE, ITEM_EMBEDDINGS_FILE),
                               *((artifacts.faiss_index_dir / name, name)
                                 for name in (NEIGHBOURS_FILE, CONFIG_FILE, USER_HISTORY_FILE)
                                 if (artifacts.faiss_index_dir / name).exists())],
         "filter_candidates": [],
         "ranker": [(artifacts.ranker_dir / "model", RANKER_DIR), items],
         "ordering": [items],
-        "item_lookup": [items, (artifacts.two_tower_dir / "item_embeddings.parquet", "item_embeddings.parquet")],
+        "item_lookup": [items, (artifacts.two_tower_dir / ITEM_EMBEDDINGS_FILE, ITEM_EMBEDDINGS_FILE)],
         "similar_items": [items],
         ENCODE_FEATURES: [(artifacts.nvtabular_dir / "workflow", WORKFLOW_DIR)],
     }  # fmt: skip

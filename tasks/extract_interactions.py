@@ -128,7 +128,7 @@ def extract_interactions(database_url: str, landing_dir: Path, day: date, *, spe
     Replaces an earlier extract of the same day atomically; a day without interactions gets a file
     without rows. Returns metrics: the output path, events read, rows written, and more (see the module doc).
     """
-    from serving.api.db import create_database_engine
+    from recsys.database import create_database_engine
 
     spec = spec or load_spec()
     columns = columns or IngestionColumns.matching(spec)
@@ -179,7 +179,7 @@ def export_unavailable_items(database_url: str, output: Path, *, spec: DatasetSp
     """Write the ids of products marked unavailable as a one-column CSV (header: the spec's item id)."""
     from sqlalchemy import select
 
-    from serving.api.db import Product, create_database_engine
+    from recsys.database import Product, create_database_engine
 
     spec = spec or load_spec()
     engine = create_database_engine(database_url, timeout_ms=None)
@@ -230,7 +230,7 @@ class _Group:
 def _groups(connection: Any, start: datetime, end: datetime) -> Iterator[_Group]:
     from sqlalchemy import select
 
-    from serving.api.db import Customer, Interaction, Product
+    from recsys.database import Customer, Interaction, Product
 
     query = (
         select(Interaction.customer_id, Interaction.product_id, Interaction.session_id, Interaction.type,

@@ -59,10 +59,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from recsys.impression_log import read_impressions
 from recsys.interactions import ENGAGED_TYPES
 from recsys.settings import safe_run_id
 from recsys.spec import DatasetSpec, load_spec
-from serving.api.impressions import read_impressions
 from tasks.extract_interactions import IngestionColumns
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def _clicks(connection: Any, start: datetime, end: datetime) -> list[tuple[int, 
     """(customer, product, time, request id) of the click events in [start, end), in time order."""
     from sqlalchemy import select
 
-    from serving.api.db import Interaction
+    from recsys.database import Interaction
 
     query = (select(Interaction.customer_id, Interaction.product_id, Interaction.timestamp, Interaction.request_id)
              .where(Interaction.timestamp >= start, Interaction.timestamp < end,
@@ -165,7 +165,7 @@ def _interaction_features(connection: Any, start: datetime, end: datetime) -> di
     """Counts of each drift feature's values over the interactions in [start, end)."""
     from sqlalchemy import func, select
 
-    from serving.api.db import Customer, Interaction, Product
+    from recsys.database import Customer, Interaction, Product
 
     query = (select(func.coalesce(Interaction.location, Customer.location),
                     func.coalesce(Interaction.device, Customer.device), Product.category)
@@ -266,7 +266,7 @@ def monitor_hour(hour: datetime, *, impressions_dir: Path, database_url: str, ru
                  spec: DatasetSpec | None = None, config: MonitoringConfig | None = None
                  ) -> dict[str, Any]:  # fmt: skip
     """The hour's metrics per model version (module doc), as a JSON-ready dict."""
-    from serving.api.db import create_database_engine
+    from recsys.database import create_database_engine
 
     config = config or MonitoringConfig()
     spec = spec or load_spec()

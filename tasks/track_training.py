@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from models.retrieval_index import ITEM_EMBEDDINGS_FILE
 from recsys.locations import as_uri
 from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
@@ -210,7 +211,7 @@ def log_two_tower_run(two_tower_dir: Path, nvtabular_dir: Path, spec: DatasetSpe
         ):
             mlflow.log_artifact(str(plot), artifact_path="plots")
         mlflow.log_artifact(str(two_tower_dir / "history.json"))
-        mlflow.log_artifact(str(two_tower_dir / "item_embeddings.parquet"))
+        mlflow.log_artifact(str(two_tower_dir / ITEM_EMBEDDINGS_FILE))
         mlflow.log_dict(spec.to_dict(), "dataset_spec.json")
         mlflow.log_artifacts(str(nvtabular_dir / "workflow"), artifact_path="nvtabular_workflow")
         columns = result["query_columns"]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.retrieval_index import ITEM_EMBEDDINGS_FILE
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
@@ -170,7 +171,7 @@ def train_two_tower(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,
         model.query_encoder.save(str(staging / "query_tower"))
         embeddings = item_embeddings.reset_index().rename(columns={"index": spec.item_id})
         embeddings.columns = [str(column) for column in embeddings.columns]
-        embeddings.to_parquet(staging / "item_embeddings.parquet", index=False)
+        embeddings.to_parquet(staging / ITEM_EMBEDDINGS_FILE, index=False)
         result = {
             "config": dataclasses.asdict(config),
             "positives": len(positives),

@@ -7,8 +7,8 @@ import itertools
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from recsys.database import create_database_engine
 from serving.api.auth import Scope, create_api_key
-from serving.api.db import create_database_engine
 
 ALL_SCOPES = tuple(scope.value for scope in Scope)
 _names = itertools.count()

@@ -151,7 +151,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     from sqlalchemy import create_engine
     from sqlalchemy.exc import OperationalError
 
-    from serving.api.db import database_url as driver_url
+    from recsys.database import database_url as driver_url
 
     admin_url = driver_url(POSTGRES_ADMIN_URL)
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})

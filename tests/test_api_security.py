@@ -15,9 +15,9 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
+from recsys.database import database_url as engine_url
 from recsys.settings import Settings
 from serving.api import keys
-from serving.api.db import database_url as engine_url
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tests.api_keys import new_key

@@ -1,4 +1,4 @@
-"""The client-side deadline on each call of a PostgreSQL connection (`serving/api/call_deadline.py`), on the
+"""The client-side deadline on each call of a PostgreSQL connection (`recsys/call_deadline.py`), on the
 real server of this machine, through the gateway's own engine factory.
 
 A frozen server (the case it exists for) is `tests/test_durability.py::test_a_hung_database_is_503_within_the_budget`;
@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy import Engine, make_url, text
 from sqlalchemy.exc import OperationalError
 
-from serving.api.call_deadline import _connect_within
-from serving.api.db import CALL_DEADLINE_FACTOR, create_database_engine
+from recsys.call_deadline import _connect_within
+from recsys.database import CALL_DEADLINE_FACTOR, create_database_engine
 from serving.api.errors import is_database_unavailable
 
 BUDGET_MS = 150

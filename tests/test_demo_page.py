@@ -21,13 +21,13 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from recsys.demo_format import DemoData, hits, read_demo_data
 from recsys.recommendation_store import decode_recommendations
 from recsys.settings import Settings, get_settings
 from recsys.trainer_env import run_trainer_step
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from serving.api.routes.demo import demo_directory
-from tasks.demo_data import DemoData, hits, read_demo_data
 from tasks.publish_recommendations import publish_recommendations
 from tests.api_keys import authorized, new_key
 from tests.servers import free_port, served

@@ -45,9 +45,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from recsys.database import CALL_DEADLINE_FACTOR, Interaction, create_database_engine
 from recsys.settings import Settings
 from serving.api.auth import KeyCache
-from serving.api.db import CALL_DEADLINE_FACTOR, Interaction, create_database_engine
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tasks.publish_recommendations import publish_recommendations
@@ -275,7 +275,7 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
 def create_database(cluster: PostgresCluster, name: str) -> str:
     from sqlalchemy import create_engine
 
-    from serving.api.db import database_url
+    from recsys.database import database_url
 
     admin = create_engine(database_url(cluster.url()), isolation_level="AUTOCOMMIT")
     try:
@@ -804,7 +804,7 @@ def test_a_hung_database_is_503_within_the_budget(postgres_cluster: PostgresClus
     assert acknowledged.status_code in (200, 201), acknowledged.text
     assert [row.event_id for row in stored_interactions(database_url)] == ["hung-0"]
     # statement_timeout is the server's to enforce, so a frozen server never does: the gateway's call
-    # deadline (CALL_DEADLINE_FACTOR budgets, serving/api/call_deadline.py) cuts the pooled connection, and
+    # deadline (CALL_DEADLINE_FACTOR budgets, recsys/call_deadline.py) cuts the pooled connection, and
     # gives up opening a new one (psycopg's own connect timeout would wait 2 s).
     for attempt, (answer, elapsed) in enumerate(answers):
         assert answer is not None, f"request {attempt}: no answer within the client's 5 s, budget {budget_s} s"

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from recsys.cli import main as recsys_cli
 from recsys.parquet_io import nvtabular_part_files
 from recsys.settings import get_settings
 from recsys.spec import DEFAULT_SPEC_PATH, SpecError, load_spec, parse_spec
 from recsys.trainer_env import run_trainer_step
 from serving.triton_server import TritonServer
+from tasks.cli import main as recsys_cli
 from tests.test_triton_ensemble import ranked, recommend
 
 TOP_N = 20

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from recsys.cli import main as recsys_main
 from recsys.settings import Settings
 from recsys.spec import DatasetSpec, SpecError, parse_spec
 from serving.api.main import create_app
 from tasks.batch_score import read_unavailable
+from tasks.cli import main as recsys_main
 from tasks.extract_interactions import (
     IngestionColumns,
     arrow_schema,
@@ -56,7 +56,7 @@ def stored_before_profiles_were_typed(database_url: str, customer_id: int, attri
     the customer's row, as a gateway before typed profiles stored them: the extract must still cope."""
     from sqlalchemy.orm import Session
 
-    from serving.api.db import Customer, create_database_engine
+    from recsys.database import Customer, create_database_engine
 
     engine = create_database_engine(database_url, timeout_ms=None)
     try:

@@ -205,7 +205,7 @@ def test_triton_answers_with_the_features_sent_as_the_in_process_pipeline(run: t
     """The query tower takes a float and a token list, and the ranker gets them back from the packed user features
     (`PipelineColumns.pack`): recommend, given
     each user's features in the request, answers as `RecommendationPipeline` with the same features."""
-    from recsys.cli import main as recsys_cli
+    from tasks.cli import main as recsys_cli
 
     run_dir, spec_path, spec = run
     repository = run_dir / "triton_repository"

@@ -20,9 +20,10 @@ import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from recsys.impression_log import partition_dir, read_impressions
 from recsys.recommendation_store import encode_recommendations
 from recsys.settings import Settings
-from serving.api.impressions import ImpressionLog, partition_dir, read_impressions
+from serving.api.impressions import ImpressionLog
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tasks.monitor import MonitoringConfig, floor_hour, monitor_hour

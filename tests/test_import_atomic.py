@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys.cli import main
 from recsys.errors import InputDataError
 from recsys.spec import load_spec
+from tasks.cli import main
 from tasks.csv_to_parquet import csv_to_parquet
 from tasks.import_atomic import AtomicImportConfig, import_atomic, temporal_split
 

@@ -18,8 +18,8 @@ from alembic.runtime.migration import MigrationContext
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, inspect
 
+from recsys.database import Base, create_database_engine, database_url
 from recsys.settings import Settings
-from serving.api.db import Base, create_database_engine, database_url
 from serving.api.main import create_app
 from serving.api.migrate import SchemaNotCurrentError, downgrade, head_revisions, upgrade
 from tests.api_keys import authorized

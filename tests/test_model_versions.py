@@ -19,12 +19,12 @@ import pytest
 import redis
 import tritonclient.http as httpclient
 
-from recsys.cli import main as recsys_cli
 from recsys.recommendation_store import RecommendationKeys
 from recsys.spec import DatasetSpec
 from serving.model_versions import ModelFollower, stage_version, versioned_name
 from serving.triton_client import TritonEnsembles
 from serving.triton_server import TritonServer
+from tasks.cli import main as recsys_cli
 from tasks.publish_recommendations import rollback
 
 pytestmark = pytest.mark.e2e

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy.orm import Session
 
-from serving.api.db import Customer, Interaction, InteractionType, Product, create_database_engine
-from serving.api.impressions import partition_dir
+from recsys.database import Customer, Interaction, InteractionType, Product, create_database_engine
+from recsys.impression_log import partition_dir
 from serving.api.migrate import upgrade
 from tasks.monitor import (
     MONITORING_EXPERIMENT,

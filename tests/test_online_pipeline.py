@@ -19,7 +19,8 @@ from models.online_pipeline import (
     order,
     ranked_order,
 )
-from tasks.build_faiss_index import FaissIndexConfig, build_faiss_index, build_index, load_index
+from models.retrieval_index import load_index, read_item_embeddings
+from tasks.build_faiss_index import FaissIndexConfig, build_faiss_index, build_index
 
 CANDIDATES = np.array([[10, 11, 12, 13], [20, 21, MISSING, MISSING]])
 SCORES = np.array([[0.2, 0.9, 0.5, 0.7], [0.1, 0.3, np.nan, np.nan]], dtype=np.float32)
@@ -168,8 +169,6 @@ def test_large_catalog_gets_ivf_with_its_recall_against_exact_measured(item_embe
 
 
 def _read(two_tower: Path) -> tuple[np.ndarray, np.ndarray]:
-    from tasks.build_faiss_index import read_item_embeddings
-
     return read_item_embeddings(two_tower)
 
 

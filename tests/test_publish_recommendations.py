@@ -25,7 +25,6 @@ import redis
 import redis.asyncio
 
 import tasks.publish_recommendations as publish_module
-from recsys.cli import main as cli_main
 from recsys.errors import InputDataError
 from recsys.recommendation_store import (
     RecommendationKeys,
@@ -35,6 +34,7 @@ from recsys.recommendation_store import (
     read_recommendations_async,
     version_metadata,
 )
+from tasks.cli import main as cli_main
 from tasks.publish_recommendations import (
     PublishError,
     VersionConflictError,

@@ -242,8 +242,8 @@ def test_a_reviewers_promotion_is_honoured_by_the_next_gate_and_publish(tracking
 
 
 def test_the_commands_gate_and_promote(tracking_uri, tmp_path, monkeypatch, capsys):
-    from recsys.cli import main
     from recsys.settings import get_settings
+    from tasks.cli import main
 
     night1 = train(tracking_uri, tmp_path, "night1", auc=0.70, recall=0.20)  # below popularity
     monkeypatch.setenv("RECSYS_MLFLOW_TRACKING_URI", tracking_uri)

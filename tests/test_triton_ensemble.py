@@ -21,12 +21,12 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from recsys.cli import main as recsys_cli
 from recsys.parquet_io import nvtabular_part_files
 from recsys.settings import get_settings
 from recsys.spec import DatasetSpec
 from serving.triton_server import TritonServer
 from tasks.batch_score import seen_items_by_user
+from tasks.cli import main as recsys_cli
 from tests.conftest import latest_raw_features
 
 pytestmark = pytest.mark.e2e

@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from serving.api.db import ApiKey, utc_now
+from recsys.database import ApiKey, utc_now
 from serving.api.errors import is_database_unavailable
 
 log = logging.getLogger(__name__)

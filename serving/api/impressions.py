@@ -1,83 +1,35 @@
-"""Impressions: every served recommendation list, appended as JSON lines to hourly files that `tasks/monitor.py` reads.
+"""The gateway's impression log: every served recommendation list, appended as JSON lines to hourly files that
+`tasks/monitor.py` reads; the files' layout, line format and reader are in `recsys/impression_log.py`.
 
-    <RECSYS_IMPRESSIONS_DIR>/date=YYYY-MM-DD/hour=HH/<host>-<pid>.jsonl      (default dir: <data_root>/impressions)
-
-One line per answer of `GET /recommendations/{customer_id}` and `GET /products/{product_id}/similar`:
-
-    {"request_id": "9f1c...", "time": "2026-11-26T10:15:02.123456+00:00", "customer_id": 42,
-     "handler": "/recommendations/{customer_id}", "route": "precomputed", "model_version": "manual__2026...",
-     "degraded": [], "api_key": "web-tier", "items": [{"product_id": 7, "position": 0}, ...]}
-
-`customer_id` is null for similar products; `position` is the 0-based rank shown; `time` is when the answer
-was served (UTC), and it names the hour's folder. The request only puts the record on a queue (a microsecond
-or two; no disk I/O on the request path); a writer thread wakes every `flush_interval_s` (0.5 s), formats what
-is queued and appends it in batches, one `write` of whole lines per file and batch, the file opened and closed
-each time. Each process (uvicorn worker) has files of its own, so lines never interleave; a reader skips a
-last line without its newline (a write in progress). When the queue holds `max_pending` records (the disk much
-slower than traffic for a while), new impressions are dropped and counted (`recsys_impressions_dropped_total`)
-rather than slowing requests or growing memory. A clean shutdown drains the queue; a killed process loses the
-last half second or so. With several hosts, the folder is a shared volume (or shipped to one).
+The request only puts the record on a queue (a microsecond or two; no disk I/O on the request path); a writer
+thread wakes every `flush_interval_s` (0.5 s), formats what is queued and appends it in batches, one `write` of
+whole lines per file and batch, the file opened and closed each time. Each process (uvicorn worker) has files of
+its own, so lines never interleave; a reader skips a last line without its newline (a write in progress). When the
+queue holds `max_pending` records (the disk much slower than traffic for a while), new impressions are dropped and
+counted (`recsys_impressions_dropped_total`) rather than slowing requests or growing memory. A clean shutdown
+drains the queue; a killed process loses the last half second or so. With several hosts, the folder is a shared
+volume (or shipped to one).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from recsys.impression_log import impression_line, partition_dir
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000
 MAX_BATCH = 5_000
 FLUSH_INTERVAL_S = 0.5
-
-
-def partition_dir(root: Path, moment: datetime) -> Path:
-    """The folder of the hour (UTC) that `moment` falls in."""
-    moment = moment.astimezone(UTC)
-    return Path(root) / f"date={moment:%Y-%m-%d}" / f"hour={moment:%H}"
-
-
-def read_impressions(root: Path, hour: datetime) -> tuple[list[dict[str, Any]], int]:
-    """(impressions of the hour starting at `hour`, malformed lines skipped), from every process's file."""
-    records, malformed = [], 0
-    for path in sorted(partition_dir(root, hour).glob("*.jsonl")):
-        for line in _complete_lines(path):
-            try:
-                record = json.loads(line)
-                record["time"] = datetime.fromisoformat(record["time"])
-            except (ValueError, KeyError, TypeError):
-                malformed += 1
-                continue
-            records.append(record)
-    return records, malformed
-
-
-def _complete_lines(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as file:
-        for line in file:
-            if line.endswith("\n"):  # a line without one is being written
-                yield line
-
-
-_encode = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def _json_line(impression: dict[str, Any], moment: datetime) -> str:
-    """The impression as one JSON object, `items` last as [{"product_id": id, "position": rank}, ...]; the
-    items are written by hand (ids are ints): about 3 times cheaper than building and encoding 20 small dicts."""
-    head = _encode({**{key: value for key, value in impression.items() if key != "items"},
-                    "time": moment.isoformat(timespec="microseconds")})  # fmt: skip
-    items = ",".join([f'{{"product_id":{int(item)},"position":{position}}}'
-                      for position, item in enumerate(impression["items"])])  # fmt: skip
-    return f'{head[:-1]},"items":[{items}]}}'
 
 
 class ImpressionLog:
@@ -158,7 +110,7 @@ class ImpressionLog:
         for impression in batch:
             moment = datetime.fromtimestamp(impression["time"], UTC)
             try:
-                line = _json_line(impression, moment)
+                line = impression_line(impression, moment)
             except (TypeError, ValueError):
                 log.exception("impression of request %s cannot be written as JSON", impression.get("request_id"))
                 self._dropped(1)

@@ -18,8 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from recsys.database import ApiKey, create_database_engine
 from serving.api.auth import Scope, create_api_key, revoke_api_key
-from serving.api.db import ApiKey, create_database_engine
 from serving.api.migrate import ensure_schema_current
 
 

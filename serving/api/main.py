@@ -16,12 +16,12 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 from sqlalchemy.orm import sessionmaker
 
+from recsys.database import create_database_engine
 from recsys.settings import Settings, get_settings
 from recsys.spec import DatasetSpec, load_spec
 from serving.api import metrics
 from serving.api.auth import KeyCache
 from serving.api.body_limit import BodySizeLimitMiddleware
-from serving.api.db import create_database_engine
 from serving.api.errors import add_error_handlers
 from serving.api.impressions import ImpressionLog
 from serving.api.metrics import GatewayMetrics

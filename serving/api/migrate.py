@@ -60,7 +60,7 @@ def database_is_current(database_url: str) -> bool:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from serving.api.db import create_database_engine
+    from recsys.database import create_database_engine
 
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).exists()):
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         command.current(config, verbose=True)
         return 0
-    from serving.api.db import create_database_engine
+    from recsys.database import create_database_engine
 
     engine = create_database_engine(url, timeout_ms=None)
     try:

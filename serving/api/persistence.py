@@ -8,7 +8,7 @@ from fastapi import HTTPException, status
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from serving.api.db import Base
+from recsys.database import Base
 
 Model = TypeVar("Model", bound=Base)
 

@@ -28,8 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from recsys.database import CLIENT_ID_TEXT, SHORT_TEXT, InteractionType
 from recsys.spec import DatasetSpec
-from serving.api.db import CLIENT_ID_TEXT, SHORT_TEXT, InteractionType
 
 INT64_MAX = 2**63 - 1
 INT32_MAX = 2**31 - 1

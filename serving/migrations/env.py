@@ -11,7 +11,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from serving.api.db import Base, create_database_engine, database_url
+from recsys.database import Base, create_database_engine, database_url
 
 config = context.config
 if config.config_file_name is not None:  # the `alembic` CLI with alembic.ini; not when called from Python

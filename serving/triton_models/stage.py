@@ -21,15 +21,6 @@ from models.online_pipeline import PipelineColumns
 
 Number = TypeVar("Number", int, float)
 
-# What the export writes into a stage's version folder besides model.py and `PipelineColumns.FILE`
-# (the run's feature tables, `items.faiss` and `item_embeddings.parquet` keep their names).
-QUERY_TOWER_DIR = "query_tower"  # SavedModel
-RANKER_DIR = "model"  # SavedModel
-SEEN_ITEMS_FILE = "seen_items.npz"  # models.online_pipeline.ItemsByUser
-UNAVAILABLE_FILE = "unavailable.npy"  # bool mask indexed by encoded item id
-WORKFLOW_DIR = "workflow"  # the run's fitted NVTabular workflow (`<run>/nvtabular/workflow`)
-SNAPSHOT_FILE = "snapshot.json"  # {"snapshot_time": unix seconds of the run's feature tables' event time}
-
 
 class RequestError(ValueError):
     """A request the stage cannot answer; the message is sent back to the client."""

@@ -19,9 +19,9 @@ import anyio.from_thread
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import select
 
+from recsys.database import Customer, utc_now
 from recsys.spec import DatasetSpec
 from serving.api.auth import AUTH_ERRORS, AdminScope
-from serving.api.db import Customer, utc_now
 from serving.api.deps import CustomerIdPath, LiveFeaturesDep, SeenItemsDep, SessionDep
 from serving.api.persistence import commit_or_conflict, get_or_404
 from serving.api.rate_limit import RATE_LIMITED, RateLimit

@@ -30,12 +30,12 @@ from fastapi.security import APIKeyCookie
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
+from recsys.demo_format import METRICS_FILE, DemoData, DemoUser, hits, read_demo_data
 from recsys.settings import Settings
 from serving.api.auth import AUTH_ERRORS, Caller, Scope, caller_of, key_header
 from serving.api.deps import SettingsDep
 from serving.api.schemas import INT64_MAX, error_responses
 from serving.recommender import Recommender, VisitorQuery
-from tasks.demo_data import METRICS_FILE, DemoData, DemoUser, hits, read_demo_data
 
 router = APIRouter(tags=["demo"], responses=error_responses(AUTH_ERRORS))
 

@@ -24,8 +24,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from recsys.database import Customer, Interaction, InteractionType, Product, utc_now
 from serving.api.auth import AUTH_ERRORS, AdminScope, IngestScope
-from serving.api.db import Customer, Interaction, InteractionType, Product, utc_now
 from serving.api.deps import InteractionIdPath, SeenItemsDep, SessionDep
 from serving.api.persistence import get_or_404
 from serving.api.rate_limit import RATE_LIMITED, RateLimit

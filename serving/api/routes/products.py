@@ -12,8 +12,8 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import exists, select
 
+from recsys.database import Interaction, Product, utc_now
 from serving.api.auth import AUTH_ERRORS, AdminScope, ReadScope
-from serving.api.db import Interaction, Product, utc_now
 from serving.api.deps import ProductIdPath, RecommenderDep, SessionDep
 from serving.api.persistence import commit_or_conflict, get_or_404
 from serving.api.rate_limit import RATE_LIMITED, RateLimit

@@ -17,8 +17,8 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
+from recsys.database import Interaction, InteractionType, Product
 from serving.api.auth import AUTH_ERRORS, ReadScope
-from serving.api.db import Interaction, InteractionType, Product
 from serving.api.deps import CustomerIdPath, ProductIdPath, get_recommender
 from serving.api.errors import is_database_unavailable
 from serving.api.rate_limit import RATE_LIMITED

@@ -4,7 +4,7 @@ Revision ID: 671bd4844846
 Revises:
 Create Date: 2026-11-26 03:55:33.379708
 
-Written from `alembic revision --autogenerate` against serving/api/db.py, with the model's own column
+Written from `alembic revision --autogenerate` against recsys/database.py, with the model's own column
 types spelled out (a migration must not import the models: they will change, this file must not).
 """
 
@@ -22,7 +22,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    utc_datetime = sa.DateTime(timezone=True)  # serving.api.db.UTCDateTime stores this type
+    utc_datetime = sa.DateTime(timezone=True)  # recsys.database.UTCDateTime stores this type
     op.create_table(
         "customers",
         sa.Column("id", sa.BigInteger(), autoincrement=False, nullable=False),

@@ -4,7 +4,7 @@ Revision ID: b7e2c4a19d30
 Revises: 671bd4844846
 Create Date: 2026-11-26 07:00:00
 
-Written by hand from serving/api/db.py, with the column types spelled out (a migration must not import
+Written by hand from recsys/database.py, with the column types spelled out (a migration must not import
 the models). `tests/test_ingestion_api.py` checks that the models and the migrated schema agree.
 """
 
@@ -20,7 +20,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    utc_datetime = sa.DateTime(timezone=True)  # serving.api.db.UTCDateTime stores this type
+    utc_datetime = sa.DateTime(timezone=True)  # recsys.database.UTCDateTime stores this type
     op.create_table(
         "api_keys",
         sa.Column("id", sa.Integer(), nullable=False),

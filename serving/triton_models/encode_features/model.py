@@ -19,7 +19,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from models.feature_encoding import EncodingError, WorkflowEncoder
-from serving.triton_models.stage import SNAPSHOT_FILE, WORKFLOW_DIR, RequestError, StageModel, required
+from recsys.triton_repository import SNAPSHOT_FILE, WORKFLOW_DIR
+from serving.triton_models.stage import RequestError, StageModel, required
 
 
 def _text(value: object) -> str:

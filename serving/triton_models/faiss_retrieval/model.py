@@ -11,8 +11,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from models.online_pipeline import search
+from models.retrieval_index import load_index
 from serving.triton_models.stage import RequestError, StageModel, required, scalar
-from tasks.build_faiss_index import load_index
 
 
 class TritonPythonModel(StageModel):

@@ -12,14 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from models.online_pipeline import ItemsByUser, filter_candidates
-from serving.triton_models.stage import (
-    SEEN_ITEMS_FILE,
-    UNAVAILABLE_FILE,
-    RequestError,
-    StageModel,
-    ids_vector,
-    required,
-)
+from recsys.triton_repository import SEEN_ITEMS_FILE, UNAVAILABLE_FILE
+from serving.triton_models.stage import RequestError, StageModel, ids_vector, required
 
 
 class TritonPythonModel(StageModel):

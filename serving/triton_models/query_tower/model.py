@@ -12,7 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from models.online_pipeline import USER_FEATURES_FILE, QueryTower, UserFeatureTable
-from serving.triton_models.stage import QUERY_TOWER_DIR, RequestError, StageModel, ids_vector
+from recsys.triton_repository import QUERY_TOWER_DIR
+from serving.triton_models.stage import RequestError, StageModel, ids_vector
 
 
 class TritonPythonModel(StageModel):

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from models.online_pipeline import ITEM_FEATURES_FILE, ItemCatalog, Ranker
-from serving.triton_models.stage import RANKER_DIR, RequestError, StageModel, required
+from recsys.triton_repository import RANKER_DIR
+from serving.triton_models.stage import RequestError, StageModel, required
 
 
 class TritonPythonModel(StageModel):

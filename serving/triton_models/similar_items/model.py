@@ -12,7 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from models.online_pipeline import ITEM_FEATURES_FILE, ItemCatalog, nearest_other_items
-from serving.triton_models.stage import UNAVAILABLE_FILE, RequestError, StageModel, ids_vector, required
+from recsys.triton_repository import UNAVAILABLE_FILE
+from serving.triton_models.stage import RequestError, StageModel, ids_vector, required
 
 
 class TritonPythonModel(StageModel):

@@ -1,4 +1,5 @@
-"""The gateway's main database: typed ORM models and the engine factory (SQLite file or PostgreSQL).
+"""The gateway's main database: typed ORM models and the engine factory (SQLite file or PostgreSQL). Shared
+ground: the gateway (`serving/api/`) writes it, the extract and monitoring steps (`tasks/`) read it.
 
 The schema is created and changed only by the Alembic migrations in `serving/migrations/`
 (`python -m serving.api.migrate upgrade`); these models must match them, which
@@ -41,7 +42,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from serving.api.call_deadline import add_call_deadline
+from recsys.call_deadline import add_call_deadline
 
 # Names for every constraint and index, so migrations can refer to them on any database.
 NAMING_CONVENTION = {
@@ -204,7 +205,7 @@ def create_database_engine(url: str | URL, *, timeout_ms: int | None) -> Engine:
     - PostgreSQL: `statement_timeout` and `lock_timeout` per connection. A server that stops answering
       enforces neither, and psycopg's connect timeout is in whole seconds, at least 2, so each call and each
       new connection also has a client-side deadline of `CALL_DEADLINE_FACTOR` times the budget
-      (`serving/api/call_deadline.py`).
+      (`recsys/call_deadline.py`).
     - SQLite: the busy timeout (how long a write waits for another writer's lock); foreign keys on
       (SQLite leaves them off) and write-ahead logging, so readers such as the extract never block writers.
     - Both: waiting for a free pooled connection, and a liveness check before a connection is reused.
