@@ -8,7 +8,7 @@ ROWS ?= 50000
 API_PORT ?= 8100
 MLFLOW_PORT ?= 5000
 # `make demo ROWS=...` sets the demo's size; generate-data keeps its own default.
-DEMO_ROWS := $(if $(filter command line,$(origin ROWS)),$(ROWS),20000)
+DEMO_ROWS := $(if $(filter command line,$(origin ROWS)),$(ROWS),50000)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve demo mlflow
@@ -45,7 +45,7 @@ api: migrate  ## the REST gateway (ingestion) on http://127.0.0.1:8100 (API_PORT
 api-key: migrate  ## create an API key and print it once: make api-key NAME=web-tier SCOPES="read" (read, ingest, admin)
 	$(VENV)/python -m serving.api.keys create $(NAME) --scopes $(SCOPES)
 
-demo:  ## the main job in one command: data, the nightly DAG, the serving stack, a read key; Ctrl-C stops it (ROWS=20000)
+demo:  ## the main job in one command: data, the nightly DAG, the serving stack, a read key; Ctrl-C stops it (ROWS=50000)
 	$(VENV)/python scripts/demo.py --rows $(DEMO_ROWS) --port $(API_PORT)
 
 mlflow:  ## the MLflow UI on http://127.0.0.1:5000 (MLFLOW_PORT=...): runs, registered models, aliases

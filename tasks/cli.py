@@ -15,15 +15,16 @@ from datetime import date, datetime
 from pathlib import Path
 
 from models.rankers import COMPARED_RANKERS
+from recsys.datagen import GeneratorConfig
 from recsys.errors import InputDataError
 from recsys.spec import SpecError, load_spec
 
 
 def _generate_data(args: argparse.Namespace) -> dict:
-    from recsys.datagen import GeneratorConfig, generate_dataset
+    from recsys.datagen import generate_dataset
 
     config = GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items,
-                             chunk_rows=args.chunk_rows)  # fmt: skip
+                             chunk_rows=args.chunk_rows, base_logit=args.base_logit)  # fmt: skip
     return generate_dataset(config, args.out, load_spec(args.spec), progress=not args.quiet)
 
 
@@ -287,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--users", type=int, default=None)
     generate.add_argument("--items", type=int, default=None)
     generate.add_argument("--chunk-rows", type=int, default=500_000)
+    generate.add_argument("--base-logit", type=float, default=GeneratorConfig.base_logit,
+                          help="click logit offset: higher means more clicks (default: %(default)s, about 9%% clicks)")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
 
     steps: list[tuple[str, Callable, str]] = [
