@@ -5,7 +5,7 @@ models in `serving/triton_models/` and called by the gateway (`serving/triton_cl
 
 from __future__ import annotations
 
-from recsys.settings import PROJECT_ROOT
+from pathlib import Path
 
 RECOMMEND = "recommend"
 SIMILAR_PRODUCTS = "similar_products"
@@ -15,7 +15,8 @@ ENCODE_FEATURES = "encode_features"
 VERSION = "1"  # each model's one version folder in an exported repository
 
 # The stages' code: files the export copies next to each model's config (`<name>/model.py`), not imports.
-MODEL_CODE_DIR = PROJECT_ROOT / "serving" / "triton_models"
+# (Not via recsys.settings: the stages import this module in the trainer environment, whose pydantic is older.)
+MODEL_CODE_DIR = Path(__file__).resolve().parent.parent / "serving" / "triton_models"
 
 # What the export writes into a stage's version folder besides model.py and `PipelineColumns.FILE`
 # (the run's feature tables, `items.faiss` and `item_embeddings.parquet` keep their names).
