@@ -39,7 +39,7 @@ airflow:  ## start Airflow (api server, scheduler, dag processor, triggerer) on 
 migrate:  ## create or upgrade the gateway's database (RECSYS_DATABASE_URL, default SQLite in var/serving/)
 	$(VENV)/python -m serving.api.migrate upgrade
 
-api: migrate  ## the REST gateway (ingestion) on http://127.0.0.1:8100 (API_PORT=...), OpenAPI docs at /docs
+api: migrate  ## the REST gateway alone (starts neither Redis nor Triton) on http://127.0.0.1:8100 (API_PORT=...), OpenAPI docs at /docs
 	$(VENV)/uvicorn serving.api.main:create_app --factory --host 127.0.0.1 --port $(API_PORT)
 
 api-key: migrate  ## create an API key and print it once: make api-key NAME=web-tier SCOPES="read" (read, ingest, admin)

@@ -1,8 +1,8 @@
 """The item-to-item retrieval source: EASE weights between items, each item's strongest neighbours kept.
 
-Why EASE (Steck, 2019): on MovieLens-1M it was the strongest of the simple baselines (README, "Real data"),
-and a user's score for an item is a sum over the items they clicked of one learned weight each, so it
-works as a candidate source (the items with the highest sums) and as a score the final order can blend in.
+Why EASE (Steck, 2019): on MovieLens-1M it was the strongest of the simple baselines (docs/evaluation.md, "Results
+on MovieLens-1M"), and a user's score for an item is a sum over the items they clicked of one learned weight each,
+so it works as a candidate source (the items with the highest sums) and as a score the final order can blend in.
 
 Its closed form inverts the items x items Gram matrix, so only the `max_items` most clicked items of the
 train split take part (dense float64: 10,000 items need 800 MB and a minute on 2 cores); the other items

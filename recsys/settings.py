@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     # Where raw CSV files land when a run does not name an input location: a local folder, or
     # s3://bucket/prefix, which a run first fetches into <run>/landing (recsys/locations.py).
     landing_dir: str | None = None
-    # Interpreter of the trainer environment (TensorFlow 2.12 + Merlin 23.08), see README.
+    # Interpreter of the trainer environment (TensorFlow 2.12 + Merlin 23.08), see docs/environments.md.
     trainer_python: Path = PROJECT_ROOT / ".venv-trainer" / "bin" / "python"
 
     # MLflow: a local SQLite store and artifact folder by default; any tracking URI (http://, postgresql://).
@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(default=None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3",
                                                                                     "AWS_ENDPOINT_URL"))
 
-    # Triton Inference Server: where `make setup` installed it (see README, "Triton server"), and the
+    # Triton Inference Server: where `make setup` installed it (see docs/environments.md, "Triton server"), and the
     # HTTP endpoint the serving tier sends inference requests to.
     triton_env: Path = PROJECT_ROOT / ".venv-triton"
     triton_url: str = "http://127.0.0.1:8000"

@@ -1,4 +1,4 @@
-"""The gateway's asynchronous client of the two Triton ensembles (tensors as README "Triton ensemble" lists)."""
+"""The gateway's asynchronous client of the two Triton ensembles (their tensors: docs/serving.md, "Triton ensemble")."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Start and stop a real Triton Inference Server on a model repository (platform environment, standard library).
 
 The server is `tritonserver` 2.51 from PyTriton's wheel, which `make setup` installs into `.venv-triton`
-(README, "Triton server"). It has the Python backend and ensembles but no TensorFlow backend, so
+(docs/environments.md, "Triton server"). It has the Python backend and ensembles but no TensorFlow backend, so
 models run inside Python-backend models, in the trainer environment:
 
 - The Python backend runs every model instance in `triton_python_backend_stub`, which embeds Python in

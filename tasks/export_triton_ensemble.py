@@ -19,10 +19,10 @@ item feature table, the item embeddings, the item-to-item source and each user's
 items (the spec's `exclude_seen`), the unavailable items, the fitted workflow) and
 `pipeline_columns.json`, so it keeps working after the run's folder is gone and each stage process
 holds only its own share. `config.pbtxt` files are written from the tensor lists below. The models
-run in the trainer environment inside Triton's Python backend (README, "Triton server"), so this
+run in the trainer environment inside Triton's Python backend (docs/environments.md, "Triton server"), so this
 step needs no TensorFlow. `log_triton_repository` records the repository as an MLflow artifact.
 
-Requests and responses (README, "Triton ensemble"): raw ids are `<id>_raw` (the NVTabular output's
+Requests and responses (docs/serving.md, "Triton ensemble"): raw ids are `<id>_raw` (the NVTabular output's
 name for them), since the models' `<id>` input is the encoded id; lists are padded with item id -1
 and score NaN (an unknown user or item gets a padded list and `known_*` False, not an error);
 invalid parameters (top_k or top_n below 1, a negative temperature) get HTTP 400 with a message.

@@ -135,7 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="recsys gateway",
-        summary="Ingestion of customers, products and interactions for the e-commerce recommender",
+        summary="Ingestion of customers, products and interactions; recommendations and similar products",
         version="0.1.0",
         lifespan=lifespan,
     )
