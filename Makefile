@@ -11,7 +11,7 @@ MLFLOW_PORT ?= 5000
 DEMO_ROWS := $(if $(filter command line,$(origin ROWS)),$(ROWS),50000)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve demo mlflow
+.PHONY: help setup test test-fast lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve demo mlflow
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -25,8 +25,11 @@ lint:  ## ruff (with Airflow's AIR rules) and mypy
 	$(VENV)/ruff check .
 	$(VENV)/mypy
 
-unit:  ## pytest only
+unit:  ## pytest only, every tier
 	$(VENV)/pytest
+
+test-fast:  ## the unit tier only (no trained model, no DAG run, no Triton): under 3 minutes on 2 cores
+	$(VENV)/pytest -m unit
 
 generate-data:  ## generate ROWS rows of AliCCP-format CSV into the landing zone
 	$(VENV)/recsys generate-data --rows $(ROWS) --out var/data/landing

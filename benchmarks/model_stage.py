@@ -189,28 +189,17 @@ def _run_trainer_part(part: str, run: Path, args: argparse.Namespace) -> dict:
 
 
 def prepare_run(rows: int, work: Path) -> Path:
-    """Generated data through the real data stage, the two-tower model and the Faiss index (not measured)."""
+    """Generated data through the real data stage, the two-tower model and the Faiss index, as the DAG runs them
+    (tasks/pipeline.py; the index with the item-to-item source); not measured. The ranker is the measured part's."""
     from recsys.datagen import GeneratorConfig, generate_dataset
-    from recsys.spec import load_spec
-    from recsys.trainer_env import run_trainer_step
-    from tasks.clean_null_rows import clean_null_rows
-    from tasks.csv_to_parquet import csv_to_parquet
-    from tasks.resplit import resplit
+    from recsys.run_layout import RunLayout
+    from tasks.pipeline import PipelineConfig, run_pipeline
 
-    spec = load_spec()
     run = work / "run"
     started = time.perf_counter()
     generate_dataset(GeneratorConfig(rows=rows, seed=1), work / "raw", progress=False)
-    csv_to_parquet(work / "raw", run / "parquet", spec)
-    clean_null_rows(run / "parquet", run / "clean", spec)
-    resplit(run / "clean", run / "resplit", spec)
-    steps = [
-        ("nvtabular-fit-transform", ["--input", str(run / "resplit"), "--output", str(run / "nvtabular")]),
-        ("train-two-tower", ["--input", str(run / "nvtabular"), "--output", str(run / "two_tower"), "--epochs", "1"]),
-        ("build-faiss-index", ["--input", str(run / "two_tower"), "--output", str(run / "faiss_index")]),
-    ]
-    for command, arguments in steps:
-        run_trainer_step(TRAINER_PYTHON, command, arguments)
+    run_pipeline(work / "raw", RunLayout(run), PipelineConfig(two_tower_epochs=1), until="build_faiss_index",
+                 skip=("validate", "train_ranker"))  # fmt: skip
     seconds = time.perf_counter() - started
     print(f"prepared {rows:,} rows through the data stage, two-tower and Faiss in {seconds:.0f} s", flush=True)
     return run

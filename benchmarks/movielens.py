@@ -138,7 +138,7 @@ def top_items(scores: np.ndarray, excluded: np.ndarray, users: np.ndarray, n: in
 
 
 def metrics_of(top: np.ndarray, relevant: list[np.ndarray]) -> dict[str, float]:
-    from tasks.evaluate import list_metrics
+    from recsys.ranking_metrics import list_metrics
 
     measured = list_metrics(top, relevant, K)
     return {"recall_at_10": measured["recall_at_10"], "ndcg_at_10": measured["ndcg_at_10"]}
@@ -211,7 +211,7 @@ def served_lists(run: Path, users: np.ndarray, redis_url: str) -> list[list[int]
 def pipeline_metrics(lists: list[list[int]], users: np.ndarray, relevant: list[np.ndarray],
                      rated: np.ndarray) -> dict[str, float | int]:  # fmt: skip
     """The served lists' metrics, with how many of their top 10 the user rated in train (0 under exclude_seen)."""
-    from tasks.evaluate import padded
+    from recsys.ranking_metrics import padded
 
     pairs = zip(users, lists, strict=True)
     rated_served = sum(int(rated[user, item]) for user, items in pairs for item in items[:K])
@@ -232,8 +232,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from recsys.ranking_metrics import auc_and_logloss
     from recsys.spec import load_spec
-    from tasks.evaluate import EvaluationConfig, auc_and_logloss, boosted_trees_scores, read_splits
+    from tasks.baselines import boosted_trees_scores
+    from tasks.evaluate import read_splits
     from tasks.import_atomic import AtomicImportConfig, import_atomic, temporal_split
 
     started = time.perf_counter()
@@ -296,7 +298,7 @@ def main() -> int:
         for name, folder in (("pipeline_fit_part", run), ("pipeline", refit)):
             results[name] = pipeline_metrics(served_lists(folder, test_users, args.redis_url), test_users,
                                              test_relevant, rated)  # fmt: skip
-        labels, tree_scores = boosted_trees_scores(*read_splits(run, spec), spec, EvaluationConfig())
+        labels, tree_scores = boosted_trees_scores(*read_splits(run, spec), spec)
         ranking = {"ranker_valid_auc": models["ranker"]["valid_auc"],
                    "boosted_trees_valid_auc": auc_and_logloss(labels, tree_scores)["auc"]}  # fmt: skip
 

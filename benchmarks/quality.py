@@ -65,8 +65,9 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from recsys.ranking_metrics import RANKER_GOAL_SHARE
     from recsys.spec import load_spec
-    from tasks.evaluate import RANKER_GOAL_SHARE, EvaluationConfig, evaluate, report_markdown
+    from tasks.evaluate import EvaluationConfig, evaluate, report_markdown
 
     with tempfile.TemporaryDirectory(prefix="recsys-quality-") as scratch:
         work = args.work or Path(scratch)

@@ -46,9 +46,9 @@ from recsys.datagen import (  # noqa: E402
     generate_chunks,
     make_entities,
 )
+from recsys.ranking_metrics import auc_shares, auc_shares_table  # noqa: E402
 from recsys.spec import DatasetSpec, load_spec  # noqa: E402
 from tasks.clean_null_rows import DEFAULT_MAX_NULL_FEATURES  # noqa: E402
-from tasks.evaluate import auc_shares, auc_shares_table  # noqa: E402
 
 NEWTON_STEPS = 8
 

@@ -140,8 +140,8 @@ def main() -> int:
 
     from sklearn.metrics import roc_auc_score
 
+    from recsys.ranking_metrics import auc_shares, auc_shares_table
     from recsys.trainer_env import run_trainer_step
-    from tasks.evaluate import auc_shares, auc_shares_table
 
     run = args.work / "run"
     towers = {"clicked": run / "two_tower"}

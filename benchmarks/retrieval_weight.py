@@ -43,17 +43,11 @@ def main() -> int:
         filter_candidates,
         order,
     )
+    from recsys.ranking_metrics import user_list_metrics
     from recsys.spec import load_spec
+    from tasks.baselines import final_list_data, generator_truth, prepare, true_click_rates, users_subset
     from tasks.batch_score import seen_items_by_user
-    from tasks.evaluate import (
-        final_list_data,
-        generator_truth,
-        prepare,
-        read_splits,
-        true_click_rates,
-        user_list_metrics,
-        users_subset,
-    )
+    from tasks.evaluate import read_splits
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True)

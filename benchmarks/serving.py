@@ -93,7 +93,6 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from recsys.settings import get_settings  # noqa: E402
 from recsys.spec import DatasetSpec, load_spec  # noqa: E402
 
 PREFIX = "bench-serving:"
@@ -119,12 +118,9 @@ SLA_MS = 500.0
 
 def prepare_run(work: Path, rows: int, users: int, seed: int) -> Path:
     """<work>/run with the DAG's layout up to batch_score and triton_repository; reused when complete."""
-    from recsys.datagen import GeneratorConfig, generate_dataset
-    from recsys.trainer_env import run_trainer_step
-    from tasks.clean_null_rows import clean_null_rows
-    from tasks.csv_to_parquet import csv_to_parquet
-    from tasks.export_triton_ensemble import TritonEnsembleConfig, export_triton_ensemble
-    from tasks.resplit import resplit
+    from recsys.datagen import SMALL_DATA_BASE_LOGIT, GeneratorConfig, generate_dataset
+    from recsys.run_layout import RunLayout
+    from tasks.pipeline import PipelineConfig, run_pipeline
 
     run = work / "run"
     stamp = work / "setup.json"
@@ -135,33 +131,14 @@ def prepare_run(work: Path, rows: int, users: int, seed: int) -> Path:
     shutil.rmtree(work / "raw", ignore_errors=True)
     shutil.rmtree(run, ignore_errors=True)
     stamp.unlink(missing_ok=True)
-    spec = load_spec()
-    python = get_settings().trainer_python
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("generate", lambda: generate_dataset(GeneratorConfig(rows=rows, seed=seed, users=users, base_logit=-3.7),
-                                              work / "raw", spec, progress=False)),
-        ("csv_to_parquet", lambda: csv_to_parquet(work / "raw", run / "parquet", spec)),
-        ("clean_null_rows", lambda: clean_null_rows(run / "parquet", run / "clean", spec)),
-        ("resplit", lambda: resplit(run / "clean", run / "resplit", spec)),
-        ("nvtabular_fit_transform", lambda: run_trainer_step(python, "nvtabular-fit-transform", [
-            "--input", str(run / "resplit"), "--output", str(run / "nvtabular")])),
-        ("train_two_tower", lambda: run_trainer_step(python, "train-two-tower", [
-            "--input", str(run / "nvtabular"), "--output", str(run / "two_tower"), "--epochs", "1"])),
-        ("train_ranker", lambda: run_trainer_step(python, "train-ranker", [
-            "--input", str(run / "nvtabular"), "--output", str(run / "ranker"), "--epochs", "1"])),
-        ("build_faiss_index", lambda: run_trainer_step(python, "build-faiss-index", [
-            "--input", str(run / "two_tower"), "--output", str(run / "faiss_index"),
-            "--nvtabular", str(run / "nvtabular")])),  # with the item-to-item source, as the DAG builds it
-        ("batch_score", lambda: run_trainer_step(python, "batch-score", [
-            "--input", str(run), "--output", str(run / "batch_score")])),
-        ("export_triton_ensemble", lambda: export_triton_ensemble(run, run / "triton_repository", spec,
-                                                                  TritonEnsembleConfig())),
-    ]  # fmt: skip
-    run.mkdir(parents=True)
-    for name, step in steps:
-        started = time.perf_counter()
-        step()
-        print(f"setup: {name} {time.perf_counter() - started:.1f} s", flush=True)
+    started = time.perf_counter()
+    generate_dataset(GeneratorConfig(rows=rows, seed=seed, users=users, base_logit=SMALL_DATA_BASE_LOGIT),
+                     work / "raw", load_spec(), progress=False)  # fmt: skip
+    print(f"setup: generate {time.perf_counter() - started:.1f} s", flush=True)
+    # The DAG's steps and folders (tasks/pipeline.py), one epoch each: the benchmark measures serving, not models.
+    run_pipeline(work / "raw", RunLayout(run), PipelineConfig(two_tower_epochs=1, ranker_epochs=1),
+                 skip=("validate", "demo_data"), until="export_triton_ensemble",
+                 on_step=lambda name, seconds: print(f"setup: {name} {seconds:.1f} s", flush=True))  # fmt: skip
     stamp.write_text(json.dumps(wanted))
     return run
 

@@ -26,6 +26,12 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+# The Params' defaults are the step's own (a quarter of a second to import: no pandas, MLflow or TensorFlow).
+from tasks.monitor import AlertThresholds, MonitoringConfig
+
+CONFIG, THRESHOLDS = MonitoringConfig(), AlertThresholds()
+WINDOW_MINUTES = int(CONFIG.attribution_window.total_seconds() // 60)
+
 
 @dag(
     dag_id="recsys_monitoring",
@@ -41,19 +47,19 @@ from airflow.sdk.exceptions import AirflowFailException
                       description="start of the hour to monitor, ISO 8601 with a time zone (default: from the run)"),
         "spec": Param(None, type=["null", "string"],
                       description="dataset spec YAML naming the training split's columns (default: specs/aliccp.yaml)"),
-        "attribution_window_minutes": Param(60, type="integer", minimum=0, maximum=1440,
+        "attribution_window_minutes": Param(WINDOW_MINUTES, type="integer", minimum=0, maximum=1440,
                                             description="how long after a list was shown a click counts for it"),
-        "k": Param(10, type="integer", minimum=1, description="precision@k of the served lists"),
-        "match_without_request_id": Param(True, type="boolean",
+        "k": Param(CONFIG.k, type="integer", minimum=1, description="precision@k of the served lists"),
+        "match_without_request_id": Param(CONFIG.match_without_request_id, type="boolean",
                                           description="attribute clicks without a request id by customer and "
                                                       "product (the latest list that showed it)"),
-        "min_ctr": Param(0.01, type=["null", "number"], minimum=0, maximum=1,
+        "min_ctr": Param(THRESHOLDS.min_ctr, type=["null", "number"], minimum=0, maximum=1,
                          description="alert when the click-through rate is below (null: off)"),
-        "min_precision_at_k": Param(None, type=["null", "number"], minimum=0, maximum=1,
+        "min_precision_at_k": Param(THRESHOLDS.min_precision_at_k, type=["null", "number"], minimum=0, maximum=1,
                                     description="alert when precision@k is below (null: off)"),
-        "max_psi": Param(0.25, type=["null", "number"], minimum=0,
+        "max_psi": Param(THRESHOLDS.max_psi, type=["null", "number"], minimum=0,
                          description="alert when a feature's PSI against the training data is above (null: off)"),
-        "min_impressions": Param(200, type="integer", minimum=1,
+        "min_impressions": Param(THRESHOLDS.min_impressions, type="integer", minimum=1,
                                  description="served lists an hour needs before CTR and precision alerts apply"),
         "alert_webhook_url": Param(None, type=["null", "string"],
                                    description="POST the alerts here as JSON (e.g. a Slack or Alertmanager hook)"),
@@ -65,10 +71,11 @@ def recsys_monitoring() -> None:
     def monitor_recommendations() -> dict:
         from airflow.sdk.exceptions import AirflowSkipException
 
+        from recsys.run_layout import runs_dir
         from recsys.settings import get_settings
         from recsys.spec import load_spec
         from serving.api.migrate import database_is_current
-        from tasks.monitor import AlertThresholds, MonitoringAlertError, MonitoringConfig, hour_to_monitor, monitor
+        from tasks.monitor import MonitoringAlertError, hour_to_monitor, monitor
 
         context, settings = get_current_context(), get_settings()
         params = context["params"]
@@ -84,7 +91,7 @@ def recsys_monitoring() -> None:
                                      max_psi=params["max_psi"], min_impressions=params["min_impressions"])
         try:
             return monitor(hour, impressions_dir=settings.impressions_path, database_url=settings.database_url,
-                           runs_dir=settings.data_root / "runs", tracking_uri=settings.mlflow_tracking_uri,
+                           runs_dir=runs_dir(settings.data_root), tracking_uri=settings.mlflow_tracking_uri,
                            artifact_root=settings.mlflow_artifact_root, spec=load_spec(params["spec"]), config=config,
                            thresholds=thresholds,
                            webhook_url=params["alert_webhook_url"], fail_on_alert=params["fail_on_alert"])

@@ -49,6 +49,7 @@ import pandas as pd
 
 from models.item_to_item import NEIGHBOURS_FILE, ItemToItem
 from models.retrieval_index import load_index, read_item_embeddings
+from recsys.run_layout import RunLayout
 from recsys.spec import DatasetSpec
 
 if TYPE_CHECKING:
@@ -82,7 +83,8 @@ class PipelineArtifacts:
     @classmethod
     def of_run(cls, run_dir: Path) -> PipelineArtifacts:
         run = Path(run_dir)
-        return cls(run / "nvtabular", run / "two_tower", run / "ranker", run / "faiss_index")
+        layout = RunLayout(run)
+        return cls(layout.nvtabular, layout.two_tower, layout.ranker, layout.faiss_index)
 
 
 def filter_candidates(candidates: np.ndarray, *, excluded: Sequence[np.ndarray] | None = None,

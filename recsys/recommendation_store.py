@@ -86,8 +86,13 @@ class RecommendationKeys:
     def loading(self) -> str:
         return f"{self.prefix}recs:loading"
 
+    @property
+    def versions_prefix(self) -> str:
+        """What every version's namespace starts with (the gateway's read script appends the version)."""
+        return f"{self.prefix}recs:"
+
     def namespace(self, version: str) -> str:
-        return f"{self.prefix}recs:{version}:"
+        return f"{self.versions_prefix}{version}:"
 
     def meta(self, version: str) -> str:
         return f"{self.namespace(version)}meta"

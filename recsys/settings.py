@@ -11,7 +11,9 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from recsys.list_defaults import TOP_K
 from recsys.locations import local_path
+from recsys.run_layout import RunLayout
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +92,7 @@ class Settings(BaseSettings):
     online_cache_ttl_s: int = Field(default=600, gt=0)
     # Candidates the online (Triton) path retrieves for a customer without a nightly list: the report's TopK,
     # as batch scoring's default (the export's max_top_k, 10,000, bounds it).
-    online_top_k: int = Field(default=500, ge=1, le=10_000)
+    online_top_k: int = Field(default=TOP_K, ge=1, le=10_000)
     promotion_threshold: float = Field(default=0.5, ge=0, le=1)
     # How long a gateway process keeps products' availability and promotion flags: a product changed through
     # another worker (or straight in the database) is seen within this many seconds.
@@ -122,16 +124,8 @@ class Settings(BaseSettings):
     def impressions_path(self) -> Path:
         return self.impressions_dir or self.data_root / "impressions"
 
-    def run_dir(self, run_id: str) -> Path:
-        return self.data_root / "runs" / safe_run_id(run_id)
-
-
-def safe_run_id(run_id: str) -> str:
-    """A run id as a single path component (Airflow run ids contain ':' and '+')."""
-    cleaned = "".join(char if char.isalnum() or char in "-_." else "_" for char in run_id)
-    if not cleaned.strip("._"):
-        raise ValueError(f"run id {run_id!r} gives no usable directory name")
-    return cleaned
+    def run_layout(self, run_id: str) -> RunLayout:
+        return RunLayout.of_run(self.data_root, run_id)
 
 
 @functools.cache

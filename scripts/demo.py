@@ -33,15 +33,16 @@ from pathlib import Path
 import httpx
 import redis
 
+from recsys.datagen import SMALL_DATA_BASE_LOGIT
 from recsys.demo_format import read_demo_data
 from recsys.recommendation_store import RecommendationKeys, as_text
+from recsys.run_layout import RunLayout
 from recsys.settings import PROJECT_ROOT, Settings, get_settings
 from serving.run import ServeError, ensure_redis
 
 BIN = Path(sys.executable).parent  # the platform environment's commands (recsys, airflow)
-LOG_DIR = PROJECT_ROOT / "var" / "demo"
+LOG_DIR = PROJECT_ROOT / "var" / "demo"  # the default of --log-dir
 DAG_TIMEOUT_S = 3600
-DEMO_BASE_LOGIT = -3.7  # about 24% clicks, as tests/conftest.py's medium data
 SERVE_TIMEOUT_S = 600  # Triton loads nine models on 2 cores in about a minute; the first start imports more
 
 
@@ -73,14 +74,15 @@ def landing_data(settings: Settings, rows: int) -> None:
         say(f"landing zone {landing}: {len(existing)} CSV file(s) already there, used as they are")
         return
     say(f"generating {rows:,} rows of AliCCP-format data into {landing}")
-    subprocess.run([str(BIN / "recsys"), "generate-data", "--rows", str(rows), "--base-logit", str(DEMO_BASE_LOGIT),
-                    "--out", str(landing), "--quiet"], check=True)  # fmt: skip
+    subprocess.run([str(BIN / "recsys"), "generate-data", "--rows", str(rows),
+                    "--base-logit", str(SMALL_DATA_BASE_LOGIT), "--out", str(landing), "--quiet"],
+                   check=True)  # fmt: skip
 
 
-def run_nightly(env: dict[str, str], conf: dict) -> Path:
+def run_nightly(env: dict[str, str], conf: dict, log_dir: Path) -> Path:
     """`airflow dags test recsys_nightly`; returns its log. A failed task fails the demo with the log's end."""
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log = LOG_DIR / f"nightly-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"nightly-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
     say(f"running the nightly DAG recsys_nightly end to end (a few minutes; log: {log})")
     started = time.monotonic()
     with log.open("w") as output:
@@ -99,11 +101,11 @@ def published_run(settings: Settings, client: redis.Redis) -> tuple[str, Path]:
     version = client.get(RecommendationKeys(settings.redis_key_prefix).current)
     if version is None:
         raise DemoError("the nightly run published nothing to Redis (see its log: the quality gate's line)")
-    return as_text(version), Path(settings.data_root) / "runs" / as_text(version)
+    return as_text(version), RunLayout.of_version(settings.data_root, as_text(version)).root
 
 
-def start_gateway(port: int, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
-    log = LOG_DIR / "serve.log"
+def start_gateway(port: int, env: dict[str, str], log_dir: Path) -> tuple[subprocess.Popen, Path]:
+    log = log_dir / "serve.log"
     say(f"starting the serving stack (Triton and the gateway, `make serve`; log: {log})")
     with log.open("w") as output:
         process = subprocess.Popen([sys.executable, "-m", "serving.run", "--port", str(port), "--no-access-log"],
@@ -152,12 +154,12 @@ def demo(args: argparse.Namespace) -> None:
     key = None
     try:
         landing_data(settings, args.rows)
-        run_nightly(env, json.loads(args.conf))
+        run_nightly(env, json.loads(args.conf), args.log_dir)
         version, run = published_run(settings, client)
-        gateway, serve_log = start_gateway(args.port, env)
+        gateway, serve_log = start_gateway(args.port, env, args.log_dir)
         key = keys_command("create", key_name, "--scopes", "read", env=env)
         url = f"http://127.0.0.1:{args.port}"
-        customer = next(iter(read_demo_data(run / "demo").users))
+        customer = next(iter(read_demo_data(RunLayout(run).demo).users))
         answer = httpx.get(f"{url}/recommendations/{customer}", params={"count": 5}, headers={"X-API-Key": key},
                            timeout=30)  # fmt: skip
         answer.raise_for_status()
@@ -174,7 +176,7 @@ customer {customer}'s top 5 ({body["route"]}): {products}
   API docs    {url}/docs
   MLflow UI   make mlflow     then http://127.0.0.1:5000 (runs, registered models, the champion alias)
   Airflow UI  make airflow    then http://127.0.0.1:8080 (user admin, password in var/secrets/airflow_passwords.json)
-  logs        {serve_log}, {LOG_DIR}
+  logs        {serve_log}, {args.log_dir}
 
 Ctrl-C stops the gateway and Triton.""", flush=True)
         while gateway.poll() is None:
@@ -202,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--rows", type=int, default=50_000, help="rows generated into an empty landing zone")
     parser.add_argument("--port", type=int, default=8100, help="the gateway's port (default: %(default)s)")
+    parser.add_argument("--log-dir", type=Path, default=LOG_DIR, help="the DAG's and the stack's logs "
+                        "(default: var/demo)")
     parser.add_argument("--conf", default="{}", help="JSON of DAG Params to set, e.g. '{\"ranker_epochs\": 2}'")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM cleans up like Ctrl-C

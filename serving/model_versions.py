@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from recsys.run_layout import RunLayout
 from recsys.triton_repository import ENCODE_FEATURES, ENSEMBLES
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ class ModelFollower:
         if version is None:
             return None
         if version not in self.loaded:
-            exported = self.data_root / "runs" / version / "triton_repository"
+            exported = RunLayout.of_version(self.data_root, version).triton_repository
             if not exported.is_dir():
                 if version not in self.missing:
                     log.warning("version %s is current but %s does not exist: Triton keeps the models it has",

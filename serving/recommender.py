@@ -25,12 +25,14 @@ Triton and the database has a timeout; when one fails, the answer comes from wha
 (its copy of recent answers or of the generic lists) and says so in ``degraded``, instead of failing the
 request.
 
-A visitor's list and the version pointer it hangs under are read in one round trip (a Lua script), and the
+A visitor's list and the version pointer it hangs under are read in one round trip (a Lua script,
+serving/list_reader.py), and the
 ranked order (temperature 0) is taken in plain Python: a precomputed hit's CPU went from 0.7 to 0.46 ms
 (benchmarks/serving.py, both measured in the same conditions).
 
-The products' availability and promotion flags are kept in process for ``product_flags_ttl_s`` (a few
-seconds): a precomputed hit then reads no database, which was most of its cost (benchmarks/serving.py).
+The products' availability and promotion flags are kept in process (serving/product_flags.py) for
+``product_flags_ttl_s`` (a few seconds): a precomputed hit then reads no database, which was most of its cost
+(benchmarks/serving.py).
 This process's own product writes forget the product at once; another worker's show within the TTL.
 With the database down, flags still in the cache are used, other products keep the nightly run's view
 (available, not promoted), and the answer says ``database_unavailable``.
@@ -42,98 +44,27 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-from redis.exceptions import RedisError
 
 from models.online_pipeline import order, ranked_order
+from recsys.list_defaults import TOP_K
 from recsys.recommendation_store import (
     ALL_SEGMENTS,
-    REDIS_MAX_BITS,
     RecommendationKeys,
     decode_recommendations,
     encode_recommendations,
     segment_key,
 )
+from serving.list_reader import REDIS_FAILURES, ListReader, PublishedList
 from serving.live_features import LiveFeatures
-from serving.seen_items import seen_key
-from serving.token_bucket import TOKEN_BUCKET_STEP, read_bucket_key
+from serving.product_flags import NIGHTLY_VIEW, ProductFlags, ProductFlagsCache
 
 log = logging.getLogger(__name__)
 
-# Redis down, unreachable or too slow: asyncio.timeout raises TimeoutError, sockets OSError.
-REDIS_FAILURES = (RedisError, TimeoutError, OSError)
-
-# The version pointer and the lists of `kind` under it, in one round trip (and read atomically): KEYS[2] is
-# the customer's set of items seen since the nightly run (serving/seen_items.py), KEYS[3] the API key's read
-# bucket; ARGV[1] is "<prefix>recs:", ARGV[2] a user id to look up in the version's known users when the first
-# list is missing ("" for none; -1 for an id no bitmap can hold), ARGV[3] and ARGV[4] the bucket's tokens a
-# second and size ("" for no limit), ARGV[5] how many "<kind>:<key>" names follow that are always
-# read; the names after those are read only for a user the bitmap says the models do not know (a new
-# visitor's segment lists, so that the generic route costs no second round trip). Replies {0, seconds to
-# wait} when the key is over its read rate (serving/api/rate_limit.py's bucket, taken here so that a read
-# costs no second round trip), {} without a version, else {version, seen items, list or nil, ...} and, when
-# asked, 2 for a user whose features the gateway wrote since the nightly run (the version's `live_users` bitmap,
-# serving/live_features.py: the online path answers them), else, when the first list is missing, the user's bit
-# (1 known, 0 not, -1 the version has no bitmap) followed, for 0, by the lists read for an unknown user.
-# It reads keys it derives (not passed in KEYS): fine on one Redis server, not on Redis Cluster.
-_CURRENT_AND_LISTS = """
-if ARGV[3] ~= '' then
-  local bucket, rate, burst = KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4])
-  local allowed, wait
-""" + TOKEN_BUCKET_STEP + """
-  if allowed == 0 then return {0, tostring(wait)} end
-end
-local version = redis.call('GET', KEYS[1])
-if not version then return {} end
-local namespace = ARGV[1] .. version .. ':'
-local reply = {version, redis.call('SMEMBERS', KEYS[2])}
-local function read(first, last)
-  if last < first then return end
-  local names = {}
-  for i = first, last do names[#names + 1] = namespace .. ARGV[i] end
-  local values = redis.call('MGET', unpack(names))
-  for i = 1, #names do reply[#reply + 1] = values[i] end
-end
-local always = 5 + tonumber(ARGV[5])
-read(6, always)
-if ARGV[2] ~= '' then
-  local user = tonumber(ARGV[2])
-  if user >= 0 and redis.call('GETBIT', namespace .. 'live_users', ARGV[2]) == 1 then
-    reply[#reply + 1] = 2
-  elseif not reply[3] then
-    local known = namespace .. 'known_users'
-    local bit
-    if redis.call('EXISTS', known) == 0 then bit = -1
-    elseif user < 0 then bit = 0
-    else bit = redis.call('GETBIT', known, ARGV[2]) end
-    reply[#reply + 1] = bit
-    if bit == 0 then read(always + 1, #ARGV) end
-  end
-end
-return reply
-"""
-
-
-PublishedList = tuple[list[int], list[float]]  # item ids and scores, best first
 Inputs = dict[str, np.ndarray]  # tensors of the recommend ensemble by name
-
-
-class CurrentLists(NamedTuple):
-    version: str | None
-    lists: list[PublishedList | None]
-    # Products the customer interacted with since the nightly run, kept out of whatever list they get.
-    seen: frozenset[int]
-    # Whether the models know the user asked about; None when not asked, when the first list was found, or
-    # when the version has no known-users bitmap.
-    known: bool | None
-    # The segment lists asked for in case the user is unknown, read when `known` is False; else empty.
-    segments: list[PublishedList | None]
-    # The gateway wrote the user's features since the nightly run (a new or changed profile): answer online.
-    live: bool = False
 
 
 UNKNOWN_TO_THE_MODELS = b""  # the online cache's value for a customer the models do not know (no list is empty)
@@ -150,15 +81,6 @@ class VisitorQuery:
     api_key: str | None = None  # the caller's key name: its reads are rate-limited (None: not limited)
 
 
-class ReadRateLimited(Exception):
-    """The API key is over its read rate; `wait_s` until a read is allowed again."""
-
-    def __init__(self, api_key: str, wait_s: float) -> None:
-        super().__init__(f"read rate limit of API key {api_key!r} exceeded")
-        self.api_key = api_key
-        self.wait_s = wait_s
-
-
 @dataclasses.dataclass
 class RankedList:
     items: list[int]
@@ -170,22 +92,13 @@ class RankedList:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProductFlags:
-    available: bool
-    promoted: bool
-
-
-NIGHTLY_VIEW = ProductFlags(available=True, promoted=False)
-
-
-@dataclasses.dataclass(frozen=True)
 class RecommenderConfig:
     key_prefix: str = "recsys:"
     segment_features: tuple[str, ...] = ("location", "device")
     redis_timeout_s: float = 0.05
     triton_timeout_s: float = 0.25
     online_cache_ttl_s: int = 600
-    online_top_k: int = 500
+    online_top_k: int = TOP_K
     promotion_threshold: float = 0.5
     database_timeout_s: float = 0.2
     product_flags_ttl_s: float = 5.0
@@ -196,50 +109,12 @@ class RecommenderConfig:
     read_burst: int = 1
 
 
-class ProductFlagsCache:
-    """Products' flags (None: a product the database does not know) for at most `ttl_s`.
-
-    Two generations of plain dicts: every `ttl_s` (or when it holds `max_entries`) the current one becomes
-    the previous one and a new one starts, so an entry is current for at most `ttl_s`, and the previous
-    generation answers only while the database cannot. A lookup is one dict operation: cachetools' TTLCache
-    cost about 3 us an item, a third of a millisecond for a 100-item list, most of a precomputed hit's CPU
-    (benchmarks/serving.py)."""
-
-    def __init__(self, ttl_s: float, max_entries: int) -> None:
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self.current: dict[int, ProductFlags | None] = {}
-        self.previous: dict[int, ProductFlags | None] = {}
-        self._rotate_at = time.monotonic() + ttl_s
-
-    def rotate_if_due(self) -> None:
-        now = time.monotonic()
-        if now >= self._rotate_at or len(self.current) >= self.max_entries:
-            self.previous, self.current = self.current, {}
-            self._rotate_at = now + self.ttl_s
-
-    def forget(self, product_id: int) -> None:
-        self.current.pop(product_id, None)
-        self.previous.pop(product_id, None)
-
-    def last_known(self, items: Sequence[int]) -> dict[int, ProductFlags]:
-        """Flags of the products known to the database, from the previous generation where the current one
-        lacks them: only while the database cannot be read."""
-        current, previous = self.current, self.previous
-        found = {item: flags for item in items if (flags := current.get(item)) is not None}
-        for item in items:
-            if item not in current and (flags := previous.get(item)) is not None:
-                found[item] = flags
-        return found
-
-
 class Recommender:
     """Answers visitors from Redis and Triton; `product_flags` reads availability and promotion now."""
 
     def __init__(self, redis_client: Any, triton: Any | None, config: RecommenderConfig,
                  product_flags: Callable[[Sequence[int]], Awaitable[dict[int, ProductFlags]]],
                  live: LiveFeatures | None = None) -> None:  # fmt: skip
-        self.redis = redis_client
         self.triton = triton
         self.live = live  # Feast on the online path (None: Triton looks customers up in its run's table)
         self.keys = RecommendationKeys(config.key_prefix)
@@ -248,7 +123,17 @@ class Recommender:
         self._flags = ProductFlagsCache(config.product_flags_ttl_s, config.product_flags_cached)
         self._changed: set[int] = set()  # products written since, by any thread of this process
         self._recent: collections.OrderedDict[tuple[str, str], RankedList] = collections.OrderedDict()
-        self._current_and_lists = redis_client.register_script(_CURRENT_AND_LISTS)
+        self.reader = ListReader(redis_client, config.key_prefix, config.redis_timeout_s, config.read_rate_per_s,
+                                 config.read_burst)  # fmt: skip
+
+    @property
+    def redis(self) -> Any:
+        """The one Redis client, the list reader's: the routes' other calls (online caches) go through it too."""
+        return self.reader.redis
+
+    @redis.setter
+    def redis(self, client: Any) -> None:
+        self.reader.redis = client
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -258,42 +143,7 @@ class Recommender:
     # -- Redis, with a timeout and an in-process copy ----------------------------------------------------
 
     async def _redis(self, call: Awaitable[Any]) -> Any:
-        # asyncio.timeout rather than wait_for: no task created per call, on the path of every request.
-        async with asyncio.timeout(self.config.redis_timeout_s):
-            return await call
-
-    async def _current(self, kind: str, keys: Sequence[str], customer: int, *, ask_known: bool = False,
-                       segments_if_unknown: Sequence[str] = (), api_key: str | None = None
-                       ) -> CurrentLists:  # fmt: skip
-        """The current version, the lists of `kind` for `keys` under it and the customer's items seen since
-        the nightly run; with `ask_known`, when the first list is missing, whether the models know the customer,
-        and if not the lists of `segments_if_unknown`: all in one round trip, which also takes a token of
-        `api_key`'s read bucket (ReadRateLimited when there is none)."""
-        prefix = f"{self.config.key_prefix}recs:"
-        member = "" if not ask_known else str(customer if 0 <= customer < REDIS_MAX_BITS else -1)
-        limited = api_key is not None and self.config.read_rate_per_s is not None
-        rate = [str(self.config.read_rate_per_s), str(self.config.read_burst)] if limited else ["", ""]
-        names = [prefix, member, *rate, str(len(keys)), *(f"{kind}:{key}" for key in keys),
-                 *(f"segment:{key}" for key in segments_if_unknown)]  # fmt: skip
-        bucket = read_bucket_key(self.config.key_prefix, api_key) if limited and api_key else ""
-        script_keys = [f"{prefix}current", seen_key(self.config.key_prefix, customer), bucket]
-        reply = await self._redis(self._current_and_lists(keys=script_keys, args=names, client=self.redis))
-        if reply and reply[0] == 0:  # integers only here: a version is a string
-            raise ReadRateLimited(str(api_key), float(reply[1]))
-        if not reply:
-            return CurrentLists(None, [None] * len(keys), frozenset(), None, [])
-        seen = frozenset(int(item) for item in reply[1])
-        lists = reply[2:]
-        decoded = [decode_recommendations(value) if value else None for value in lists[: len(keys)]]
-        marker = lists[len(keys)] if len(lists) > len(keys) else None
-        known = {1: True, 0: False}.get(marker)  # type: ignore[arg-type]  # 2 (live): the bit was not read
-        segments = [decode_recommendations(value) if value else None for value in lists[len(keys) + 1 :]]
-        return CurrentLists(reply[0].decode(), decoded, seen, known, segments, live=marker == 2)
-
-    async def _published(self, version: str, kind: str, keys: Sequence[str]) -> list[PublishedList | None]:
-        names = [f"{self.config.key_prefix}recs:{version}:{kind}:{key}" for key in keys]
-        values = await self._redis(self.redis.mget(names)) if names else []
-        return [decode_recommendations(value) if value else None for value in values]
+        return await self.reader.timed(call)
 
     def _remember(self, kind: str, key: str, answer: RankedList) -> None:
         # A copy: `recommend` goes on to cut and reorder the answer it returns.
@@ -317,11 +167,11 @@ class Recommender:
 
     async def _candidates(self, query: VisitorQuery) -> RankedList:
         if query.viewed:
-            version, similar, seen, *_ = await self._current("similar", [str(item) for item in query.viewed],
+            version, similar, seen, *_ = await self.reader.current("similar", [str(item) for item in query.viewed],
                                                                query.customer_id, api_key=query.api_key)  # fmt: skip
             return dataclasses.replace(await self._browsing_now(query, version, similar), seen=seen)
         segments = self._segments(query)
-        current = await self._current("user", [str(query.customer_id)], query.customer_id, ask_known=True,
+        current = await self.reader.current("user", [str(query.customer_id)], query.customer_id, ask_known=True,
                                       segments_if_unknown=segments, api_key=query.api_key)  # fmt: skip
         if current.live:  # features written since the nightly run: the user tower on them, not last night's list
             answer = await self._online(query, current.version)
@@ -367,7 +217,7 @@ class Recommender:
 
     async def _generic(self, query: VisitorQuery, version: str | None, degraded: list[str] | None = None) -> RankedList:
         keys = self._segments(query)
-        found = await self._published(version, "segment", keys) if version is not None else [None] * len(keys)
+        found = await self.reader.published(version, "segment", keys) if version is not None else [None] * len(keys)
         return self._first_generic(version, keys, found, degraded=list(degraded or []))
 
     def _first_generic(self, version: str | None, keys: Sequence[str], found: Sequence[PublishedList | None],

@@ -49,6 +49,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from recsys.run_layout import RunLayout, runs_dir
 from recsys.settings import PROJECT_ROOT, Settings, get_settings
 from serving.api.metrics import MULTIPROCESS_DIR_ENV, MULTIPROCESS_ON_ENV
 from serving.model_versions import VERSIONED_MODELS_ENV, ModelFollower
@@ -145,9 +146,10 @@ def latest_published_repository(data_root: Path, redis_client: Any, key_prefix: 
     """
     from recsys.recommendation_store import RecommendationKeys
 
-    runs = Path(data_root) / "runs"
+    runs = runs_dir(data_root)
     # The newest export first: atomic outputs are links replaced by rename, so the link's own time is the export's.
-    exported = sorted((path for path in runs.glob("*/triton_repository") if path.is_dir()),
+    exported = sorted((run.triton_repository for run in RunLayout.every_run(data_root)
+                       if run.triton_repository.is_dir()),
                       key=lambda path: path.lstat().st_mtime, reverse=True)  # fmt: skip
     if not exported:
         raise ServeError(f"no exported Triton repository under {runs}/*/triton_repository: run the nightly DAG "

@@ -34,9 +34,11 @@ from models.online_pipeline import (
     blend_scores,
     order,
 )
+from recsys.list_defaults import SIMILAR_N, TOP_K, TOP_N
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import PartitionWriter, nvtabular_part_files
 from recsys.recommendation_store import ALL_SEGMENTS, segment_key
+from recsys.run_layout import RunLayout
 from recsys.spec import DatasetSpec
 from tasks.nvtabular_fit_transform import RAW_SUFFIX
 
@@ -52,9 +54,9 @@ SIMILAR_SCHEMA = pa.schema([("item_id", pa.int64()), ("item_ids", LIST_TYPE), ("
 
 @dataclasses.dataclass(frozen=True)
 class BatchScoreConfig:
-    top_k: int = 500  # retrieved candidates per user (the report's TopK)
-    top_n: int = 100  # items kept per user after ranking
-    similar_n: int = 50  # similar items kept per item
+    top_k: int = TOP_K  # retrieved candidates per user (the report's TopK)
+    top_n: int = TOP_N  # items kept per user after ranking
+    similar_n: int = SIMILAR_N  # similar items kept per item
     users_per_batch: int = 512
     # Weights of the two-tower's P(item | user) and of the item-to-item score in the final order next to the
     # ranker's P(click | shown) (models.online_pipeline.blend_scores); 0 and 0: the ranker alone. The published
@@ -162,7 +164,7 @@ def choose_blend_weights(pipeline: RecommendationPipeline, nvtabular_dir: Path, 
     user's positives (the primary target) not seen in train. Weights the config fixes are not searched. The
     sampled users are returned under "users" (at most half of those with positives: `evaluate` judges the rest).
     """
-    from tasks.evaluate import list_metrics
+    from recsys.ranking_metrics import list_metrics
 
     valid = positives_by_user(nvtabular_dir, spec, ("valid",))
     seen = seen_items_by_user(nvtabular_dir, spec, ("train",))
@@ -211,15 +213,15 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
     """Score every user of the run's feature table; write users/, segments/, similar/ and _metrics.json."""
     from tqdm import tqdm
 
-    run = Path(run_dir)
-    pipeline = RecommendationPipeline(PipelineArtifacts.of_run(run), spec)
+    run = RunLayout(run_dir)
+    pipeline = RecommendationPipeline(PipelineArtifacts.of_run(run.root), spec)
     unavailable_raw = read_unavailable(config.unavailable_items, spec)
     unavailable = np.zeros(len(pipeline.item_raw_ids), dtype=bool)
     codes = pipeline.encode_items(sorted(unavailable_raw))
     unavailable[codes[codes >= 0]] = True
-    seen_items = seen_items_by_user(run / "nvtabular", spec)
+    seen_items = seen_items_by_user(run.nvtabular, spec)
     user_ids = pipeline.user_table.raw_user_ids
-    weights = choose_blend_weights(pipeline, run / "nvtabular", spec, config, unavailable)
+    weights = choose_blend_weights(pipeline, run.nvtabular, spec, config, unavailable)
     tuned_users = weights.pop("users")
 
     started = time.perf_counter()
@@ -242,7 +244,7 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
             progress.close()
         user_seconds = time.perf_counter() - started
 
-        segments = segment_lists(run / "resplit", spec, config.top_n, unavailable_raw)
+        segments = segment_lists(run.resplit, spec, config.top_n, unavailable_raw)
         with PartitionWriter(staging / "segments", SEGMENT_SCHEMA) as writer:
             writer.write(pa.Table.from_pandas(segments, schema=SEGMENT_SCHEMA, preserve_index=False))
 

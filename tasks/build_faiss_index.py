@@ -120,8 +120,8 @@ def choose_item_to_item(
     """
     import numpy as np
 
+    from recsys.ranking_metrics import list_metrics
     from tasks.batch_score import positives_by_user, seen_items_by_user
-    from tasks.evaluate import list_metrics
 
     empty = np.empty(0, dtype=np.int64)
     seen = seen_items_by_user(nvtabular_dir, spec, ("train",))

@@ -17,7 +17,21 @@ from pathlib import Path
 from models.rankers import COMPARED_RANKERS
 from recsys.datagen import GeneratorConfig
 from recsys.errors import InputDataError
+from recsys.list_defaults import SIMILAR_N, TOP_K, TOP_N
+from recsys.run_layout import runs_dir
 from recsys.spec import SpecError, load_spec
+from tasks.build_faiss_index import FaissIndexConfig
+from tasks.clean_null_rows import DEFAULT_MAX_NULL_FEATURES
+from tasks.csv_to_parquet import CsvToParquetConfig
+from tasks.demo_data import DemoDataConfig
+from tasks.evaluate import EvaluationConfig
+from tasks.import_atomic import AtomicImportConfig
+from tasks.monitor import AlertThresholds, MonitoringConfig
+from tasks.publish_recommendations import DEFAULT_EXPIRE_AFTER_S, DEFAULT_KEEP_VERSIONS
+from tasks.quality_gate import DEFAULT_TOLERANCE
+from tasks.resplit import DEFAULT_FRACTION
+from tasks.train_ranker import RankerConfig
+from tasks.train_two_tower import TwoTowerConfig
 
 
 def _generate_data(args: argparse.Namespace) -> dict:
@@ -250,7 +264,7 @@ def _monitor_hour(args: argparse.Namespace) -> dict:
     given = {"min_ctr": args.min_ctr, "max_psi": args.max_psi, "min_impressions": args.min_impressions}
     thresholds = AlertThresholds(**{name: value for name, value in given.items() if value is not None})
     return monitor(args.hour, impressions_dir=args.impressions_dir or settings.impressions_path,
-                   database_url=args.database_url or settings.database_url, runs_dir=settings.data_root / "runs",
+                   database_url=args.database_url or settings.database_url, runs_dir=runs_dir(settings.data_root),
                    tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root,
                    spec=load_spec(args.spec), config=config, thresholds=thresholds, webhook_url=args.webhook_url)
 
@@ -314,31 +328,33 @@ def build_parser() -> argparse.ArgumentParser:
         step.add_argument("--input", type=Path, required=True)
         step.add_argument("--output", type=Path, required=True)
         if name == "csv-to-parquet":
-            step.add_argument("--max-bad-row-fraction", type=float, default=0.001)
-            step.add_argument("--sample-fraction", type=float, default=1.0)
+            step.add_argument("--max-bad-row-fraction", type=float, default=CsvToParquetConfig.max_bad_row_fraction)
+            step.add_argument("--sample-fraction", type=float, default=CsvToParquetConfig.sample_fraction)
         if name == "clean-null-rows":
-            step.add_argument("--max-null-features", type=int, default=5)
+            step.add_argument("--max-null-features", type=int, default=DEFAULT_MAX_NULL_FEATURES)
         if name == "train-ranker":
-            step.add_argument("--model", choices=list(COMPARED_RANKERS), default="dlrm")
-            step.add_argument("--epochs", type=int, default=8)
-            step.add_argument("--patience", type=int, default=2)
-            step.add_argument("--batch-size", type=int, default=1024)
-            step.add_argument("--embedding-dim", type=int, default=32)
-            step.add_argument("--learning-rate", type=float, default=1e-3)
-            step.add_argument("--seed", type=int, default=0)
+            step.add_argument("--model", choices=list(COMPARED_RANKERS), default=RankerConfig.model)
+            step.add_argument("--epochs", type=int, default=RankerConfig.epochs)
+            step.add_argument("--patience", type=int, default=RankerConfig.patience)
+            step.add_argument("--batch-size", type=int, default=RankerConfig.batch_size)
+            step.add_argument("--embedding-dim", type=int, default=RankerConfig.embedding_dim)
+            step.add_argument("--learning-rate", type=float, default=RankerConfig.learning_rate)
+            step.add_argument("--seed", type=int, default=RankerConfig.seed)
         if name == "train-two-tower":
-            step.add_argument("--epochs", type=int, default=5)
-            step.add_argument("--patience", type=int, default=2)
-            step.add_argument("--batch-size", type=int, default=512)
-            step.add_argument("--learning-rate", type=float, default=3e-3)
-            step.add_argument("--logq-correction", action=argparse.BooleanOptionalAction, default=True,
+            step.add_argument("--epochs", type=int, default=TwoTowerConfig.epochs)
+            step.add_argument("--patience", type=int, default=TwoTowerConfig.patience)
+            step.add_argument("--batch-size", type=int, default=TwoTowerConfig.batch_size)
+            step.add_argument("--learning-rate", type=float, default=TwoTowerConfig.learning_rate)
+            step.add_argument("--logq-correction", action=argparse.BooleanOptionalAction,
+                              default=TwoTowerConfig.logq_sampling_correction,
                               help="sampling-bias (logQ) correction of in-batch negatives")  # fmt: skip
-            step.add_argument("--positives", choices=("clicked", "shown"), default="clicked",
+            step.add_argument("--positives", choices=("clicked", "shown"), default=TwoTowerConfig.positives,
                               help="train on the clicked rows, or on every shown row (the exposure)")  # fmt: skip
-            step.add_argument("--seed", type=int, default=0)
+            step.add_argument("--seed", type=int, default=TwoTowerConfig.seed)
         if name == "build-faiss-index":
-            step.add_argument("--exact-max-items", type=int, default=100_000, help="larger catalogs get IVF")
-            step.add_argument("--nprobe", type=int, default=32)
+            step.add_argument("--exact-max-items", type=int, default=FaissIndexConfig.exact_max_items,
+                              help="larger catalogs get IVF")  # fmt: skip
+            step.add_argument("--nprobe", type=int, default=FaissIndexConfig.nprobe)
             step.add_argument("--nvtabular", type=Path, default=None,
                               help="NVTabular output: user queries measure the IVF index's recall, and its train "
                                    "split's positives make the item-to-item source")  # fmt: skip
@@ -349,9 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help="weight of a history item per newer positive, in (0, 1] (default: chosen on "
                                    "the validation split among models.item_to_item.RECENCIES)")  # fmt: skip
         if name == "batch-score":
-            step.add_argument("--top-k", type=int, default=500)
-            step.add_argument("--top-n", type=int, default=100)
-            step.add_argument("--similar-n", type=int, default=50)
+            step.add_argument("--top-k", type=int, default=TOP_K)
+            step.add_argument("--top-n", type=int, default=TOP_N)
+            step.add_argument("--similar-n", type=int, default=SIMILAR_N)
             step.add_argument("--unavailable-items", type=Path, default=None,
                               help="CSV with an item id column: items never recommended")  # fmt: skip
             step.add_argument("--model-versions", default=None, help="JSON: registered versions scored with")
@@ -364,13 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--item-to-item-weight", type=float, default=None,
                               help=f"weight of the item-to-item source's score in the final order (default: {chosen})")
         if name == "demo-data":
-            step.add_argument("--top-k", type=int, default=200, help="retrieved candidates per user")
-            step.add_argument("--max-users", type=int, default=500, help="validation users with the most clicks")
+            step.add_argument("--top-k", type=int, default=DemoDataConfig.top_k, help="retrieved candidates per user")
+            step.add_argument("--max-users", type=int, default=DemoDataConfig.max_users,
+                              help="validation users with the most clicks")  # fmt: skip
         if name == "export-triton-ensemble":
-            step.add_argument("--top-k", type=int, default=500, help="default candidates per request")
-            step.add_argument("--top-n", type=int, default=100, help="default items per user")
-            step.add_argument("--similar-n", type=int, default=50, help="default similar products per item")
-            step.add_argument("--temperature", type=float, default=0.0, help="default sampling temperature")
+            step.add_argument("--top-k", type=int, default=TOP_K, help="default candidates per request")
+            step.add_argument("--top-n", type=int, default=TOP_N, help="default items per user")
+            step.add_argument("--similar-n", type=int, default=SIMILAR_N, help="default similar products per item")
+            step.add_argument("--temperature", type=float, default=0.0, help="default sampling temperature (the "
+                              "ranked order)")  # fmt: skip
             step.add_argument("--unavailable-items", type=Path, default=None,
                               help="CSV with an item id column: items never recommended")  # fmt: skip
             step.add_argument("--model-versions", default=None, help="JSON: registered versions exported")
@@ -381,12 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--raw-input", type=Path, default=None,
                               help="the run's raw CSV folder, for the generator's oracle (default: <run>/landing)")
             step.add_argument("--batch-score", type=Path, default=None, help="default: <run>/batch_score")
-            step.add_argument("--k", type=int, default=10, help="length of the final lists evaluated")
-            step.add_argument("--knn-neighbours", type=int, default=100, help="similar items per item (item-kNN)")
-            step.add_argument("--seed", type=int, default=0, help="of the random baseline")
+            step.add_argument("--k", type=int, default=EvaluationConfig.final_k, help="length of the final lists "
+                              "evaluated")  # fmt: skip
+            step.add_argument("--knn-neighbours", type=int, default=EvaluationConfig.knn_neighbours,
+                              help="similar items per item (item-kNN)")  # fmt: skip
+            step.add_argument("--seed", type=int, default=EvaluationConfig.seed, help="of the random baseline")
             step.add_argument("--mlflow-run-id", default=None, help="also log the metrics and report to this run")
         if name == "resplit":
-            step.add_argument("--fraction", type=float, default=0.6)
+            step.add_argument("--fraction", type=float, default=DEFAULT_FRACTION)
             step.add_argument("--seed", type=int, default=0)
 
     feast_steps: list[tuple[str, Callable, str]] = [
@@ -408,8 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "load a batch_score output into Redis as a new version, switch readers to it")  # fmt: skip
     publish.add_argument("--input", type=Path, required=True, help="batch_score output (users/, segments/, similar/)")
     publish.add_argument("--version", required=True, help="letters, digits and . _ + -, e.g. the run id made safe")
-    publish.add_argument("--keep-versions", type=int, default=2, help="versions kept, current and previous included")
-    publish.add_argument("--expire-after-s", type=int, default=24 * 3600, help="grace period of retired versions")
+    publish.add_argument("--keep-versions", type=int, default=DEFAULT_KEEP_VERSIONS,
+                         help="versions kept, current and previous included")  # fmt: skip
+    publish.add_argument("--expire-after-s", type=int, default=DEFAULT_EXPIRE_AFTER_S,
+                         help="grace period of retired versions")  # fmt: skip
     publish.add_argument("--quiet", action="store_true", help="no progress bar")
     rollback = _step_parser(subparsers, "rollback-recommendations", _rollback_recommendations,
                             "switch readers back to the previous published version (again: forward)")  # fmt: skip
@@ -421,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "judge new ranker/two_tower versions against the champion; move the aliases")  # fmt: skip
     gate.add_argument("--batch-score", type=Path, default=None, help="the run's batch_score output (tagged)")
     gate.add_argument("--mode", choices=["gate", "force", "skip"], default="gate")
-    gate.add_argument("--tolerance", type=float, default=0.005, help="how far below the champion still passes")
+    gate.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="how far below the champion passes")
     gate.add_argument("--check-published", action="store_true",
                       help="read what Redis serves: a held run names the champion's batch scores if they differ")
     promote = _step_parser(subparsers, "promote-models", _promote_models,
@@ -441,14 +463,17 @@ def build_parser() -> argparse.ArgumentParser:
     atomic.set_defaults(handler=_import_atomic)
     atomic.add_argument("input", type=Path, help="folder holding <name>.inter (and <name>.user, <name>.item)")
     atomic.add_argument("--out", type=Path, required=True, help="folder to write (replaced atomically)")
-    atomic.add_argument("--rating-field", default="rating", help="absent in .inter: every interaction is positive")
-    atomic.add_argument("--timestamp-field", default="timestamp")
-    atomic.add_argument("--positive-threshold", type=float, default=4.0, help="ratings at or above are clicks")
-    atomic.add_argument("--test-positive-share", type=float, default=0.2,
+    atomic.add_argument("--rating-field", default=AtomicImportConfig.rating_field,
+                        help="absent in .inter: every interaction is positive")  # fmt: skip
+    atomic.add_argument("--timestamp-field", default=AtomicImportConfig.timestamp_field)
+    atomic.add_argument("--positive-threshold", type=float, default=AtomicImportConfig.positive_threshold,
+                        help="ratings at or above are clicks")  # fmt: skip
+    atomic.add_argument("--test-positive-share", type=float, default=AtomicImportConfig.test_positive_share,
                         help="share of each user's last positives that start the test split")  # fmt: skip
     atomic.add_argument("--sequence-field", action="append", default=[],
                         help="a token field holding a sequence (repeatable), e.g. ML-1M's genre")  # fmt: skip
-    atomic.add_argument("--sequence-separator", default=" ", help="between a sequence field's tokens")
+    atomic.add_argument("--sequence-separator", default=AtomicImportConfig.sequence_separator,
+                        help="between a sequence field's tokens")  # fmt: skip
     atomic.add_argument("--drop-field", action="append", default=[], help="a user or item field left out (repeatable)")
     atomic.add_argument("--metrics-json", type=Path, default=None, help="also write the step's metrics here")
 
@@ -464,11 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "CTR, precision@k and drift of one hour of served recommendations, logged to MLflow")
     monitor.add_argument("--hour", type=datetime.fromisoformat, required=True, help="e.g. 2026-11-26T10:00Z")
     monitor.add_argument("--impressions-dir", type=Path, default=None, help="default: RECSYS_IMPRESSIONS_DIR")
-    monitor.add_argument("--attribution-window-minutes", type=int, default=60)
-    monitor.add_argument("-k", type=int, default=10, help="precision@k")
-    monitor.add_argument("--min-ctr", type=float, default=None, help="alert below (default 0.01)")
-    monitor.add_argument("--max-psi", type=float, default=None, help="alert above (default 0.25)")
-    monitor.add_argument("--min-impressions", type=int, default=None, help="served lists before CTR alerts (200)")
+    monitor.add_argument("--attribution-window-minutes", type=int,
+                         default=int(MonitoringConfig.attribution_window.total_seconds() // 60))
+    monitor.add_argument("-k", type=int, default=MonitoringConfig.k, help="precision@k")
+    monitor.add_argument("--min-ctr", type=float, default=None, help=f"alert below (default {AlertThresholds.min_ctr})")
+    monitor.add_argument("--max-psi", type=float, default=None, help=f"alert above (default {AlertThresholds.max_psi})")
+    monitor.add_argument("--min-impressions", type=int, default=None,
+                         help=f"served lists before CTR alerts ({AlertThresholds.min_impressions})")
     monitor.add_argument("--webhook-url", default=None, help="POST alerts here as JSON")
     for command in (extract, unavailable, monitor):
         command.add_argument("--database-url", default=None, help="default: RECSYS_DATABASE_URL")

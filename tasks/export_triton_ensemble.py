@@ -52,7 +52,9 @@ from models.online_pipeline import (
     PipelineColumns,
 )
 from models.retrieval_index import INDEX_FILE, ITEM_EMBEDDINGS_FILE
+from recsys.list_defaults import SIMILAR_N, TOP_K, TOP_N
 from recsys.outputs import atomic_output_dir
+from recsys.run_layout import RunLayout
 from recsys.spec import DatasetSpec
 from recsys.triton_repository import (
     ENCODE_FEATURES,
@@ -79,9 +81,10 @@ RESERVED_NAMES = ("top_k", "top_n", "temperature", "seed", "item_ids", "scores",
 
 @dataclasses.dataclass(frozen=True)
 class TritonEnsembleConfig:
-    top_k: int = 500  # default retrieved candidates per user (the report's TopK); a request may ask for others
-    top_n: int = 100  # default items returned per user
-    similar_n: int = 50  # default similar products per item
+    # Defaults of a request, which may ask for others: as batch scoring's, so online and offline lists agree.
+    top_k: int = TOP_K  # retrieved candidates per user
+    top_n: int = TOP_N  # items returned per user
+    similar_n: int = SIMILAR_N  # similar products per item
     temperature: float = 0.0  # default softmax sampling temperature (0: the ranked order)
     max_top_k: int = 10_000  # requests asking for more candidates are refused
     # CSV with a column named like the spec's item id: items never recommended nor returned as similar.
@@ -376,7 +379,7 @@ def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
     started = time.perf_counter()
     artifacts = PipelineArtifacts.of_run(Path(run_dir))
     # The blend weights the config leaves open are those of the batch scoring whose lists are published.
-    config = config.with_weights_of(batch_score_dir or Path(run_dir) / "batch_score")
+    config = config.with_weights_of(batch_score_dir or RunLayout(run_dir).batch_score)
     columns = PipelineColumns.of_run(artifacts, spec)
     _check_names(columns)
     catalog = ItemCatalog.read(artifacts.nvtabular_dir / ITEM_FEATURES_FILE, columns)

@@ -61,7 +61,7 @@ from typing import Any
 
 from recsys.impression_log import read_impressions
 from recsys.interactions import ENGAGED_TYPES
-from recsys.settings import safe_run_id
+from recsys.run_layout import RunLayout, safe_run_id
 from recsys.spec import DatasetSpec, load_spec
 from tasks.extract_interactions import IngestionColumns
 
@@ -285,7 +285,8 @@ def monitor_hour(hour: datetime, *, impressions_dir: Path, database_url: str, ru
             references: dict[str, tuple[str, dict[str, collections.Counter[str]] | None]] = {}
             versions = sorted({impression.model_version for impression in shown if impression.time < hour_end})
             for version in versions:
-                train_dir = runs_dir / safe_run_id(version) / "resplit" / "train" if version != NO_VERSION else None
+                run = None if version == NO_VERSION else RunLayout(runs_dir / safe_run_id(version))
+                train_dir = run.resplit / "train" if run is not None else None
                 reference = training_distribution(train_dir, spec) if train_dir is not None else None
                 if reference is not None:
                     references[version] = (str(train_dir), reference)

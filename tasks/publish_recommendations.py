@@ -70,6 +70,7 @@ SOURCES: dict[str, tuple[str, str]] = {
 }
 assert tuple(SOURCES) == KINDS
 
+DEFAULT_KEEP_VERSIONS = 2  # the current and the previous (rollback's target)
 DEFAULT_EXPIRE_AFTER_S = 24 * 3600  # grace period of a retired version (late readers, inspection)
 DEFAULT_ABANDONED_AFTER_S = 15 * 60  # a load without a heartbeat for this long was killed
 # Commands per pipeline round trip: 5k lists of 100 items is ~6 MB a round trip. 1k and 5k measured
@@ -114,7 +115,7 @@ def publish_recommendations(
     redis_url: str,
     version: str,
     key_prefix: str = DEFAULT_KEY_PREFIX,
-    keep_versions: int = 2,
+    keep_versions: int = DEFAULT_KEEP_VERSIONS,
     expire_after_s: int = DEFAULT_EXPIRE_AFTER_S,
     abandoned_after_s: float = DEFAULT_ABANDONED_AFTER_S,
     chunk_size: int = PIPELINE_CHUNK,

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from recsys.settings import safe_run_id
+from recsys.run_layout import safe_run_id
 from tasks.track_training import RANKER_MODEL_NAME, TWO_TOWER_MODEL_NAME, VALIDATION_FINGERPRINT_TAG
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 
 # Before any test imports Feast: Feast sets PROMETHEUS_MULTIPROC_DIR at import, and prometheus_client picks
@@ -15,16 +16,27 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from recsys.datagen import GeneratorConfig, generate_dataset
+from recsys.datagen import SMALL_DATA_BASE_LOGIT, GeneratorConfig, generate_dataset
 from recsys.parquet_io import nvtabular_part_files
+from recsys.run_layout import RunLayout
 from recsys.settings import get_settings
 from recsys.spec import DatasetSpec, load_spec
-from recsys.trainer_env import run_trainer_step
-from tasks.clean_null_rows import clean_null_rows
-from tasks.csv_to_parquet import csv_to_parquet
-from tasks.resplit import resplit
+from tasks.pipeline import PipelineConfig, run_pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Fixtures that run the trainer environment (trained runs, its interpreter): a test that asks for one is in the
+# trainer tier.
+TRAINER_FIXTURES = {"nvtabular_output", "trained_run", "trainer_python"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One tier per test (pyproject.toml's markers): `e2e` and `trainer` where a module or test is marked so,
+    `trainer` also for a test that uses a trained-run fixture, `unit` for the rest (`make test-fast`)."""
+    for item in items:
+        if item.get_closest_marker("e2e") or item.get_closest_marker("trainer"):
+            continue
+        trains = TRAINER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.trainer if trains else pytest.mark.unit)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -69,53 +81,37 @@ def small_raw(tmp_path_factory: pytest.TempPathFactory, spec: DatasetSpec) -> Pa
     return out
 
 
-# Test-data choice: at 50k rows the default click-through rate (~9%) leaves about 3k training
-# positives, too few for the two-tower model to learn more than item popularity; a higher base rate
-# (about 24% clicks, 8k positives) lets the end-to-end test check that retrieval beats popularity.
-MEDIUM_BASE_LOGIT = -3.7
-MEDIUM_CLICK_THROUGH_RATE = 0.24
-
-
 @pytest.fixture(scope="session")
 def medium_raw(tmp_path_factory: pytest.TempPathFactory, spec: DatasetSpec) -> Path:
     """50k generated rows, the size the end-to-end tests run on."""
     out = tmp_path_factory.mktemp("raw") / "medium"
-    generate_dataset(GeneratorConfig(rows=50_000, seed=11, base_logit=MEDIUM_BASE_LOGIT), out, spec, progress=False)
+    generate_dataset(GeneratorConfig(rows=50_000, seed=11, base_logit=SMALL_DATA_BASE_LOGIT), out, spec, progress=False)
     return out
+
+
+# The tests' trained runs: as the DAG runs the steps (tasks/pipeline.py), briefly trained.
+TEST_PIPELINE = PipelineConfig(two_tower_epochs=2, ranker_epochs=1)
 
 
 @pytest.fixture(scope="session")
 def nvtabular_output(medium_raw: Path, tmp_path_factory: pytest.TempPathFactory, spec) -> tuple[Path, Path, dict]:
     """The data stage on the 50k rows, NVTabular run as the DAG runs it: (resplit dir, output dir, metrics)."""
-    base = tmp_path_factory.mktemp("nvt")
-    csv_to_parquet(medium_raw, base / "parquet", spec)
-    clean_null_rows(base / "parquet", base / "clean", spec)
-    resplit(base / "clean", base / "resplit", spec)
-    metrics = run_trainer_step(
-        get_settings().trainer_python, "nvtabular-fit-transform",
-        ["--input", str(base / "resplit"), "--output", str(base / "nvtabular")],
-    )  # fmt: skip
-    return base / "resplit", base / "nvtabular", metrics
+    layout = RunLayout(tmp_path_factory.mktemp("nvt"))
+    result = run_pipeline(medium_raw, layout, TEST_PIPELINE, until="nvtabular_fit_transform", skip=("validate",))
+    return layout.resplit, layout.nvtabular, result.metrics["nvtabular_fit_transform"]
 
 
 @pytest.fixture(scope="session")
 def trained_run(nvtabular_output: tuple[Path, Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """<run>/nvtabular, two_tower, ranker, faiss_index as the DAG lays them out, trained for real (briefly)."""
+    """<run>/nvtabular, two_tower, ranker, faiss_index as the DAG lays them out, trained for real (briefly); the
+    Faiss index with the item-to-item source."""
     resplit, nvtabular, _ = nvtabular_output
-    run = tmp_path_factory.mktemp("trained") / "run"
-    run.mkdir()
-    (run / "nvtabular").symlink_to(nvtabular)
-    (run / "resplit").symlink_to(resplit)
-    python = get_settings().trainer_python
-    steps = [
-        ("train-two-tower", ["--input", str(nvtabular), "--output", str(run / "two_tower"), "--epochs", "2"]),
-        ("train-ranker", ["--input", str(nvtabular), "--output", str(run / "ranker"), "--epochs", "1"]),
-        ("build-faiss-index", ["--input", str(run / "two_tower"), "--output", str(run / "faiss_index"),
-                               "--nvtabular", str(nvtabular)]),  # with the item-to-item source
-    ]
-    for command, arguments in steps:
-        run_trainer_step(python, command, arguments)
-    return run
+    layout = RunLayout(tmp_path_factory.mktemp("trained") / "run")
+    layout.root.mkdir()
+    layout.nvtabular.symlink_to(nvtabular)
+    layout.resplit.symlink_to(resplit)
+    run_pipeline(None, layout, TEST_PIPELINE, start="train_two_tower", until="build_faiss_index")
+    return layout.root
 
 
 def latest_raw_features(run: Path, spec: DatasetSpec, kind: str) -> dict[int, dict[str, int]]:
@@ -142,38 +138,124 @@ def read_nvtabular_output(directory: Path) -> pd.DataFrame:
 POSTGRES_ADMIN_URL = os.environ.get("RECSYS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+class PostgresServer:
+    """Databases of the tests' own on the PostgreSQL server at RECSYS_TEST_POSTGRES_URL, dropped afterwards."""
+
+    def __init__(self) -> None:
+        from sqlalchemy import create_engine
+
+        from recsys.database import database_url as driver_url
+
+        self.admin_url = driver_url(POSTGRES_ADMIN_URL)
+        self.admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+
+    def create(self, template: str | None = None) -> str:
+        """A new database (a copy of `template`, else empty); its name."""
+        from sqlalchemy.exc import OperationalError
+
+        name = f"recsys_test_{uuid.uuid4().hex[:12]}"
+        try:
+            with self.admin.connect() as connection:
+                connection.exec_driver_sql(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
+        except OperationalError as error:
+            pytest.skip(f"PostgreSQL not reachable at {self.admin_url.render_as_string()}: {error.orig}")
+        return name
+
+    def url(self, name: str) -> str:
+        return self.admin_url.set(database=name).render_as_string(hide_password=False)
+
+    def drop(self, name: str) -> None:
+        with self.admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    yield server
+    server.admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def migrated_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One database of each kind made by the migrations, as `make migrate` makes them, once a session; each test's
+    migrated database is a copy of the SQLite file, or the PostgreSQL one emptied (a CREATE DATABASE costs about
+    half a second of a test's setup, the migrations as much again)."""
+    from serving.api.migrate import upgrade
+
+    sqlite_file = tmp_path_factory.mktemp("migrated") / "gateway.db"
+    upgrade(f"sqlite:///{sqlite_file}")
+    databases = {"sqlite": str(sqlite_file)}
+    server: PostgresServer | None = None
+    try:
+        server = PostgresServer()
+        name = server.create()
+        databases["postgresql"] = server.url(name)
+        upgrade(databases["postgresql"])
+    except pytest.skip.Exception:
+        pass  # no server: the PostgreSQL halves skip, as database_url's do
+    yield databases
+    if server is not None:
+        if "postgresql" in databases:
+            server.drop(databases["postgresql"].rsplit("/", 1)[1])
+        server.admin.dispose()
+
+
+def empty_tables(url: str) -> None:
+    """Every table of the gateway's schema emptied, identities restarted; the migrations' version kept."""
+    from sqlalchemy import create_engine
+
+    from recsys.database import database_url as driver_url
+
+    engine = create_engine(driver_url(url))
+    try:
+        with engine.begin() as connection:
+            tables = [row[0] for row in connection.exec_driver_sql(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")]
+            connection.exec_driver_sql(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE")
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """The URL of an empty database (no tables: tests create them with the migrations)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'gateway.db'}"
         return
-    from sqlalchemy import create_engine
-    from sqlalchemy.exc import OperationalError
-
-    from recsys.database import database_url as driver_url
-
-    admin_url = driver_url(POSTGRES_ADMIN_URL)
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    name = f"recsys_test_{uuid.uuid4().hex[:12]}"
+    server = request.getfixturevalue("postgres_server")
+    name = server.create()
     try:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    except OperationalError as error:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL not reachable at {admin_url.render_as_string()}: {error.orig}")
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
+        yield server.url(name)
     finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.dispose()
+        server.drop(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def migrated_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a database with the gateway's tables, made by the migrations, and no rows."""
+    databases = request.getfixturevalue("migrated_databases")
+    if request.param == "sqlite":
+        shutil.copyfile(databases["sqlite"], tmp_path / "gateway.db")
+        return f"sqlite:///{tmp_path / 'gateway.db'}"
+    if "postgresql" not in databases:
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}")
+    empty_tables(databases["postgresql"])
+    return databases["postgresql"]
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SQLite MLflow database with MLflow's tables (made by its migrations, two seconds) and nothing else."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
 
 
 @pytest.fixture
-def migrated_database_url(database_url: str) -> str:
-    """`database_url` with the gateway's tables, made by the migrations as `make migrate` makes them."""
-    from serving.api.migrate import upgrade
-
-    upgrade(database_url)
-    return database_url
+def mlflow_tracking_uri(empty_mlflow_database: Path, tmp_path: Path) -> str:
+    """A tracking URI of this test's own: a copy of the empty MLflow database in `tmp_path/mlflow.db`."""
+    shutil.copyfile(empty_mlflow_database, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import redis
 
-from recsys.settings import safe_run_id
+from recsys.run_layout import safe_run_id
 from tests.servers import free_port
 from tests.test_e2e_nightly import E2E_FEAST_REDIS_URL, E2E_REDIS_URL, check_published_recommendations
 from tests.test_monitor import EVENTS, HOUR, IMPRESSIONS, database, write_impressions

@@ -20,9 +20,10 @@ from recsys.settings import Settings
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tests.api_keys import new_key
+from tests.redis_databases import redis_url
 from tests.servers import free_port, served
 
-REDIS_URL = "redis://127.0.0.1:6379/10"
+REDIS_URL = redis_url("api")
 PREFIX = "fuzz-test:"
 EXAMPLES_PER_OPERATION = 40
 

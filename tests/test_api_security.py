@@ -21,9 +21,10 @@ from serving.api import keys
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tests.api_keys import new_key
+from tests.redis_databases import redis_url
 from tests.servers import free_port
 
-REDIS_URL = "redis://127.0.0.1:6379/10"
+REDIS_URL = redis_url("api")
 PREFIX = "security-test:"
 
 

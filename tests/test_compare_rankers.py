@@ -21,9 +21,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
-def tracking_uri(tmp_path: Path) -> Iterator[str]:
+def tracking_uri(mlflow_tracking_uri: str) -> Iterator[str]:
     previous = mlflow.get_tracking_uri()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_tracking_uri
     yield uri
     mlflow.set_tracking_uri(previous)
 

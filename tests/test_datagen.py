@@ -8,8 +8,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import OneHotEncoder
 
-from recsys.datagen import GeneratorConfig, generate_dataset, histogram_auc
-from tests.conftest import MEDIUM_CLICK_THROUGH_RATE
+from recsys.datagen import SMALL_DATA_CLICK_THROUGH_RATE, GeneratorConfig, generate_dataset, histogram_auc
 
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path, spec, small_raw: Path):
@@ -58,7 +57,7 @@ def test_planted_signal_is_learnable_and_oracle_auc_is_reported(medium_raw: Path
     assert model_auc > 0.62
     assert oracle_auc > model_auc
     assert report["oracle_auc_test"] == pytest.approx(oracle_auc, abs=0.002)
-    assert report["click_through_rate"] == pytest.approx(MEDIUM_CLICK_THROUGH_RATE, abs=0.05)
+    assert report["click_through_rate"] == pytest.approx(SMALL_DATA_CLICK_THROUGH_RATE, abs=0.05)
 
 
 def test_default_click_through_rate_is_a_few_percent(small_raw: Path):

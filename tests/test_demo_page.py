@@ -30,9 +30,10 @@ from serving.api.migrate import upgrade
 from serving.api.routes.demo import demo_directory
 from tasks.publish_recommendations import publish_recommendations
 from tests.api_keys import authorized, new_key
+from tests.redis_databases import redis_url
 from tests.servers import free_port, served
 
-REDIS_URL = "redis://127.0.0.1:6379/8"
+REDIS_URL = redis_url("demo_page")
 PREFIX = "demo-test:"
 VERSION = "demo1"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

@@ -16,10 +16,11 @@ import pytest
 import redis
 
 from recsys.parquet_io import count_rows
+from tests.redis_databases import redis_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-E2E_REDIS_URL = "redis://127.0.0.1:6379/12"
-E2E_FEAST_REDIS_URL = "redis://127.0.0.1:6379/11"
+E2E_REDIS_URL = redis_url("e2e")
+E2E_FEAST_REDIS_URL = redis_url("e2e_feast")
 pytestmark = pytest.mark.e2e
 
 LOAD_REGISTERED_MODEL = """

@@ -10,30 +10,29 @@ import pandas as pd
 import pytest
 from sklearn.metrics import ndcg_score
 
+from recsys.ranking_metrics import (
+    MISSING,
+    auc_and_logloss,
+    catalog_coverage,
+    intra_list_diversity,
+    list_metrics,
+    popularity_bias,
+)
+from recsys.recommendation_store import ALL_SEGMENTS
 from recsys.settings import get_settings
 from recsys.spec import DatasetSpec, parse_spec
 from recsys.trainer_env import run_trainer_step
-from tasks.batch_score import BLEND_USERS_FILE
-from tasks.evaluate import (
-    ALL_SEGMENTS,
-    BASELINES,
-    MISSING,
-    EvaluationConfig,
-    auc_and_logloss,
-    catalog_coverage,
-    evaluate,
+from tasks.baselines import (
     first_allowed,
-    flat_metrics,
-    intra_list_diversity,
     item_knn_lists,
-    list_metrics,
-    popularity_bias,
     popularity_lists,
     prepare,
     random_lists,
     segment_popularity_lists,
     true_click_rates,
 )
+from tasks.batch_score import BLEND_USERS_FILE
+from tasks.evaluate import BASELINES, EvaluationConfig, evaluate, flat_metrics
 
 # -- metrics ------------------------------------------------------------------------------------------------
 
@@ -114,12 +113,12 @@ def test_flat_metrics_names_every_number():
     assert flat == {"evaluation.final.pipeline.ndcg_at_10": 0.5, "evaluation.checks.pipeline_beats_every_baseline": 1.0}
 
 
-def test_log_evaluation_puts_every_number_and_the_report_on_the_mlflow_run(tmp_path: Path):
+def test_log_evaluation_puts_every_number_and_the_report_on_the_mlflow_run(tmp_path: Path, mlflow_tracking_uri: str):
     from mlflow import MlflowClient
 
     from tasks.evaluate import log_evaluation
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_tracking_uri)
     experiment = client.create_experiment("evaluation", artifact_location=str(tmp_path / "artifacts"))
     run_id = client.create_run(experiment).info.run_id
     report = tmp_path / "report"
@@ -260,7 +259,7 @@ def test_the_generators_probabilities_are_its_click_logit():
 def test_boosted_trees_learn_from_categories_and_codes_and_not_from_validation(tmp_path: Path):
     """Clicks follow a low-cardinality category and a high-cardinality id; a category unseen in training is
     the missing one, not an error."""
-    from tasks.evaluate import boosted_trees_scores
+    from tasks.baselines import boosted_trees_scores
 
     spec = parse_spec({"name": "t", "splits": {"train": "a", "test": "b"},
                        "columns": {"u": "int64", "i": "int64", "colour": "string", "t": "int64", "c": "int8"},
@@ -277,7 +276,7 @@ def test_boosted_trees_learn_from_categories_and_codes_and_not_from_validation(t
             colours[:10] = "purple"
         splits[split] = pd.DataFrame({"u": generator.integers(0, 50, rows), "i": items, "colour": colours,
                                       "t": np.arange(rows), "c": clicks})  # fmt: skip
-    labels, scores = boosted_trees_scores(splits["train"], splits["valid"], spec, EvaluationConfig())
+    labels, scores = boosted_trees_scores(splits["train"], splits["valid"], spec)
     assert len(labels) == len(scores) == 4_000 and np.isfinite(scores).all()
     from sklearn.metrics import roc_auc_score
 

@@ -27,6 +27,7 @@ from tasks.extract_interactions import (
     partition_path,
 )
 from tests.api_keys import authorized
+from tests.redis_databases import redis_url
 
 DAY = date(2024, 5, 1)
 
@@ -37,7 +38,7 @@ def unix(text: str) -> int:
 
 @pytest.fixture
 def client(migrated_database_url: str) -> Iterator[TestClient]:
-    app = create_app(Settings(database_url=migrated_database_url, redis_url="redis://127.0.0.1:6379/10"))
+    app = create_app(Settings(database_url=migrated_database_url, redis_url=redis_url("api")))
     with authorized(TestClient(app), migrated_database_url) as client:
         for body in (
             {"id": 1, "location": "DE", "device": "mobile", "attributes": {"user_age": 3, "user_gender": 2}},

@@ -27,9 +27,10 @@ from tasks.feast_features import (
     online_user_features,
     open_feature_store,
 )
+from tests.redis_databases import redis_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TEST_REDIS_URL = "redis://127.0.0.1:6379/13"
+TEST_REDIS_URL = redis_url("feast")
 SPECS = [PROJECT_ROOT / "specs" / "aliccp.yaml", PROJECT_ROOT / "tests" / "data" / "shop_events.yaml"]
 DAY_1 = datetime(2024, 3, 1, tzinfo=UTC)
 

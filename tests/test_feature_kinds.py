@@ -34,13 +34,14 @@ from tasks.feast_features import (
 )
 from tasks.import_atomic import import_atomic
 from tasks.track_training import log_ranker_run
+from tests.redis_databases import redis_url
 from tests.test_triton_ensemble import assert_same_lists, infer
 
 pytestmark = pytest.mark.e2e
 
 GENRES = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi")
 USERS, ITEMS, RATINGS_PER_USER = 300, 240, 40
-TEST_REDIS_URL = "redis://127.0.0.1:6379/13"  # the Feast tests' DB (test_feast_features.py)
+TEST_REDIS_URL = redis_url("feast")
 TOP_K, TOP_N = 100, 10
 
 

@@ -28,9 +28,10 @@ from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tasks.monitor import MonitoringConfig, floor_hour, monitor_hour
 from tests.api_keys import authorized
+from tests.redis_databases import redis_url
 from tests.servers import free_port
 
-REDIS_URL = "redis://127.0.0.1:6379/7"
+REDIS_URL = redis_url("gateway")
 PREFIX = "test-monitor:"
 VERSION = "v-monitor"
 CUSTOMER = 101

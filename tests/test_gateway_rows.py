@@ -37,6 +37,7 @@ from tasks.extract_interactions import (
 from tasks.resplit import gateway_row_ranges, resplit
 from tasks.validate import DataValidationError, validate
 from tests.api_keys import authorized
+from tests.redis_databases import redis_url
 
 DAYS = (date(2024, 5, 1), date(2024, 5, 2))
 FULL_PROFILE = 900001  # all 12 user features
@@ -95,7 +96,7 @@ def landing(tmp_path_factory: pytest.TempPathFactory, small_raw: Path, spec: Dat
         shutil.copy(small_raw / name, landing / name)
     database_url = f"sqlite:///{base / 'gateway.db'}"
     upgrade(database_url)
-    app = create_app(Settings(database_url=database_url, redis_url="redis://127.0.0.1:6379/10"))
+    app = create_app(Settings(database_url=database_url, redis_url=redis_url("api")))
     with authorized(TestClient(app), database_url) as client:
         _fill_gateway(client, spec)
     return landing, [extract_interactions(database_url, landing, day, spec=spec) for day in DAYS]

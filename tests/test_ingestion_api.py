@@ -23,9 +23,10 @@ from recsys.settings import Settings
 from serving.api.main import create_app
 from serving.api.migrate import SchemaNotCurrentError, downgrade, head_revisions, upgrade
 from tests.api_keys import authorized
+from tests.redis_databases import redis_url
 
 MAX_REQUEST_BYTES = 4096
-TEST_REDIS_URL = "redis://127.0.0.1:6379/10"
+TEST_REDIS_URL = redis_url("api")
 TABLES = {"customers", "products", "interactions", "api_keys"}
 
 

@@ -26,10 +26,11 @@ from serving.triton_client import TritonEnsembles
 from serving.triton_server import TritonServer
 from tasks.cli import main as recsys_cli
 from tasks.publish_recommendations import rollback
+from tests.redis_databases import redis_url
 
 pytestmark = pytest.mark.e2e
 
-REDIS_URL = "redis://127.0.0.1:6379/7"
+REDIS_URL = redis_url("gateway")
 GRACE_S = 60.0
 
 

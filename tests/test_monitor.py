@@ -245,7 +245,8 @@ def alert_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
             if record.levelno == logging.WARNING and record.name == "tasks.monitor"]  # fmt: skip
 
 
-def test_a_drop_in_click_through_raises_the_alert(tmp_path: Path, webhook: Webhook, caplog: pytest.LogCaptureFixture):
+def test_a_drop_in_click_through_raises_the_alert(tmp_path: Path, webhook: Webhook, caplog: pytest.LogCaptureFixture,
+                                                  mlflow_tracking_uri: str):
     # 10:00-11:00: 20 lists shown, 10 clicked (CTR 0.5). 11:00-12:00: 20 lists shown, 1 clicked (CTR 0.05).
     shown, events = [], []
     for hour_offset, clicked in ((0, 10), (60, 1)):
@@ -257,7 +258,7 @@ def test_a_drop_in_click_through_raises_the_alert(tmp_path: Path, webhook: Webho
     url = database(tmp_path / "gateway.db", events)
     write_impressions(tmp_path / "impressions", shown)
     arguments = {"impressions_dir": tmp_path / "impressions", "database_url": url, "runs_dir": tmp_path / "runs",
-                 "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifact_root": str(tmp_path / "artifacts"),
+                 "tracking_uri": mlflow_tracking_uri, "artifact_root": str(tmp_path / "artifacts"),
                  "config": MonitoringConfig(attribution_window=WINDOW, k=2),
                  "thresholds": AlertThresholds(min_ctr=0.2, max_psi=None, min_impressions=20)}  # fmt: skip
 
@@ -287,12 +288,12 @@ def test_a_drop_in_click_through_raises_the_alert(tmp_path: Path, webhook: Webho
                 fail_on_alert=True)  # fmt: skip
 
 
-def test_metrics_go_to_mlflow_once_per_hour_and_version(tmp_path: Path):
+def test_metrics_go_to_mlflow_once_per_hour_and_version(tmp_path: Path, mlflow_tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     url = database(tmp_path / "gateway.db", EVENTS)
     write_impressions(tmp_path / "impressions", IMPRESSIONS)
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = mlflow_tracking_uri
     arguments = {"impressions_dir": tmp_path / "impressions", "database_url": url, "runs_dir": tmp_path / "runs",
                  "tracking_uri": tracking_uri, "artifact_root": str(tmp_path / "artifacts"),
                  "config": MonitoringConfig(attribution_window=WINDOW, k=2),

@@ -66,6 +66,7 @@ def test_categorify_writes_its_tables_inside_the_output(nvtabular_run):
     assert not (Path.cwd() / "categories").exists()
 
 
+@pytest.mark.trainer
 def test_a_failing_trainer_step_reports_its_output(tmp_path: Path):
     with pytest.raises(TrainerStepError, match="nvtabular-fit-transform' failed"):
         run_trainer_step(get_settings().trainer_python, "nvtabular-fit-transform",

@@ -20,8 +20,9 @@ from recsys.settings import Settings
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tests.api_keys import authorized
+from tests.redis_databases import redis_url
 
-REDIS_URL = "redis://127.0.0.1:6379/10"
+REDIS_URL = redis_url("api")
 PREFIX = "flags-test:"
 CUSTOMER = 7
 NIGHTLY = ([11, 12, 13, 14], [0.9, 0.8, 0.7, 0.6])

@@ -1,14 +1,13 @@
 """Publishing batch recommendations to Redis: versions, the atomic pointer swap, rollback, kills.
 
-Runs against the real Redis of `make setup`, in a database of its own (14 unless
-RECSYS_TEST_REDIS_URL names another), which each test flushes: never database 0.
+Runs against the real Redis of `make setup`, in a database of its own (tests/redis_databases.py), which each
+test flushes: never database 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -41,9 +40,10 @@ from tasks.publish_recommendations import (
     publish_recommendations,
     rollback,
 )
+from tests.redis_databases import redis_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = os.environ.get("RECSYS_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = redis_url("publish")
 PREFIX = "test:"
 KEYS = RecommendationKeys(PREFIX)
 # redis-py annotates every reply as "a value or an awaitable" (one set of types for both clients);

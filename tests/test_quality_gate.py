@@ -38,9 +38,10 @@ from tasks.quality_gate import (
     quality_gate,
 )
 from tasks.track_training import VALIDATION_FINGERPRINT_TAG, configure_mlflow
+from tests.redis_databases import redis_url
 from tests.test_publish_recommendations import write_batch
 
-REDIS_URL = "redis://127.0.0.1:6379/15"  # DBs 10 to 14 belong to other tests, which flush theirs
+REDIS_URL = redis_url("quality_gate")
 
 
 class ConstantModel(PythonModel):
@@ -51,9 +52,9 @@ class ConstantModel(PythonModel):
 
 
 @pytest.fixture
-def tracking_uri(tmp_path: Path) -> Iterator[str]:
+def tracking_uri(mlflow_tracking_uri: str) -> Iterator[str]:
     previous = mlflow.get_tracking_uri()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_tracking_uri
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(previous)

@@ -33,12 +33,13 @@ from tasks.feast_features import feast_apply, feast_materialize
 from tasks.publish_recommendations import publish_recommendations
 from tests.api_keys import authorized
 from tests.conftest import environment, latest_raw_features
+from tests.redis_databases import redis_url
 from tests.servers import free_port
 
 pytestmark = pytest.mark.e2e
 
-REDIS_URL = "redis://127.0.0.1:6379/10"
-FEAST_REDIS_URL = "redis://127.0.0.1:6379/4"
+REDIS_URL = redis_url("api")
+FEAST_REDIS_URL = redis_url("api_feast")
 PREFIX = "api-test:"
 VERSION = "v1"
 

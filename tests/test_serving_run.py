@@ -20,9 +20,10 @@ import redis
 
 from recsys.recommendation_store import RecommendationKeys
 from serving.run import ServeError, ensure_redis, latest_published_repository
+from tests.redis_databases import redis_url
 from tests.servers import free_port
 
-REDIS_URL = "redis://127.0.0.1:6379/7"
+REDIS_URL = redis_url("gateway")
 
 
 @pytest.fixture

@@ -339,12 +339,12 @@ def test_repository_is_self_contained_and_described(exported: tuple[Path, dict])
     assert not [path for path in repository.rglob("*") if path.is_symlink()]
 
 
-def test_repository_is_logged_to_mlflow(exported: tuple[Path, dict], tmp_path: Path):
+def test_repository_is_logged_to_mlflow(exported: tuple[Path, dict], tmp_path: Path, mlflow_tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     from tasks.export_triton_ensemble import log_triton_repository
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = mlflow_tracking_uri
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.create_experiment("triton", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id

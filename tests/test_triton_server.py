@@ -25,6 +25,8 @@ from serving.triton_server import (
     session_processes,
 )
 
+pytestmark = pytest.mark.trainer  # a Triton server whose Python stages run in the trainer environment
+
 KERNEL = np.array([[1.0], [2.0], [3.0]], dtype=np.float32)
 BIAS = 0.5
 

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from serving.recommender import ReadRateLimited
+from serving.list_reader import ReadRateLimited
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request, status
 
 from serving.api.auth import Caller, authenticate
-from serving.recommender import REDIS_FAILURES
+from serving.list_reader import REDIS_FAILURES
 from serving.token_bucket import TOKEN_BUCKET_STEP, write_bucket_key
 
 log = logging.getLogger(__name__)

@@ -31,6 +31,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from recsys.demo_format import METRICS_FILE, DemoData, DemoUser, hits, read_demo_data
+from recsys.run_layout import RunLayout
 from recsys.settings import Settings
 from serving.api.auth import AUTH_ERRORS, Caller, Scope, caller_of, key_header
 from serving.api.deps import SettingsDep
@@ -59,7 +60,8 @@ def demo_directory(settings: Settings) -> Path | None:
     """The demo data the page reads: the configured output, or the newest one under the data root's runs."""
     if settings.demo_dir is not None:
         return settings.demo_dir
-    outputs = [path for path in (settings.data_root / "runs").glob(f"*/demo/{METRICS_FILE}") if path.is_file()]
+    outputs = [run.demo / METRICS_FILE for run in RunLayout.every_run(settings.data_root)
+               if (run.demo / METRICS_FILE).is_file()]  # fmt: skip
     if not outputs:
         return None
     return max(outputs, key=lambda path: path.stat().st_mtime).parent

@@ -23,7 +23,8 @@ from serving.api.deps import CustomerIdPath, ProductIdPath, get_recommender
 from serving.api.errors import is_database_unavailable
 from serving.api.rate_limit import RATE_LIMITED
 from serving.api.schemas import INT64_MAX, error_responses
-from serving.recommender import ProductFlags, VisitorQuery
+from serving.product_flags import ProductFlags
+from serving.recommender import VisitorQuery
 
 log = logging.getLogger(__name__)
 

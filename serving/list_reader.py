@@ -1,0 +1,149 @@
+"""The gateway's reads of the published lists: the version pointer, a visitor's lists, the items they saw since the
+nightly run, whether the models know them and a read token of their API key, in one Redis round trip (a Lua
+script), and a version's lists by name. Key names from recsys/recommendation_store.py, as the publisher writes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+from typing import Any, NamedTuple
+
+from redis.exceptions import RedisError
+
+from recsys.recommendation_store import REDIS_MAX_BITS, RecommendationKeys, decode_recommendations
+from serving.seen_items import seen_key
+from serving.token_bucket import TOKEN_BUCKET_STEP, read_bucket_key
+
+# Redis down, unreachable or too slow: asyncio.timeout raises TimeoutError, sockets OSError.
+REDIS_FAILURES = (RedisError, TimeoutError, OSError)
+
+# The version pointer and the lists of `kind` under it, in one round trip (and read atomically): KEYS[2] is
+# the customer's set of items seen since the nightly run (serving/seen_items.py), KEYS[3] the API key's read
+# bucket; ARGV[1] is "<prefix>recs:", ARGV[2] a user id to look up in the version's known users when the first
+# list is missing ("" for none; -1 for an id no bitmap can hold), ARGV[3] and ARGV[4] the bucket's tokens a
+# second and size ("" for no limit), ARGV[5] how many "<kind>:<key>" names follow that are always
+# read; the names after those are read only for a user the bitmap says the models do not know (a new
+# visitor's segment lists, so that the generic route costs no second round trip). Replies {0, seconds to
+# wait} when the key is over its read rate (serving/api/rate_limit.py's bucket, taken here so that a read
+# costs no second round trip), {} without a version, else {version, seen items, list or nil, ...} and, when
+# asked, 2 for a user whose features the gateway wrote since the nightly run (the version's `live_users` bitmap,
+# serving/live_features.py: the online path answers them), else, when the first list is missing, the user's bit
+# (1 known, 0 not, -1 the version has no bitmap) followed, for 0, by the lists read for an unknown user.
+# It reads keys it derives (not passed in KEYS): fine on one Redis server, not on Redis Cluster.
+_CURRENT_AND_LISTS = """
+if ARGV[3] ~= '' then
+  local bucket, rate, burst = KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4])
+  local allowed, wait
+""" + TOKEN_BUCKET_STEP + """
+  if allowed == 0 then return {0, tostring(wait)} end
+end
+local version = redis.call('GET', KEYS[1])
+if not version then return {} end
+local namespace = ARGV[1] .. version .. ':'
+local reply = {version, redis.call('SMEMBERS', KEYS[2])}
+local function read(first, last)
+  if last < first then return end
+  local names = {}
+  for i = first, last do names[#names + 1] = namespace .. ARGV[i] end
+  local values = redis.call('MGET', unpack(names))
+  for i = 1, #names do reply[#reply + 1] = values[i] end
+end
+local always = 5 + tonumber(ARGV[5])
+read(6, always)
+if ARGV[2] ~= '' then
+  local user = tonumber(ARGV[2])
+  if user >= 0 and redis.call('GETBIT', namespace .. 'live_users', ARGV[2]) == 1 then
+    reply[#reply + 1] = 2
+  elseif not reply[3] then
+    local known = namespace .. 'known_users'
+    local bit
+    if redis.call('EXISTS', known) == 0 then bit = -1
+    elseif user < 0 then bit = 0
+    else bit = redis.call('GETBIT', known, ARGV[2]) end
+    reply[#reply + 1] = bit
+    if bit == 0 then read(always + 1, #ARGV) end
+  end
+end
+return reply
+"""
+
+
+PublishedList = tuple[list[int], list[float]]  # item ids and scores, best first
+
+
+class CurrentLists(NamedTuple):
+    version: str | None
+    lists: list[PublishedList | None]
+    # Products the customer interacted with since the nightly run, kept out of whatever list they get.
+    seen: frozenset[int]
+    # Whether the models know the user asked about; None when not asked, when the first list was found, or
+    # when the version has no known-users bitmap.
+    known: bool | None
+    # The segment lists asked for in case the user is unknown, read when `known` is False; else empty.
+    segments: list[PublishedList | None]
+    # The gateway wrote the user's features since the nightly run (a new or changed profile): answer online.
+    live: bool = False
+
+
+class ReadRateLimited(Exception):
+    """The API key is over its read rate; `wait_s` until a read is allowed again."""
+
+    def __init__(self, api_key: str, wait_s: float) -> None:
+        super().__init__(f"read rate limit of API key {api_key!r} exceeded")
+        self.api_key = api_key
+        self.wait_s = wait_s
+
+
+class ListReader:
+    """Reads of the published lists under `key_prefix`, each within `timeout_s`; an API key's reads are limited to
+    `read_rate_per_s` (bursts of `read_burst`; None: no limit)."""
+
+    def __init__(self, redis_client: Any, key_prefix: str, timeout_s: float, read_rate_per_s: float | None = None,
+                 read_burst: int = 1) -> None:  # fmt: skip
+        self.redis = redis_client
+        self.key_prefix = key_prefix
+        self.keys = RecommendationKeys(key_prefix)
+        self.timeout_s = timeout_s
+        self.read_rate_per_s = read_rate_per_s
+        self.read_burst = read_burst
+        self._current_and_lists = redis_client.register_script(_CURRENT_AND_LISTS)
+
+    async def timed(self, call: Awaitable[Any]) -> Any:
+        """`call` within the read timeout. asyncio.timeout rather than wait_for: no task created per call, on the
+        path of every request."""
+        async with asyncio.timeout(self.timeout_s):
+            return await call
+
+    async def current(self, kind: str, keys: Sequence[str], customer: int, *, ask_known: bool = False,
+                       segments_if_unknown: Sequence[str] = (), api_key: str | None = None
+                       ) -> CurrentLists:  # fmt: skip
+        """The current version, the lists of `kind` for `keys` under it and the customer's items seen since
+        the nightly run; with `ask_known`, when the first list is missing, whether the models know the customer,
+        and if not the lists of `segments_if_unknown`: all in one round trip, which also takes a token of
+        `api_key`'s read bucket (ReadRateLimited when there is none)."""
+        prefix = self.keys.versions_prefix
+        member = "" if not ask_known else str(customer if 0 <= customer < REDIS_MAX_BITS else -1)
+        limited = api_key is not None and self.read_rate_per_s is not None
+        rate = [str(self.read_rate_per_s), str(self.read_burst)] if limited else ["", ""]
+        names = [prefix, member, *rate, str(len(keys)), *(f"{kind}:{key}" for key in keys),
+                 *(f"segment:{key}" for key in segments_if_unknown)]  # fmt: skip
+        bucket = read_bucket_key(self.key_prefix, api_key) if limited and api_key else ""
+        script_keys = [self.keys.current, seen_key(self.key_prefix, customer), bucket]
+        reply = await self.timed(self._current_and_lists(keys=script_keys, args=names, client=self.redis))
+        if reply and reply[0] == 0:  # integers only here: a version is a string
+            raise ReadRateLimited(str(api_key), float(reply[1]))
+        if not reply:
+            return CurrentLists(None, [None] * len(keys), frozenset(), None, [])
+        seen = frozenset(int(item) for item in reply[1])
+        lists = reply[2:]
+        decoded = [decode_recommendations(value) if value else None for value in lists[: len(keys)]]
+        marker = lists[len(keys)] if len(lists) > len(keys) else None
+        known = {1: True, 0: False}.get(marker)  # type: ignore[arg-type]  # 2 (live): the bit was not read
+        segments = [decode_recommendations(value) if value else None for value in lists[len(keys) + 1 :]]
+        return CurrentLists(reply[0].decode(), decoded, seen, known, segments, live=marker == 2)
+
+    async def published(self, version: str, kind: str, keys: Sequence[str]) -> list[PublishedList | None]:
+        names = [self.keys.data(version, kind, key) for key in keys]
+        values = await self.timed(self.redis.mget(names)) if names else []
+        return [decode_recommendations(value) if value else None for value in values]
