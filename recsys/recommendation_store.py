@@ -53,8 +53,12 @@ ALL_SEGMENTS = "*"  # the generic list of visitors whose segment is unknown
 SEGMENT_SEPARATOR = ":"
 
 
-def segment_key(values: Sequence[Any]) -> str:
-    """The key part of a segment: its context values joined, e.g. 'DE:mobile'."""
+def segment_key(values: Sequence[Any] | Any) -> str:
+    """The key part of a segment: its context values joined, e.g. 'DE:mobile'. A group key of pandas' groupby
+    over one column is the value itself in pandas 1.x (the trainer environment), a 1-tuple in 2.x: both are one
+    value, never a string's characters."""
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        values = (values,)
     return SEGMENT_SEPARATOR.join(str(value) for value in values)
 
 

@@ -42,7 +42,7 @@ class EvaluationData:
 
 
 def _segment_key(values: Sequence[Any]) -> str:
-    return segment_key(list(values))  # the keys batch_score writes its segment lists under
+    return segment_key(values)  # the keys batch_score writes its segment lists under
 
 
 def _ranked(counts: pd.Series) -> np.ndarray:

@@ -139,7 +139,7 @@ def segment_lists(resplit_dir: Path, spec: DatasetSpec, top_n: int, unavailable:
     for values, group in groups:
         counts = group[spec.item_id].value_counts(sort=True)
         top = counts.sort_index(kind="stable").sort_values(ascending=False, kind="stable").head(top_n)
-        key = ALL_SEGMENTS if values == (ALL_SEGMENTS,) else segment_key(list(values))
+        key = ALL_SEGMENTS if values == (ALL_SEGMENTS,) else segment_key(values)
         rows.append({"segment": key, "item_ids": top.index.to_numpy(dtype=np.int64),
                      "scores": (top.to_numpy() / max(len(group), 1)).astype(np.float32)})  # fmt: skip
     return pd.DataFrame(rows)

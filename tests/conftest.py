@@ -26,7 +26,7 @@ from tasks.pipeline import PipelineConfig, run_pipeline
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Fixtures that run the trainer environment (trained runs, its interpreter): a test that asks for one is in the
 # trainer tier.
-TRAINER_FIXTURES = {"nvtabular_output", "trained_run", "trainer_python"}
+TRAINER_FIXTURES = {"nvtabular_output", "trained_pipeline", "trained_run", "trainer_python"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -102,16 +102,47 @@ def nvtabular_output(medium_raw: Path, tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture(scope="session")
-def trained_run(nvtabular_output: tuple[Path, Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_pipeline(nvtabular_output: tuple[Path, Path, dict], tmp_path_factory: pytest.TempPathFactory
+                     ) -> tuple[Path, dict[str, dict]]:  # fmt: skip
     """<run>/nvtabular, two_tower, ranker, faiss_index as the DAG lays them out, trained for real (briefly); the
-    Faiss index with the item-to-item source."""
+    Faiss index with the item-to-item source. With what each training step returned: (run folder, {step: metrics})."""
     resplit, nvtabular, _ = nvtabular_output
     layout = RunLayout(tmp_path_factory.mktemp("trained") / "run")
     layout.root.mkdir()
     layout.nvtabular.symlink_to(nvtabular)
     layout.resplit.symlink_to(resplit)
-    run_pipeline(None, layout, TEST_PIPELINE, start="train_two_tower", until="build_faiss_index")
-    return layout.root
+    result = run_pipeline(None, layout, TEST_PIPELINE, start="train_two_tower", until="build_faiss_index")
+    return layout.root, result.metrics
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_pipeline: tuple[Path, dict[str, dict]]) -> Path:
+    """The trained run's folder (trained_pipeline)."""
+    return trained_pipeline[0]
+
+
+@pytest.fixture(scope="session")
+def batch_scored(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained run's batch scoring with the default options, as `recsys batch-score` writes it: a folder
+    outside the run (an export finds no batch scoring in the run unless a test names one). Read-only for tests."""
+    from recsys.trainer_env import run_trainer_step
+
+    output = tmp_path_factory.mktemp("batch_scored") / "batch_score"
+    run_trainer_step(get_settings().trainer_python, "batch-score",
+                     ["--input", str(trained_run), "--output", str(output)])  # fmt: skip
+    return output
+
+
+@pytest.fixture(scope="session")
+def compared_rankers(nvtabular_output: tuple[Path, Path, dict], tmp_path_factory: pytest.TempPathFactory
+                     ) -> dict[str, Path]:  # fmt: skip
+    """The four rankers of the comparison (DLRM, DCN-v2, MLP, NCF) trained one epoch each by the trainer step on
+    the 50k rows, as the DAG's comparison task trains them: {model: its output folder}. Read-only for tests."""
+    from tasks.compare_rankers import train_rankers_for_comparison
+
+    _, nvtabular, _ = nvtabular_output
+    output = tmp_path_factory.mktemp("comparison")
+    return train_rankers_for_comparison(nvtabular, output, trainer_python=get_settings().trainer_python, epochs=1)
 
 
 def latest_raw_features(run: Path, spec: DatasetSpec, kind: str) -> dict[int, dict[str, int]]:

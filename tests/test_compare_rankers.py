@@ -13,7 +13,6 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from recsys.settings import get_settings
 from tasks.compare_rankers import COMPARISON_EXPERIMENT, compare_rankers, train_rankers_for_comparison
 from tasks.track_training import VALIDATION_FINGERPRINT_TAG, log_ranker_run, validation_fingerprint
 
@@ -28,26 +27,19 @@ def tracking_uri(mlflow_tracking_uri: str) -> Iterator[str]:
     mlflow.set_tracking_uri(previous)
 
 
-@pytest.fixture(scope="module")
-def ranker_dirs(nvtabular_output, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The four rankers trained one epoch each by the trainer step, as the DAG's comparison task trains them."""
-    _, nvtabular_dir, _ = nvtabular_output
-    output = tmp_path_factory.mktemp("comparison")
-    return train_rankers_for_comparison(nvtabular_dir, output, trainer_python=get_settings().trainer_python, epochs=1)
-
-
 def read_artifact(run_id: str, path: str, destination: Path) -> bytes:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path,
                                                     dst_path=str(destination))).read_bytes()  # fmt: skip
 
 
-def test_comparison_run_logs_table_bar_chart_and_curves(ranker_dirs, nvtabular_output, tracking_uri, tmp_path, spec):
+def test_comparison_run_logs_table_bar_chart_and_curves(compared_rankers, nvtabular_output, tracking_uri, tmp_path,
+                                                        spec):  # fmt: skip
     _, nvtabular_dir, _ = nvtabular_output
-    assert set(ranker_dirs) == {"dlrm", "dcn", "mlp", "ncf"}
-    histories = {model: json.loads((folder / "history.json").read_text()) for model, folder in ranker_dirs.items()}
+    assert set(compared_rankers) == {"dlrm", "dcn", "mlp", "ncf"}
+    histories = {model: json.loads((folder / "history.json").read_text()) for model, folder in compared_rankers.items()}
     assert {history["model"] for history in histories.values()} == {"dlrm", "dcn", "mlp", "ncf"}
 
-    result = compare_rankers(ranker_dirs, tracking_uri=tracking_uri, artifact_root=tmp_path / "artifacts",
+    result = compare_rankers(compared_rankers, tracking_uri=tracking_uri, artifact_root=tmp_path / "artifacts",
                              run_name="comparison", nvtabular_dir=nvtabular_dir, spec=spec)  # fmt: skip
     client = MlflowClient(tracking_uri)
     [run] = client.search_runs([client.get_experiment_by_name(COMPARISON_EXPERIMENT).experiment_id])
@@ -78,10 +70,10 @@ def test_comparison_run_logs_table_bar_chart_and_curves(ranker_dirs, nvtabular_o
     assert json.loads(read_artifact(run.info.run_id, "histories/dcn.json", tmp_path)) == histories["dcn"]
 
 
-def test_every_ranker_run_has_figure_5_3_and_the_validation_fingerprint(ranker_dirs, nvtabular_output, tracking_uri,
-                                                                        tmp_path, spec):  # fmt: skip
+def test_every_ranker_run_has_figure_5_3_and_the_validation_fingerprint(compared_rankers, nvtabular_output,
+                                                                        tracking_uri, tmp_path, spec):  # fmt: skip
     _, nvtabular_dir, _ = nvtabular_output
-    logged = log_ranker_run(ranker_dirs["mlp"], nvtabular_dir, spec, tracking_uri=tracking_uri,
+    logged = log_ranker_run(compared_rankers["mlp"], nvtabular_dir, spec, tracking_uri=tracking_uri,
                             artifact_root=tmp_path / "artifacts", run_name="mlp")  # fmt: skip
     client = MlflowClient(tracking_uri)
     run = client.get_run(logged["run_id"])
@@ -94,18 +86,18 @@ def test_every_ranker_run_has_figure_5_3_and_the_validation_fingerprint(ranker_d
         {item.path for item in client.list_artifacts(run.info.run_id, "plots")}  # fmt: skip
 
 
-def test_comparison_reuses_a_trained_ranker_and_refuses_other_data(ranker_dirs, tracking_uri, tmp_path):
+def test_comparison_reuses_a_trained_ranker_and_refuses_other_data(compared_rankers, tracking_uri, tmp_path):
     reused = train_rankers_for_comparison(tmp_path / "unused", tmp_path / "out", trainer_python=Path("/nonexistent"),
                                           epochs=1, models=("dlrm",),
-                                          trained={"dlrm": ranker_dirs["dlrm"]})  # fmt: skip
-    assert reused == {"dlrm": ranker_dirs["dlrm"]}
+                                          trained={"dlrm": compared_rankers["dlrm"]})  # fmt: skip
+    assert reused == {"dlrm": compared_rankers["dlrm"]}
     with pytest.raises(ValueError, match="unknown rankers"):
         train_rankers_for_comparison(tmp_path, tmp_path, trainer_python=Path("/nonexistent"), epochs=1,
                                      models=("xgboost",))  # fmt: skip
     other = tmp_path / "dcn_other_data"
-    shutil.copytree(ranker_dirs["dcn"], other)
+    shutil.copytree(compared_rankers["dcn"], other)
     history = json.loads((other / "history.json").read_text())
     (other / "history.json").write_text(json.dumps({**history, "train_rows": history["train_rows"] + 1}))
     with pytest.raises(ValueError, match="not trained on the same data"):
-        compare_rankers({"dlrm": ranker_dirs["dlrm"], "dcn": other}, tracking_uri=tracking_uri,
+        compare_rankers({"dlrm": compared_rankers["dlrm"], "dcn": other}, tracking_uri=tracking_uri,
                         artifact_root=tmp_path / "artifacts", run_name="mixed")  # fmt: skip

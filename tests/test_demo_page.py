@@ -78,14 +78,13 @@ def test_the_newest_demo_output_under_the_runs_is_the_default(tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def demo_run(trained_run: Path) -> Iterator[tuple[DemoData, redis.Redis]]:
+def demo_run(trained_run: Path, batch_scored: Path) -> Iterator[tuple[DemoData, redis.Redis]]:
     python, run = get_settings().trainer_python, str(trained_run)
-    run_trainer_step(python, "batch-score", ["--input", run, "--output", str(trained_run / "batch_score_demo")])
     metrics = run_trainer_step(python, "demo-data", ["--input", run, "--output", str(trained_run / "demo")])
     assert metrics["users"] > 0 and metrics["top_k"] == 200
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
-    publish_recommendations(trained_run / "batch_score_demo", redis_url=REDIS_URL, version=VERSION, key_prefix=PREFIX,
+    publish_recommendations(batch_scored, redis_url=REDIS_URL, version=VERSION, key_prefix=PREFIX,
                             progress=False)  # fmt: skip
     yield read_demo_data(trained_run / "demo"), client
     client.flushdb()

@@ -165,7 +165,7 @@ def test_a_version_is_laid_out_once_under_its_own_names(published: tuple[Path, n
 
 
 def test_make_serve_answers_from_the_models_of_the_version_it_names(
-        published: tuple[Path, np.ndarray, np.ndarray], pointer: tuple[redis.Redis, str], trained_run: Path,
+        published: tuple[Path, np.ndarray, np.ndarray], pointer: tuple[redis.Redis, str], batch_scored: Path,
         spec: DatasetSpec, tmp_path: Path):  # fmt: skip
     """`python -m serving.run`, as users start it: customers without a nightly list are answered online by the
     current version's models, and by the other run's after a publish and after a rollback, with no restart."""
@@ -174,8 +174,6 @@ def test_make_serve_answers_from_the_models_of_the_version_it_names(
 
     import httpx
 
-    from recsys.settings import get_settings
-    from recsys.trainer_env import run_trainer_step
     from serving.api.migrate import upgrade
     from tasks.publish_recommendations import publish_recommendations
     from tests.api_keys import new_key
@@ -183,10 +181,7 @@ def test_make_serve_answers_from_the_models_of_the_version_it_names(
 
     data_root, users, withheld = published
     client, prefix = pointer
-    batch = tmp_path / "batch_score"
-    run_trainer_step(get_settings().trainer_python, "batch-score", ["--input", str(trained_run), "--output",
-                                                                     str(batch)])  # fmt: skip
-    publish_recommendations(batch, redis_url=REDIS_URL, version="run_a", key_prefix=prefix, progress=False)
+    publish_recommendations(batch_scored, redis_url=REDIS_URL, version="run_a", key_prefix=prefix, progress=False)
     database_url = f"sqlite:///{tmp_path / 'gateway.db'}"
     upgrade(database_url)
     key = new_key(database_url)
@@ -222,7 +217,7 @@ def test_make_serve_answers_from_the_models_of_the_version_it_names(
 
     with serving_run(["--no-redis-start", "--no-access-log"], env, log, startup_timeout_s=300) as url:
         first = until_version("run_a")  # Triton started and loaded the current version before the gateway
-        publish_recommendations(batch, redis_url=REDIS_URL, version="run_b", key_prefix=prefix, progress=False)
+        publish_recommendations(batch_scored, redis_url=REDIS_URL, version="run_b", key_prefix=prefix, progress=False)
         second = until_version("run_b")
         rollback(REDIS_URL, prefix)
         again = until_version("run_a")

@@ -31,6 +31,7 @@ from recsys.recommendation_store import (
     encode_recommendations,
     read_recommendations,
     read_recommendations_async,
+    segment_key,
     version_metadata,
 )
 from tasks.cli import main as cli_main
@@ -426,3 +427,11 @@ def test_a_publish_between_a_readers_two_gets_leaves_it_the_whole_list_of_the_ve
     expected = expected_lists(batches["v1"], "users", "user_id")
     for user, lists in expected.items():  # the reader's second GET
         assert decode_recommendations(client.get(KEYS.data(read_first, "user", user))) == lists
+
+
+def test_a_segment_key_joins_values_and_takes_one_value_whole():
+    """pandas 1.x (the trainer environment) groups by one column with the value itself as the key, 2.x with a
+    1-tuple: a string segment value is one value either way (it was split into 't:a:b:l:e:t')."""
+    assert segment_key(("DE", "mobile", 3)) == "DE:mobile:3"
+    assert segment_key(("tablet",)) == segment_key("tablet") == "tablet"
+    assert segment_key(7) == segment_key([7]) == "7"

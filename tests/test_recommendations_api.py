@@ -24,7 +24,6 @@ from feature_repo.store import online_user_features, open_feature_store
 from recsys.recommendation_store import decode_recommendations
 from recsys.settings import Settings, get_settings
 from recsys.spec import DatasetSpec
-from recsys.trainer_env import run_trainer_step
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from serving.triton_server import TritonServer
@@ -60,24 +59,28 @@ def feast_store(trained_run: Path, spec: DatasetSpec, tmp_path_factory: pytest.T
 
 
 @pytest.fixture(scope="module")
-def published(trained_run: Path) -> Iterator[redis.Redis]:
-    run_trainer_step(get_settings().trainer_python, "batch-score",
-                     ["--input", str(trained_run), "--output", str(trained_run / "batch_score_api")])  # fmt: skip
+def published(batch_scored: Path) -> Iterator[redis.Redis]:
+    """The batch scoring published under this module's prefix: DB 10 is shared with other modules' prefixes."""
     client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    publish_recommendations(trained_run / "batch_score_api", redis_url=REDIS_URL, version=VERSION, key_prefix=PREFIX,
+    delete_prefix(client)
+    publish_recommendations(batch_scored, redis_url=REDIS_URL, version=VERSION, key_prefix=PREFIX,
                             progress=False)  # fmt: skip
     yield client
-    client.flushdb()
+    delete_prefix(client)
+
+
+def delete_prefix(client: redis.Redis) -> None:
+    for key in client.scan_iter(f"{PREFIX}*", count=1000):
+        client.delete(key)
 
 
 @pytest.fixture(scope="module")
-def triton(trained_run: Path, published: redis.Redis, spec: DatasetSpec,
+def triton(trained_run: Path, batch_scored: Path, published: redis.Redis, spec: DatasetSpec,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:  # fmt: skip
     repository = tmp_path_factory.mktemp("api") / "triton_repository"
     # With the blend weights of the published batch scoring, as the DAG exports: online lists equal nightly ones.
     export_triton_ensemble(trained_run, repository, spec, TritonEnsembleConfig(),
-                           batch_score_dir=trained_run / "batch_score_api")  # fmt: skip
+                           batch_score_dir=batch_scored)  # fmt: skip
     with TritonServer(repository, startup_timeout_s=180) as server:
         yield server
 
@@ -160,13 +163,14 @@ def feast_row(config: FeastStoreConfig, spec: DatasetSpec, user: int) -> dict[st
     return {name: values[0] for name, values in row.items()}
 
 
-def in_process_list(run: Path, spec: DatasetSpec, tmp_path: Path, features: dict[str, object],
+def in_process_list(run: Path, batch_dir: Path, spec: DatasetSpec, tmp_path: Path, features: dict[str, object],
                     context: dict[str, object] | None = None) -> list[int]:  # fmt: skip
     """The in-process pipeline's ranked list for one newcomer with these encoded features (the Feast row's
-    columns, the encoded id under the raw id's name) and context, with the weights the export took."""
+    columns, the encoded id under the raw id's name) and context, with the weights the export took (those of the
+    batch scoring in `batch_dir`)."""
     import subprocess
 
-    config = TritonEnsembleConfig().with_weights_of(run / "batch_score_api")
+    config = TritonEnsembleConfig().with_weights_of(batch_dir)
     given, output = tmp_path / "given.json", tmp_path / "in_process.json"
     encoded = {(spec.user_id if name == f"{spec.user_id}_encoded" else name): [value]
                for name, value in features.items() if name != spec.user_id}  # fmt: skip
@@ -190,7 +194,7 @@ def stored_items(user: int) -> list[int]:
 
 def test_a_customer_created_now_gets_a_personal_list_from_their_features_at_once(
     client: TestClient, published: redis.Redis, feast_store: FeastStoreConfig, trained_run: Path,
-    spec: DatasetSpec, tmp_path: Path,
+    batch_scored: Path, spec: DatasetSpec, tmp_path: Path,
 ):
     """A new id with a known user's profile: the API encodes it with the run's workflow (Triton's
     encode_features), writes it to Feast, and the next request goes online on those features (the id out of
@@ -213,7 +217,8 @@ def test_a_customer_created_now_gets_a_personal_list_from_their_features_at_once
     again = client.get(f"/recommendations/{newcomer}", params={"count": 10}).json()
     assert first["route"] == "online" and again["route"] == "online_cached", (first, again)
     assert first["model_version"] == VERSION and first["degraded"] == []
-    assert items_of_body(first) == items_of_body(again) == in_process_list(trained_run, spec, tmp_path, row)[:10]
+    expected = in_process_list(trained_run, batch_scored, spec, tmp_path, row)[:10]
+    assert items_of_body(first) == items_of_body(again) == expected
     assert items_of_body(first) != stored(published, "segment", "*")[0][:10]  # not the generic list
 
     # Another user's profile: the cached answer is dropped, and the next one is online on the new features.
@@ -225,7 +230,7 @@ def test_a_customer_created_now_gets_a_personal_list_from_their_features_at_once
     row = feast_row(feast_store, spec, newcomer)
     after = client.get(f"/recommendations/{newcomer}", params={"count": 10}).json()
     assert after["route"] == "online" and items_of_body(after) != items_of_body(first)
-    assert items_of_body(after) == in_process_list(trained_run, spec, tmp_path, row)[:10]
+    assert items_of_body(after) == in_process_list(trained_run, batch_scored, spec, tmp_path, row)[:10]
 
 
 def test_a_known_customer_whose_profile_changed_is_answered_online_on_it(
@@ -245,7 +250,8 @@ def test_a_known_customer_whose_profile_changed_is_answered_online_on_it(
 
 
 def test_the_request_context_reaches_the_ranker_online(
-    client: TestClient, feast_store: FeastStoreConfig, trained_run: Path, spec: DatasetSpec, tmp_path: Path
+    client: TestClient, feast_store: FeastStoreConfig, trained_run: Path, batch_scored: Path, spec: DatasetSpec,
+    tmp_path: Path,
 ):
     """Location and device, encoded by the run's workflow, are the ranker's context online: the answer is the
     in-process pipeline's for the codes training gave them (the most frequent raw value of each has the most
@@ -266,7 +272,7 @@ def test_the_request_context_reaches_the_ranker_online(
     encoded = read_nvtabular_output(trained_run / "nvtabular" / "train")
     codes = {"location": int(encoded["location"].mode()[0]), "device": int(encoded["device"].mode()[0])}
     row = feast_row(feast_store, spec, newcomer)
-    assert items_of_body(answer) == in_process_list(trained_run, spec, tmp_path, row, context=codes)[:10]
+    assert items_of_body(answer) == in_process_list(trained_run, batch_scored, spec, tmp_path, row, context=codes)[:10]
 
 
 def test_new_visitor_gets_the_generic_list_of_their_segment(client: TestClient, published: redis.Redis):

@@ -7,8 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys.settings import get_settings
-from recsys.trainer_env import run_trainer_step
 from tasks.train_two_tower import TwoTowerConfig, exact_top_k, ranking_metrics, training_pairs  # no TensorFlow
 
 
@@ -37,12 +35,10 @@ def test_the_towers_learn_from_the_clicked_rows_or_from_every_shown_row():
 
 
 @pytest.fixture(scope="module")
-def two_tower_run(nvtabular_output, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    _, nvtabular_dir, _ = nvtabular_output
-    out = tmp_path_factory.mktemp("two_tower") / "two_tower"
-    metrics = run_trainer_step(get_settings().trainer_python, "train-two-tower",
-                               ["--input", str(nvtabular_dir), "--output", str(out), "--epochs", "4"])  # fmt: skip
-    return out, metrics
+def two_tower_run(trained_pipeline: tuple[Path, dict[str, dict]]) -> tuple[Path, dict]:
+    """The trained run's two-tower step (conftest: two epochs on the 50k rows) and the metrics it returned."""
+    run, metrics = trained_pipeline
+    return run / "two_tower", metrics["train_two_tower"]
 
 
 def test_retrieval_beats_random_over_the_whole_catalog(two_tower_run):
