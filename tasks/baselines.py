@@ -41,10 +41,6 @@ class EvaluationData:
     user_segments: list[str]  # per user: the segment key of their first validation row, or ALL_SEGMENTS
 
 
-def _segment_key(values: Sequence[Any]) -> str:
-    return segment_key(values)  # the keys batch_score writes its segment lists under
-
-
 def _ranked(counts: pd.Series) -> np.ndarray:
     """Items by count, highest first, ties by item id (batch_score's segment lists order them so)."""
     return counts.sort_index(kind="stable").sort_values(ascending=False, kind="stable").index.to_numpy(np.int64)
@@ -61,7 +57,7 @@ def prepare(train: pd.DataFrame, valid: pd.DataFrame, spec: DatasetSpec,
     if spec.segment_features:
         segmented = train_clicks.dropna(subset=list(spec.segment_features))
         for values, group in segmented.groupby(list(spec.segment_features)):
-            segment_rankings[_segment_key(values)] = _ranked(group[item].value_counts())
+            segment_rankings[segment_key(values)] = _ranked(group[item].value_counts())  # batch_score's keys
 
     categories = pd.Series(dtype="float64")
     categorical_item_features = [name for name in spec.item_features if name not in spec.continuous]
@@ -93,7 +89,7 @@ def prepare(train: pd.DataFrame, valid: pd.DataFrame, spec: DatasetSpec,
     if spec.segment_features:
         first = valid.dropna(subset=list(spec.segment_features)).drop_duplicates(user, keep="first")
         first = first.set_index(user)[list(spec.segment_features)]
-        keys = {int(u): _segment_key(values) for u, values in zip(first.index, first.itertuples(index=False),
+        keys = {int(u): segment_key(values) for u, values in zip(first.index, first.itertuples(index=False),
                                                                    strict=True)}  # fmt: skip
         user_segments = [keys.get(int(u), ALL_SEGMENTS) for u in users]
     return EvaluationData(
