@@ -29,7 +29,8 @@ is in `<run>/validate/report.md` and in the task log.
 Manual trigger Params (defaults: `tasks.pipeline.PipelineConfig`, from the steps' own configs): the input
 location (raw CSV; default `<RECSYS_DATA_ROOT>/landing`), the dataset spec, the null threshold, the resplit
 fraction, the sample fraction, the share of malformed rows tolerated (they are quarantined), the ranker and
-both models' epochs, TopK and TopN, the blend weights, unavailable items, the gate and the ranker comparison.
+both models' epochs, the two-tower's L2 normalization and temperature, TopK and TopN, the blend weights,
+unavailable items, the gate and the ranker comparison.
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ def _model_versions(two_tower: dict, ranker: dict) -> dict[str, str]:
                                description="most epochs; early stopping on AUC"),
         "two_tower_epochs": Param(DEFAULTS.two_tower_epochs, type="integer", minimum=1,
                                   description="most epochs of the two-tower; early stopping on recall"),
+        "two_tower_l2_normalize": Param(DEFAULTS.two_tower_l2_normalize, type="boolean",
+                                        description="L2-normalize the two-tower's embeddings (a cosine)"),
+        "two_tower_temperature": Param(DEFAULTS.two_tower_temperature, type="number", exclusiveMinimum=0,
+                                       description="the two-tower's in-batch softmax temperature "
+                                                   "(benchmarks/two_tower_tuning.py chooses it on validation)"),
         "max_bad_row_fraction": Param(DEFAULTS.max_bad_row_fraction, type="number", minimum=0, maximum=1,
                                       description="malformed rows tolerated (quarantined) per file"),
         "extract_day": Param(None, type=["null", "string"], format="date",

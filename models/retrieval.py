@@ -34,22 +34,29 @@ def frequency_in_batch_sampler(item_probabilities: Any) -> Any:
     return FrequencyInBatchSampler(item_probabilities)
 
 
-def build_two_tower(schema: Any, *, tower_layers: tuple[int, ...] = (128, 64),
-                    item_probabilities: Any | None = None) -> Any:  # fmt: skip
+def build_two_tower(schema: Any, *, tower_layers: tuple[int, ...] = (128, 64), item_probabilities: Any | None = None,
+                    logits_temperature: float = 1.0, l2_normalize: bool = False) -> Any:  # fmt: skip
     """Query (user) and candidate (item) towers scored by dot product, trained with in-batch negatives.
 
     With `item_probabilities` (indexed by encoded item id), the sampling-bias (logQ) correction of
     Yi et al., RecSys 2019: in-batch negatives are drawn in proportion to popularity, which without
-    the correction teaches the towers to push popular items down.
+    the correction teaches the towers to push popular items down. With `l2_normalize` both towers end in an
+    L2 normalization (their dot product is a cosine, and the saved query tower normalizes too), and
+    `logits_temperature` divides the scores in the softmax over the batch: a cosine lies in [-1, 1], so without
+    a temperature below 1 the softmax can barely tell a positive from the negatives.
     """
     import merlin.models.tf as mm
     from merlin.schema import Tags
 
     schema = two_tower_schema(schema)
     layers = list(tower_layers)
-    query = mm.Encoder(schema.select_by_tag(Tags.USER), mm.MLPBlock(layers, no_activation_last_layer=True))
-    candidate = mm.Encoder(schema.select_by_tag(Tags.ITEM), mm.MLPBlock(layers, no_activation_last_layer=True))
+
+    def tower(tag: Tags) -> Any:
+        blocks = [mm.MLPBlock(layers, no_activation_last_layer=True)] + ([mm.L2Norm()] if l2_normalize else [])
+        return mm.Encoder(schema.select_by_tag(tag), *blocks)
+
     if item_probabilities is None:
-        return mm.TwoTowerModelV2(query, candidate)
+        return mm.TwoTowerModelV2(tower(Tags.USER), tower(Tags.ITEM), logits_temperature=logits_temperature)
     sampler = frequency_in_batch_sampler(item_probabilities)
-    return mm.TwoTowerModelV2(query, candidate, negative_samplers=[sampler], logq_sampling_correction=True)
+    return mm.TwoTowerModelV2(tower(Tags.USER), tower(Tags.ITEM), negative_samplers=[sampler],
+                              logq_sampling_correction=True, logits_temperature=logits_temperature)  # fmt: skip

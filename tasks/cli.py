@@ -103,7 +103,9 @@ def _train_two_tower(args: argparse.Namespace) -> dict:
         raise SystemExit(f"{error}: run this command with .venv-trainer/bin/recsys") from error
     config = TwoTowerConfig(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size,
                             learning_rate=args.learning_rate, seed=args.seed,
-                            logq_sampling_correction=args.logq_correction, positives=args.positives)  # fmt: skip
+                            logq_sampling_correction=args.logq_correction, positives=args.positives,
+                            tower_layers=args.tower_layers, l2_normalize=args.l2_normalize,
+                            logits_temperature=args.temperature)  # fmt: skip
     return train_two_tower(args.input, args.output, load_spec(args.spec), config)
 
 
@@ -289,6 +291,17 @@ def _step_parser(subparsers: argparse._SubParsersAction, name: str, handler: Cal
     return parser
 
 
+def _layer_widths(text: str) -> tuple[int, ...]:
+    """'128,64' -> (128, 64)."""
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layer widths must be comma-separated integers, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"layer widths must be positive, got {text!r}")
+    return widths
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -350,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
                               help="sampling-bias (logQ) correction of in-batch negatives")  # fmt: skip
             step.add_argument("--positives", choices=("clicked", "shown"), default=TwoTowerConfig.positives,
                               help="train on the clicked rows, or on every shown row (the exposure)")  # fmt: skip
+            step.add_argument("--tower-layers", type=_layer_widths,
+                              default=",".join(map(str, TwoTowerConfig.tower_layers)),  # argparse converts it
+                              help="each tower's layer widths, comma-separated; the last is the embedding's "
+                                   "(default: %(default)s)")  # fmt: skip
+            step.add_argument("--l2-normalize", action=argparse.BooleanOptionalAction,
+                              default=TwoTowerConfig.l2_normalize, help="L2-normalize both towers' outputs")
+            step.add_argument("--temperature", type=float, default=TwoTowerConfig.logits_temperature,
+                              help="the in-batch softmax's temperature (scores / T)")
             step.add_argument("--seed", type=int, default=TwoTowerConfig.seed)
         if name == "build-faiss-index":
             step.add_argument("--exact-max-items", type=int, default=FaissIndexConfig.exact_max_items,

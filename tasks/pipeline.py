@@ -51,6 +51,8 @@ class PipelineConfig:
     ranker_model: str = RankerConfig.model
     ranker_epochs: int = RankerConfig.epochs
     two_tower_epochs: int = TwoTowerConfig.epochs
+    two_tower_l2_normalize: bool = TwoTowerConfig.l2_normalize
+    two_tower_temperature: float = TwoTowerConfig.logits_temperature
     top_k: int = TOP_K
     top_n: int = TOP_N
     retrieval_weight: float | None = None  # None: chosen on validation by batch scoring, taken by the export
@@ -107,7 +109,10 @@ def run_step(name: str, layout: RunLayout, config: PipelineConfig, *, input_dir:
                                                             "--output", str(layout.nvtabular)])  # fmt: skip
     if name == "train_two_tower":
         return _trainer("train-two-tower", config, ["--input", str(layout.nvtabular), "--output", str(layout.two_tower),
-                                                    "--epochs", str(config.two_tower_epochs)])  # fmt: skip
+                                                    "--epochs", str(config.two_tower_epochs),
+                                                    "--l2-normalize" if config.two_tower_l2_normalize
+                                                    else "--no-l2-normalize",
+                                                    "--temperature", str(config.two_tower_temperature)])  # fmt: skip
     if name == "train_ranker":
         return _trainer("train-ranker", config, ["--input", str(layout.nvtabular), "--output", str(layout.ranker),
                                                  "--model", config.ranker_model,

@@ -49,10 +49,18 @@ class TwoTowerConfig:
     # The training pairs: "clicked", the rows whose primary target is 1; "shown", every logged row. Evaluation
     # and early stopping use the validation clicks either way.
     positives: str = "clicked"
+    # Both towers L2-normalized (their dot product a cosine) and the in-batch softmax's temperature
+    # (models.retrieval.build_two_tower); benchmarks/two_tower_tuning.py measures them on validation.
+    l2_normalize: bool = False
+    logits_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.positives not in POSITIVES:
             raise ValueError(f"positives must be one of {', '.join(POSITIVES)}, got {self.positives!r}")
+        if not self.logits_temperature > 0:
+            raise ValueError(f"logits_temperature must be positive, got {self.logits_temperature}")
+        if not self.tower_layers or min(self.tower_layers) < 1:
+            raise ValueError(f"tower_layers must be positive layer widths, got {self.tower_layers}")
 
 
 def training_pairs(train_frame: pd.DataFrame, target: str, columns: list[str], positives: str) -> pd.DataFrame:
@@ -122,7 +130,8 @@ def train_two_tower(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,
         cardinality = int(schema.select_by_tag(Tags.ITEM_ID).first.int_domain.max) + 1
         counts = np.bincount(positives[spec.item_id].to_numpy(), minlength=cardinality).astype("float64")
         probabilities = np.maximum(counts, 1.0) / counts.sum()  # unseen ids never occur as negatives anyway
-    model = build_two_tower(schema, tower_layers=config.tower_layers, item_probabilities=probabilities)
+    model = build_two_tower(schema, tower_layers=config.tower_layers, item_probabilities=probabilities,
+                            logits_temperature=config.logits_temperature, l2_normalize=config.l2_normalize)
     model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
     loader = mm.Loader(train, batch_size=config.batch_size, shuffle=True)
 

@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 from airflow.dag_processing.dagbag import DagBag
 
+from tasks.pipeline import PipelineConfig
+from tasks.train_two_tower import TwoTowerConfig
+
 DAGS = Path(__file__).resolve().parent.parent / "dags"
 DATA_STAGE = ["csv_to_parquet", "clean_null_rows", "resplit", "validate", "nvtabular_fit_transform", "train_ranker"]
 
@@ -74,6 +77,11 @@ def test_manual_trigger_params_and_defaults(dagbag: DagBag):
     assert params["compare_rankers"] is False
     # Empty: batch scoring chooses the blend weights on the validation split.
     assert params["retrieval_weight"] is None and params["item_to_item_weight"] is None
+    two_tower = TwoTowerConfig()
+    assert (params["two_tower_l2_normalize"], params["two_tower_temperature"]) == (two_tower.l2_normalize,
+                                                                                   two_tower.logits_temperature)
+    config = PipelineConfig.from_params({**params, "two_tower_l2_normalize": True, "two_tower_temperature": 0.1})
+    assert (config.two_tower_l2_normalize, config.two_tower_temperature) == (True, 0.1)
 
 
 def test_monitoring_runs_hourly_with_alert_params(dagbag: DagBag):

@@ -34,6 +34,25 @@ def test_the_towers_learn_from_the_clicked_rows_or_from_every_shown_row():
         TwoTowerConfig(positives="viewed")
 
 
+def test_tuning_options_are_checked_and_reach_the_step_from_the_cli():
+    from tasks.cli import build_parser
+
+    with pytest.raises(ValueError, match="logits_temperature must be positive, got 0"):
+        TwoTowerConfig(logits_temperature=0)
+    with pytest.raises(ValueError, match="tower_layers must be positive layer widths"):
+        TwoTowerConfig(tower_layers=())
+    parser = build_parser()
+    args = parser.parse_args(["train-two-tower", "--input", "in", "--output", "out", "--l2-normalize",
+                              "--temperature", "0.1", "--tower-layers", "256,128"])  # fmt: skip
+    assert (args.l2_normalize, args.temperature, args.tower_layers) == (True, 0.1, (256, 128))
+    defaults = parser.parse_args(["train-two-tower", "--input", "in", "--output", "out"])
+    config = TwoTowerConfig()
+    assert (defaults.l2_normalize, defaults.temperature, defaults.tower_layers) == (
+        config.l2_normalize, config.logits_temperature, config.tower_layers)  # fmt: skip
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train-two-tower", "--input", "in", "--output", "out", "--tower-layers", "128,x"])
+
+
 @pytest.fixture(scope="module")
 def two_tower_run(trained_pipeline: tuple[Path, dict[str, dict]]) -> tuple[Path, dict]:
     """The trained run's two-tower step (conftest: two epochs on the 50k rows) and the metrics it returned."""
