@@ -48,7 +48,8 @@ import numpy as np
 import pandas as pd
 
 from models.item_to_item import NEIGHBOURS_FILE, ItemToItem
-from models.retrieval_index import load_index, read_item_embeddings
+from models.retrieval_index import SearchIndex, load_index, read_item_embeddings
+from recsys.device import select_tensorflow_device
 from recsys.run_layout import RunLayout
 from recsys.spec import DatasetSpec
 
@@ -323,7 +324,7 @@ def ranked_order(scores: Sequence[float], promoted: Sequence[bool], top_n: int, 
     return positions, [adjusted[position] for position in positions]
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(index: SearchIndex | faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(encoded item ids, inner products), best first; -1 where the catalog has fewer than k items."""
     distances, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return ids.astype(np.int64), distances
@@ -550,6 +551,7 @@ class QueryTower:
     def __init__(self, saved_model_dir: Path, columns: PipelineColumns) -> None:
         import tensorflow as tf
 
+        select_tensorflow_device()  # RECSYS_DEVICE, before the model's first op
         self.model = tf.keras.models.load_model(str(saved_model_dir))
         self.columns = columns
 
@@ -567,6 +569,7 @@ class Ranker:
     def __init__(self, saved_model_dir: Path, columns: PipelineColumns, catalog: ItemCatalog) -> None:
         import tensorflow as tf
 
+        select_tensorflow_device()  # RECSYS_DEVICE, before the model's first op
         self.model = tf.keras.models.load_model(str(saved_model_dir))
         self.columns = columns
         self.item_columns = catalog.columns

@@ -15,6 +15,9 @@ import tempfile
 from collections import deque
 from pathlib import Path
 
+from recsys.cuda_libraries import with_cuda_libraries
+from recsys.device import process_environment
+
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +34,11 @@ def run_trainer_step(python: Path, command: str, arguments: list[str]) -> dict:
         argv = [str(python), "-m", "tasks.cli", command, *arguments, "--metrics-json", str(metrics_path)]
         log.info("running in the trainer environment: %s", " ".join(argv))
         tail: deque[str] = deque(maxlen=40)
-        # TensorFlow's C++ INFO lines (one per graph placeholder) would drown the step's own log.
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1")}
+        # TensorFlow's C++ INFO lines (one per graph placeholder) would drown the step's own log. The GPU lock's CUDA
+        # libraries on LD_LIBRARY_PATH (recsys.cuda_libraries; nothing changes with the CPU lock), and no GPU visible
+        # for RECSYS_DEVICE=cpu (recsys.device).
+        env = with_cuda_libraries(process_environment(os.environ), Path(python))
+        env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1")
         with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
             assert process.stdout is not None
             for line in process.stdout:

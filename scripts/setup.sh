@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # One-command setup on a fresh Debian/Ubuntu machine with Python 3.11 (`make setup` runs this):
 # both locked Python environments, Redis and Chromium if missing, Airflow's secrets, airflow.cfg and its metadata database.
+# GPU=1 (`make setup GPU=1`): the trainer environment from the GPU lock, requirements/trainer-gpu.txt (TensorFlow and
+# Faiss for CUDA 11.8 on an NVIDIA GPU; docs/environments.md, "The GPU path"); rerun without it to go back.
 # Safe to rerun: every step checks what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 PYTHON="${PYTHON:-python3}"
 UV_VERSION="0.9.30"
+case "${GPU:-}" in
+  ""|0) TRAINER_LOCK=requirements/trainer.txt ;;
+  1) TRAINER_LOCK=requirements/trainer-gpu.txt ;;
+  *) echo "GPU=$GPU: use GPU=1 for the GPU lock, or leave it unset" >&2; exit 2 ;;
+esac
 
 say() { printf '\n==> %s\n' "$*"; }
 
@@ -32,7 +39,7 @@ install_env() {  # venv, lock file
   "${UV[@]}" pip install --quiet --python "$1/bin/python" --no-deps -e .
 }
 install_env .venv requirements.txt
-install_env .venv-trainer requirements/trainer.txt
+install_env .venv-trainer "$TRAINER_LOCK"
 
 say "Triton Inference Server (the tritonserver binary inside PyTriton's wheel) in .venv-triton"
 # Its own venv, without dependencies: only the binary and its Python backend are used, and the stub that

@@ -11,6 +11,8 @@ models run inside Python-backend models, in the trainer environment:
   editable packages exactly as `.venv-trainer/bin/python` does (`.pth` files included).
 - The stub links `libpython3.X.so`: LD_LIBRARY_PATH names the trainer interpreter's own, not whichever
   the dynamic loader would find first (the system Python's, here a different patch release).
+- With the GPU lock, LD_LIBRARY_PATH also names its CUDA wheels' folders, as for every trainer process
+  (`recsys/cuda_libraries.py`); with RECSYS_DEVICE=cpu no GPU is visible to it (`recsys/device.py`).
 
     with TritonServer(repository) as server:        # free ports, waits for /v2/health/ready
         client = tritonclient.http.InferenceServerClient(server.http_address)
@@ -40,6 +42,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Literal, Self
+
+from recsys.cuda_libraries import with_cuda_libraries
+from recsys.device import process_environment
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +135,12 @@ class PythonModelEnvironment:
         return cls(bin_dir=python.parent, libpython_dir=libpython_dir, python_version=facts["version"])
 
     def apply(self, environ: Mapping[str, str]) -> dict[str, str]:
-        """`environ` with PATH and LD_LIBRARY_PATH set so the Python backend's stub runs in this environment."""
-        env = dict(environ)
+        """`environ` with PATH and LD_LIBRARY_PATH set so the Python backend's stub runs in this environment (with
+        the GPU lock's CUDA libraries and RECSYS_DEVICE's visible GPUs, as every trainer process gets them)."""
+        env = with_cuda_libraries(process_environment(environ), self.bin_dir / "python")
         env["PATH"] = os.pathsep.join(part for part in (str(self.bin_dir), environ.get("PATH", "")) if part)
         if self.libpython_dir is not None:
-            library_path = (str(self.libpython_dir), environ.get("LD_LIBRARY_PATH", ""))
+            library_path = (str(self.libpython_dir), env.get("LD_LIBRARY_PATH", ""))
             env["LD_LIBRARY_PATH"] = os.pathsep.join(part for part in library_path if part)
         # Ignored by the isolated stub anyway; dropped so that nothing suggests it matters.
         env.pop("PYTHONPATH", None)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from models.item_to_item import ItemToItem, ItemToItemConfig
 from models.retrieval_index import INDEX_FILE, read_item_embeddings
+from recsys.device import index_to_cpu, index_to_gpus, select_tensorflow_device
 from recsys.outputs import atomic_output_dir
 from recsys.spec import DatasetSpec, load_spec
 
@@ -40,20 +41,25 @@ class FaissIndexConfig:
 
 
 def build_index(ids: np.ndarray, embeddings: np.ndarray, config: FaissIndexConfig) -> tuple[Any, dict]:
+    """The index of the embeddings, built on the GPUs Faiss has (`recsys.device.index_to_gpus`), else on the CPU;
+    `recsys.device.index_to_cpu` gives the CPU index to write."""
     import faiss
 
     dim = embeddings.shape[1]
     if len(ids) <= config.exact_max_items:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        index = index_to_gpus(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)))
         index.add_with_ids(embeddings, ids)
         return index, {"kind": "flat", "items": len(ids), "dim": dim}
     nlist = config.nlist or max(1, int(4 * math.sqrt(len(ids))))
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.nprobe = min(config.nprobe, nlist)  # copied with the index to and from the GPUs
     ivf.cp.seed = config.seed
-    ivf.train(embeddings)
-    ivf.add_with_ids(embeddings, ids)
-    ivf.nprobe = min(config.nprobe, nlist)
-    return ivf, {"kind": "ivf_flat", "items": len(ids), "dim": dim, "nlist": nlist, "nprobe": ivf.nprobe}
+    index = index_to_gpus(ivf)  # untrained: k-means and the inverted lists run where the index is
+    if index is not ivf and hasattr(index, "cp"):  # one GPU: its own clustering parameters
+        index.cp.seed = config.seed
+    index.train(embeddings)
+    index.add_with_ids(embeddings, ids)
+    return index, {"kind": "ivf_flat", "items": len(ids), "dim": dim, "nlist": nlist, "nprobe": ivf.nprobe}
 
 
 def recall_against_exact(index: Any, ids: np.ndarray, embeddings: np.ndarray, queries: np.ndarray, k: int) -> float:
@@ -61,7 +67,7 @@ def recall_against_exact(index: Any, ids: np.ndarray, embeddings: np.ndarray, qu
     import faiss
     import numpy as np
 
-    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(embeddings.shape[1]))
+    exact = index_to_gpus(faiss.IndexIDMap2(faiss.IndexFlatIP(embeddings.shape[1])))
     exact.add_with_ids(embeddings, ids)
     k = min(k, len(ids))
     _, truth = exact.search(queries, k)
@@ -198,7 +204,7 @@ def build_faiss_index(two_tower_dir: Path, output_dir: Path, config: FaissIndexC
     else:
         metrics[f"recall_at_{config.recall_k}_vs_exact"] = 1.0
     with atomic_output_dir(Path(output_dir)) as staging:
-        faiss.write_index(index, str(staging / INDEX_FILE))
+        faiss.write_index(index_to_cpu(index), str(staging / INDEX_FILE))  # a GPU index cannot be written
         if nvtabular_dir is not None:
             metrics |= build_item_to_item(nvtabular_dir, spec or load_spec(), item_to_item or ItemToItemConfig(),
                                           staging)  # fmt: skip
@@ -215,6 +221,7 @@ def user_queries(nvtabular_dir: Path, two_tower_dir: Path, spec: DatasetSpec, li
 
     from models.online_pipeline import model_input
 
+    select_tensorflow_device()  # RECSYS_DEVICE, before the tower's first op
     history = json.loads((Path(two_tower_dir) / "history.json").read_text())
     users = pd.read_parquet(Path(nvtabular_dir) / "user_features.parquet").head(limit)
     users[spec.user_id] = users[f"{spec.user_id}_encoded"]  # the model's id input is the encoded id

@@ -52,6 +52,7 @@ from models.online_pipeline import (
     PipelineColumns,
 )
 from models.retrieval_index import INDEX_FILE, ITEM_EMBEDDINGS_FILE
+from recsys.device import export_device, triton_instance_kind
 from recsys.list_defaults import SIMILAR_N, TOP_K, TOP_N
 from recsys.outputs import atomic_output_dir
 from recsys.run_layout import RunLayout
@@ -95,12 +96,17 @@ class TritonEnsembleConfig:
     # else the defaults. The returned `scores` are the blend.
     retrieval_weight: float | None = None
     item_to_item_weight: float | None = None
+    # Where the models that run TensorFlow (the query tower, the ranker) are served: "cpu" or "gpu", their Triton
+    # instance kind (KIND_CPU, KIND_GPU). None: RECSYS_DEVICE as `recsys.device.export_device` resolves it.
+    device: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("retrieval_weight", "item_to_item_weight"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative, got {value}")
+        if self.device not in (None, "cpu", "gpu"):
+            raise ValueError(f"device must be cpu or gpu, got {self.device!r}")
 
     def with_weights_of(self, batch_score_dir: Path) -> TritonEnsembleConfig:
         """The weights left open filled in from a batch scoring's `_metrics.json`, else the defaults."""
@@ -137,11 +143,12 @@ class StageConfig:
     inputs: tuple[TensorConfig, ...]
     outputs: tuple[TensorConfig, ...]
     parameters: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    instance_kind: str = "KIND_CPU"  # KIND_GPU: Triton starts the instance on a GPU (recsys.device)
 
     def pbtxt(self) -> str:
         lines = [f'name: "{self.name}"', 'backend: "python"', "max_batch_size: 0", *_tensor_lists(self)]
         # One process per model (each loads TensorFlow or Faiss: ~0.5 GB for the towers).
-        lines.append("instance_group [ { kind: KIND_CPU count: 1 } ]")
+        lines.append(f"instance_group [ {{ kind: {self.instance_kind} count: 1 }} ]")
         for key, value in self.parameters.items():
             lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
         return "\n".join(lines) + "\n"
@@ -207,6 +214,8 @@ def raw_id_name(column: str) -> str:
 
 
 def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> list[StageConfig]:
+    """The stage models; the ones that run TensorFlow (query tower, ranker) with `config.device`'s instance kind."""
+    tensorflow_kind = triton_instance_kind(config.device or "cpu")
     query_inputs = tuple(_feature(columns, column) for column in columns.query_columns)
     context_inputs = tuple(_feature(columns, column) for column in _context_columns(columns))
     candidates, known_users = _matrix("candidates", "TYPE_INT64"), TensorConfig("known_users", "TYPE_BOOL", (-1,))
@@ -215,7 +224,8 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
     top_n, item_codes = _one("top_n", "TYPE_INT32"), _ids("item_codes")
     item_lists = (_matrix("item_ids", "TYPE_INT64"), _matrix("scores", "TYPE_FP32"))
     query_tower = StageConfig("query_tower", (_ids("raw_user_ids"), *query_inputs),
-                              (query_embeddings, user_features, known_users))  # fmt: skip
+                              (query_embeddings, user_features, known_users),
+                              instance_kind=tensorflow_kind)  # fmt: skip
     retrieval = StageConfig("faiss_retrieval", (query_embeddings, _one("top_k", "TYPE_INT32")), (candidates, scores),
                             {"top_k": str(config.top_k), "max_top_k": str(config.max_top_k)})  # fmt: skip
     retrieval_scores, item_to_item_scores = _matrix("retrieval_scores", "TYPE_FP32"), _matrix("item_to_item_scores",
@@ -224,7 +234,8 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
                           (_matrix("merged_candidates", "TYPE_INT64"), retrieval_scores, item_to_item_scores))
     filtering = StageConfig("filter_candidates", (_ids("raw_user_ids"), candidates, known_users),
                             (_matrix("filtered_candidates", "TYPE_INT64"),))  # fmt: skip
-    ranker = StageConfig("ranker", (user_features, candidates, *context_inputs), (ranker_scores,))
+    ranker = StageConfig("ranker", (user_features, candidates, *context_inputs), (ranker_scores,),
+                         instance_kind=tensorflow_kind)
     ordering = StageConfig(
         "ordering",
         (candidates, ranker_scores, retrieval_scores, item_to_item_scores, top_n, _one("temperature", "TYPE_FP32"),
@@ -380,6 +391,11 @@ def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
     artifacts = PipelineArtifacts.of_run(Path(run_dir))
     # The blend weights the config leaves open are those of the batch scoring whose lists are published.
     config = config.with_weights_of(batch_score_dir or RunLayout(run_dir).batch_score)
+    if config.device is None:
+        choice = export_device()
+        log.info("export_triton_ensemble: the query tower and the ranker on the %s: %s", choice.device.upper(),
+                 choice.reason)  # fmt: skip
+        config = dataclasses.replace(config, device=choice.device)
     columns = PipelineColumns.of_run(artifacts, spec)
     _check_names(columns)
     catalog = ItemCatalog.read(artifacts.nvtabular_dir / ITEM_FEATURES_FILE, columns)

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recsys.device import merlin_cpu
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
@@ -141,8 +142,10 @@ def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec
     import pyarrow.parquet as pq
 
     source = Path(input_dir)
-    train = nvt.Dataset(sorted(str(p) for p in (source / "train").glob("part-*.parquet")), engine="parquet", cpu=True)
-    valid = nvt.Dataset(sorted(str(p) for p in (source / "valid").glob("part-*.parquet")), engine="parquet", cpu=True)
+    # On the CPU unless cudf imports (recsys.device.merlin_cpu): NVTabular's GPU path is RAPIDS, in neither lock.
+    cpu = merlin_cpu()
+    train = nvt.Dataset(sorted(str(p) for p in (source / "train").glob("part-*.parquet")), engine="parquet", cpu=cpu)
+    valid = nvt.Dataset(sorted(str(p) for p in (source / "valid").glob("part-*.parquet")), engine="parquet", cpu=cpu)
     with atomic_output_dir(Path(output_dir)) as staging:
         # Category tables are fitted aside; save() copies them into workflow/ (NVTabular's default is ./categories).
         workflow = build_workflow(spec, staging / "_categories")

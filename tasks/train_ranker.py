@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recsys.device import merlin_cpu
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
@@ -49,7 +50,7 @@ def _auc_and_logloss(labels: Any, scores: Any) -> tuple[float, float]:
 def _dataset(directory: Path) -> Any:
     from merlin.io import Dataset
 
-    return Dataset([str(path) for path in nvtabular_part_files(directory)], engine="parquet", cpu=True)
+    return Dataset([str(path) for path in nvtabular_part_files(directory)], engine="parquet", cpu=merlin_cpu())
 
 
 def predict(model: Any, dataset: Any, batch_size: int) -> Any:
