@@ -1,7 +1,8 @@
 """Two-tower tuning on a validation split carved from train: L2 normalization with a softmax temperature, the
 towers' widths (the embedding's dimension) and the in-batch negatives per positive (the batch size).
 
-    .venv/bin/python benchmarks/two_tower_tuning.py --run DIR [--spec SPEC] [--epochs 10] [--resume]
+    .venv/bin/python benchmarks/two_tower_tuning.py --run DIR [--spec SPEC] [--epochs 10] [--stages 3] [--seeds 1]
+                                                    [--resume]
 
 `--run` is a run folder whose `nvtabular/` holds a train split and a validation split carved from train, e.g.
 `benchmarks/movielens.py --work W`'s `W/run` (ML-1M's fit and validation parts) or `benchmarks/quality.py --work W`'s
@@ -9,12 +10,16 @@ towers' widths (the embedding's dimension) and the in-batch negatives per positi
 
 Each setting trains the real step (`recsys train-two-tower`, trainer environment) into `<run>/two_tower_tuning/<name>`,
 with early stopping on the validation split as the nightly step does, and is judged by the step's own validation
-metrics at its best epoch (every validation user's query against the whole catalog). The search goes one factor at
-a time, each stage keeping the best setting so far by validation recall@100 (the metric that also picks the epoch):
+metrics at its best epoch (every validation user's query against the whole catalog, the items the spec's
+`exclude_seen` rule keeps out of the served lists left out: "unseen" recall and NDCG). The search goes one factor at
+a time, each stage keeping the best setting so far by validation unseen recall@100 (the metric that also picks the
+epoch):
 1. L2 normalization and temperature: off (the dot product, temperature 1), then on with temperatures 1, 0.2, 0.1, 0.05;
 2. tower widths: 128,64 (the default), 256,128, 64,32;
 3. negatives: the batch size (in-batch negatives per positive) 512 (the default), 2048, 128, and 512 without the
    logQ correction of in-batch negatives' popularity.
+Then the defaults and the chosen setting are trained again with `--seeds` more seeds: a difference smaller than the
+seeds' own range is not a reason to change a default.
 Prints the table and writes `benchmarks/results/two_tower_tuning-<spec name>.json`.
 """
 
@@ -30,8 +35,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-CRITERION = "recall_at_100"
-REPORTED = ("recall_at_100", "recall_at_500", "ndcg_at_10", "recall_at_10")
+CRITERION = "unseen_recall_at_100"  # the metric that also picks the epoch (tasks/train_two_tower.py)
+REPORTED = ("unseen_recall_at_100", "unseen_recall_at_500", "unseen_ndcg_at_10", "recall_at_100", "ndcg_at_10")
 # Each stage: the settings tried (TwoTowerConfig fields), each over the best of the stages before.
 STAGES: tuple[tuple[str, dict[str, dict[str, object]]], ...] = (
     ("normalization and temperature", {
@@ -69,6 +74,14 @@ def cli_arguments(setting: dict[str, object]) -> list[str]:
     return arguments
 
 
+def without_defaults(setting: dict[str, object]) -> dict[str, object]:
+    """The setting's fields whose values are not TwoTowerConfig's defaults: equal settings, equal keys."""
+    from tasks.train_two_tower import TwoTowerConfig
+
+    defaults = TwoTowerConfig()
+    return {field: value for field, value in setting.items() if getattr(defaults, field) != value}
+
+
 def train(run: Path, spec: Path | None, setting: dict[str, object], epochs: int, resume: bool) -> dict:
     """One setting, trained by the nightly step into <run>/two_tower_tuning/<its arguments>; its history.json."""
     from recsys.run_layout import RunLayout
@@ -93,11 +106,17 @@ def main() -> int:
     parser.add_argument("--spec", type=Path, default=None, help="the run's dataset spec (default: AliCCP's)")
     parser.add_argument("--epochs", type=int, default=10, help="most epochs per setting (early stopping, patience 2)")
     parser.add_argument("--resume", action="store_true", help="keep settings already trained under --run")
+    parser.add_argument("--stages", type=int, default=len(STAGES), choices=range(1, len(STAGES) + 1),
+                        help="run the first N stages only (default: all %(default)s)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train the defaults and the chosen setting again with this many more seeds, to see "
+                             "whether their difference is more than a seed's (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default: benchmarks/results/two_tower_tuning-<spec name>.json)")
     args = parser.parse_args()
 
     from recsys.spec import load_spec
+    from tasks.train_two_tower import TwoTowerConfig
 
     spec_name = load_spec(args.spec).name
     started = time.perf_counter()
@@ -105,11 +124,11 @@ def main() -> int:
     names: list[str] = []  # each stage's chosen setting
     histories: dict[str, dict] = {}  # by the setting's arguments: a setting equal to one tried is not trained again
     rows = []
-    for stage, settings in STAGES:
+    for stage, settings in STAGES[: args.stages]:
         measured = {}
         for name, change in settings.items():
             setting = {**chosen, **change}
-            key = " ".join(cli_arguments(setting))
+            key = " ".join(cli_arguments(without_defaults(setting))) or "(the defaults)"
             if key not in histories:
                 histories[key] = train(args.run, args.spec, setting, args.epochs, args.resume)
             history = histories[key]
@@ -118,27 +137,40 @@ def main() -> int:
             rows.append({"stage": stage, "setting": name, "arguments": key, "best_epoch": history["best_epoch"],
                          "epochs_run": len(history["history"]), "seconds": history["seconds"],
                          **{metric: best[metric] for metric in REPORTED}})  # fmt: skip
-            print(f"{stage}: {key}: {CRITERION} {best[CRITERION]:.4f}, NDCG@10 {best['ndcg_at_10']:.4f}, "
+            print(f"{stage}: {key}: {CRITERION} {best[CRITERION]:.4f}, unseen NDCG@10 {best['unseen_ndcg_at_10']:.4f}, "
                   f"epoch {history['best_epoch']}, {history['seconds']:.0f} s", flush=True)  # fmt: skip
         names.append(max(measured, key=lambda name: measured[name]))  # the first of equals: the earlier setting
         chosen |= settings[names[-1]]
+    # A single training's number moves with the seed (initialization, batch order): both ends again with other seeds.
+    by_seed: dict[str, list[float]] = {}
+    for label, setting in (("defaults", {}), ("chosen", chosen)):
+        for seed in range(TwoTowerConfig.seed, TwoTowerConfig.seed + args.seeds + 1):
+            seeded = without_defaults({**setting, "seed": seed})
+            key = " ".join(cli_arguments(seeded)) or "(the defaults)"
+            if key not in histories:
+                histories[key] = train(args.run, args.spec, seeded, args.epochs, args.resume)
+            by_seed.setdefault(label, []).append(histories[key]["best"][CRITERION])
     seconds = time.perf_counter() - started
 
-    table = ["| stage | setting | recall@100 | recall@500 | NDCG@10 | recall@10 | best epoch | seconds |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    table = ["| stage | setting | unseen recall@100 | unseen recall@500 | unseen NDCG@10 | recall@100 | NDCG@10 | "
+             "best epoch | seconds |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for row in rows:
         mark = "**" if row["setting"] in names else ""
-        table.append(f"| {row['stage']} | {mark}{row['arguments']}{mark} | {row['recall_at_100']:.4f} | "
-                     f"{row['recall_at_500']:.4f} | {row['ndcg_at_10']:.4f} | {row['recall_at_10']:.4f} | "
-                     f"{row['best_epoch']} of {row['epochs_run']} | {row['seconds']:.0f} |")  # fmt: skip
+        metrics = " | ".join(f"{row[metric]:.4f}" for metric in REPORTED)
+        table.append(f"| {row['stage']} | {mark}{row['arguments']}{mark} | {metrics} | {row['best_epoch']} of "
+                     f"{row['epochs_run']} | {row['seconds']:.0f} |")  # fmt: skip
     print("\n".join(table))
     print(f"chosen on validation ({CRITERION}): recsys train-two-tower {' '.join(cli_arguments(chosen))}; "
           f"{len(histories)} trainings, {seconds / 60:.1f} minutes")  # fmt: skip
+    for label, values in by_seed.items():
+        print(f"{label}, {len(values)} seeds: {CRITERION} " + ", ".join(f"{value:.4f}" for value in values)
+              + f" (mean {sum(values) / len(values):.4f}, range {max(values) - min(values):.4f})")  # fmt: skip
     out = args.out or PROJECT_ROOT / "benchmarks" / "results" / f"two_tower_tuning-{spec_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join([".venv/bin/python", "benchmarks/two_tower_tuning.py", *map(shlex.quote, sys.argv[1:])])
     out.write_text(json.dumps({"command": command, "spec": spec_name, "criterion": CRITERION, "chosen": chosen,
-                               "arguments": cli_arguments(chosen), "rows": rows, "seconds": seconds},
+                               "arguments": cli_arguments(chosen), "rows": rows, "by_seed": by_seed,
+                               "seconds": seconds},
                               indent=2) + "\n")  # fmt: skip
     print(f"results: {out}")
     return 0

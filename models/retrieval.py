@@ -40,12 +40,17 @@ def build_two_tower(schema: Any, *, tower_layers: tuple[int, ...] = (128, 64), i
 
     With `item_probabilities` (indexed by encoded item id), the sampling-bias (logQ) correction of
     Yi et al., RecSys 2019: in-batch negatives are drawn in proportion to popularity, which without
-    the correction teaches the towers to push popular items down. With `l2_normalize` both towers end in an
-    L2 normalization (their dot product is a cosine, and the saved query tower normalizes too), and
-    `logits_temperature` divides the scores in the softmax over the batch: a cosine lies in [-1, 1], so without
-    a temperature below 1 the softmax can barely tell a positive from the negatives.
+    the correction teaches the towers to push popular items down.
+
+    With `l2_normalize` both towers end in an L2 normalization, so their dot product is a cosine, which lies in
+    [-1, 1]: without a temperature below 1 the softmax over the batch can barely tell a positive from the
+    negatives. The temperature is the query tower's last layer (its output times 1 / T), not Merlin's
+    `logits_temperature`, for two reasons: the logQ correction is then subtracted from cosine / T as in Yi et al.
+    (Merlin divides the corrected logits, so a T of 0.1 would multiply the correction by 10), and the saved query
+    tower carries it, so batch scoring, Faiss and Triton score with the logits the model was trained on.
     """
     import merlin.models.tf as mm
+    import tensorflow as tf
     from merlin.schema import Tags
 
     schema = two_tower_schema(schema)
@@ -53,10 +58,12 @@ def build_two_tower(schema: Any, *, tower_layers: tuple[int, ...] = (128, 64), i
 
     def tower(tag: Tags) -> Any:
         blocks = [mm.MLPBlock(layers, no_activation_last_layer=True)] + ([mm.L2Norm()] if l2_normalize else [])
+        if tag == Tags.USER and logits_temperature != 1.0:
+            blocks.append(tf.keras.layers.Rescaling(1.0 / logits_temperature, name="temperature"))
         return mm.Encoder(schema.select_by_tag(tag), *blocks)
 
     if item_probabilities is None:
-        return mm.TwoTowerModelV2(tower(Tags.USER), tower(Tags.ITEM), logits_temperature=logits_temperature)
+        return mm.TwoTowerModelV2(tower(Tags.USER), tower(Tags.ITEM))
     sampler = frequency_in_batch_sampler(item_probabilities)
     return mm.TwoTowerModelV2(tower(Tags.USER), tower(Tags.ITEM), negative_samplers=[sampler],
-                              logq_sampling_correction=True, logits_temperature=logits_temperature)  # fmt: skip
+                              logq_sampling_correction=True)  # fmt: skip

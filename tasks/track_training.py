@@ -200,7 +200,8 @@ def log_two_tower_run(two_tower_dir: Path, nvtabular_dir: Path, spec: DatasetSpe
         for row in history:
             mlflow.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=row["epoch"])
         best = result["best"]
-        mlflow.log_metrics({f"best_{key}": value for key, value in best.items() if key.startswith(("recall", "ndcg"))})
+        mlflow.log_metrics({f"best_{key}": value for key, value in best.items()
+                            if key.startswith(("recall", "ndcg", "unseen_"))})  # fmt: skip
         mlflow.log_metrics({f"popularity_{key}": value for key, value in result["popularity_baseline"].items()})
         mlflow.log_metric("best_epoch", result["best_epoch"])
         recall_keys = tuple(key for key in best if key.startswith("recall_at_"))

@@ -6,7 +6,9 @@ positives filter but never applies it); `positives="shown"` trains on every logg
 was shown to whom: the exposure, measured by benchmarks/ranker_stacking.py). Evaluation is not the
 in-batch metric Keras reports: every validation user's query embedding searches the embeddings of
 every item in the catalog (exact inner-product search with Faiss), and recall@k and NDCG@k are
-computed for k in 10, 20, 100, 500, with a popularity baseline on the same users.
+computed for k in 10, 20, 100, 500, with a popularity baseline on the same users; and again as the
+served lists use retrieval ("unseen_" metrics): without the user's training items that the spec's
+`exclude_seen` rule keeps out of their lists. Unseen recall@100 picks the best epoch.
 Saves the query tower, the item embeddings (for the Faiss index) and the per-epoch history.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.retrieval_index import ITEM_EMBEDDINGS_FILE
+from recsys.device import merlin_cpu
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CUTOFFS = (10, 20, 100, 500)
+# With TwoTowerConfig.selection_cutoff: the metric that picks the best epoch; the plain recall where no validation
+# user has an unseen positive (a validation split inside train, as a refit on train and validation has).
+SELECTION_METRIC, FALLBACK_SELECTION_METRIC = "unseen_recall_at", "recall_at"
 POSITIVES = ("clicked", "shown")  # see TwoTowerConfig.positives
 
 
@@ -44,7 +50,7 @@ class TwoTowerConfig:
     # 0.18 without (popularity baseline 0.37).
     logq_sampling_correction: bool = True
     patience: int = 2  # epochs without a better validation recall before stopping
-    selection_cutoff: int = 100  # the recall@k that picks the best epoch
+    selection_cutoff: int = 100  # the recall@k of unseen items that picks the best epoch (SELECTION_METRIC)
     seed: int = 0
     # The training pairs: "clicked", the rows whose primary target is 1; "shown", every logged row. Evaluation
     # and early stopping use the validation clicks either way.
@@ -93,6 +99,33 @@ def ranking_metrics(top_items: np.ndarray, relevant: list[set[int]], cutoffs: tu
     return results
 
 
+def seen_in(frame: pd.DataFrame, spec: DatasetSpec) -> dict[int, np.ndarray]:
+    """Encoded ids of the items each encoded user id may never be recommended again after the rows of `frame`, by
+    the spec's `exclude_seen` (every interaction, or the rows positive in its targets; by default purchases)."""
+    import numpy as np
+
+    targets = list(spec.seen_targets)
+    if spec.excludes_every_interaction:
+        rows = frame
+    elif targets:
+        rows = frame.loc[(frame[targets] == 1).any(axis=1)]
+    else:
+        return {}
+    grouped = rows.groupby(spec.user_id)[spec.item_id]
+    return {int(user): np.unique(items.to_numpy(dtype=np.int64)) for user, items in grouped}
+
+
+def without_seen(top_items: np.ndarray, seen: list[np.ndarray], n: int) -> np.ndarray:
+    """Each row's first n items that are not in its `seen` (padded with -1 where too few are left)."""
+    import numpy as np
+
+    kept = np.full((len(top_items), n), -1, dtype=np.int64)
+    for row, (items, excluded) in enumerate(zip(top_items, seen, strict=True)):
+        left = items[~np.isin(items, excluded)][:n]
+        kept[row, : len(left)] = left
+    return kept
+
+
 def exact_top_k(queries: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
     """Row positions of the k items with the highest inner product, per query (Faiss flat index)."""
     import faiss
@@ -119,11 +152,12 @@ def train_two_tower(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,
     source = Path(nvtabular_dir)
     train_frame, valid_frame = _read(source / "train"), _read(source / "valid")
     target = spec.primary_target
-    schema = two_tower_schema(Dataset(str(source / "train" / "part_0.parquet"), engine="parquet", cpu=True).schema)
+    schema = two_tower_schema(Dataset(str(source / "train" / "part_0.parquet"), engine="parquet",
+                                      cpu=merlin_cpu()).schema)
     user_columns = schema.select_by_tag(Tags.USER).column_names
     item_columns = schema.select_by_tag(Tags.ITEM).column_names
     positives = training_pairs(train_frame, target, user_columns + item_columns, config.positives)
-    train = Dataset(positives, schema=schema, cpu=True)
+    train = Dataset(positives, schema=schema, cpu=merlin_cpu())
 
     probabilities = None
     if config.logq_sampling_correction:
@@ -147,20 +181,43 @@ def train_two_tower(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,
         """The tower's output for each row of `frame`, indexed by `id_column`, as Merlin's candidate_embeddings and
         query_embeddings compute it (a Loader in order, the encoder called on each batch), without their save and
         reload of the encoder, which cost about 5 s each per epoch."""
-        loader = mm.Loader(Dataset(frame, schema=schema.select_by_tag(tag), cpu=True), batch_size=4096, shuffle=False)
+        loader = mm.Loader(Dataset(frame, schema=schema.select_by_tag(tag), cpu=merlin_cpu()), batch_size=4096,
+                           shuffle=False)
         outputs = np.concatenate([encoder(inputs).numpy() for inputs, _ in loader])
         if len(outputs) != len(frame):
             raise RuntimeError(f"the {tag.value} tower encoded {len(outputs)} of {len(frame)} rows")
         index = pd.Index(frame[id_column].to_numpy(), name=id_column)
         return pd.DataFrame(outputs, index=index, columns=[str(column) for column in range(outputs.shape[1])])
 
+    # The served lists never hold an item the spec's `exclude_seen` rule removes (for ML-1M every rated movie), so
+    # retrieval is also measured as they use it ("unseen_" metrics): each validation user's training items of that
+    # rule left out of the ranking and of the relevant items (users with none left are not counted). The epoch is
+    # chosen on that measure; it equals the plain one where nothing is excluded.
+    empty = np.empty(0, dtype=np.int64)
+    seen_by_user = seen_in(train_frame, spec)
+    seen = [seen_by_user.get(int(user), empty) for user in relevant_by_user.index]
+    unseen_relevant = [truth - set(excluded.tolist()) for truth, excluded in zip(relevant, seen, strict=True)]
+    counted = np.array([bool(truth) for truth in unseen_relevant], dtype=bool)
+    most_seen = max((len(items) for items in seen), default=0)  # how much deeper to search so that k are left
+
+    selection = f"{SELECTION_METRIC if counted.any() else FALLBACK_SELECTION_METRIC}_{config.selection_cutoff}"
+
+    def unseen_metrics(top_items: np.ndarray) -> dict:
+        if not counted.any():
+            return {}
+        top = without_seen(top_items, seen, max(CUTOFFS))[counted]
+        kept = [truth for truth, keep in zip(unseen_relevant, counted, strict=True) if keep]
+        return {f"unseen_{key}": value for key, value in ranking_metrics(top, kept).items()}
+
     def evaluate() -> tuple[dict, pd.DataFrame, pd.DataFrame]:
         # Items by id (as Merlin's set_index sorted them); users in the order of `relevant`.
         item_embeddings = embed(model.candidate_encoder, catalog, Tags.ITEM, spec.item_id).sort_index()
         query_embeddings = embed(model.query_encoder, users, Tags.USER, spec.user_id)
         item_ids = item_embeddings.index.to_numpy()
-        positions = exact_top_k(query_embeddings.to_numpy(), item_embeddings.to_numpy(), max(CUTOFFS))
-        return ranking_metrics(item_ids[positions], relevant), item_embeddings, query_embeddings
+        positions = exact_top_k(query_embeddings.to_numpy(), item_embeddings.to_numpy(), max(CUTOFFS) + most_seen)
+        top_items = item_ids[positions]
+        return ({**ranking_metrics(top_items[:, : max(CUTOFFS)], relevant), **unseen_metrics(top_items)},
+                item_embeddings, query_embeddings)  # fmt: skip
 
     history = []
     best: dict[str, Any] = {"recall": -1.0}
@@ -173,18 +230,21 @@ def train_two_tower(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,
         row = {"epoch": epoch, "train_loss": float(fitted.history["loss"][-1]), "seconds": seconds, **metrics}
         history.append(row)
         log.info("train_two_tower epoch %d: %s", epoch, json.dumps(row))
-        # Whole-catalog recall, not the training loss, decides: with few positives the towers overfit fast.
-        if metrics[f"recall_at_{config.selection_cutoff}"] > best["recall"]:
-            best = {"recall": metrics[f"recall_at_{config.selection_cutoff}"], "epoch": epoch,
+        # Whole-catalog recall of unseen items, not the training loss, decides: with few positives the towers overfit
+        # fast.
+        if metrics[selection] > best["recall"]:
+            best = {"recall": metrics[selection], "epoch": epoch,
                     "weights": model.get_weights(), "embeddings": item_embeddings}  # fmt: skip
         elif epoch - best["epoch"] >= config.patience:
-            log.info("early stopping: no better recall@%d for %d epochs", config.selection_cutoff, config.patience)
+            log.info("early stopping: no better %s for %d epochs", selection, config.patience)
             break
     model.set_weights(best["weights"])
     item_embeddings = best["embeddings"]
 
-    popular = train_frame.loc[train_frame[target] == 1, spec.item_id].value_counts().index.to_numpy()[: max(CUTOFFS)]
-    popularity = ranking_metrics(np.tile(popular, (len(users), 1)), relevant)
+    popular = train_frame.loc[train_frame[target] == 1, spec.item_id].value_counts().index.to_numpy()
+    popular = popular[: max(CUTOFFS) + most_seen]
+    popular_lists = np.tile(popular, (len(users), 1))
+    popularity = {**ranking_metrics(popular_lists, relevant), **unseen_metrics(popular_lists)}
     with atomic_output_dir(Path(output_dir)) as staging:
         model.query_encoder.save(str(staging / "query_tower"))
         embeddings = item_embeddings.reset_index().rename(columns={"index": spec.item_id})
@@ -195,6 +255,8 @@ def train_two_tower(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,
             "positives": len(positives),
             "catalog_items": len(catalog),
             "validation_users": len(users),
+            "validation_users_with_unseen_positives": int(counted.sum()),
+            "selection_metric": selection,
             "history": history,
             "best_epoch": best["epoch"],
             "best": history[best["epoch"] - 1],
@@ -205,6 +267,6 @@ def train_two_tower(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,
             "seconds": time.perf_counter() - started,
         }
         (staging / "history.json").write_text(json.dumps(result, indent=2) + "\n")
-    log.info("train_two_tower: best epoch %d, recall@100 %.4f (popularity %.4f)", best["epoch"],
-             history[best["epoch"] - 1]["recall_at_100"], popularity["recall_at_100"])  # fmt: skip
+    log.info("train_two_tower: best epoch %d by %s, %.4f (popularity %.4f)", best["epoch"], selection,
+             history[best["epoch"] - 1][selection], popularity[selection])  # fmt: skip
     return result
