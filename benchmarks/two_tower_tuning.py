@@ -5,8 +5,9 @@ towers' widths (the embedding's dimension) and the in-batch negatives per positi
                                                     [--resume]
 
 `--run` is a run folder whose `nvtabular/` holds a train split and a validation split carved from train, e.g.
-`benchmarks/movielens.py --work W`'s `W/run` (ML-1M's fit and validation parts) or `benchmarks/quality.py --work W`'s
-`W/run` (generated rows). Nothing here reads a test split.
+`benchmarks/movielens.py --work W`'s `W/run` (ML-1M's fit and validation parts; its test split is elsewhere). On
+generated rows, `benchmarks/quality.py` reports on its run's validation split: tune on a run of another generator
+seed (`--seed 6`, as the blend weight was chosen), never on the seed whose numbers are reported.
 
 Each setting trains the real step (`recsys train-two-tower`, trainer environment) into `<run>/two_tower_tuning/<name>`,
 with early stopping on the validation split as the nightly step does, and is judged by the step's own validation
