@@ -280,7 +280,8 @@ def main() -> int:
             "build-faiss-index": ["--item-to-item-regularization", str(regularization),
                                   "--item-to-item-recency", str(recency)],
             "batch-score": ["--retrieval-weight", str(blend["retrieval_weight"]),
-                            "--item-to-item-weight", str(blend["item_to_item_weight"])],
+                            "--item-to-item-weight", str(blend["item_to_item_weight"]),
+                            "--source-weights", ",".join(map(str, blend["source_weights"]))],
         }  # fmt: skip
         refit_raw, refit = work / "pipeline_raw_refit", work / "run_refit"
         if not (args.resume and refit_raw.exists()):
@@ -312,8 +313,9 @@ def main() -> int:
         chosen = "" if name == "popularity" else (
             f"lambda {setting:g}" if name == "ease" else f"{int(setting) or 'all'} neighbours" if name == "item_knn"
             else f"epochs: two-tower {epochs['two_tower']}, ranker {epochs['ranker']}; item-to-item lambda "
-            f"{regularization:g}, recency {recency:g}; blend weights: retrieval {blend['retrieval_weight']:g}, "
-            f"item-to-item {blend['item_to_item_weight']:g}")  # fmt: skip
+            f"{regularization:g}, recency {recency:g}; blend ({blend['method']}) weights: retrieval "
+            f"{blend['retrieval_weight']:.3g}, item-to-item {blend['item_to_item_weight']:.3g}, sources "
+            + "/".join(f"{weight:.3g}" for weight in blend["source_weights"]))  # fmt: skip
         table.append(f"| {labels.get(name, name)} | {result['recall_at_10']:.4f} | {result['ndcg_at_10']:.4f} | "
                      f"{chosen} |")  # fmt: skip
     print("\n".join(table))

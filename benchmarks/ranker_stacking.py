@@ -17,7 +17,7 @@ features and the item's embedding (the trainer environment computes it), and the
 That estimate has it easier than a ranker trained on the training rows in two ways (no shift between the rows
 it learns from and those it is scored on; no inner products inflated by the two-tower having trained on those
 very clicks) and harder in one (the score is not combined with the raw features). Also printed: the served
-blends (`models.online_pipeline.blend_scores`, which order each user's candidates; their AUC across users is
+blends (`models.blend.blend_scores`, which order each user's candidates; their AUC across users is
 given for reference, not as a goal). Writes benchmarks/results/ranker_stacking.json.
 """
 

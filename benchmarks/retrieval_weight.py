@@ -1,4 +1,4 @@
-"""Choose the retrieval weight of the final order (`models.online_pipeline.blend_scores`) on validation users.
+"""Choose the retrieval weight of the final order (`models.blend.blend_scores`) on validation users.
 
     .venv-trainer/bin/python benchmarks/retrieval_weight.py --run RUN [--raw-input DIR] [--weights 0,0.5,1]
                                                             [--top-k 500] [--out JSON]
@@ -35,11 +35,11 @@ FINAL_K = 10
 
 
 def main() -> int:
+    from models.blend import blend_scores
     from models.online_pipeline import (
         MISSING,
         PipelineArtifacts,
         RecommendationPipeline,
-        blend_scores,
         filter_candidates,
         order,
     )

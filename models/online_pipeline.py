@@ -7,16 +7,17 @@ request online), so the two cannot drift. The stages follow the report's four-st
    and Faiss returns the top-K items by inner product (the score the towers were trained with); the
    item-to-item source (`models/item_to_item.py`: EASE weights summed over the user's recency-weighted
    positives) adds its best items, and the most clicked items are added for everyone; duplicates merged,
-   every candidate's inner product and item-to-item score kept;
+   every candidate's inner product, item-to-item score and sources kept;
 2. filtering: business rules remove candidates (items the user saw: bought, or any the spec's
    `exclude_seen` names; unavailable items) and
    Faiss's -1 padding when the catalog has fewer than K items;
 3. scoring: the user's features are unrolled against every candidate's item features, held in
    memory as arrays indexed by encoded item id (the report fetched them from Feast per candidate,
    which made latency grow with K), and the ranker scores every pair in one call;
-4. ordering: the ranker's P(click | shown) blended with the retrieval's P(item | user) and the
-   item-to-item score (`blend_scores`, weights `retrieval_weight` and `item_to_item_weight`, chosen on
-   validation by batch scoring), then the promotion rule (report 4.4.7), then
+4. ordering: the ranker's P(click | shown) blended with the retrieval's P(item | user), the
+   item-to-item score and the candidate's sources (`models.blend.blend_scores`; the weights chosen on
+   validation by batch scoring, or learned there from what retrieval returned: `models.blend`), then the
+   promotion rule (report 4.4.7), then
    softmax sampling with temperature T over `score / T` (report formula 2.2; T -> 0 gives the ranked
    order, unlike NVIDIA's example, which multiplies by T), with the sampling probabilities returned.
 
@@ -47,9 +48,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from models.blend import DEFAULT_ITEM_TO_ITEM_WEIGHT, DEFAULT_RETRIEVAL_WEIGHT, NO_SOURCE_WEIGHTS, blend_scores
 from models.item_to_item import NEIGHBOURS_FILE, ItemToItem
 from models.retrieval_index import SearchIndex, load_index, read_item_embeddings
 from recsys.device import select_tensorflow_device
+from recsys.ranking_metrics import hit_matrix
 from recsys.run_layout import RunLayout
 from recsys.spec import DatasetSpec
 
@@ -57,15 +60,6 @@ if TYPE_CHECKING:
     import faiss
 
 MISSING = -1  # a filtered or absent candidate
-# Weight of the retrieval's log P(item | user) next to the ranker's log P(click | shown) in the final order
-# (`blend_scores`). Chosen by benchmarks/retrieval_weight.py on the validation users of generator seed 6
-# (1M rows), not seed 5 that the README reports: the smallest weight whose NDCG@10 is within one standard
-# error of the best (1.5: 0.1000; best 0.1008 at 4-6; the ranker alone 0.017, retrieval's order 0.100).
-DEFAULT_RETRIEVAL_WEIGHT = 1.5
-# Weight of the item-to-item source's score (a share of the user's best) in the final order. 0 leaves the order as
-# it was before the source; batch scoring chooses both weights on the run's validation split unless told
-# (`tasks/batch_score.py`, `choose_blend_weights`).
-DEFAULT_ITEM_TO_ITEM_WEIGHT = 0.0
 RANKER_ROWS_PER_CALL = 262_144  # users x candidates scored per ranker call: bounds memory, keeps calls large
 USER_FEATURES_FILE = "user_features.parquet"  # written by nvtabular_fit_transform
 USER_HISTORY_FILE = "user_history.npz"  # written by build_faiss_index next to the item-to-item source (ItemsByUser)
@@ -208,63 +202,28 @@ def inner_products(queries: np.ndarray, embeddings: ItemEmbeddings, candidates: 
 def multi_source_candidates(
     two_tower: np.ndarray, queries: np.ndarray, embeddings: ItemEmbeddings, item_to_item: ItemToItem | None,
     histories: Sequence[np.ndarray] | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Retrieval's union of sources: the two-tower's Faiss results (`two_tower`, [users, top_k]), the item-to-item
     source's best items for each user's history, and the most clicked items; duplicates merged (`merge_candidates`).
 
-    Returns (candidates, two-tower inner products, item-to-item scores), aligned; -1 pads, NaN at -1. Without an
-    item-to-item source (a run from before it) or histories, the two-tower's candidates alone, item-to-item 0.
+    Returns (candidates, two-tower inner products, item-to-item scores, sources), aligned; -1 pads, NaN at -1.
+    `sources` holds one bit per source that retrieved the candidate (`models.blend.SOURCES` order: 1 two-tower,
+    2 item-to-item, 4 most clicked), 0 at -1. Without an item-to-item source (a run from before it) or histories,
+    the two-tower's candidates alone, item-to-item 0.
     """
     two_tower = np.asarray(two_tower, dtype=np.int64)
     if item_to_item is None or histories is None:
         zeros = np.where(two_tower >= 0, 0.0, np.nan).astype(np.float32)
-        return two_tower, inner_products(queries, embeddings, two_tower), zeros
+        return two_tower, inner_products(queries, embeddings, two_tower), zeros, (two_tower >= 0).astype(np.int32)
     user_scores = item_to_item.user_scores(histories)
     found, _ = item_to_item.top(user_scores, item_to_item.config.candidates)
     popular = np.broadcast_to(item_to_item.popular[None, :], (len(two_tower), len(item_to_item.popular)))
     candidates = merge_candidates(two_tower, found, popular)
-    return candidates, inner_products(queries, embeddings, candidates), ItemToItem.at(user_scores, candidates)
-
-
-def blend_scores(candidates: np.ndarray, ranker_scores: np.ndarray, retrieval_scores: np.ndarray,
-                 weight: float, item_to_item_scores: np.ndarray | None = None,
-                 item_to_item_weight: float = 0.0) -> np.ndarray:  # fmt: skip
-    """The ordering score of each candidate: P(click | shown) * P(item | user)^weight, scaled per user.
-
-    P(click | shown) is the ranker's probability; P(item | user) the softmax of the two-tower inner
-    products (`retrieval_scores`, aligned with `candidates`) over the user's remaining candidates. In
-    logs: log P(click | shown) + weight * log P(item | user). The softmax's normalizer is the same for
-    all of a user's candidates, so it is replaced by the user's best inner product: the result is
-    ranker_score * exp(weight * (inner product - best inner product)), which orders each user's
-    candidates exactly as the product does, and stays a probability-scale number (the user's most
-    likely candidate keeps its ranker score, the others are discounted), so the promotion threshold and
-    the softmax temperature of `order` (and of the gateway, which reorders published scores with
-    `order`) still apply to it. weight 0: the ranker's scores alone. NaN where the candidate is MISSING.
-
-    The item-to-item source's scores (`models/item_to_item.py`, EASE sums over the user's history) join the
-    same way, as a share of the user's best: times exp(item_to_item_weight * (score / best - 1)). A user whose
-    best is not positive (no history) keeps the other terms alone.
-    """
-    if weight < 0 or item_to_item_weight < 0:
-        raise ValueError(f"blend weights must not be negative, got {weight} and {item_to_item_weight}")
-    ranker = np.asarray(ranker_scores, dtype=np.float64)
-    valid = np.asarray(candidates) >= 0
-    logit = np.zeros(ranker.shape)
-    if weight > 0:
-        logit += weight * _gap_to_best(valid, np.asarray(retrieval_scores, dtype=np.float64))
-    if item_to_item_weight > 0 and item_to_item_scores is not None:
-        scores = np.where(valid, np.nan_to_num(np.asarray(item_to_item_scores, dtype=np.float64)), 0.0)
-        best = np.max(np.where(valid, scores, -np.inf), axis=1, keepdims=True)
-        share = np.where(best > 0, scores / np.where(best > 0, best, 1.0) - 1.0, 0.0)
-        logit += item_to_item_weight * share
-    return np.where(valid, ranker * np.exp(logit), np.nan)
-
-
-def _gap_to_best(valid: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Each candidate's score minus its row's best: at most 0 for candidates, 0 elsewhere (a filtered item may
-    have scored higher)."""
-    best = np.max(np.where(valid, scores, -np.inf), axis=1, keepdims=True)
-    return np.where(valid, scores - np.where(np.isfinite(best), best, 0.0), 0.0)
+    sources = np.zeros(candidates.shape, dtype=np.int32)
+    for bit, source in enumerate((two_tower, found, popular)):
+        sources |= hit_matrix(candidates, [row[row >= 0] for row in source]).astype(np.int32) << bit
+    return (candidates, inner_products(queries, embeddings, candidates), ItemToItem.at(user_scores, candidates),
+            sources)
 
 
 def order(candidates: np.ndarray, scores: np.ndarray, top_n: int, *, temperature: float = 0.0,
@@ -687,11 +646,11 @@ class RecommendationPipeline:
         (the item-to-item source's queries; None leaves that source out)."""
         queries = self.embed_users(features)
         found, _ = self.retrieve(queries, top_k)
-        candidates, inner, item_to_item = multi_source_candidates(found, queries, self.item_embeddings,
-                                                                  self.item_to_item, histories)  # fmt: skip
+        candidates, inner, item_to_item, sources = multi_source_candidates(found, queries, self.item_embeddings,
+                                                                           self.item_to_item, histories)  # fmt: skip
         candidates = filter_candidates(candidates, excluded=excluded, unavailable=unavailable)
         return {"candidates": candidates, "ranker_scores": self.score(features, candidates, context),
-                "retrieval_scores": inner, "item_to_item_scores": item_to_item}  # fmt: skip
+                "retrieval_scores": inner, "item_to_item_scores": item_to_item, "sources": sources}  # fmt: skip
 
     def recommend(self, features: Mapping[str, np.ndarray], *, top_k: int, top_n: int,
                   histories: Sequence[np.ndarray] | None = None,
@@ -699,16 +658,18 @@ class RecommendationPipeline:
                   context: Mapping[str, np.ndarray] | None = None, temperature: float = 0.0,
                   rng: np.random.Generator | None = None, promoted: np.ndarray | None = None,
                   promotion_threshold: float = 0.5, retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT,
-                  item_to_item_weight: float = DEFAULT_ITEM_TO_ITEM_WEIGHT) -> dict[str, np.ndarray]:  # fmt: skip
+                  item_to_item_weight: float = DEFAULT_ITEM_TO_ITEM_WEIGHT,
+                  source_weights: Sequence[float] = NO_SOURCE_WEIGHTS) -> dict[str, np.ndarray]:  # fmt: skip
         """All four stages for a batch of known users; encoded item ids out (MISSING pads).
 
-        `scores` are `blend_scores`'s (the ranker's alone with both weights 0).
+        `scores` are `blend_scores`'s (the ranker's alone with every weight 0).
         """
         found = self.candidates(features, top_k=top_k, histories=histories, excluded=excluded,
                                 unavailable=unavailable, context=context)  # fmt: skip
         candidates = found["candidates"]
         scores = blend_scores(candidates, found["ranker_scores"], found["retrieval_scores"], retrieval_weight,
-                              found["item_to_item_scores"], item_to_item_weight)  # fmt: skip
+                              found["item_to_item_scores"], item_to_item_weight, sources=found["sources"],
+                              source_weights=source_weights)  # fmt: skip
         items, ordered_scores, probabilities = order(
             candidates, scores, top_n, temperature=temperature, rng=rng, promoted=promoted,
             promotion_threshold=promotion_threshold,

@@ -15,9 +15,11 @@ recommended to them again; items listed as unavailable are removed from every li
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +27,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from models.online_pipeline import (
+from models.blend import (
+    BLEND_METHODS,
     DEFAULT_ITEM_TO_ITEM_WEIGHT,
     DEFAULT_RETRIEVAL_WEIGHT,
-    ItemsByUser,
-    PipelineArtifacts,
-    RecommendationPipeline,
+    NO_SOURCE_WEIGHTS,
+    SOURCES,
     blend_scores,
-    order,
+    fit_blend_weights,
 )
+from models.online_pipeline import ItemsByUser, PipelineArtifacts, RecommendationPipeline, order
 from recsys.list_defaults import SIMILAR_N, TOP_K, TOP_N
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import PartitionWriter, nvtabular_part_files
@@ -59,10 +62,14 @@ class BatchScoreConfig:
     similar_n: int = SIMILAR_N  # similar items kept per item
     users_per_batch: int = 512
     # Weights of the two-tower's P(item | user) and of the item-to-item score in the final order next to the
-    # ranker's P(click | shown) (models.online_pipeline.blend_scores); 0 and 0: the ranker alone. The published
+    # ranker's P(click | shown) (models.blend.blend_scores); 0 and 0: the ranker alone. The published
     # scores are the blend. None: chosen on the run's validation split (`choose_blend_weights`).
     retrieval_weight: float | None = None
     item_to_item_weight: float | None = None
+    # Weights of the indicators of the sources that retrieved each candidate (models.blend.SOURCES order).
+    source_weights: tuple[float, ...] | None = None
+    # How the weights left open are chosen on validation: "grid", "learned" or "choose" (`choose_blend_weights`).
+    blend: str = BLEND_METHODS[0]
     # CSV with a column named like the spec's item id: items that must not be recommended.
     unavailable_items: Path | None = None
     # Validation users the weights are chosen on: a seeded sample of at most half of them, so that `evaluate`
@@ -74,6 +81,11 @@ class BatchScoreConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative, got {value}")
+        if self.source_weights is not None and len(self.source_weights) != len(SOURCES):
+            raise ValueError(f"source_weights needs one weight per source ({', '.join(SOURCES)}), "
+                             f"got {self.source_weights}")  # fmt: skip
+        if self.blend not in BLEND_METHODS:
+            raise ValueError(f"blend must be one of {', '.join(BLEND_METHODS)}, got {self.blend!r}")
 
 
 # The grid `choose_blend_weights` searches: the old default first, so ties keep it.
@@ -157,15 +169,19 @@ def _lists(raw_items: np.ndarray, scores: np.ndarray) -> tuple[pa.Array, pa.Arra
 
 def choose_blend_weights(pipeline: RecommendationPipeline, nvtabular_dir: Path, spec: DatasetSpec,
                          config: BatchScoreConfig, unavailable: np.ndarray) -> dict[str, Any]:  # fmt: skip
-    """The blend weights of the final order with the best NDCG@10 on validation users, and the grid's scores.
+    """The blend weights of the final order (`models.blend`), chosen on validation users, with what was measured.
 
     Measured as the lists will be made, but with what the run knew before validation: the item-to-item queries
     and the excluded items come from the train split only, and the relevant items are each sampled validation
-    user's positives (the primary target) not seen in train. Weights the config fixes are not searched. The
-    sampled users are returned under "users" (at most half of those with positives: `evaluate` judges the rest).
+    user's positives (the primary target) not seen in train. Two ways to choose, `config.blend`:
+    - "grid": the retrieval and item-to-item weights with the best NDCG@10 on a grid (the sources' weights 0);
+    - "learned": all five weights fitted to which retrieved candidates the users went on to interact with
+      (`models.blend.fit_blend_weights`: every other retrieved candidate a negative);
+    - "choose" (the default): both measured on two folds of the users (chosen or fitted on one half, NDCG@10 on
+      the other), the better kept and redone on all of them.
+    Weights the config fixes are kept, and only the grid searches the others. The sampled users are returned
+    under "users" (at most half of those with positives: `evaluate` judges the rest).
     """
-    from recsys.ranking_metrics import list_metrics
-
     valid = positives_by_user(nvtabular_dir, spec, ("valid",))
     seen = seen_items_by_user(nvtabular_dir, spec, ("train",))
     empty = np.empty(0, dtype=np.int64)
@@ -173,16 +189,21 @@ def choose_blend_weights(pipeline: RecommendationPipeline, nvtabular_dir: Path, 
     users = np.array(sorted(user for user, items in relevant.items() if len(items)), dtype=np.int64)
     _, known = pipeline.user_features(users)
     users = users[known]
+    has_item_to_item = pipeline.item_to_item is not None
+    fixed = config.retrieval_weight is not None or config.item_to_item_weight is not None or (
+        config.source_weights is not None)  # fmt: skip
     # A weight the config sets is kept; one left open is searched, or takes its default when there is nothing to
     # choose on (no validation user with positives left, or no item-to-item source).
     retrieval = ([config.retrieval_weight] if config.retrieval_weight is not None
                  else RETRIEVAL_WEIGHTS if len(users) >= 2 else [DEFAULT_RETRIEVAL_WEIGHT])  # fmt: skip
     item_to_item = ([config.item_to_item_weight] if config.item_to_item_weight is not None
-                    else ITEM_TO_ITEM_WEIGHTS if len(users) >= 2 and pipeline.item_to_item is not None
+                    else ITEM_TO_ITEM_WEIGHTS if len(users) >= 2 and has_item_to_item
                     else [DEFAULT_ITEM_TO_ITEM_WEIGHT])  # fmt: skip
-    if len(retrieval) * len(item_to_item) == 1:
-        return {"retrieval_weight": retrieval[0], "item_to_item_weight": item_to_item[0], "validation_users": 0,
-                "users": np.empty(0, dtype=np.int64)}  # fmt: skip
+    sources = list(config.source_weights) if config.source_weights is not None else list(NO_SOURCE_WEIGHTS)
+    learn = config.blend != "grid" and not fixed and has_item_to_item and len(users) >= 4
+    if len(retrieval) * len(item_to_item) == 1 and not learn:
+        return {"method": "given", "retrieval_weight": retrieval[0], "item_to_item_weight": item_to_item[0],
+                "source_weights": sources, "validation_users": 0, "users": np.empty(0, dtype=np.int64)}  # fmt: skip
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(len(users), size=min(config.validation_users, len(users) // 2), replace=False))
     users = users[sample]
@@ -192,20 +213,64 @@ def choose_blend_weights(pipeline: RecommendationPipeline, nvtabular_dir: Path, 
                                 excluded=[seen.get(int(user), empty) for user in users],
                                 unavailable=unavailable)  # fmt: skip
     targets = [relevant[int(user)] for user in users]
-    measured: dict[tuple[float, float], float] = {}
-    for weight in retrieval:
-        for i2i_weight in item_to_item:
-            scores = blend_scores(found["candidates"], found["ranker_scores"], found["retrieval_scores"], weight,
-                                  found["item_to_item_scores"], i2i_weight)  # fmt: skip
-            top, _, _ = order(found["candidates"], scores, CHOICE_K)
-            measured[(weight, i2i_weight)] = list_metrics(top, targets, CHOICE_K)[f"ndcg_at_{CHOICE_K}"]
-    retrieval_weight, item_to_item_weight = max(measured, key=lambda pair: measured[pair])  # first of equals
-    grid = {f"{weight:g}/{i2i_weight:g}": value for (weight, i2i_weight), value in measured.items()}
-    log.info("batch_score: blend weights %g/%g chosen on %d validation users (NDCG@%d %.4f; grid %s)",
-             retrieval_weight, item_to_item_weight, len(users), CHOICE_K,
-             measured[(retrieval_weight, item_to_item_weight)], json.dumps(grid))  # fmt: skip
-    return {"retrieval_weight": retrieval_weight, "item_to_item_weight": item_to_item_weight,
-            "validation_users": len(users), f"validation_ndcg_at_{CHOICE_K}": grid, "users": users}  # fmt: skip
+    blend = _BlendChoice(found, targets)
+    grid = {pair: blend.ndcg(pair[0], pair[1], sources) for pair in itertools.product(retrieval, item_to_item)}
+    everyone = np.arange(len(users))
+    chosen: dict[str, Any] = {"validation_users": len(users), f"validation_ndcg_at_{CHOICE_K}": {
+        f"{weight:g}/{i2i_weight:g}": float(values.mean()) for (weight, i2i_weight), values in grid.items()}}
+    method = "grid" if not learn else config.blend
+    if learn and config.blend == "choose":
+        halves = np.array_split(rng.permutation(len(users)), 2)
+        held_out: dict[str, list[float]] = {"grid": [], "learned": []}
+        for fit_on, measured_on in (halves, halves[::-1]):
+            best = _best_of_grid(grid, fit_on)
+            held_out["grid"].append(float(grid[best][measured_on].mean()))
+            weights = blend.fit(fit_on)
+            held_out["learned"].append(float(blend.ndcg(weights["retrieval_weight"], weights["item_to_item_weight"],
+                                                        weights["source_weights"])[measured_on].mean()))  # fmt: skip
+        chosen[f"held_out_ndcg_at_{CHOICE_K}"] = {name: float(np.mean(values)) for name, values in held_out.items()}
+        method = max(held_out, key=lambda name: np.mean(held_out[name]))  # the grid on a tie: listed first
+    if method == "learned":
+        weights = blend.fit(everyone)
+        chosen |= weights
+        chosen[f"learned_ndcg_at_{CHOICE_K}"] = float(blend.ndcg(weights["retrieval_weight"],
+                                                                  weights["item_to_item_weight"],
+                                                                  weights["source_weights"]).mean())  # fmt: skip
+    else:
+        weight, i2i_weight = _best_of_grid(grid, everyone)
+        chosen |= {"retrieval_weight": weight, "item_to_item_weight": i2i_weight, "source_weights": sources}
+    log.info("batch_score: blend weights chosen (%s) on %d validation users: %s", method, len(users),
+             json.dumps({key: value for key, value in chosen.items() if key != f"validation_ndcg_at_{CHOICE_K}"}))
+    return {"method": method, **chosen, "users": users}
+
+
+class _BlendChoice:
+    """The retrieved candidates of the users the blend is chosen on, and how each user's list scores."""
+
+    def __init__(self, found: dict[str, np.ndarray], targets: list[np.ndarray]) -> None:
+        self.found, self.targets = found, targets
+
+    def ndcg(self, weight: float, item_to_item_weight: float, source_weights: Sequence[float]) -> np.ndarray:
+        """NDCG@10 of each user's list ordered with these weights."""
+        from recsys.ranking_metrics import user_list_metrics
+
+        found = self.found
+        scores = blend_scores(found["candidates"], found["ranker_scores"], found["retrieval_scores"], weight,
+                              found["item_to_item_scores"], item_to_item_weight, sources=found["sources"],
+                              source_weights=source_weights)  # fmt: skip
+        top, _, _ = order(found["candidates"], scores, CHOICE_K)
+        return user_list_metrics(top, self.targets, CHOICE_K)[f"ndcg_at_{CHOICE_K}"]
+
+    def fit(self, rows: np.ndarray) -> dict[str, Any]:
+        """The weights `fit_blend_weights` learns from these users (row numbers)."""
+        found = {name: values[rows] for name, values in self.found.items()}
+        return fit_blend_weights(found["candidates"], found["ranker_scores"], found["retrieval_scores"],
+                                 found["item_to_item_scores"], found["sources"], [self.targets[row] for row in rows])
+
+
+def _best_of_grid(grid: dict[tuple[float, float], np.ndarray], rows: np.ndarray) -> tuple[float, float]:
+    """The grid's weights with the best mean NDCG over these users; the first of equals (the old default first)."""
+    return max(grid, key=lambda pair: float(grid[pair][rows].mean()))
 
 
 def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: BatchScoreConfig = BatchScoreConfig(),
@@ -236,7 +301,8 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
                 result = pipeline.recommend(features, top_k=config.top_k, top_n=config.top_n, histories=histories,
                                            excluded=excluded, unavailable=unavailable,
                                            retrieval_weight=weights["retrieval_weight"],
-                                           item_to_item_weight=weights["item_to_item_weight"])  # fmt: skip
+                                           item_to_item_weight=weights["item_to_item_weight"],
+                                           source_weights=weights["source_weights"])  # fmt: skip
                 items, scores = _lists(pipeline.raw_items(result["items"]), result["scores"])
                 writer.write(pa.table({"user_id": pa.array(batch), "item_ids": items, "scores": scores},
                                       schema=USER_SCHEMA))  # fmt: skip

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import date, datetime
 from pathlib import Path
 
+from models.blend import BLEND_METHODS, SOURCES
 from models.rankers import COMPARED_RANKERS
 from recsys.datagen import GeneratorConfig
 from recsys.errors import InputDataError
@@ -32,6 +33,17 @@ from tasks.quality_gate import DEFAULT_TOLERANCE
 from tasks.resplit import DEFAULT_FRACTION
 from tasks.train_ranker import RankerConfig
 from tasks.train_two_tower import TwoTowerConfig
+
+
+def _source_weights(text: str) -> tuple[float, ...]:
+    """argparse type of --source-weights: one number per source, comma-separated."""
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not numbers: {text!r}") from None
+    if len(weights) != len(SOURCES):
+        raise argparse.ArgumentTypeError(f"needs {len(SOURCES)} weights ({', '.join(SOURCES)}), got {text!r}")
+    return weights
 
 
 def _generate_data(args: argparse.Namespace) -> dict:
@@ -128,7 +140,8 @@ def _batch_score(args: argparse.Namespace) -> dict:
 
     config = BatchScoreConfig(top_k=args.top_k, top_n=args.top_n, similar_n=args.similar_n,
                               unavailable_items=args.unavailable_items, retrieval_weight=args.retrieval_weight,
-                              item_to_item_weight=args.item_to_item_weight)  # fmt: skip
+                              item_to_item_weight=args.item_to_item_weight, source_weights=args.source_weights,
+                              blend=args.blend)  # fmt: skip
     versions = json.loads(args.model_versions) if args.model_versions else None
     return batch_score(args.input, args.output, load_spec(args.spec), config, model_versions=versions)
 
@@ -160,7 +173,8 @@ def _export_triton_ensemble(args: argparse.Namespace) -> dict:
     config = TritonEnsembleConfig(top_k=args.top_k, top_n=args.top_n, similar_n=args.similar_n,
                                   temperature=args.temperature, unavailable_items=args.unavailable_items,
                                   retrieval_weight=args.retrieval_weight,
-                                  item_to_item_weight=args.item_to_item_weight)  # fmt: skip
+                                  item_to_item_weight=args.item_to_item_weight,
+                                  source_weights=args.source_weights)  # fmt: skip
     versions = json.loads(args.model_versions) if args.model_versions else None
     metrics = export_triton_ensemble(args.input, args.output, load_spec(args.spec), config, model_versions=versions,
                                      batch_score_dir=args.batch_score)  # fmt: skip
@@ -392,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--unavailable-items", type=Path, default=None,
                               help="CSV with an item id column: items never recommended")  # fmt: skip
             step.add_argument("--model-versions", default=None, help="JSON: registered versions scored with")
+            step.add_argument("--blend", choices=BLEND_METHODS, default=BLEND_METHODS[0],
+                              help="how the blend weights left open are chosen on validation: a grid over the "
+                                   "retrieval and item-to-item weights, all five learned from the retrieved "
+                                   "candidates, or whichever of the two does better on held-out users")  # fmt: skip
         if name in ("batch-score", "export-triton-ensemble"):
             chosen = ("chosen on the validation split" if name == "batch-score"
                       else "the one batch scoring used (batch_score/_metrics.json), else the default")  # fmt: skip
@@ -400,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    f"the final order (0 and item-to-item 0: the ranker alone; default: {chosen})")
             step.add_argument("--item-to-item-weight", type=float, default=None,
                               help=f"weight of the item-to-item source's score in the final order (default: {chosen})")
+            step.add_argument("--source-weights", type=_source_weights, default=None,
+                              help="weights of the two-tower, item-to-item and most-clicked sources' indicators in "
+                                   f"the final order, comma-separated (default: {chosen})")  # fmt: skip
         if name == "demo-data":
             step.add_argument("--top-k", type=int, default=DemoDataConfig.top_k, help="retrieved candidates per user")
             step.add_argument("--max-users", type=int, default=DemoDataConfig.max_users,

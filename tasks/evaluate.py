@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from models.blend import NO_SOURCE_WEIGHTS, SOURCES
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import part_files
 from recsys.ranking_metrics import auc_and_logloss, final_list_metrics, list_metrics, padded, share_of_the_way
@@ -242,11 +243,13 @@ def evaluate(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Evaluat
         # validation clicks they are judged on here (judge them on a later split: benchmarks/movielens.py).
         final["pipeline_lists_exclude_validation_clicks"] = (
             spec.excludes_every_interaction or spec.primary_target in spec.seen_targets)  # fmt: skip
-        # How the lists were ordered (models.online_pipeline.blend_scores); older runs kept it in the config.
+        # How the lists were ordered (models.blend.blend_scores); older runs kept it in the config.
         weight = blend.get("retrieval_weight", batch_config.get("retrieval_weight"))
         if weight is not None:
             final["pipeline_retrieval_weight"] = weight
             final["pipeline_item_to_item_weight"] = blend.get("item_to_item_weight", 0.0)
+            final["pipeline_source_weights"] = list(blend.get("source_weights", NO_SOURCE_WEIGHTS))
+            final["pipeline_blend_method"] = blend.get("method", "grid")
     methods.update(baseline_lists(kept, k, knn_neighbours=config.knn_neighbours, seed=config.seed,
                                   excluded=kept.excluded, similarities=similarities))
     raw_input = Path(raw_input_dir) if raw_input_dir else _default_raw_input(run.root)
@@ -344,9 +347,11 @@ def report_markdown(metrics: dict[str, Any]) -> str:
         lines += ["", "The spec's `exclude_seen` keeps the validation clicks out of the pipeline's lists (batch "
                   "scoring excludes what users saw in both splits): its row is not comparable here."]  # fmt: skip
     if "pipeline_retrieval_weight" in final:
-        lines += ["", f"The pipeline's lists are ordered with retrieval weight {final['pipeline_retrieval_weight']:g} "
-                  f"and item-to-item weight {final['pipeline_item_to_item_weight']:g} "
-                  "(`models.online_pipeline.blend_scores`; 0 and 0: the ranker alone)."]  # fmt: skip
+        sources = ", ".join(f"{name} {weight:.3g}" for name, weight in zip(SOURCES, final["pipeline_source_weights"],
+                                                                           strict=True))  # fmt: skip
+        lines += ["", f"The pipeline's lists are ordered with retrieval weight {final['pipeline_retrieval_weight']:g}, "
+                  f"item-to-item weight {final['pipeline_item_to_item_weight']:g} and source weights {sources} "
+                  f"({final['pipeline_blend_method']}; `models.blend.blend_scores`; all 0: the ranker alone)."]
     if final.get("users_left_out_blend_weights_chosen_on"):
         lines += ["", f"{final['users_left_out_blend_weights_chosen_on']:,} validation users are left out of this "
                   "table: batch scoring chose its blend weights on them."]  # fmt: skip

@@ -39,10 +39,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from feature_repo.tables import EVENT_TIMESTAMP
+from models.blend import DEFAULT_ITEM_TO_ITEM_WEIGHT, DEFAULT_RETRIEVAL_WEIGHT, NO_SOURCE_WEIGHTS, SOURCES
 from models.item_to_item import CONFIG_FILE, NEIGHBOURS_FILE
 from models.online_pipeline import (
-    DEFAULT_ITEM_TO_ITEM_WEIGHT,
-    DEFAULT_RETRIEVAL_WEIGHT,
     ITEM_FEATURES_FILE,
     USER_FEATURES_FILE,
     USER_HISTORY_FILE,
@@ -77,7 +76,8 @@ log = logging.getLogger(__name__)
 # Tensor names of the recommend ensemble that are not dataset columns; a spec column named like one is refused.
 RESERVED_NAMES = ("top_k", "top_n", "temperature", "seed", "item_ids", "scores", "probabilities", "known_users",
                   "query_embeddings", "user_features", "candidates", "candidate_scores", "filtered_candidates",
-                  "ranker_scores", "merged_candidates", "retrieval_scores", "item_to_item_scores")  # fmt: skip
+                  "ranker_scores", "merged_candidates", "retrieval_scores", "item_to_item_scores",
+                  "sources")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +91,14 @@ class TritonEnsembleConfig:
     # CSV with a column named like the spec's item id: items never recommended nor returned as similar.
     unavailable_items: Path | None = None
     # Weights of the two-tower's P(item | user) and of the item-to-item score next to the ranker's P(click | shown)
-    # in the order (models.online_pipeline.blend_scores), as batch_score's: the two must agree for online and
+    # in the order (models.blend.blend_scores), as batch_score's: the two must agree for online and
     # offline lists to be the same. None: the ones the run's batch scoring used (batch_score/_metrics.json),
     # else the defaults. The returned `scores` are the blend.
     retrieval_weight: float | None = None
     item_to_item_weight: float | None = None
+    # Weights of the indicators of the sources that retrieved a candidate (models.blend.SOURCES order); None: as
+    # the weights above.
+    source_weights: tuple[float, ...] | None = None
     # Where the models that run TensorFlow (the query tower, the ranker) are served: "cpu" or "gpu", their Triton
     # instance kind (KIND_CPU, KIND_GPU). None: RECSYS_DEVICE as `recsys.device.export_device` resolves it.
     device: str | None = None
@@ -105,6 +108,8 @@ class TritonEnsembleConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must not be negative, got {value}")
+        if self.source_weights is not None and len(self.source_weights) != len(SOURCES):
+            raise ValueError(f"source_weights needs one weight per source ({', '.join(SOURCES)})")
         if self.device not in (None, "cpu", "gpu"):
             raise ValueError(f"device must be cpu or gpu, got {self.device!r}")
 
@@ -117,7 +122,9 @@ class TritonEnsembleConfig:
         return dataclasses.replace(
             self, retrieval_weight=used.get("retrieval_weight", DEFAULT_RETRIEVAL_WEIGHT) if retrieval is None
             else retrieval, item_to_item_weight=used.get("item_to_item_weight", DEFAULT_ITEM_TO_ITEM_WEIGHT)
-            if item_to_item is None else item_to_item)  # fmt: skip
+            if item_to_item is None else item_to_item,
+            source_weights=tuple(used.get("source_weights", NO_SOURCE_WEIGHTS)) if self.source_weights is None
+            else self.source_weights)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,20 +237,23 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
                             {"top_k": str(config.top_k), "max_top_k": str(config.max_top_k)})  # fmt: skip
     retrieval_scores, item_to_item_scores = _matrix("retrieval_scores", "TYPE_FP32"), _matrix("item_to_item_scores",
                                                                                              "TYPE_FP32")
+    candidate_source_bits = _matrix("sources", "TYPE_INT32")
     sources = StageConfig("candidate_sources", (_ids("raw_user_ids"), query_embeddings, candidates),
-                          (_matrix("merged_candidates", "TYPE_INT64"), retrieval_scores, item_to_item_scores))
+                          (_matrix("merged_candidates", "TYPE_INT64"), retrieval_scores, item_to_item_scores,
+                           candidate_source_bits))  # fmt: skip
     filtering = StageConfig("filter_candidates", (_ids("raw_user_ids"), candidates, known_users),
                             (_matrix("filtered_candidates", "TYPE_INT64"),))  # fmt: skip
     ranker = StageConfig("ranker", (user_features, candidates, *context_inputs), (ranker_scores,),
                          instance_kind=tensorflow_kind)
     ordering = StageConfig(
         "ordering",
-        (candidates, ranker_scores, retrieval_scores, item_to_item_scores, top_n, _one("temperature", "TYPE_FP32"),
-         _one("seed", "TYPE_INT64")),
+        (candidates, ranker_scores, retrieval_scores, item_to_item_scores, candidate_source_bits, top_n,
+         _one("temperature", "TYPE_FP32"), _one("seed", "TYPE_INT64")),
         (*item_lists, _matrix("probabilities", "TYPE_FP32")),
         {"top_n": str(config.top_n), "temperature": repr(float(config.temperature)),
          "retrieval_weight": repr(float(config.retrieval_weight or 0.0)),
-         "item_to_item_weight": repr(float(config.item_to_item_weight or 0.0))},
+         "item_to_item_weight": repr(float(config.item_to_item_weight or 0.0)),
+         "source_weights": json.dumps([float(weight) for weight in config.source_weights or NO_SOURCE_WEIGHTS])},
     )  # fmt: skip
     item_lookup = StageConfig(
         "item_lookup",
@@ -288,7 +298,7 @@ def ensemble_configs(columns: PipelineColumns) -> list[EnsembleConfig]:
             EnsembleStep("candidate_sources", {"raw_user_ids": raw_user, "query_embeddings": "query_embeddings",
                                                "candidates": "candidates"},
                          {"merged_candidates": "merged_candidates", "retrieval_scores": "retrieval_scores",
-                          "item_to_item_scores": "item_to_item_scores"}),
+                          "item_to_item_scores": "item_to_item_scores", "sources": "sources"}),
             EnsembleStep("filter_candidates", {"raw_user_ids": raw_user, "candidates": "merged_candidates",
                                                "known_users": "known_users"},
                          {"filtered_candidates": "filtered_candidates"}),
@@ -296,7 +306,8 @@ def ensemble_configs(columns: PipelineColumns) -> list[EnsembleConfig]:
                          {"ranker_scores": "ranker_scores"}),
             EnsembleStep("ordering", {"candidates": "filtered_candidates", "ranker_scores": "ranker_scores",
                                       "retrieval_scores": "retrieval_scores",
-                                      "item_to_item_scores": "item_to_item_scores", "top_n": "top_n",
+                                      "item_to_item_scores": "item_to_item_scores", "sources": "sources",
+                                      "top_n": "top_n",
                                       "temperature": "temperature", "seed": "seed"},
                          {"item_ids": "item_ids", "scores": "scores", "probabilities": "probabilities"}),
         ),

@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--unavailable-items", type=Path, default=None)
     parser.add_argument("--retrieval-weight", type=float, required=True, help="as exported")
     parser.add_argument("--item-to-item-weight", type=float, required=True, help="as exported")
+    parser.add_argument("--source-weights", type=lambda text: [float(part) for part in text.split(",")],
+                        required=True, help="as exported, comma-separated")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--spec", type=Path, default=None, help="the run's dataset spec (default: AliCCP's)")
     parser.add_argument("--given", type=Path, default=None, help="encoded features (and context) of newcomers")
@@ -77,7 +79,8 @@ def main() -> None:
         rules = {"histories": histories, **rules}
         result = pipeline.recommend(features, top_k=args.top_k, top_n=args.top_n, temperature=temperature,
                                     rng=np.random.default_rng(args.seed), retrieval_weight=args.retrieval_weight,
-                                    item_to_item_weight=args.item_to_item_weight, **rules)  # type: ignore[arg-type]  # fmt: skip
+                                    item_to_item_weight=args.item_to_item_weight,
+                                    source_weights=args.source_weights, **rules)  # type: ignore[arg-type]  # fmt: skip
         return {"item_ids": pipeline.raw_items(result["items"]).tolist(), "scores": _rows(result["scores"]),
                 "probabilities": _rows(result["probabilities"])}  # fmt: skip
 

@@ -212,7 +212,8 @@ def test_triton_answers_with_the_features_sent_as_the_in_process_pipeline(run: t
     repository = run_dir / "triton_repository"
     assert recsys_cli(["export-triton-ensemble", "--input", str(run_dir), "--output", str(repository),
                        "--top-k", str(TOP_K), "--top-n", str(TOP_N), "--spec", str(spec_path),
-                       "--retrieval-weight", "0", "--item-to-item-weight", "0"]) == 0  # fmt: skip
+                       "--retrieval-weight", "0", "--item-to-item-weight", "0",
+                       "--source-weights", "0,0,0"]) == 0  # fmt: skip
     users = pd.read_parquet(run_dir / "nvtabular" / "user_features.parquet").head(6)
     raw = users[spec.user_id].to_numpy(np.int64)
     items = pd.read_parquet(run_dir / "nvtabular" / "item_features.parquet")[spec.item_id].head(2).tolist()
@@ -222,7 +223,8 @@ def test_triton_answers_with_the_features_sent_as_the_in_process_pipeline(run: t
         "--run", str(run_dir), "--spec", str(spec_path), "--users", ",".join(map(str, raw)),
         "--items", ",".join(map(str, items)),
         "--top-k", str(TOP_K), "--top-n", str(TOP_N), "--similar-n", "5", "--temperature", "0.1", "--seed", "1",
-        "--retrieval-weight", "0", "--item-to-item-weight", "0", "--output", str(output),
+        "--retrieval-weight", "0", "--item-to-item-weight", "0", "--source-weights", "0,0,0",
+        "--output", str(output),
     ], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert process.returncode == 0, process.stderr[-4000:]
     expected = {key: np.array(values, dtype=np.float32 if key != "item_ids" else np.int64)

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.blend import blend_scores
 from models.item_to_item import ItemToItem, ItemToItemConfig
-from models.online_pipeline import MISSING, ItemEmbeddings, blend_scores, merge_candidates, multi_source_candidates
+from models.online_pipeline import MISSING, ItemEmbeddings, merge_candidates, multi_source_candidates
 
 # Positive (user, item) pairs over items 1-6 (code 0 is unused, as Categorify's null code): items 1, 2, 3 go
 # together, and so do 4 and 5; item 6 is clicked by one user only.
@@ -90,8 +91,8 @@ def test_multi_source_candidates_scores_every_candidate_of_every_source():
     queries = np.array([[0.0, 2.0, 1.0], [1.0, 0.0, 0.0]], dtype=np.float32)
     two_tower = np.array([[1], [2]])  # one Faiss candidate each
 
-    candidates, inner, item_to_item = multi_source_candidates(two_tower, queries, embeddings, source,
-                                                              [np.array([4]), np.array([1])])  # fmt: skip
+    candidates, inner, item_to_item, sources = multi_source_candidates(two_tower, queries, embeddings, source,
+                                                                       [np.array([4]), np.array([1])])  # fmt: skip
 
     assert candidates[0, 0] == 1 and candidates[1, 0] == 2  # the two-tower's first
     assert 5 in candidates[0] and {3} <= set(candidates[1])  # item-to-item: 4 -> 5, 1 -> 2 and 3
@@ -102,10 +103,16 @@ def test_multi_source_candidates_scores_every_candidate_of_every_source():
     assert inner[1, 0] == pytest.approx(0.0)
     expected = ItemToItem.at(source.user_scores([np.array([4]), np.array([1])]), candidates)
     np.testing.assert_array_equal(item_to_item, expected)
+    # Each candidate's sources (bits: 1 two-tower, 2 item-to-item, 4 most clicked): item 1 came from the two-tower
+    # and is the most clicked; item 5 from user 0's history alone; nothing at the padding.
+    row_0 = dict(zip(candidates[0].tolist(), sources[0].tolist(), strict=True))
+    assert row_0[1] == 1 | 4 and row_0[5] == 2
+    assert (sources[1][candidates[1] == 2] & 1).all() and not (sources[1][candidates[1] == 3] & 1).any()
+    assert ((sources > 0) == valid).all()
     # Without the source (a run from before it): the Faiss candidates alone.
-    alone, _, zeros = multi_source_candidates(two_tower, queries, embeddings, None, None)
+    alone, _, zeros, alone_sources = multi_source_candidates(two_tower, queries, embeddings, None, None)
     np.testing.assert_array_equal(alone, two_tower)
-    assert (zeros == 0).all()
+    assert (zeros == 0).all() and (alone_sources == 1).all()
 
 
 def test_the_item_to_item_weight_lifts_what_the_users_history_points_to():

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.blend import blend_scores
 from models.online_pipeline import (
     MISSING,
     ItemCatalog,
     PipelineColumns,
     UserFeatureTable,
-    blend_scores,
     filter_candidates,
     order,
     ranked_order,

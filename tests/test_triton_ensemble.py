@@ -33,9 +33,9 @@ pytestmark = pytest.mark.e2e
 
 TOP_K, TOP_N, SIMILAR_N = 200, 20, 10  # the exported defaults
 TEMPERATURE, SEED = 0.01, 7
-# Exported, so the ordering stage's blend of the item-to-item score is compared too; no two-tower term, which
-# would hold back every candidate the two-tower's top-k lacks (their inner products are below all of its).
-RETRIEVAL_WEIGHT, ITEM_TO_ITEM_WEIGHT = 0.0, 4.0
+# Exported, so the ordering stage's blend of the item-to-item score and the sources is compared too; no two-tower
+# term, which would hold back every candidate the two-tower's top-k lacks (their inner products are below all of its).
+RETRIEVAL_WEIGHT, ITEM_TO_ITEM_WEIGHT, SOURCE_WEIGHTS = 0.0, 4.0, "0.5,1.0,-0.5"
 UNKNOWN_ID = 10**12
 RUN_FOLDERS = ("nvtabular", "two_tower", "ranker", "faiss_index")
 RECOMMEND_OUTPUTS = ("item_ids", "scores", "probabilities", "known_users")
@@ -78,6 +78,7 @@ def exported(run_dir: Path, chosen: dict[str, np.ndarray], spec: DatasetSpec) ->
         "--top-k", str(TOP_K), "--top-n", str(TOP_N), "--similar-n", str(SIMILAR_N),
         "--unavailable-items", str(unavailable_csv), "--metrics-json", str(metrics_json),
         "--retrieval-weight", str(RETRIEVAL_WEIGHT), "--item-to-item-weight", str(ITEM_TO_ITEM_WEIGHT),
+        "--source-weights", SOURCE_WEIGHTS,
     ])  # fmt: skip
     assert exit_code == 0
     return repository, json.loads(metrics_json.read_text())
@@ -118,6 +119,7 @@ def in_process(exported: tuple[Path, dict], run_dir: Path, chosen: dict[str, np.
         "--similar-n", str(SIMILAR_N), "--temperature", str(TEMPERATURE), "--seed", str(SEED),
         "--unavailable-items", str(run_dir / "unavailable_items.csv"), "--output", str(output),
         "--retrieval-weight", str(RETRIEVAL_WEIGHT), "--item-to-item-weight", str(ITEM_TO_ITEM_WEIGHT),
+        "--source-weights", SOURCE_WEIGHTS,
     ], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert process.returncode == 0, process.stderr[-4000:]
     answer = json.loads(output.read_text())

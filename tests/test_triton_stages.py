@@ -77,7 +77,8 @@ def ordering(tmp_path: Path) -> OrderingModel:
     items.to_parquet(version / ITEM_FEATURES_FILE, index=False)
     config = {"parameters": {"top_n": {"string_value": "2"}, "temperature": {"string_value": "0.0"},
                              "retrieval_weight": {"string_value": "1.0"},
-                             "item_to_item_weight": {"string_value": "2.0"}}}  # fmt: skip
+                             "item_to_item_weight": {"string_value": "2.0"},
+                             "source_weights": {"string_value": "[0.0, 0.5, -1.0]"}}}  # fmt: skip
     model = OrderingModel()
     model.initialize({"model_repository": str(tmp_path / "ordering"), "model_version": "1",
                       "model_config": json.dumps(config)})  # fmt: skip
@@ -85,15 +86,17 @@ def ordering(tmp_path: Path) -> OrderingModel:
 
 
 def test_ordering_stage_applies_defaults_and_returns_raw_ids(ordering: OrderingModel):
-    # Equal inner products: the blend leaves the ranker's scores as they are.
+    # Equal inner products and no item-to-item score: only the sources' weights move the ranker's scores.
     inputs = {"candidates": np.array([[2, 3, 4, MISSING]]), "ranker_scores": np.array([[0.1, 0.9, 0.5, np.nan]]),
               "retrieval_scores": np.array([[1.0, 1.0, 1.0, 5.0]]),
-              "item_to_item_scores": np.array([[0.0, 0.0, 0.0, np.nan]])}  # fmt: skip
+              "item_to_item_scores": np.array([[0.0, 0.0, 0.0, np.nan]]),
+              "sources": np.array([[1, 3, 4, 0]], dtype=np.int32)}  # fmt: skip
 
     outputs = ordering.run(inputs)
 
+    # Source weights (0, 0.5, -1): the two-tower's alone e^-0.5, with the item-to-item source e^0, popular e^-1.5.
     np.testing.assert_array_equal(outputs["item_ids"], [[101, 102]])
-    np.testing.assert_allclose(outputs["scores"], [[0.9, 0.5]])
+    np.testing.assert_allclose(outputs["scores"], [[0.9, 0.5 * np.exp(-1.5)]], rtol=1e-6)
     np.testing.assert_array_equal(outputs["probabilities"], [[1.0, 0.0]])
     sampled = ordering.run({**inputs, "top_n": np.array([4], np.int32), "temperature": np.array([1.0], np.float32),
                             "seed": np.array([3])})  # fmt: skip
@@ -102,7 +105,8 @@ def test_ordering_stage_applies_defaults_and_returns_raw_ids(ordering: OrderingM
 
 def test_ordering_stage_blends_ranker_scores_with_retrieval_inner_products(ordering: OrderingModel):
     inputs = {"candidates": np.array([[2, 3, 4]]), "ranker_scores": np.array([[0.1, 0.9, 0.5]]),
-              "retrieval_scores": np.array([[2.0, 0.0, 1.0]]), "item_to_item_scores": np.zeros((1, 3))}  # fmt: skip
+              "retrieval_scores": np.array([[2.0, 0.0, 1.0]]), "item_to_item_scores": np.zeros((1, 3)),
+              "sources": np.full((1, 3), 3, dtype=np.int32)}  # fmt: skip  # the same sources: no effect
 
     outputs = ordering.run(inputs)
 
@@ -125,12 +129,13 @@ def test_ordering_stage_blends_ranker_scores_with_retrieval_inner_products(order
         ({"top_n": np.array([1, 2], np.int32)}, "must hold one value"),
         ({"retrieval_scores": np.array([[1.0, 2.0, 3.0]])}, "must have the same shape"),
         ({"item_to_item_scores": np.array([[1.0]])}, "must have the same shape"),
+        ({"sources": np.array([[1]], dtype=np.int32)}, "must have the same shape"),
     ],
 )
 def test_ordering_stage_refuses_bad_parameters(ordering: OrderingModel, extra: dict, message: str):
     inputs = {"candidates": np.array([[2, 3]]), "ranker_scores": np.array([[0.1, 0.9]]),
               "retrieval_scores": np.array([[1.0, 2.0]]), "item_to_item_scores": np.array([[1.0, 2.0]]),
-              **extra}  # fmt: skip
+              "sources": np.array([[1, 3]], dtype=np.int32), **extra}  # fmt: skip
 
     with pytest.raises(RequestError, match=message):
         ordering.run(inputs)

@@ -2,9 +2,10 @@
 
 The two-tower's Faiss candidates (from `faiss_retrieval`), the item-to-item source's best items for the user's
 history (EASE neighbours, `models/item_to_item.py`; the history is each user's positives of the run, exported
-with it) and the most clicked items, merged without duplicates; every candidate's two-tower inner product and
-item-to-item score come back aligned with it: `models.online_pipeline.multi_source_candidates`. A repository
-from a run without the item-to-item source passes the two-tower's candidates on alone.
+with it) and the most clicked items, merged without duplicates; every candidate's two-tower inner product,
+item-to-item score and sources (one bit each) come back aligned with it:
+`models.online_pipeline.multi_source_candidates`. A repository from a run without the item-to-item source
+passes the two-tower's candidates on alone.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class TritonPythonModel(StageModel):
         if not len(raw_user_ids) == len(queries) == len(candidates):
             raise RequestError("raw_user_ids, query_embeddings and candidates must have one row per user")
         histories = self.histories.of_users(raw_user_ids) if self.histories is not None else None
-        merged, inner, item_to_item = multi_source_candidates(candidates, queries, self.embeddings,
-                                                              self.item_to_item, histories)  # fmt: skip
-        return {"merged_candidates": merged, "retrieval_scores": inner, "item_to_item_scores": item_to_item}
+        merged, inner, item_to_item, sources = multi_source_candidates(candidates, queries, self.embeddings,
+                                                                       self.item_to_item, histories)  # fmt: skip
+        return {"merged_candidates": merged, "retrieval_scores": inner, "item_to_item_scores": item_to_item,
+                "sources": sources}

@@ -1,8 +1,8 @@
 """Triton model `ordering`: the final list of each user, raw item ids out.
 
-`models.online_pipeline.blend_scores`: the ranker's probabilities blended with the two-tower's inner
-products and the item-to-item scores (`candidate_sources`; the `retrieval_weight` and `item_to_item_weight`
-of the export, as batch scoring's), the scores returned; then
+`models.blend.blend_scores`: the ranker's probabilities blended with the two-tower's inner products, the
+item-to-item scores and the candidates' sources (`candidate_sources`; the `retrieval_weight`,
+`item_to_item_weight` and `source_weights` of the export, as batch scoring's), the scores returned; then
 `models.online_pipeline.order`: softmax sampling over score / temperature (temperature 0: the ranked
 order), the top n kept, the sampling probabilities returned with the list. `seed` makes a sampled
 order reproducible; without it every request draws afresh.
@@ -10,11 +10,13 @@ order reproducible; without it every request draws afresh.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import numpy as np
 
-from models.online_pipeline import ITEM_FEATURES_FILE, ItemCatalog, blend_scores, order
+from models.blend import blend_scores
+from models.online_pipeline import ITEM_FEATURES_FILE, ItemCatalog, order
 from serving.triton_models.stage import RequestError, StageModel, required, scalar
 
 
@@ -25,12 +27,14 @@ class TritonPythonModel(StageModel):
         self.default_temperature = float(self.parameters["temperature"])
         self.retrieval_weight = float(self.parameters["retrieval_weight"])
         self.item_to_item_weight = float(self.parameters["item_to_item_weight"])
+        self.source_weights = json.loads(self.parameters["source_weights"])
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         candidates = np.asarray(required(inputs, "candidates"), dtype=np.int64)
         ranker_scores = np.asarray(required(inputs, "ranker_scores"), dtype=np.float32)
         retrieval_scores = np.asarray(required(inputs, "retrieval_scores"), dtype=np.float32)
         item_to_item_scores = np.asarray(required(inputs, "item_to_item_scores"), dtype=np.float32)
+        sources = np.asarray(required(inputs, "sources"), dtype=np.int32)
         top_n = scalar(inputs, "top_n", self.default_top_n, int)
         temperature = scalar(inputs, "temperature", self.default_temperature, float)
         seed = scalar(inputs, "seed", -1, int)
@@ -38,11 +42,13 @@ class TritonPythonModel(StageModel):
             raise RequestError(f"top_n must be at least 1, got {top_n}")
         if temperature < 0:
             raise RequestError(f"temperature must not be negative, got {temperature}")
-        if not candidates.shape == ranker_scores.shape == retrieval_scores.shape == item_to_item_scores.shape:
-            raise RequestError("candidates, ranker_scores, retrieval_scores and item_to_item_scores must have the "
-                               "same shape")  # fmt: skip
+        if not (candidates.shape == ranker_scores.shape == retrieval_scores.shape == item_to_item_scores.shape
+                == sources.shape):  # fmt: skip
+            raise RequestError("candidates, ranker_scores, retrieval_scores, item_to_item_scores and sources must "
+                               "have the same shape")  # fmt: skip
         scores = blend_scores(candidates, ranker_scores, retrieval_scores, self.retrieval_weight,
-                              item_to_item_scores, self.item_to_item_weight)  # fmt: skip
+                              item_to_item_scores, self.item_to_item_weight, sources=sources,
+                              source_weights=self.source_weights)  # fmt: skip
         rng = np.random.default_rng(seed if seed >= 0 else None)
         items, ordered_scores, probabilities = order(candidates, scores, top_n, temperature=temperature, rng=rng)
         return {"item_ids": self.catalog.raw(items), "scores": ordered_scores, "probabilities": probabilities}
