@@ -11,7 +11,7 @@ MLFLOW_PORT ?= 5000
 DEMO_ROWS := $(if $(filter command line,$(origin ROWS)),$(ROWS),50000)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve demo mlflow
+.PHONY: help setup test test-fast lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-final-order benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve demo mlflow
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -79,6 +79,10 @@ benchmark-ranker-ceiling:  ## how far towards the oracle AUC estimators given mo
 benchmark-ranker-stacking:  ## ranker + two-tower score combined, on a quality run: WORK=<benchmarks/quality.py --work DIR>
 	@test -n "$(WORK)" || { echo "usage: make benchmark-ranker-stacking WORK=DIR (the --work folder of benchmarks/quality.py)"; exit 2; }
 	$(VENV)/python benchmarks/ranker_stacking.py --work $(WORK)
+
+benchmark-final-order:  ## grid blend vs learned orders of the retrieved candidates: RUN=<run folder> [SPEC=<its spec>]
+	@test -n "$(RUN)" || { echo "usage: make benchmark-final-order RUN=DIR [SPEC=FILE] (e.g. the run of benchmarks/movielens.py --work)"; exit 2; }
+	$(VENV)/python benchmarks/final_order.py --run $(RUN) $(if $(SPEC),--spec $(SPEC))
 
 benchmark-call-deadline:  ## the database call deadline's cost against a plain pre-ping engine, pooled and new connections
 	$(VENV)/python benchmarks/call_deadline.py

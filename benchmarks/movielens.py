@@ -281,7 +281,7 @@ def main() -> int:
                                   "--item-to-item-recency", str(recency)],
             "batch-score": ["--retrieval-weight", str(blend["retrieval_weight"]),
                             "--item-to-item-weight", str(blend["item_to_item_weight"]),
-                            "--source-weights", ",".join(map(str, blend["source_weights"]))],
+                            "--source-weights=" + ",".join(map(str, blend["source_weights"]))],  # "=": may be < 0
         }  # fmt: skip
         refit_raw, refit = work / "pipeline_raw_refit", work / "run_refit"
         if not (args.resume and refit_raw.exists()):

@@ -182,13 +182,7 @@ def choose_blend_weights(pipeline: RecommendationPipeline, nvtabular_dir: Path, 
     Weights the config fixes are kept, and only the grid searches the others. The sampled users are returned
     under "users" (at most half of those with positives: `evaluate` judges the rest).
     """
-    valid = positives_by_user(nvtabular_dir, spec, ("valid",))
-    seen = seen_items_by_user(nvtabular_dir, spec, ("train",))
-    empty = np.empty(0, dtype=np.int64)
-    relevant = {user: np.setdiff1d(items, seen.get(user, empty)) for user, items in valid.items()}
-    users = np.array(sorted(user for user, items in relevant.items() if len(items)), dtype=np.int64)
-    _, known = pipeline.user_features(users)
-    users = users[known]
+    users, relevant, seen = validation_targets(pipeline, nvtabular_dir, spec)
     has_item_to_item = pipeline.item_to_item is not None
     fixed = config.retrieval_weight is not None or config.item_to_item_weight is not None or (
         config.source_weights is not None)  # fmt: skip
@@ -205,14 +199,8 @@ def choose_blend_weights(pipeline: RecommendationPipeline, nvtabular_dir: Path, 
         return {"method": "given", "retrieval_weight": retrieval[0], "item_to_item_weight": item_to_item[0],
                 "source_weights": sources, "validation_users": 0, "users": np.empty(0, dtype=np.int64)}  # fmt: skip
     rng = np.random.default_rng(0)
-    sample = np.sort(rng.choice(len(users), size=min(config.validation_users, len(users) // 2), replace=False))
-    users = users[sample]
-    features, _ = pipeline.user_features(users)
-    train_histories = ItemsByUser.from_mapping(positives_by_user(nvtabular_dir, spec, ("train",)))
-    found = pipeline.candidates(features, top_k=config.top_k, histories=train_histories.of_users(users),
-                                excluded=[seen.get(int(user), empty) for user in users],
-                                unavailable=unavailable)  # fmt: skip
-    targets = [relevant[int(user)] for user in users]
+    users, found, targets = validation_candidates(pipeline, nvtabular_dir, spec, config, unavailable,
+                                                  (users, relevant, seen), rng)  # fmt: skip
     blend = _BlendChoice(found, targets)
     grid = {pair: blend.ndcg(pair[0], pair[1], sources) for pair in itertools.product(retrieval, item_to_item)}
     everyone = np.arange(len(users))
@@ -242,6 +230,38 @@ def choose_blend_weights(pipeline: RecommendationPipeline, nvtabular_dir: Path, 
     log.info("batch_score: blend weights chosen (%s) on %d validation users: %s", method, len(users),
              json.dumps({key: value for key, value in chosen.items() if key != f"validation_ndcg_at_{CHOICE_K}"}))
     return {"method": method, **chosen, "users": users}
+
+
+def validation_targets(pipeline: RecommendationPipeline, nvtabular_dir: Path, spec: DatasetSpec
+                       ) -> tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray]]:  # fmt: skip
+    """Validation users the run knows with positives (the primary target) not seen in train, each one's such
+    positives, and every user's items seen in train (the spec's `exclude_seen`)."""
+    valid = positives_by_user(nvtabular_dir, spec, ("valid",))
+    seen = seen_items_by_user(nvtabular_dir, spec, ("train",))
+    empty = np.empty(0, dtype=np.int64)
+    relevant = {user: np.setdiff1d(items, seen.get(user, empty)) for user, items in valid.items()}
+    users = np.array(sorted(user for user, items in relevant.items() if len(items)), dtype=np.int64)
+    _, known = pipeline.user_features(users)
+    return users[known], relevant, seen
+
+
+def validation_candidates(pipeline: RecommendationPipeline, nvtabular_dir: Path, spec: DatasetSpec,
+                          config: BatchScoreConfig, unavailable: np.ndarray,
+                          targets: tuple[np.ndarray, dict[int, np.ndarray], dict[int, np.ndarray]],
+                          rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray], list[np.ndarray]]:
+    """A seeded sample of at most half of `validation_targets`' users (`config.validation_users` at most), their
+    candidates as batch scoring retrieves, filters and scores them with train-only histories and exclusions, and
+    their relevant items: what the blend is chosen on (benchmarks/final_order.py compares other orders on it)."""
+    users, relevant, seen = targets
+    empty = np.empty(0, dtype=np.int64)
+    sample = np.sort(rng.choice(len(users), size=min(config.validation_users, len(users) // 2), replace=False))
+    users = users[sample]
+    features, _ = pipeline.user_features(users)
+    train_histories = ItemsByUser.from_mapping(positives_by_user(nvtabular_dir, spec, ("train",)))
+    found = pipeline.candidates(features, top_k=config.top_k, histories=train_histories.of_users(users),
+                                excluded=[seen.get(int(user), empty) for user in users],
+                                unavailable=unavailable)  # fmt: skip
+    return users, found, [relevant[int(user)] for user in users]
 
 
 class _BlendChoice:

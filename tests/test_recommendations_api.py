@@ -183,7 +183,8 @@ def in_process_list(run: Path, batch_dir: Path, spec: DatasetSpec, tmp_path: Pat
         "--top-k", str(Settings().online_top_k), "--top-n", str(config.top_n), "--similar-n", "10",
         "--temperature", "0.5", "--seed", "1", "--retrieval-weight", str(config.retrieval_weight),
         "--item-to-item-weight", str(config.item_to_item_weight),
-        "--source-weights", ",".join(map(str, config.source_weights or (0, 0, 0))), "--given", str(given),
+        # "=": a first weight below 0 would read as an option
+        "--source-weights=" + ",".join(map(str, config.source_weights or (0, 0, 0))), "--given", str(given),
         "--output", str(output),
     ], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert process.returncode == 0, process.stderr[-4000:]

@@ -78,7 +78,7 @@ def exported(run_dir: Path, chosen: dict[str, np.ndarray], spec: DatasetSpec) ->
         "--top-k", str(TOP_K), "--top-n", str(TOP_N), "--similar-n", str(SIMILAR_N),
         "--unavailable-items", str(unavailable_csv), "--metrics-json", str(metrics_json),
         "--retrieval-weight", str(RETRIEVAL_WEIGHT), "--item-to-item-weight", str(ITEM_TO_ITEM_WEIGHT),
-        "--source-weights", SOURCE_WEIGHTS,
+        f"--source-weights={SOURCE_WEIGHTS}",
     ])  # fmt: skip
     assert exit_code == 0
     return repository, json.loads(metrics_json.read_text())
@@ -119,7 +119,7 @@ def in_process(exported: tuple[Path, dict], run_dir: Path, chosen: dict[str, np.
         "--similar-n", str(SIMILAR_N), "--temperature", str(TEMPERATURE), "--seed", str(SEED),
         "--unavailable-items", str(run_dir / "unavailable_items.csv"), "--output", str(output),
         "--retrieval-weight", str(RETRIEVAL_WEIGHT), "--item-to-item-weight", str(ITEM_TO_ITEM_WEIGHT),
-        "--source-weights", SOURCE_WEIGHTS,
+        f"--source-weights={SOURCE_WEIGHTS}",
     ], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert process.returncode == 0, process.stderr[-4000:]
     answer = json.loads(output.read_text())

@@ -1,0 +1,256 @@
+"""Which model should order what retrieval returns? Measured on a run's validation users, before building it.
+
+    .venv/bin/python benchmarks/movielens.py --work DIR             # a run whose validation split is carved from
+                                                                    # train (DIR/run; about 14 minutes)
+    .venv/bin/python benchmarks/final_order.py --run DIR/run --spec DIR/imported/spec.yaml   # about 3 minutes
+
+The issue's item 3 asks for "a ranker that learns to rank what retrieval returns". Batch scoring orders each
+user's candidates with the blend of `models/blend.py`, its two weights chosen on a grid by NDCG@10 (or all five
+learned by `fit_blend_weights`, kept only where it does better on held-out users). This compares, on the very
+candidates batch scoring chooses its weights on (`tasks.batch_score.choose_blend_weights`: up to 3,000 validation
+users with train-only histories and exclusions; relevant = validation positives not seen in train):
+
+- the grid (the served order), and `fit_blend_weights` (a listwise softmax over the blend's five terms);
+- boosted trees, pointwise (scikit-learn's HistGradientBoostingClassifier), on the candidates' scores, their ranks
+  in each source and their sources, then with the items' and users' features of the run's feature tables added;
+- LambdaMART (LightGBM's `lambdarank`, a ranking objective) on the same two feature sets; LightGBM is not one of
+  our dependencies: it is installed at benchmark time into `<cache>/lightgbm-4.7.0` (the cache of
+  benchmarks/movielens.py) and used from there. Its number of trees is chosen inside the fitting half (on a fifth
+  of its users), never on the half it is measured on.
+
+Every method is fitted on one half of the users and measured (NDCG@10 of the top 10) on the other, both ways.
+Writes benchmarks/results/final_order.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+
+from benchmarks.movielens import cache_dir  # noqa: E402
+
+TRAINER_PYTHON = PROJECT_ROOT / ".venv-trainer" / "bin" / "python"
+LIGHTGBM = "lightgbm==4.7.0"
+TREES = (50, 100, 200, 300)  # LambdaMART's choices, made inside the fitting half
+K = 10
+MAX_CATEGORIES = 1_000  # integer features with more distinct values (ids, zip codes) are left out
+
+
+def save_candidates(run: Path, spec_path: Path | None, output: Path) -> None:
+    """(Trainer environment.) The candidates batch scoring chooses its blend on, with their scores and users."""
+    from models.online_pipeline import PipelineArtifacts, RecommendationPipeline
+    from recsys.spec import load_spec
+    from tasks.batch_score import BatchScoreConfig, validation_candidates, validation_targets
+
+    spec = load_spec(spec_path)
+    pipeline = RecommendationPipeline(PipelineArtifacts.of_run(run), spec)
+    unavailable = np.zeros(len(pipeline.item_raw_ids), dtype=bool)
+    # The same users, seed and candidates as batch scoring's choice of the blend.
+    users, found, targets = validation_candidates(pipeline, run / "nvtabular", spec, BatchScoreConfig(), unavailable,
+                                                  validation_targets(pipeline, run / "nvtabular", spec),
+                                                  np.random.default_rng(0))  # fmt: skip
+    np.savez(output, users=users, targets=np.concatenate(targets),
+             target_lengths=np.array([len(items) for items in targets]), **found)  # fmt: skip
+
+
+def lightgbm_path() -> Path:
+    folder = cache_dir() / LIGHTGBM.replace("==", "-")
+    if not (folder / "lightgbm").exists():
+        pip = PROJECT_ROOT / ".venv-tools" / "bin" / "pip"  # the platform venv has no pip (uv made it)
+        subprocess.run([str(pip), "install", "--quiet", "--no-deps", "--target", str(folder), LIGHTGBM], check=True)
+    return folder
+
+
+def ranks(valid: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each candidate's place in its user's order by `scores` (0: the best)."""
+    values = np.where(valid, np.nan_to_num(scores), -np.inf)
+    places = np.argsort(-values, axis=1, kind="stable")
+    result = np.empty_like(places)
+    np.put_along_axis(result, places, np.broadcast_to(np.arange(values.shape[1]), values.shape), axis=1)
+    return result
+
+
+def feature_tables(run: Path, candidates: np.ndarray, users: np.ndarray
+                   ) -> tuple[list[np.ndarray], list[str], list[int]]:  # fmt: skip
+    """Per-candidate columns from the run's item table (by encoded item id) and user table (by raw user id): numbers
+    as they are, integer codes and the first two tokens of list columns as categories (those with at most
+    MAX_CATEGORIES values); ids and timestamps left out."""
+    valid = candidates >= 0
+    columns: list[np.ndarray] = []
+    names: list[str] = []
+    categorical: list[int] = []
+    for table in ("item_features.parquet", "user_features.parquet"):
+        frame = pd.read_parquet(run / "nvtabular" / table)
+        encoded = next(column for column in frame.columns if column.endswith("_encoded"))
+        raw = encoded.removesuffix("_encoded")
+        key = encoded if table.startswith("item") else raw
+        frame = frame.drop_duplicates(key, keep="last").set_index(key)
+        for column in frame.columns:
+            if column in (encoded, raw) or "timestamp" in column:
+                continue
+            values = _per_candidate(frame[column], candidates, valid, None if table.startswith("item") else users)
+            if values.dtype == object:  # a list column: its first two tokens
+                for position in range(2):
+                    tokens = np.array([row[position] if len(row) > position else 0 for row in values.ravel()])
+                    if len(np.unique(tokens)) <= MAX_CATEGORIES:
+                        categorical.append(len(columns))
+                        columns.append(tokens.reshape(values.shape).astype(np.float64))
+                        names.append(f"{column}[{position}]")
+            elif np.issubdtype(values.dtype, np.integer):
+                if len(np.unique(values)) <= MAX_CATEGORIES:
+                    categorical.append(len(columns))
+                    columns.append(values.astype(np.float64))
+                    names.append(column)
+            else:
+                columns.append(values.astype(np.float64))
+                names.append(column)
+    return columns, names, categorical
+
+
+def _per_candidate(series: pd.Series, candidates: np.ndarray, valid: np.ndarray,
+                   users: np.ndarray | None) -> np.ndarray:  # fmt: skip
+    """An item column at every candidate, or (with `users`, one per row) a user column repeated along the row."""
+    if users is None:
+        at = np.where(valid, candidates, series.index[0])
+        return series.reindex(at.ravel()).to_numpy().reshape(at.shape)
+    return np.broadcast_to(series.reindex(users).to_numpy()[:, None], valid.shape)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a run folder (its validation split inside train)")
+    parser.add_argument("--spec", type=Path, default=None, help="the run's dataset spec (default: AliCCP's)")
+    parser.add_argument("--seed", type=int, default=1, help="of the split of users into halves")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "final_order.json")
+    parser.add_argument("--candidates-only", type=Path, default=None, help=argparse.SUPPRESS)  # the trainer half
+    args = parser.parse_args()
+    if args.candidates_only:
+        save_candidates(args.run, args.spec, args.candidates_only)
+        return 0
+
+    saved = args.run.parent / "final_order_candidates.npz"
+    if not saved.exists():
+        subprocess.run([str(TRAINER_PYTHON), __file__, "--run", str(args.run), "--candidates-only", str(saved),
+                        *(["--spec", str(args.spec)] if args.spec else [])], check=True)  # fmt: skip
+    sys.path.insert(0, str(lightgbm_path()))
+    import lightgbm
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from models.blend import blend_scores, blend_terms, fit_blend_weights
+    from models.online_pipeline import order
+    from recsys.ranking_metrics import hit_matrix, user_list_metrics
+    from tasks.batch_score import ITEM_TO_ITEM_WEIGHTS, RETRIEVAL_WEIGHTS
+
+    data = np.load(saved)
+    found = {name: data[name] for name in ("candidates", "ranker_scores", "retrieval_scores", "item_to_item_scores",
+                                           "sources")}  # fmt: skip
+    targets = np.split(data["targets"], np.cumsum(data["target_lengths"])[:-1])
+    users, candidates = data["users"], found["candidates"]
+    valid = candidates >= 0
+    labels = hit_matrix(candidates, targets)
+
+    def ndcg(scores: np.ndarray) -> np.ndarray:
+        top, _, _ = order(candidates, np.where(valid, scores, np.nan), K)
+        return user_list_metrics(top, targets, K)[f"ndcg_at_{K}"]
+
+    def blended(weight: float, item_to_item: float, sources: tuple | list = (0.0, 0.0, 0.0)) -> np.ndarray:
+        return blend_scores(candidates, found["ranker_scores"], found["retrieval_scores"], weight,
+                            found["item_to_item_scores"], item_to_item, sources=found["sources"],
+                            source_weights=sources)  # fmt: skip
+
+    terms = blend_terms(candidates, found["retrieval_scores"], found["item_to_item_scores"], found["sources"])
+    log_ranker = np.log(np.clip(np.nan_to_num(found["ranker_scores"].astype(np.float64)), 1e-12, 1.0))
+    scores_only = np.concatenate([log_ranker[..., None], terms, ranks(valid, found["retrieval_scores"])[..., None],
+                                  ranks(valid, found["item_to_item_scores"])[..., None]], axis=-1)  # fmt: skip
+    columns, names, categorical = feature_tables(args.run, candidates, users)
+    with_features = np.concatenate([scores_only, np.stack(columns, axis=-1)], axis=-1)
+    categorical = [scores_only.shape[-1] + index for index in categorical]
+    feature_sets = {"scores, ranks, sources": (scores_only, []), "+ item and user features": (with_features,
+                                                                                              categorical)}
+
+    grid = {(weight, i2i): ndcg(blended(weight, i2i)) for weight in RETRIEVAL_WEIGHTS for i2i in ITEM_TO_ITEM_WEIGHTS}
+    rng = np.random.default_rng(args.seed)
+    halves = np.array_split(rng.permutation(len(users)), 2)
+    measured: dict[str, list[float]] = {}
+    chosen: dict[str, list] = {}
+
+    def record(name: str, values: np.ndarray, rows: np.ndarray, setting: object = None) -> None:
+        measured.setdefault(name, []).append(float(values[rows].mean()))
+        chosen.setdefault(name, []).append(setting)
+
+    def rows_mask(rows: np.ndarray) -> np.ndarray:
+        mask = np.zeros(len(users), dtype=bool)
+        mask[rows] = True
+        return valid & mask[:, None]
+
+    for fit_on, measured_on in (halves, halves[::-1]):
+        best = max(grid, key=lambda pair: grid[pair][fit_on].mean())
+        record("grid (served)", grid[best], measured_on, best)
+        weights = fit_blend_weights(found["candidates"][fit_on], found["ranker_scores"][fit_on],
+                                    found["retrieval_scores"][fit_on], found["item_to_item_scores"][fit_on],
+                                    found["sources"][fit_on], [targets[row] for row in fit_on])  # fmt: skip
+        record("fit_blend_weights (listwise, 5 weights)",
+               ndcg(blended(weights["retrieval_weight"], weights["item_to_item_weight"], weights["source_weights"])),
+               measured_on, [round(weights["retrieval_weight"], 3), round(weights["item_to_item_weight"], 3)])
+        for label, (features, categories) in feature_sets.items():
+            trees = HistGradientBoostingClassifier(max_iter=500, learning_rate=0.05, early_stopping=True,
+                                                   random_state=0, categorical_features=categories or None)
+            mask = rows_mask(fit_on)
+            trees.fit(features[mask], labels[mask])
+            predicted = np.full(candidates.shape, np.nan)
+            predicted[valid] = trees.predict_proba(features[valid])[:, 1]
+            record(f"boosted trees, pointwise: {label}", ndcg(predicted), measured_on, trees.n_iter_)
+            inner = rng.permutation(fit_on)
+            choose_on, train_on = inner[: len(inner) // 5], inner[len(inner) // 5 :]
+            ranking = lambdarank(lightgbm, features, labels, valid, train_on, categories, max(TREES))
+            trees_by_ndcg = {count: float(ndcg(_predict(ranking, features, valid, count))[choose_on].mean())
+                             for count in TREES}  # fmt: skip
+            count = max(trees_by_ndcg, key=lambda value: trees_by_ndcg[value])
+            ranking = lambdarank(lightgbm, features, labels, valid, fit_on, categories, count)
+            record(f"LambdaMART: {label}", ndcg(_predict(ranking, features, valid, count)), measured_on, count)
+
+    result = {"run": str(args.run), "users": len(users), "features": names, "halves_ndcg_at_10": measured,
+              "ndcg_at_10": {name: float(np.mean(values)) for name, values in measured.items()},
+              "settings": {name: [str(value) for value in values] for name, values in chosen.items()}}  # fmt: skip
+    print(f"{len(users):,} validation users, each half fitted on the other; item and user features: "
+          f"{', '.join(names)}")  # fmt: skip
+    print(f"| final order of the retrieved candidates | held-out NDCG@{K} | halves |")
+    print("|---|---:|---|")
+    for name, values in measured.items():
+        print(f"| {name} | {np.mean(values):.4f} | {' / '.join(f'{value:.4f}' for value in values)} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def lambdarank(lightgbm, features: np.ndarray, labels: np.ndarray, valid: np.ndarray, rows: np.ndarray,
+               categorical: list[int], trees: int):  # type: ignore[no-untyped-def]  # fmt: skip
+    """LightGBM's LambdaMART on these users' candidates, one query group per user."""
+    rows = rows[valid[rows].any(axis=1)]  # a user without candidates makes no query group
+    kept = valid[rows]
+    model = lightgbm.LGBMRanker(objective="lambdarank", n_estimators=trees, learning_rate=0.03, num_leaves=31,
+                                min_child_samples=50, lambdarank_truncation_level=20, verbose=-1,
+                                n_jobs=os.cpu_count() or 1, random_state=0)  # fmt: skip
+    model.fit(features[rows][kept], labels[rows][kept].astype(int), group=kept.sum(axis=1),
+              categorical_feature=categorical or "auto")  # fmt: skip
+    return model
+
+
+def _predict(model, features: np.ndarray, valid: np.ndarray, trees: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    predicted = np.full(valid.shape, np.nan)
+    predicted[valid] = model.predict(features[valid], num_iteration=trees)
+    return predicted
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
