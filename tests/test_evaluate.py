@@ -312,6 +312,11 @@ def test_evaluation_of_a_trained_run_writes_the_report_with_values_in_range(eval
     assert final["pipeline_retrieval_weight"] == blend["retrieval_weight"]
     assert final["pipeline_item_to_item_weight"] == blend["item_to_item_weight"]
     assert f"retrieval weight {blend['retrieval_weight']:g}" in report
+    # The grid and the weights learned from the retrieved candidates were both measured on held-out users, and the
+    # better one kept (models.blend; the grid on a tie).
+    held_out = blend["held_out_ndcg_at_10"]
+    assert set(held_out) == {"grid", "learned"} and blend["method"] == max(held_out, key=held_out.__getitem__)
+    assert final["pipeline_blend_method"] == blend["method"] and len(final["pipeline_source_weights"]) == 3
     tuned = np.load(trained_run / "batch_score_evaluate" / BLEND_USERS_FILE)
     assert blend["validation_users"] == len(tuned) > 0
     # (a tuned user whose validation clicks the evaluation's rules all remove was not among them anyway)
