@@ -209,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--conf", default="{}", help="JSON of DAG Params to set, e.g. '{\"ranker_epochs\": 2}'")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM cleans up like Ctrl-C
+    # Python leaves SIGINT ignored when it starts so (a shell's background job, or a parent's choice): Ctrl-C
+    # must still stop what the demo starts.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         demo(args)
     except KeyboardInterrupt:
