@@ -63,18 +63,26 @@ class QualityGateError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class GateMetric:
-    """One metric the gate compares: higher is better; `baseline_metric` (same run) or `baseline_value` to beat."""
+    """One metric the gate compares: higher is better; `baseline_metric` (same run) or `baseline_value` to beat.
+
+    `fallback` (metric, baseline metric) is compared instead where the candidate's run lacks `metric`, or the
+    champion's does (a champion registered before the metric existed)."""
 
     model: str
     metric: str
     baseline_name: str
     baseline_metric: str | None = None
     baseline_value: float | None = None
+    fallback: tuple[str, str] | None = None
 
 
 GATE_METRICS = (
     GateMetric(RANKER_MODEL_NAME, "best_valid_auc", "random ordering (AUC 0.5)", baseline_value=0.5),
-    GateMetric(TWO_TOWER_MODEL_NAME, "best_recall_at_100", "popularity", baseline_metric="popularity_recall_at_100"),
+    # Recall of what the served lists may hold (the spec's exclude_seen items left out, tasks/train_two_tower.py's
+    # "unseen" metrics, on which the epoch is chosen); all validation positives where a run has no such metric.
+    GateMetric(TWO_TOWER_MODEL_NAME, "best_unseen_recall_at_100", "popularity",
+               baseline_metric="popularity_unseen_recall_at_100",
+               fallback=("best_recall_at_100", "popularity_recall_at_100")),
 )
 
 
@@ -323,19 +331,24 @@ def _check_batch_scored_with(batch_dir: Path, versions: Mapping[str, str]) -> No
 
 
 def _check(client: Any, metric: GateMetric, run: Any, champion_version: str | None, tolerance: float) -> GateCheck:
-    value = run.data.metrics.get(metric.metric)
-    baseline = metric.baseline_value if metric.baseline_metric is None else run.data.metrics.get(metric.baseline_metric)
+    champion_run = (None if champion_version is None
+                    else client.get_run(client.get_model_version(metric.model, champion_version).run_id))  # fmt: skip
+    name, baseline_metric = metric.metric, metric.baseline_metric
+    if metric.fallback is not None and (name not in run.data.metrics or (
+            champion_run is not None and name not in champion_run.data.metrics)):  # fmt: skip
+        name, baseline_metric = metric.fallback
+    value = run.data.metrics.get(name)
+    baseline = metric.baseline_value if baseline_metric is None else run.data.metrics.get(baseline_metric)
     champion_value, same_data, as_good = None, None, None
-    if champion_version is not None:
-        champion_run = client.get_run(client.get_model_version(metric.model, champion_version).run_id)
-        champion_value = champion_run.data.metrics.get(metric.metric)
+    if champion_run is not None:
+        champion_value = champion_run.data.metrics.get(name)
         ours, theirs = run.data.tags.get(VALIDATION_FINGERPRINT_TAG), champion_run.data.tags.get(
             VALIDATION_FINGERPRINT_TAG)  # fmt: skip
         same_data = ours is not None and ours == theirs
         # A champion without the metric cannot be beaten or matched: only a person decides then.
         as_good = value is not None and champion_value is not None and value >= champion_value - tolerance - _EPSILON
     return GateCheck(
-        model=metric.model, metric=metric.metric, candidate=value, baseline_name=metric.baseline_name,
+        model=metric.model, metric=name, candidate=value, baseline_name=metric.baseline_name,
         baseline=baseline, champion_version=champion_version, champion=champion_value,
         same_validation_data=same_data, beats_baseline=value is not None and baseline is not None and value > baseline,
         as_good_as_champion=as_good,

@@ -71,14 +71,18 @@ def key_prefix() -> Iterator[str]:
 
 
 def train(tracking_uri: str, tmp_path: Path, run: str, *, auc: float, recall: float, popularity: float = 0.30,
-          fingerprint: str = "valid-A") -> dict[str, Any]:  # fmt: skip
+          fingerprint: str = "valid-A", unseen: tuple[float, float] | None = None) -> dict[str, Any]:  # fmt: skip
     """One nightly run's pair, registered as `ranker` and `two_tower`, and its batch scores under runs/<run>/.
 
-    Returns what the DAG hands the gate: the training tasks' dicts and the batch_score folder.
+    Returns what the DAG hands the gate: the training tasks' dicts and the batch_score folder. `unseen`: the
+    two-tower's and popularity's recall@100 of the items the served lists may hold (absent by default, as in runs
+    whose validation has no such positive and runs from before the metric).
     """
     candidate: dict[str, Any] = {}
-    for model, metrics in (("ranker", {"best_valid_auc": auc}),
-                           ("two_tower", {"best_recall_at_100": recall, "popularity_recall_at_100": popularity})):
+    retrieval = {"best_recall_at_100": recall, "popularity_recall_at_100": popularity}
+    if unseen is not None:
+        retrieval |= {"best_unseen_recall_at_100": unseen[0], "popularity_unseen_recall_at_100": unseen[1]}
+    for model, metrics in (("ranker", {"best_valid_auc": auc}), ("two_tower", retrieval)):
         experiment = configure_mlflow(tracking_uri, tmp_path / "artifacts", f"recsys_{model}")
         with mlflow.start_run(experiment_id=experiment, run_name=f"{model} {run}") as mlflow_run:
             mlflow.log_metrics(metrics)
@@ -158,6 +162,22 @@ def test_better_model_is_published_and_worse_one_kept_as_challenger(tracking_uri
     assert aliases(tracking_uri, CHALLENGER) == {"ranker": "3", "two_tower": "3"}
     assert decision.publish_batch_dir is None and "readers keep the champion's lists" in decision.reason
     assert MlflowClient(tracking_uri).get_run(worse["ranker"]["run_id"]).data.tags["gate_decision"] == HOLD
+
+
+def test_retrieval_is_judged_on_what_the_served_lists_may_hold_where_both_runs_measured_it(tracking_uri, tmp_path):
+    # A champion from before the unseen metric: the plain recall decides, the unseen one of the candidate unused.
+    old = train(tracking_uri, tmp_path, "night1", auc=0.70, recall=0.40)
+    assert gate(tracking_uri, old).outcome == PUBLISH
+    worse_in_plain = train(tracking_uri, tmp_path, "night2", auc=0.70, recall=0.30, unseen=(0.50, 0.10))
+    decision = gate(tracking_uri, worse_in_plain)
+    assert decision.outcome == HOLD and "two_tower best_recall_at_100 0.3000" in decision.reason
+    # Once the champion has it, the unseen recall decides (and its own popularity baseline).
+    promote_models(tracking_uri)  # a reviewer promotes the held challenger pair
+    better_unseen = train(tracking_uri, tmp_path, "night3", auc=0.70, recall=0.20, unseen=(0.52, 0.10))
+    decision = gate(tracking_uri, better_unseen)
+    assert decision.outcome == PUBLISH, decision.reason
+    assert "two_tower best_unseen_recall_at_100 0.5200 beats popularity 0.1000" in decision.reason
+    assert "champion v2 0.5000" in decision.reason
 
 
 def test_forced_and_skipped_gates_publish_and_say_so(tracking_uri, tmp_path):
