@@ -30,7 +30,7 @@ Manual trigger Params (defaults: `tasks.pipeline.PipelineConfig`, from the steps
 location (raw CSV; default `<RECSYS_DATA_ROOT>/landing`), the dataset spec, the null threshold, the resplit
 fraction, the sample fraction, the share of malformed rows tolerated (they are quarantined), the ranker and
 both models' epochs, the two-tower's L2 normalization and temperature, TopK and TopN, the blend weights,
-unavailable items, the gate and the ranker comparison.
+unavailable items, the Triton stages' instance count, the gate and the ranker comparison.
 """
 
 from __future__ import annotations
@@ -126,6 +126,8 @@ def _model_versions(two_tower: dict, ranker: dict) -> dict[str, str]:
                                                  "(empty: chosen on validation)"),
         "unavailable_items": Param(DEFAULTS.unavailable_items, type=["null", "string"],
                                    description="CSV with an item id column: items never recommended"),
+        "triton_instances": Param(DEFAULTS.triton_instances, type="integer", minimum=1,
+                                  description="instances of each Triton stage model, answering side by side"),
         "quality_gate": Param(GATE_MODES[0], enum=list(GATE_MODES),
                               description="gate: publish only models as good as the champion and better than "
                                           "popularity; force: compare, publish anyway; skip: publish, no comparison"),

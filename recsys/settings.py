@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recsys.list_defaults import TOP_K
@@ -40,7 +41,8 @@ class Settings(BaseSettings):
                                                                                     "AWS_ENDPOINT_URL"))
 
     # Triton Inference Server: where `make setup` installed it (see docs/environments.md, "Triton server"), and the
-    # HTTP endpoint the serving tier sends inference requests to.
+    # HTTP endpoint the serving tier sends inference requests to; several, comma-separated, share the requests
+    # and take over from one that fails (serving/triton_client.py; `triton_urls`).
     triton_env: Path = PROJECT_ROOT / ".venv-triton"
     triton_url: str = "http://127.0.0.1:8000"
     # True where Triton serves every published version's models under names of their own and follows the version
@@ -109,6 +111,21 @@ class Settings(BaseSettings):
     # How long a customer's items seen since the nightly run stay in Redis (renewed by each new one): longer
     # than it takes the next nightly runs to have them in their data (serving/seen_items.py).
     seen_items_ttl_s: int = Field(default=3 * 24 * 3600, gt=0)
+
+    @field_validator("triton_url")
+    @classmethod
+    def _triton_urls_are_http(cls, value: str) -> str:
+        for url in value.split(","):
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url.strip()!r} is not an http(s)://host:port URL (RECSYS_TRITON_URL takes one "
+                                 "or several, comma-separated)")  # fmt: skip
+        return value
+
+    @property
+    def triton_urls(self) -> list[str]:
+        """The Triton servers of `triton_url`, in the order given."""
+        return [url.strip() for url in self.triton_url.split(",") if url.strip()]
 
     @property
     def landing_location(self) -> str:

@@ -17,16 +17,20 @@ In order, before the first request:
    version-named models (`RECSYS_TRITON_VERSIONED_MODELS`, set here). At least one published run must
    have an export. `--model-repository DIR` serves that repository instead, as it is. It listens on
    `RECSYS_TRITON_URL`'s port (gRPC and metrics on the next two) and is stopped when the gateway stops.
-   A Triton that already answers at that URL (`python -m serving.triton_server` in another terminal) is
-   used as it is and left running; `--no-triton` starts none (customers without a nightly list then get
-   the generic lists, marked `triton_unavailable`).
+   With several URLs (comma-separated), one server is started on each, all following the version the same
+   way, and the workers share their requests among them (`serving/triton_client.py`).
+   Triton servers that already answer at those URLs (`python -m serving.triton_server` in another
+   terminal, or other machines) are used as they are and left running (all of them answer, or none: a mix is
+   refused, since the ones started here would follow the version and the others not); `--no-triton` starts
+   none (customers without a nightly list then get the generic lists, marked `triton_unavailable`).
 3. **The database** at `RECSYS_DATABASE_URL` is migrated to the newest revision (the application itself
    refuses a database that is not; migrating here, once, before the workers start, cannot race).
 4. **The gateway**: uvicorn on `serving.api.main:create_app` (factory), `--workers` processes; with more than
    one, Prometheus' multiprocess mode in a temporary folder, so `/metrics` counts every worker's requests.
 
 Ctrl-C or SIGTERM stops the gateway, then Triton. A SIGKILL leaves Triton running in its own session:
-stop it by its process id (the log line "starting Triton" and `var/triton/tritonserver.log` name it).
+stop it by its process id (the log line "Triton at <url> runs as pid <pid>" names it, and its log
+`var/triton/tritonserver.log`, or `tritonserver-<port>.log` with several servers).
 """
 
 from __future__ import annotations
@@ -185,79 +189,84 @@ def _triton_ready(url: str) -> bool:
 
 @contextlib.contextmanager
 def triton_for(settings: Settings, repository: Path | None, *, enabled: bool) -> Iterator[None]:
-    """A Triton server at settings.triton_url while the block runs: following the published version, or on
-    `repository` as it is (or none, or one already running)."""
+    """A Triton server at each of settings.triton_urls while the block runs: following the published version, or
+    on `repository` as it is (or none, or the ones already running)."""
     if not enabled:
         log.warning("--no-triton: customers without a nightly list get the generic lists (triton_unavailable)")
         yield
         return
-    url = settings.triton_url
-    parts = urllib.parse.urlsplit(url)
-    if _triton_ready(url):
-        log.warning("a Triton server already answers at %s: using it as it is (not started nor stopped here)%s",
-                    url, f"; --model-repository {repository} is ignored" if repository else "")  # fmt: skip
+    urls = settings.triton_urls
+    running = [url for url in urls if _triton_ready(url)]
+    if running:
+        if len(running) < len(urls):  # the ones started here would follow the published version, the others not
+            raise ServeError(f"Triton answers at {', '.join(running)} but not at "
+                             f"{', '.join(url for url in urls if url not in running)} (RECSYS_TRITON_URL): start "
+                             "them all yourself, or stop those so that all are started here")  # fmt: skip
+        log.warning("Triton already answers at %s: used as it is (not started nor stopped here)%s", ", ".join(urls),
+                    f"; --model-repository {repository} is ignored" if repository else "")  # fmt: skip
         yield
         return
-    if parts.hostname not in LOCAL_HOSTS:
-        raise ServeError(f"Triton does not answer at {url} (RECSYS_TRITON_URL), which is not local: start it there, "
-                         "or pass --no-triton")  # fmt: skip
+    remote = [url for url in urls if urllib.parse.urlsplit(url).hostname not in LOCAL_HOSTS]
+    if remote:
+        raise ServeError(f"Triton does not answer at {', '.join(remote)} (RECSYS_TRITON_URL), which is not local: "
+                         "start it there, or pass --no-triton")  # fmt: skip
     import redis
 
-    http_port = parts.port or 8000
-    log_path = PROJECT_ROOT / "var" / "triton" / "tritonserver.log"
-
-    def server_on(models: Path, **options: Any) -> TritonServer:
+    def server_on(url: str, models: Path, **options: Any) -> TritonServer:
+        http_port = urllib.parse.urlsplit(url).port or 8000
+        log_name = "tritonserver.log" if len(urls) == 1 else f"tritonserver-{http_port}.log"
         return TritonServer(models, http_port=http_port, grpc_port=http_port + 1, metrics_port=http_port + 2,
-                            startup_timeout_s=300, log_path=log_path, **options)  # fmt: skip
+                            startup_timeout_s=300, log_path=PROJECT_ROOT / "var" / "triton" / log_name,
+                            **options)  # fmt: skip
 
-    if repository is not None:  # that repository, as it is, until the gateway stops
-        # Resolved: the next nightly export replaces the link and deletes the folder this server was started on.
-        server = server_on(repository.resolve())
-        log.info("starting Triton on %s (takes 10-30 s: its model processes load TensorFlow and Faiss)", repository)
-        with server:
-            assert server.process is not None
-            log.info("Triton runs as pid %d (its own session; log %s)", server.process.pid, server.log_path)
-            try:
-                yield
-            finally:
-                log.info("stopping Triton")
-        return
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-    try:
-        latest_published_repository(settings.data_root, client, settings.redis_key_prefix)  # something to serve
-        settings.triton_models_dir.mkdir(parents=True, exist_ok=True)
-        with server_on(settings.triton_models_dir, model_control_mode="explicit") as server, \
-                following_versions(settings, client):  # fmt: skip
-            assert server.process is not None
-            log.info("Triton runs as pid %d (its own session; log %s), following the published version",
-                     server.process.pid, server.log_path)  # fmt: skip
-            try:
-                yield
-            finally:
-                log.info("stopping Triton")
-    finally:
-        client.close()
+    def started(server: TritonServer, url: str) -> None:
+        assert server.process is not None
+        log.info("Triton at %s runs as pid %d (its own session; log %s)", url, server.process.pid, server.log_path)
+
+    with contextlib.ExitStack() as stack:
+        if repository is not None:  # that repository, as it is, until the gateway stops
+            log.info("starting %d Triton server(s) on %s (10-30 s: their model processes load TensorFlow and "
+                     "Faiss)", len(urls), repository)  # fmt: skip
+            for url in urls:
+                # Resolved: the next nightly export replaces the link and deletes the folder the server started on.
+                started(stack.enter_context(server_on(url, repository.resolve())), url)
+        else:
+            client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+            stack.callback(client.close)
+            latest_published_repository(settings.data_root, client, settings.redis_key_prefix)  # something to serve
+            settings.triton_models_dir.mkdir(parents=True, exist_ok=True)
+            for url in urls:  # one serving repository for all: each loads the versions it is told to
+                started(stack.enter_context(server_on(url, settings.triton_models_dir,
+                                                      model_control_mode="explicit")), url)  # fmt: skip
+            stack.enter_context(following_versions(settings, client))
+            log.info("Triton follows the published version")
+        try:
+            yield
+        finally:
+            log.info("stopping Triton")
 
 
 @contextlib.contextmanager
 def following_versions(settings: Settings, client: Any) -> Iterator[None]:
-    """Triton loads the current version's models now and follows the pointer in a thread while the block runs;
-    the gateway's workers call the version-named models (`serving/model_versions.py`)."""
+    """Every Triton server loads the current version's models now and follows the pointer in a thread while the
+    block runs; the gateway's workers call the version-named models (`serving/model_versions.py`)."""
     import threading
 
-    follower = ModelFollower(triton_url=settings.triton_url, repository=settings.triton_models_dir,
-                             data_root=settings.data_root, redis_client=client, key_prefix=settings.redis_key_prefix,
-                             grace_s=VERSION_GRACE_S)  # fmt: skip
+    followers = [ModelFollower(triton_url=url, repository=settings.triton_models_dir, data_root=settings.data_root,
+                               redis_client=client, key_prefix=settings.redis_key_prefix, grace_s=VERSION_GRACE_S)
+                 for url in settings.triton_urls]  # fmt: skip
     log.info("loading the current version's models into Triton (10-30 s: TensorFlow and Faiss)")
-    follower.sync()
+    for follower in followers:
+        follower.sync()
     stop = threading.Event()
 
     def follow() -> None:
         while not stop.wait(FOLLOW_INTERVAL_S):
-            try:
-                follower.sync()
-            except Exception:  # a version that fails to load leaves the loaded ones serving; the next try may work
-                log.exception("Triton could not follow the published version")
+            for url, follower in zip(settings.triton_urls, followers, strict=True):
+                try:
+                    follower.sync()
+                except Exception:  # a version that fails to load leaves the loaded ones serving; the next try may work
+                    log.exception("Triton at %s could not follow the published version", url)
 
     thread = threading.Thread(target=follow, name="triton-follower", daemon=True)
     os.environ[VERSIONED_MODELS_ENV] = "true"  # read by the workers' settings (triton_versioned_models)
@@ -270,7 +279,8 @@ def following_versions(settings: Settings, client: Any) -> Iterator[None]:
         thread.join(timeout=10)
         del os.environ[VERSIONED_MODELS_ENV]
         get_settings.cache_clear()
-        follower.close()
+        for follower in followers:
+            follower.close()
 
 
 def warm_up(settings: Settings) -> None:
@@ -300,23 +310,23 @@ def warm_up(settings: Settings) -> None:
     finally:
         client.close()
 
-    async def requests() -> None:
-        triton = TritonEnsembles(settings.triton_url, timeout_s=60,
-                                 versioned=os.environ.get(VERSIONED_MODELS_ENV) == "true")  # fmt: skip
+    async def requests(url: str) -> None:
+        triton = TritonEnsembles(url, timeout_s=60, versioned=os.environ.get(VERSIONED_MODELS_ENV) == "true")
         try:
             await triton.recommend(ids["user"], top_k=settings.online_top_k, version=version)
             await triton.similar([ids["similar"]], version=version)
         finally:
             await triton.close()
 
-    started = time.monotonic()
-    try:
-        asyncio.run(requests())
-    except Exception as error:  # a warm-up that fails does not stop serving: the gateway falls back and says so
-        log.warning("Triton warm-up request failed: %s", error)
-        return
-    log.info("Triton warmed up in %.2f s (customer %d, product %d)", time.monotonic() - started, ids["user"],
-             ids["similar"])  # fmt: skip
+    for url in settings.triton_urls:  # each server: the gateway's requests take turns among them
+        started = time.monotonic()
+        try:
+            asyncio.run(requests(url))
+        except Exception as error:  # a warm-up that fails does not stop serving: the gateway falls back and says so
+            log.warning("Triton warm-up request at %s failed: %s", url, error)
+            continue
+        log.info("Triton at %s warmed up in %.2f s (customer %d, product %d)", url, time.monotonic() - started,
+                 ids["user"], ids["similar"])  # fmt: skip
 
 
 # -- the whole -------------------------------------------------------------------------------------------------

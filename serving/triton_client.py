@@ -1,10 +1,24 @@
-"""The gateway's asynchronous client of the two Triton ensembles (their tensors: docs/serving.md, "Triton ensemble")."""
+"""The gateway's asynchronous client of the two Triton ensembles (their tensors: docs/serving.md, "Triton ensemble"),
+over one Triton server or several.
+
+With several servers (`RECSYS_TRITON_URL` lists them, comma-separated) the calls take turns (round robin), and a
+call that fails on one server moves on to the next within the same request:
+- a connection that fails (refused, reset, closed mid-answer: a server stopped or restarting) marks the server
+  down for `down_for_s`; the others take its turns until then, after which it is tried again. Every call asks only
+  for a computation (no state changes on the server), so asking the next server again is safe;
+- an error the server answers with, other than a bad request (400: every server would refuse it alike), e.g. a
+  version's models not loaded there yet, moves on without marking the server down.
+A server that accepts the connection but does not answer is not detected here: the gateway's Triton budget
+(`RECSYS_TRITON_TIMEOUT_MS`) bounds the request, which falls back as with one server (`triton_unavailable`).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -12,7 +26,13 @@ import numpy as np
 from recsys.triton_repository import ENCODE_FEATURES
 from serving.model_versions import versioned_name
 
+log = logging.getLogger(__name__)
+
 RawList = tuple[list[int], list[float]]
+Result = TypeVar("Result")
+DOWN_FOR_S = 2.0  # how long a server whose connection failed is left out of the turns
+# What a call's outcome is counted as, per server (GatewayMetrics.observe_triton).
+ANSWERED, FAILED_OVER = "answered", "failed_over"
 
 
 def _unpadded(item_ids: np.ndarray, scores: np.ndarray) -> RawList:
@@ -20,21 +40,77 @@ def _unpadded(item_ids: np.ndarray, scores: np.ndarray) -> RawList:
     return item_ids[keep].tolist(), scores[keep].astype(float).tolist()
 
 
+class _Server:
+    def __init__(self, url: str, client: Any) -> None:
+        self.url = url
+        self.client = client
+        self.down_until = 0.0  # time.monotonic() before which the server is left out of the turns
+
+
 class TritonEnsembles:
     """`recommend` (raw user id in), `similar_products` (raw item ids in) and `encode_features`, over HTTP with a
-    timeout.
+    timeout, on one server or several (the module's docstring: turns and failover).
 
     With `versioned`, Triton serves each published version's models under names of their own
-    (`serving/model_versions.py`) and every call names the version it wants."""
+    (`serving/model_versions.py`) and every call names the version it wants. `observe(url, outcome)`, when set, is
+    told of every call's outcome on each server it tried (ANSWERED, FAILED_OVER): the gateway's metrics."""
 
-    def __init__(self, url: str, timeout_s: float, *, versioned: bool = False) -> None:
+    def __init__(self, urls: str | Sequence[str], timeout_s: float, *, versioned: bool = False,
+                 down_for_s: float = DOWN_FOR_S) -> None:  # fmt: skip
         import tritonclient.http.aio as triton_http
+        from aiohttp import ClientConnectionError
+        from tritonclient.utils import InferenceServerException
 
-        address = urlparse(url).netloc or url  # tritonclient takes host:port
         self.versioned = versioned
+        self.down_for_s = down_for_s
+        self.observe: Callable[[str, str], None] | None = None
         self._http = triton_http
-        self._client = triton_http.InferenceServerClient(address, conn_timeout=timeout_s)
+        self._connection_errors = (ClientConnectionError, ConnectionError)
+        self._server_error = InferenceServerException
+        self._servers = [
+            _Server(url, triton_http.InferenceServerClient(urlparse(url).netloc or url, conn_timeout=timeout_s))
+            for url in ([urls] if isinstance(urls, str) else urls)  # tritonclient takes host:port
+        ]  # fmt: skip
+        if not self._servers:
+            raise ValueError("no Triton URL given")
+        self._turn = 0
         self._input_names: dict[str, frozenset[str]] = {}  # per model, from its metadata (asked once)
+
+    @property
+    def urls(self) -> list[str]:
+        return [server.url for server in self._servers]
+
+    async def _call(self, call: Callable[[Any], Awaitable[Result]]) -> Result:
+        """`call(client)` on the servers in turn: the next server's turn first, the ones marked down last."""
+        count = len(self._servers)
+        start, self._turn = self._turn, (self._turn + 1) % count
+        now = time.monotonic()
+        turns = [self._servers[(start + offset) % count] for offset in range(count)]
+        turns.sort(key=lambda server: server.down_until > now)  # stable: the turn order among the up ones
+        for position, server in enumerate(turns):
+            last = position == count - 1
+            try:
+                result = await call(server.client)
+            except self._connection_errors as error:
+                if server.down_until <= now:
+                    log.warning("Triton at %s: %s; left out for %.1f s", server.url, str(error) or type(error).__name__,
+                                self.down_for_s)  # fmt: skip
+                server.down_until = time.monotonic() + self.down_for_s
+                if last:
+                    raise
+            except self._server_error as error:
+                if last or error.status() == "400":
+                    raise
+            else:
+                server.down_until = 0.0
+                self._observed(server.url, ANSWERED)
+                return result
+            self._observed(server.url, FAILED_OVER)
+        raise AssertionError("unreachable: the last server's failure is raised")
+
+    def _observed(self, url: str, outcome: str) -> None:
+        if self.observe is not None:
+            self.observe(url, outcome)
 
     def _input(self, name: str, value: np.ndarray) -> object:
         from tritonclient.utils import np_to_triton_dtype
@@ -44,10 +120,9 @@ class TritonEnsembles:
         return tensor
 
     async def _infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        result = await self._client.infer(
-            model, [self._input(name, value) for name, value in inputs.items()],
-            outputs=[self._http.InferRequestedOutput(name) for name in outputs],
-        )  # fmt: skip
+        tensors = [self._input(name, value) for name, value in inputs.items()]
+        requested = [self._http.InferRequestedOutput(name) for name in outputs]
+        result = await self._call(lambda client: client.infer(model, tensors, outputs=requested))
         return {name: result.as_numpy(name) for name in outputs}
 
     def _model(self, ensemble: str, version: str | None) -> str:
@@ -59,7 +134,7 @@ class TritonEnsembles:
 
     async def _inputs_of(self, model: str) -> frozenset[str]:
         if model not in self._input_names:
-            metadata = await self._client.get_model_metadata(model)
+            metadata = await self._call(lambda client: client.get_model_metadata(model))
             self._input_names[model] = frozenset(tensor["name"] for tensor in metadata["inputs"])
         return self._input_names[model]
 
@@ -107,4 +182,5 @@ class TritonEnsembles:
         return [json.loads(value) for value in answer["encoded"].reshape(-1)], int(answer["snapshot_time"][0])
 
     async def close(self) -> None:
-        await self._client.close()
+        for server in self._servers:
+            await server.client.close()

@@ -397,13 +397,14 @@ class TritonServer:
 def main(argv: Sequence[str] | None = None) -> int:
     from recsys.settings import PROJECT_ROOT, get_settings
 
-    default_http_port = urllib.parse.urlsplit(get_settings().triton_url).port or 8000
+    default_http_port = urllib.parse.urlsplit(get_settings().triton_urls[0]).port or 8000
     parser = argparse.ArgumentParser(
         prog="python -m serving.triton_server", description="Run Triton on a model repository until interrupted."
     )
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--http-port", type=int, default=default_http_port, help="default: RECSYS_TRITON_URL's port")
+    parser.add_argument("--http-port", type=int, default=default_http_port,
+                        help="default: the port of RECSYS_TRITON_URL's first URL")  # fmt: skip
     parser.add_argument("--grpc-port", type=int, default=default_http_port + 1)
     parser.add_argument("--metrics-port", type=int, default=default_http_port + 2)
     parser.add_argument("--model-control-mode", choices=["none", "explicit", "poll"], default="none")

@@ -174,7 +174,7 @@ def _export_triton_ensemble(args: argparse.Namespace) -> dict:
                                   temperature=args.temperature, unavailable_items=args.unavailable_items,
                                   retrieval_weight=args.retrieval_weight,
                                   item_to_item_weight=args.item_to_item_weight,
-                                  source_weights=args.source_weights)  # fmt: skip
+                                  source_weights=args.source_weights, instances=args.instances)  # fmt: skip
     versions = json.loads(args.model_versions) if args.model_versions else None
     metrics = export_triton_ensemble(args.input, args.output, load_spec(args.spec), config, model_versions=versions,
                                      batch_score_dir=args.batch_score)  # fmt: skip
@@ -433,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "ranked order)")  # fmt: skip
             step.add_argument("--unavailable-items", type=Path, default=None,
                               help="CSV with an item id column: items never recommended")  # fmt: skip
+            step.add_argument("--instances", type=int, default=1,
+                              help="instances of each stage model, answering requests side by side")  # fmt: skip
             step.add_argument("--model-versions", default=None, help="JSON: registered versions exported")
             step.add_argument("--batch-score", type=Path, default=None,
                               help="the batch scoring whose blend weights to take (default: <input>/batch_score)")

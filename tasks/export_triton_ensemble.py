@@ -102,6 +102,9 @@ class TritonEnsembleConfig:
     # Where the models that run TensorFlow (the query tower, the ranker) are served: "cpu" or "gpu", their Triton
     # instance kind (KIND_CPU, KIND_GPU). None: RECSYS_DEVICE as `recsys.device.export_device` resolves it.
     device: str | None = None
+    # Instances of each stage model: processes (or GPU copies) answering its requests side by side, each holding
+    # what the stage loads (~0.5 GB for a tower). More than one pays where cores outnumber the requests in flight.
+    instances: int = 1
 
     def __post_init__(self) -> None:
         for name in ("retrieval_weight", "item_to_item_weight"):
@@ -112,6 +115,8 @@ class TritonEnsembleConfig:
             raise ValueError(f"source_weights needs one weight per source ({', '.join(SOURCES)})")
         if self.device not in (None, "cpu", "gpu"):
             raise ValueError(f"device must be cpu or gpu, got {self.device!r}")
+        if self.instances < 1:
+            raise ValueError(f"instances must be 1 or more, got {self.instances}")
 
     def with_weights_of(self, batch_score_dir: Path) -> TritonEnsembleConfig:
         """The weights left open filled in from a batch scoring's `_metrics.json`, else the defaults."""
@@ -151,11 +156,12 @@ class StageConfig:
     outputs: tuple[TensorConfig, ...]
     parameters: Mapping[str, str] = dataclasses.field(default_factory=dict)
     instance_kind: str = "KIND_CPU"  # KIND_GPU: Triton starts the instance on a GPU (recsys.device)
+    instances: int = 1  # TritonEnsembleConfig.instances
 
     def pbtxt(self) -> str:
         lines = [f'name: "{self.name}"', 'backend: "python"', "max_batch_size: 0", *_tensor_lists(self)]
-        # One process per model (each loads TensorFlow or Faiss: ~0.5 GB for the towers).
-        lines.append(f"instance_group [ {{ kind: {self.instance_kind} count: 1 }} ]")
+        # A process per instance (each loads TensorFlow or Faiss: ~0.5 GB for the towers).
+        lines.append(f"instance_group [ {{ kind: {self.instance_kind} count: {self.instances} }} ]")
         for key, value in self.parameters.items():
             lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
         return "\n".join(lines) + "\n"
@@ -267,7 +273,8 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
     text = ("TYPE_STRING", (-1,))
     encode = StageConfig(ENCODE_FEATURES, (TensorConfig("kind", "TYPE_STRING", (1,)), TensorConfig("rows", *text)),
                          (TensorConfig("encoded", *text), _one("snapshot_time", "TYPE_INT64", optional=False)))
-    return [query_tower, retrieval, sources, filtering, ranker, ordering, item_lookup, similar, encode]
+    stages = [query_tower, retrieval, sources, filtering, ranker, ordering, item_lookup, similar, encode]
+    return [dataclasses.replace(stage, instances=config.instances) for stage in stages]
 
 
 def _context_columns(columns: PipelineColumns) -> list[str]:

@@ -58,6 +58,7 @@ class PipelineConfig:
     retrieval_weight: float | None = None  # None: chosen on validation by batch scoring, taken by the export
     item_to_item_weight: float | None = None
     unavailable_items: str | None = None  # CSV with an item id column: items never recommended
+    triton_instances: int = 1  # instances of each Triton stage model (TritonEnsembleConfig.instances)
     # Extra CLI arguments of trainer steps, by command (a benchmark's own settings, e.g. "batch-score": weights).
     trainer_arguments: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
 
@@ -136,7 +137,8 @@ def run_step(name: str, layout: RunLayout, config: PipelineConfig, *, input_dir:
         unavailable = Path(config.unavailable_items) if config.unavailable_items else None
         export = TritonEnsembleConfig(top_k=config.top_k, top_n=config.top_n, unavailable_items=unavailable,
                                       retrieval_weight=config.retrieval_weight,
-                                      item_to_item_weight=config.item_to_item_weight)  # fmt: skip
+                                      item_to_item_weight=config.item_to_item_weight,
+                                      instances=config.triton_instances)  # fmt: skip
         # After batch scoring: the blend weights it chose are the export's, so online and offline lists agree.
         return export_triton_ensemble(layout.root, layout.triton_repository, config.dataset_spec(), export,
                                       model_versions=dict(model_versions) if model_versions else None,

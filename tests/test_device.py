@@ -219,3 +219,11 @@ def test_tensorflow_in_the_trainer_environment_follows_the_variable():
 
     assert results["gpu"].startswith("DeviceError: RECSYS_DEVICE=gpu but TensorFlow sees no GPU")
     assert results["auto"] == "cpu" and results["cpu"] == "cpu"
+
+
+def test_the_triton_export_writes_the_instance_count_of_every_stage():
+    counts = {line.split("count: ")[1].split()[0] for stage in stage_configs(COLUMNS, TritonEnsembleConfig(instances=3))
+              for line in stage.pbtxt().splitlines() if line.startswith("instance_group")}  # fmt: skip
+    assert counts == {"3"}
+    with pytest.raises(ValueError, match="instances must be 1 or more"):
+        TritonEnsembleConfig(instances=0)

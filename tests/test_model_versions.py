@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import redis
 import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
 
 from recsys.recommendation_store import RecommendationKeys
 from recsys.spec import DatasetSpec
@@ -167,8 +168,9 @@ def test_a_version_is_laid_out_once_under_its_own_names(published: tuple[Path, n
 def test_make_serve_answers_from_the_models_of_the_version_it_names(
         published: tuple[Path, np.ndarray, np.ndarray], pointer: tuple[redis.Redis, str], batch_scored: Path,
         spec: DatasetSpec, tmp_path: Path):  # fmt: skip
-    """`python -m serving.run`, as users start it: customers without a nightly list are answered online by the
-    current version's models, and by the other run's after a publish and after a rollback, with no restart."""
+    """`python -m serving.run`, as users start it, with two Triton URLs: it starts a server on each, and customers
+    without a nightly list are answered online by the current version's models, and by the other run's after a
+    publish and after a rollback, with no restart, whichever server's turn it is: both follow the version."""
     import os
     import time
 
@@ -185,10 +187,10 @@ def test_make_serve_answers_from_the_models_of_the_version_it_names(
     database_url = f"sqlite:///{tmp_path / 'gateway.db'}"
     upgrade(database_url)
     key = new_key(database_url)
-    triton_port = free_port()
+    triton_urls = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
     env = {**os.environ, "RECSYS_DATA_ROOT": str(data_root), "RECSYS_REDIS_URL": REDIS_URL,
            "RECSYS_REDIS_KEY_PREFIX": prefix, "RECSYS_DATABASE_URL": database_url,
-           "RECSYS_TRITON_URL": f"http://127.0.0.1:{triton_port}", "RECSYS_TRITON_MODELS_DIR": str(tmp_path / "models"),
+           "RECSYS_TRITON_URL": ",".join(triton_urls), "RECSYS_TRITON_MODELS_DIR": str(tmp_path / "models"),
            "RECSYS_TRITON_TIMEOUT_MS": "20000", "RECSYS_REDIS_TIMEOUT_MS": "2000",
            "RECSYS_IMPRESSIONS_DIR": str(tmp_path / "impressions")}  # fmt: skip
     log = tmp_path / "serve.log"
@@ -221,6 +223,13 @@ def test_make_serve_answers_from_the_models_of_the_version_it_names(
         second = until_version("run_b")
         rollback(REDIS_URL, prefix)
         again = until_version("run_a")
+        metrics = httpx.get(f"{url}/metrics", timeout=30).text
+
+    # Both servers answered: the requests took turns.
+    calls = {(sample.labels["server"], sample.labels["outcome"]): sample.value
+             for family in text_string_to_metric_families(metrics) for sample in family.samples
+             if sample.name == "recsys_triton_calls_total"}  # fmt: skip
+    assert {server for (server, outcome), count in calls.items() if outcome == "answered" and count} == set(triton_urls)
 
     held = set(withheld.tolist())
     assert any(held & set(row) for row in first) and not any(held & set(row) for row in second)

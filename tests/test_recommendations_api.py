@@ -26,6 +26,7 @@ from recsys.settings import Settings, get_settings
 from recsys.spec import DatasetSpec
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
+from serving.triton_client import DOWN_FOR_S
 from serving.triton_server import TritonServer
 from tasks.export_triton_ensemble import TritonEnsembleConfig, export_triton_ensemble
 from tasks.feast_features import feast_apply, feast_materialize
@@ -452,6 +453,75 @@ def test_a_stopped_triton_server_degrades_only_online_misses_and_they_come_back(
 
 def items_of_body(body: dict) -> list[int]:
     return [item["product_id"] for item in body["items"]]
+
+
+def triton_calls(client: TestClient) -> dict[tuple[str, str], float]:
+    """The gateway's `recsys_triton_calls_total` by (server, outcome)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.labels["server"], sample.labels["outcome"]): sample.value
+            for family in text_string_to_metric_families(client.get("/metrics").text)
+            for sample in family.samples if sample.name == "recsys_triton_calls_total"}  # fmt: skip
+
+
+def test_two_triton_servers_take_turns_and_one_stopped_mid_load_costs_no_answer(
+    published: redis.Redis, triton: TritonServer, tmp_path: Path, trained_run, spec
+):
+    """Issue 20: the gateway given two Triton URLs (a second server on the module's repository, then the module's
+    own). Customers without a nightly list take turns between them; the second one stops (SIGTERM: it unloads
+    and exits) while requests keep coming. No answer fails or falls back: every one is online and equals the
+    nightly list; once it is gone, every answer comes from the live server, and the stopped one, after the
+    connection that found it gone, is left out of the turns rather than asked on every other request."""
+    import threading
+
+    users = user_ids(trained_run, spec)[-40:]
+    nightly = {user: stored(published, "user", user)[0][:10] for user in users}
+    kept = {user: published.get(f"{PREFIX}recs:{VERSION}:user:{user}") for user in users}
+    published.delete(*(f"{PREFIX}recs:{VERSION}:user:{user}" for user in users))  # every request goes online
+    second = TritonServer(triton.model_repository, startup_timeout_s=180)
+    stopped_url, live_url = second.http_url, triton.http_url
+    answers: list[tuple[int, object]] = []
+
+    def ask(user: int) -> None:
+        published.delete(f"{PREFIX}cache:{VERSION}:user:{user}")  # a miss each time: Triton is asked
+        answers.append((user, client.get(f"/recommendations/{user}", params={"count": 10})))
+
+    try:
+        with second, gateway(tmp_path, triton_url=f"{stopped_url},{live_url}") as client:
+            for user in users[:10]:
+                ask(user)
+            both = triton_calls(client)
+            stopping = threading.Thread(target=second.stop)
+            stopping.start()
+            during = 0
+            while stopping.is_alive():  # mid-load: requests while it unloads and exits
+                ask(users[10 + during % 10])
+                during += 1
+            stopping.join()
+            at_stop = triton_calls(client)
+            time.sleep(DOWN_FOR_S)  # a failure seen while it stopped no longer keeps it out of the turns
+            started = time.monotonic()
+            for user in users[20:]:
+                ask(user)
+            after_s = time.monotonic() - started
+            after = triton_calls(client)
+    finally:
+        published.mset({f"{PREFIX}recs:{VERSION}:user:{user}": value for user, value in kept.items() if value})
+
+    for user, response in answers:
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["route"] == "online" and body["degraded"] == [], body
+        assert items_of_body(body) == nightly[user]
+    # Turns: 10 requests, and the context's encoding asked once (the gateway keeps its codes).
+    assert abs(both[(stopped_url, "answered")] - both[(live_url, "answered")]) <= 1
+    assert both[(stopped_url, "answered")] + both[(live_url, "answered")] >= 10
+    assert during > 0
+    assert after.get((stopped_url, "answered")) == at_stop[(stopped_url, "answered")]
+    assert after[(live_url, "answered")] - at_stop[(live_url, "answered")] == len(users[20:])
+    # Left out for DOWN_FOR_S after each connection that failed, not asked at every other turn.
+    failed_over = after[(stopped_url, "failed_over")] - at_stop.get((stopped_url, "failed_over"), 0)
+    assert 1 <= failed_over <= 1 + after_s / DOWN_FOR_S, (failed_over, after_s)
 
 
 def test_without_redis_answers_come_from_the_process_copy(published: redis.Redis, tmp_path: Path, trained_run,

@@ -19,7 +19,8 @@ import pytest
 import redis
 
 from recsys.recommendation_store import RecommendationKeys
-from serving.run import ServeError, ensure_redis, latest_published_repository
+from recsys.settings import Settings
+from serving.run import ServeError, ensure_redis, latest_published_repository, triton_for
 from tests.redis_databases import redis_url
 from tests.servers import free_port
 
@@ -68,6 +69,18 @@ def test_refuses_when_no_run_published_or_nothing_was_exported(tmp_path: Path, c
     exported(tmp_path, "run_a", 10)
     with pytest.raises(ServeError, match="no run of theirs is published"):
         latest_published_repository(tmp_path, connection, prefix)
+
+
+def test_several_triton_urls_are_read_in_order_and_each_must_be_an_http_url(tmp_path: Path) -> None:
+    settings = Settings(triton_url="http://127.0.0.1:8000, http://127.0.0.1:8010")
+    assert settings.triton_urls == ["http://127.0.0.1:8000", "http://127.0.0.1:8010"]
+    with pytest.raises(ValueError, match=r"'127\.0\.0\.1:8010' is not an http"):
+        Settings(triton_url="http://127.0.0.1:8000,127.0.0.1:8010")
+    # A server that does not answer and is not local cannot be started here: the start fails, naming it.
+    remote = Settings(triton_url=f"http://127.0.0.1:{free_port()},http://triton.invalid:8000", data_root=tmp_path)
+    with pytest.raises(ServeError, match=r"does not answer at http://triton.invalid:8000 \(RECSYS_TRITON_URL\)"), \
+            triton_for(remote, None, enabled=True):  # fmt: skip
+        pass
 
 
 def test_redis_that_answers_is_used_and_one_that_cannot_be_started_is_refused() -> None:

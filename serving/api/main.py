@@ -65,7 +65,7 @@ def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender
         product_flags_ttl_s=settings.product_flags_ttl_s, read_rate_per_s=settings.read_rate_per_s,
         read_burst=settings.read_burst,
     )  # fmt: skip
-    triton = TritonEnsembles(settings.triton_url, timeout_s=settings.triton_timeout_ms / 1000,
+    triton = TritonEnsembles(settings.triton_urls, timeout_s=settings.triton_timeout_ms / 1000,
                              versioned=settings.triton_versioned_models)  # fmt: skip
     live = build_live_features(settings, triton, client) if settings.live_features else None
     return Recommender(client, triton, config, recommendations.product_flags_reader(sessions), live=live)
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
             impressions.start()
             app.state.recommender = build_recommender(settings, app.state.sessionmaker)
+            app.state.recommender.triton.observe = app.state.metrics.observe_triton
             app.state.seen_items = build_seen_items_writer(settings)
             app.state.ingest_bucket = TokenBucket(
                 app.state.recommender.redis, settings.redis_key_prefix, settings.ingest_rate_per_s,

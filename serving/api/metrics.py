@@ -12,6 +12,9 @@
 - `recsys_recommendation_fallbacks_total` (`cause`): one per entry of an answer's `degraded` list
   (redis_unavailable, triton_unavailable, ...).
 - `recsys_impressions_dropped_total`: impressions not written (writer queue full, or the disk refused them).
+- `recsys_triton_calls_total` (`server`, `outcome`): calls to each Triton server (`RECSYS_TRITON_URL`) by
+  outcome: `answered`, or `failed_over` (its connection failed or it answered an error, and the next server was
+  asked; serving/triton_client.py). A call failing on the last server tried is in neither: its answer falls back.
 
 The online cache's hit ratio, from the answers counted above:
 
@@ -68,6 +71,8 @@ class GatewayMetrics:
                                  ["cause"], registry=self.registry)  # fmt: skip
         self.impressions_dropped = Counter("recsys_impressions_dropped_total", "Impressions not written",
                                            registry=self.registry)  # fmt: skip
+        self.triton_calls = Counter("recsys_triton_calls_total", "Calls to each Triton server by outcome",
+                                    ["server", "outcome"], registry=self.registry)  # fmt: skip
 
         # Labelled series by label values: `labels()` validates and locks on every call, a dict lookup does not.
         # Bounded: route templates x methods x statuses, API key names, routes and causes are all few.
@@ -98,6 +103,10 @@ class GatewayMetrics:
         answers.inc()
         for cause in degraded:  # rare: only degraded answers
             self.fallbacks.labels(cause).inc()
+
+    def observe_triton(self, server: str, outcome: str) -> None:
+        """Only on the online path (a few servers, two outcomes): labels() is cheap enough there."""
+        self.triton_calls.labels(server, outcome).inc()
 
 
 router = APIRouter(tags=["monitoring"])
