@@ -16,6 +16,7 @@ from pathlib import Path
 
 from models.blend import BLEND_METHODS, SOURCES
 from models.rankers import COMPARED_RANKERS
+from recsys.dask_cluster import scheduler_from_environment
 from recsys.datagen import GeneratorConfig
 from recsys.errors import InputDataError
 from recsys.list_defaults import SIMILAR_N, TOP_K, TOP_N
@@ -93,7 +94,7 @@ def _nvtabular_fit_transform(args: argparse.Namespace) -> dict:
         from tasks.nvtabular_fit_transform import nvtabular_fit_transform
     except ImportError as error:  # NVTabular lives in the trainer environment only
         raise SystemExit(f"{error}: run this command with .venv-trainer/bin/recsys") from error
-    return nvtabular_fit_transform(args.input, args.output, load_spec(args.spec))
+    return nvtabular_fit_transform(args.input, args.output, load_spec(args.spec), dask_scheduler=args.dask_scheduler)
 
 
 def _train_ranker(args: argparse.Namespace) -> dict:
@@ -354,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
         step = _step_parser(subparsers, name, handler, help_text)
         step.add_argument("--input", type=Path, required=True)
         step.add_argument("--output", type=Path, required=True)
+        if name == "nvtabular-fit-transform":
+            step.add_argument("--dask-scheduler", default=scheduler_from_environment(),
+                              help="where NVTabular runs: a Dask scheduler's address, or 'local' for a LocalCluster "
+                                   "(default: RECSYS_DASK_SCHEDULER; unset: this process)")  # fmt: skip
         if name == "csv-to-parquet":
             step.add_argument("--max-bad-row-fraction", type=float, default=CsvToParquetConfig.max_bad_row_fraction)
             step.add_argument("--sample-fraction", type=float, default=CsvToParquetConfig.sample_fraction)

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recsys.dask_cluster import dask_execution, partitions_for, tasks_by_worker
 from recsys.device import merlin_cpu
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import nvtabular_part_files
@@ -136,17 +137,22 @@ def null_encodings(spec: DatasetSpec) -> dict[str, int]:
     return {name: NULL_OFFSET for name in spec.categorical_columns}
 
 
-def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec) -> dict:
-    """Fit on `input_dir/train`, write workflow/, train/, valid/, user_features.parquet, item_features.parquet."""
+def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec, *,
+                            dask_scheduler: str | None = None) -> dict:  # fmt: skip
+    """Fit on `input_dir/train`, write workflow/, train/, valid/, user_features.parquet, item_features.parquet.
+
+    `dask_scheduler`: where the fit and transforms run (`recsys.dask_cluster`; None: in this process)."""
     import nvtabular as nvt
     import pyarrow.parquet as pq
 
     source = Path(input_dir)
     # On the CPU unless cudf imports (recsys.device.merlin_cpu): NVTabular's GPU path is RAPIDS, in neither lock.
     cpu = merlin_cpu()
-    train = nvt.Dataset(sorted(str(p) for p in (source / "train").glob("part-*.parquet")), engine="parquet", cpu=cpu)
-    valid = nvt.Dataset(sorted(str(p) for p in (source / "valid").glob("part-*.parquet")), engine="parquet", cpu=cpu)
-    with atomic_output_dir(Path(output_dir)) as staging:
+    with dask_execution(dask_scheduler) as client, atomic_output_dir(Path(output_dir)) as staging:
+        executed_before = tasks_by_worker(client) if client is not None else {}
+        train, valid = (partitions_for(nvt.Dataset(sorted(str(p) for p in (source / split).glob("part-*.parquet")),
+                                                   engine="parquet", cpu=cpu), client)
+                        for split in ("train", "valid"))  # fmt: skip
         # Category tables are fitted aside; save() copies them into workflow/ (NVTabular's default is ./categories).
         workflow = build_workflow(spec, staging / "_categories")
         workflow.fit(train)
@@ -155,6 +161,11 @@ def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec
         # shuffle=None keeps row order, so a rerun on the same input writes the same files.
         workflow.transform(train).to_parquet(str(staging / "train"), shuffle=None, out_files_per_proc=None)
         workflow.transform(valid).to_parquet(str(staging / "valid"), shuffle=None, out_files_per_proc=None)
+        dask = None
+        if client is not None:  # what each worker ran of this step
+            executed = tasks_by_worker(client)
+            dask = {"scheduler": dask_scheduler, "tasks_by_worker": {
+                worker: count - executed_before.get(worker, 0) for worker, count in executed.items()}}
         users, items, _ = feature_tables([staging / "train", staging / "valid"], spec)
         train_rows = sum(pq.ParquetFile(path).metadata.num_rows for path in nvtabular_part_files(staging / "train"))
         users.to_parquet(staging / "user_features.parquet", index=False)
@@ -173,6 +184,8 @@ def nvtabular_fit_transform(input_dir: Path, output_dir: Path, spec: DatasetSpec
             "output_columns": list(workflow.output_schema.column_names),
             "null_encodings": null_encodings(spec),
         }
+        if dask is not None:
+            metrics["dask"] = dask
         (staging / "_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("nvtabular_fit_transform: %d train rows, %d users, %d items", metrics["train_rows"], metrics["users"],
              metrics["items"])  # fmt: skip
