@@ -160,7 +160,7 @@ def main() -> int:
     labels = hit_matrix(candidates, targets)
 
     def ndcg(scores: np.ndarray) -> np.ndarray:
-        top, _, _ = order(candidates, np.where(valid, scores, np.nan), K)
+        top, *_ = order(candidates, np.where(valid, scores, np.nan), K)
         return user_list_metrics(top, targets, K)[f"ndcg_at_{K}"]
 
     def blended(weight: float, item_to_item: float, sources: tuple | list = (0.0, 0.0, 0.0)) -> np.ndarray:

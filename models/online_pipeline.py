@@ -228,22 +228,27 @@ def multi_source_candidates(
 
 def order(candidates: np.ndarray, scores: np.ndarray, top_n: int, *, temperature: float = 0.0,
           rng: np.random.Generator | None = None, promoted: np.ndarray | None = None,
-          promotion_threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """The top-n (item ids, scores, sampling probabilities) per row; MISSING pads short rows.
+          promotion_threshold: float = 0.5, click_probabilities: np.ndarray | None = None,
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The top-n (item ids, order scores, sampling probabilities, click probabilities) per row; MISSING pads
+    short rows (scores and click probabilities NaN).
 
-    Promotion rule (report 4.4.7): a promoted item whose score is at least `promotion_threshold`
-    gets score 1.0. With temperature T > 0, the order is a sample without replacement from
-    softmax(score / T) (drawn with the Gumbel top-k trick, the same distribution as sampling one
-    item after another); with T = 0 it is the ranked order and the probabilities are one-hot-like
+    `scores` are the order scores (the blend); `click_probabilities` the ranker's P(click) of each candidate,
+    aligned with them (None: the scores are the ranker's own). Promotion rule (report 4.4.7, decided in issue
+    19): a promoted item whose P(click) is at least `promotion_threshold` gets order score 1.0, the top of a
+    probability-scale order (a blend never exceeds its P(click)). With temperature T > 0, the order is a sample
+    without replacement from softmax(score / T) (drawn with the Gumbel top-k trick, the same distribution as
+    sampling one item after another); with T = 0 it is the ranked order and the probabilities are one-hot-like
     (1 for the top item, the softmax limit).
     """
     scores = np.where(candidates >= 0, scores, -np.inf).astype(np.float64)
+    clicks = scores if click_probabilities is None else np.asarray(click_probabilities, dtype=np.float64)
     if promoted is not None and len(promoted):
         valid = candidates >= 0
         flagged = np.zeros_like(valid)
         in_range = valid & (candidates < len(promoted))
         flagged[in_range] = promoted[candidates[in_range]]
-        scores = np.where(flagged & (scores >= promotion_threshold), 1.0, scores)
+        scores = np.where(flagged & (clicks >= promotion_threshold), 1.0, scores)
     if temperature > 0:
         logits = scores / temperature
         finite = np.isfinite(logits)
@@ -264,20 +269,24 @@ def order(candidates: np.ndarray, scores: np.ndarray, top_n: int, *, temperature
     chosen = np.take_along_axis(candidates, positions, axis=1)
     chosen_scores = np.take_along_axis(scores, positions, axis=1)
     chosen_probabilities = np.take_along_axis(probabilities, positions, axis=1)
+    chosen_clicks = np.take_along_axis(clicks, positions, axis=1)
     absent = ~np.isfinite(chosen_scores) | (chosen < 0)
     chosen = np.where(absent, MISSING, chosen)
-    return chosen, np.where(absent, np.nan, chosen_scores).astype(np.float32), chosen_probabilities.astype(np.float32)
+    return (chosen, np.where(absent, np.nan, chosen_scores).astype(np.float32),
+            chosen_probabilities.astype(np.float32), np.where(absent, np.nan, chosen_clicks).astype(np.float32))
 
 
-def ranked_order(scores: Sequence[float], promoted: Sequence[bool], top_n: int, *,
-                 promotion_threshold: float = 0.5) -> tuple[list[int], list[float]]:  # fmt: skip
-    """`order`'s temperature-0 case for one list, in plain Python: (positions of the top n, their scores).
+def ranked_order(scores: Sequence[float], promoted: Sequence[bool], top_n: int, *, promotion_threshold: float = 0.5,
+                 click_probabilities: Sequence[float] | None = None) -> tuple[list[int], list[float]]:  # fmt: skip
+    """`order`'s temperature-0 case for one list, in plain Python: (positions of the top n, their order scores).
 
     The gateway orders one short list per request, where numpy's per-call costs made `order` take 45 us
-    against 10 us here. Same rule, same stable tie order; tests hold the two equal.
+    against 10 us here. Same rule, same stable tie order; tests hold the two equal. A NaN P(click) (a list
+    without one) never reaches the threshold.
     """
-    adjusted = [1.0 if flag and score >= promotion_threshold else score
-                for score, flag in zip(scores, promoted, strict=True)]  # fmt: skip
+    clicks = scores if click_probabilities is None else click_probabilities
+    adjusted = [1.0 if flag and click >= promotion_threshold else score
+                for score, flag, click in zip(scores, promoted, clicks, strict=True)]  # fmt: skip
     # sorted() is stable with reverse=True too: ties keep the list's order, as order()'s stable argsort does.
     positions = sorted(range(len(adjusted)), key=adjusted.__getitem__, reverse=True)[:top_n]
     return positions, [adjusted[position] for position in positions]
@@ -662,7 +671,8 @@ class RecommendationPipeline:
                   source_weights: Sequence[float] = NO_SOURCE_WEIGHTS) -> dict[str, np.ndarray]:  # fmt: skip
         """All four stages for a batch of known users; encoded item ids out (MISSING pads).
 
-        `scores` are `blend_scores`'s (the ranker's alone with every weight 0).
+        `scores` are `blend_scores`'s (the ranker's alone with every weight 0), `click_probabilities` the
+        ranker's P(click) of the same items.
         """
         found = self.candidates(features, top_k=top_k, histories=histories, excluded=excluded,
                                 unavailable=unavailable, context=context)  # fmt: skip
@@ -670,8 +680,9 @@ class RecommendationPipeline:
         scores = blend_scores(candidates, found["ranker_scores"], found["retrieval_scores"], retrieval_weight,
                               found["item_to_item_scores"], item_to_item_weight, sources=found["sources"],
                               source_weights=source_weights)  # fmt: skip
-        items, ordered_scores, probabilities = order(
+        items, ordered_scores, probabilities, clicks = order(
             candidates, scores, top_n, temperature=temperature, rng=rng, promoted=promoted,
-            promotion_threshold=promotion_threshold,
+            promotion_threshold=promotion_threshold, click_probabilities=found["ranker_scores"],
         )  # fmt: skip
-        return {"candidates": candidates, "items": items, "scores": ordered_scores, "probabilities": probabilities}
+        return {"candidates": candidates, "items": items, "scores": ordered_scores, "probabilities": probabilities,
+                "click_probabilities": clicks}

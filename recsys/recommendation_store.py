@@ -24,8 +24,12 @@ list, instead of asking Triton. It is written only while it stays small: ids bel
 limit and at most the publisher's `KNOWN_USERS_BITS_PER_USER` bits a user (dense ids, as database sequences give; 1 MiB
 is always allowed). Otherwise a version has none, and readers treat every miss as possibly known.
 
-A value is the list as packed little-endian pairs (item id int64, score float32): 12 bytes an item,
-no parsing on the serving path (`decode_recommendations`). Encoding a batch is a few vectorized numpy
+A value is the list as packed little-endian records (item id int64, order score float32, P(click) float32):
+16 bytes an item, after one 16-byte header record (`LIST_HEADER`: item id -2**63, which no item has, and the
+format number 2), no parsing on the serving path (`decode_recommendations`). The order score orders the list;
+P(click) is the ranker's probability, which the promotion rule compares with its threshold (NaN where a list
+has none: similar products). Values of versions published before the header (12-byte pairs, item id and
+score) still decode: their one number stands for both. Encoding a batch is a few vectorized numpy
 and Arrow calls (0.4 µs a list of 100), so the publish runs at the rate of redis-py's pipelines
 themselves; JSON, even built by Arrow, took 28 µs a list here, more than its SET. See
 `benchmarks/publish.py`.
@@ -45,8 +49,13 @@ if TYPE_CHECKING:
     import redis.asyncio
 
 KINDS = ("user", "segment", "similar")
-PAYLOAD_DTYPE = np.dtype([("item_id", "<i8"), ("score", "<f4")])  # packed: 12 bytes an item
-VALUE_FORMAT = "item_id:int64le,score:float32le"  # recorded in every version's meta hash
+PAYLOAD_DTYPE = np.dtype([("item_id", "<i8"), ("score", "<f4"), ("click_probability", "<f4")])  # 16 bytes
+# The first record of every list value: says the format (the item id no item has, then the format number).
+LIST_HEADER = np.array([(np.iinfo(np.int64).min, 2.0, 0.0)], dtype=PAYLOAD_DTYPE)
+_HEADER_BYTES = LIST_HEADER.tobytes()
+LEGACY_PAYLOAD_DTYPE = np.dtype([("item_id", "<i8"), ("score", "<f4")])  # format 1: 12 bytes an item, no header
+# Recorded in every version's meta hash.
+VALUE_FORMAT = "header:item_id=-2**63,score=2;item_id:int64le,score:float32le,click_probability:float32le"
 DEFAULT_KEY_PREFIX = "recsys:"
 REDIS_MAX_BITS = 2**32
 ALL_SEGMENTS = "*"  # the generic list of visitors whose segment is unknown
@@ -65,7 +74,8 @@ def segment_key(values: Sequence[Any] | Any) -> str:
 class Recommendations(NamedTuple):
     version: str
     item_ids: list[int]
-    scores: list[float]
+    scores: list[float]  # the order scores, best first
+    click_probabilities: list[float]  # the ranker's P(click) of each (NaN: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,22 +125,43 @@ class RecommendationKeys:
         return f"{self.prefix}cache:{version}:{kind}:{key}"
 
 
-def encode_recommendations(item_ids: Sequence[int], scores: Sequence[float]) -> bytes:
-    """One list as stored in Redis (the publisher encodes whole batches at once, the same way)."""
-    if len(item_ids) != len(scores):
-        raise ValueError(f"{len(item_ids)} item ids but {len(scores)} scores")
-    pairs = np.empty(len(item_ids), PAYLOAD_DTYPE)
-    pairs["item_id"] = item_ids
-    pairs["score"] = scores
-    return pairs.tobytes()
+def encode_recommendations(item_ids: Sequence[int], scores: Sequence[float],
+                           click_probabilities: Sequence[float] | None = None) -> bytes:  # fmt: skip
+    """One list as stored in Redis (the publisher encodes whole batches at once, the same way); without
+    `click_probabilities`, the scores stand for them (a list ordered by P(click) itself)."""
+    clicks = scores if click_probabilities is None else click_probabilities
+    if not len(item_ids) == len(scores) == len(clicks):
+        raise ValueError(f"{len(item_ids)} item ids but {len(scores)} scores and {len(clicks)} click probabilities")
+    records = np.empty(len(item_ids), PAYLOAD_DTYPE)
+    records["item_id"] = item_ids
+    records["score"] = scores
+    records["click_probability"] = clicks
+    return _HEADER_BYTES + records.tobytes()
+
+
+def _records(value: bytes) -> np.ndarray:
+    if value[:16] == _HEADER_BYTES:
+        if len(value) % PAYLOAD_DTYPE.itemsize:
+            raise ValueError(f"a stored list is a multiple of {PAYLOAD_DTYPE.itemsize} bytes, got {len(value)}")
+        return np.frombuffer(value, dtype=PAYLOAD_DTYPE, offset=PAYLOAD_DTYPE.itemsize)
+    if len(value) % LEGACY_PAYLOAD_DTYPE.itemsize:
+        raise ValueError(f"a stored list is a multiple of {LEGACY_PAYLOAD_DTYPE.itemsize} bytes, got {len(value)}")
+    return np.frombuffer(value, dtype=LEGACY_PAYLOAD_DTYPE)
 
 
 def decode_recommendations(value: bytes) -> tuple[list[int], list[float]]:
-    """(item ids, scores) of a stored list, best first."""
-    if len(value) % PAYLOAD_DTYPE.itemsize:
-        raise ValueError(f"a stored list is a multiple of {PAYLOAD_DTYPE.itemsize} bytes, got {len(value)}")
-    pairs = np.frombuffer(value, dtype=PAYLOAD_DTYPE)
-    return pairs["item_id"].tolist(), pairs["score"].tolist()
+    """(item ids, order scores) of a stored list, best first."""
+    records = _records(value)
+    return records["item_id"].tolist(), records["score"].tolist()
+
+
+def decode_scored_list(value: bytes) -> tuple[list[int], list[float], list[float]]:
+    """(item ids, order scores, click probabilities) of a stored list, best first; a list of the first format
+    has one number, which stands for both."""
+    records = _records(value)
+    scores = records["score"].tolist()
+    clicks = records["click_probability"].tolist() if records.dtype == PAYLOAD_DTYPE else scores
+    return records["item_id"].tolist(), scores, clicks
 
 
 # --- reading (the serving tier) ---------------------------------------------------------------------
@@ -154,8 +185,7 @@ def read_recommendations(client: redis.Redis, key_prefix: str, kind: str, key: s
     value = client.execute_command("GET", keys.data(version_text, kind, key), **{NEVER_DECODE: []})
     if value is None:
         return None
-    item_ids, scores = decode_recommendations(value)
-    return Recommendations(version_text, item_ids, scores)
+    return Recommendations(version_text, *decode_scored_list(value))
 
 
 async def read_recommendations_async(client: redis.asyncio.Redis, key_prefix: str, kind: str, key: str | int
@@ -169,8 +199,7 @@ async def read_recommendations_async(client: redis.asyncio.Redis, key_prefix: st
     value = await client.execute_command("GET", keys.data(version_text, kind, key), **{NEVER_DECODE: []})
     if value is None:
         return None
-    item_ids, scores = decode_recommendations(value)
-    return Recommendations(version_text, item_ids, scores)
+    return Recommendations(version_text, *decode_scored_list(value))
 
 
 def version_metadata(client: redis.Redis, key_prefix: str, version: str) -> dict[str, str]:

@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     # Request bodies above this many bytes are refused with 413 before they reach a route.
     max_request_bytes: int = Field(default=65_536, gt=0)
     # Budgets of the gateway's other calls on the request path (well inside the 500 ms SLA), the TTL of
-    # cached online (Triton) answers, and the promotion rule's threshold (report 4.4.7).
+    # cached online (Triton) answers, and the promotion rule's threshold (report 4.4.7), compared with the ranker's
+    # P(click) that every list keeps (a promoted item reaching it gets order score 1.0).
     redis_timeout_ms: int = Field(default=50, gt=0)
     triton_timeout_ms: int = Field(default=250, gt=0)
     online_cache_ttl_s: int = Field(default=600, gt=0)

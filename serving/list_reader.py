@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from redis.exceptions import RedisError
 
-from recsys.recommendation_store import REDIS_MAX_BITS, RecommendationKeys, decode_recommendations
+from recsys.recommendation_store import REDIS_MAX_BITS, RecommendationKeys, decode_scored_list
 from serving.seen_items import seen_key
 from serving.token_bucket import TOKEN_BUCKET_STEP, read_bucket_key
 
@@ -69,7 +69,7 @@ return reply
 """
 
 
-PublishedList = tuple[list[int], list[float]]  # item ids and scores, best first
+PublishedList = tuple[list[int], list[float], list[float]]  # item ids, order scores and P(click), best first
 
 
 class CurrentLists(NamedTuple):
@@ -137,13 +137,13 @@ class ListReader:
             return CurrentLists(None, [None] * len(keys), frozenset(), None, [])
         seen = frozenset(int(item) for item in reply[1])
         lists = reply[2:]
-        decoded = [decode_recommendations(value) if value else None for value in lists[: len(keys)]]
+        decoded = [decode_scored_list(value) if value else None for value in lists[: len(keys)]]
         marker = lists[len(keys)] if len(lists) > len(keys) else None
         known = {1: True, 0: False}.get(marker)  # type: ignore[arg-type]  # 2 (live): the bit was not read
-        segments = [decode_recommendations(value) if value else None for value in lists[len(keys) + 1 :]]
+        segments = [decode_scored_list(value) if value else None for value in lists[len(keys) + 1 :]]
         return CurrentLists(reply[0].decode(), decoded, seen, known, segments, live=marker == 2)
 
     async def published(self, version: str, kind: str, keys: Sequence[str]) -> list[PublishedList | None]:
         names = [self.keys.data(version, kind, key) for key in keys]
         values = await self.timed(self.redis.mget(names)) if names else []
-        return [decode_recommendations(value) if value else None for value in values]
+        return [decode_scored_list(value) if value else None for value in values]

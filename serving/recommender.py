@@ -18,8 +18,9 @@ Triton call. A version published without one (sparse ids) leaves Triton to say i
 
 Then the rules of the moment: products the customer interacted with since the nightly run (the spec's
 `exclude_seen`; their set comes with the list's read, serving/seen_items.py) and products that became
-unavailable since the nightly run are dropped, the promotion rule (report 4.4.7: a promoted product scoring
-at least the threshold gets 1.0) and softmax sampling with temperature (``softmax(score / T)``; T = 0 is
+unavailable since the nightly run are dropped, the promotion rule (report 4.4.7: a promoted product whose
+P(click), the ranker's probability the list keeps next to its order score, is at least the threshold gets
+order score 1.0, the top) and softmax sampling with temperature (``softmax(score / T)``; T = 0 is
 the ranked order), with the same ``order`` function that batch scoring and Triton use. Every call to Redis,
 Triton and the database has a timeout; when one fails, the answer comes from what the process still has
 (its copy of recent answers or of the generic lists) and says so in ``degraded``, instead of failing the
@@ -44,6 +45,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -54,7 +56,7 @@ from recsys.list_defaults import TOP_K
 from recsys.recommendation_store import (
     ALL_SEGMENTS,
     RecommendationKeys,
-    decode_recommendations,
+    decode_scored_list,
     encode_recommendations,
     segment_key,
 )
@@ -84,7 +86,8 @@ class VisitorQuery:
 @dataclasses.dataclass
 class RankedList:
     items: list[int]
-    scores: list[float]
+    scores: list[float]  # order scores
+    click_probabilities: list[float]  # each item's P(click), the promotion rule's number (NaN: none known)
     route: str
     model_version: str | None
     degraded: list[str] = dataclasses.field(default_factory=list)
@@ -206,7 +209,7 @@ class Recommender:
                 copy.degraded.append("redis_unavailable")
                 copy.route = f"{copy.route}_local_copy"
                 return copy
-        return RankedList([], [], route="none", model_version=None, degraded=["redis_unavailable"])
+        return RankedList([], [], [], route="none", model_version=None, degraded=["redis_unavailable"])
 
     def _segments(self, query: VisitorQuery) -> list[str]:
         """The keys batch_score published generic lists under, the visitor's segment first, then all segments."""
@@ -228,7 +231,7 @@ class Recommender:
                 answer = RankedList(*lists, route="generic", model_version=version, degraded=degraded)
                 self._remember("segment", key, answer)
                 return answer
-        return RankedList([], [], route="none", model_version=version, degraded=degraded)
+        return RankedList([], [], [], route="none", model_version=version, degraded=degraded)
 
     async def _online(self, query: VisitorQuery, version: str | None) -> RankedList | None:
         """The Triton ensemble's answer for a customer without a nightly list (cached), or None if unknown.
@@ -241,8 +244,7 @@ class Recommender:
         if cached == UNKNOWN_TO_THE_MODELS:
             return None
         if cached:
-            items, scores = decode_recommendations(cached)
-            return RankedList(items, scores, route="online_cached", model_version=version)
+            return RankedList(*decode_scored_list(cached), route="online_cached", model_version=version)
         if self.triton is None:
             return None
         features, context, degraded = await self._live_inputs(query, version)
@@ -260,11 +262,11 @@ class Recommender:
             if not degraded:
                 await self._redis(self.redis.set(cache_key, UNKNOWN_TO_THE_MODELS, ex=self.config.online_cache_ttl_s))
             return None
-        items, scores = answer
+        items, scores, clicks = answer
         if not degraded:  # an answer without the customer's current features or context is not kept for the TTL
-            await self._redis(self.redis.set(cache_key, encode_recommendations(items, scores),
+            await self._redis(self.redis.set(cache_key, encode_recommendations(items, scores, clicks),
                                              ex=self.config.online_cache_ttl_s))  # fmt: skip
-        return RankedList(items, scores, route="online", model_version=version, degraded=degraded)
+        return RankedList(items, scores, clicks, route="online", model_version=version, degraded=degraded)
 
     async def _live_inputs(self, query: VisitorQuery, version: str | None
                            ) -> tuple[Inputs | None, Inputs | None, list[str]]:  # fmt: skip
@@ -302,15 +304,16 @@ class Recommender:
         totals: dict[int, float] = collections.defaultdict(float)
         for lists in found:
             if lists is not None:
-                for item, score in zip(*lists, strict=True):
+                for item, score in zip(lists[0], lists[1], strict=True):
                     totals[item] += score
         for item in query.viewed:  # never recommend what is on the screen already
             totals.pop(item, None)
         if not totals:
             return await self._generic(query, version, degraded=degraded)
         ranked = sorted(totals.items(), key=lambda pair: -pair[1])
-        return RankedList([item for item, _ in ranked], [score for _, score in ranked], route="browsing_now",
-                          model_version=version, degraded=degraded)  # fmt: skip
+        # Similar products carry no P(click): the promotion rule does not apply to them (NaN).
+        return RankedList([item for item, _ in ranked], [score for _, score in ranked], [math.nan] * len(ranked),
+                          route="browsing_now", model_version=version, degraded=degraded)  # fmt: skip
 
     async def _similar_online(self, version: str | None, items: list[int]
                               ) -> tuple[dict[int, PublishedList], list[str]]:  # fmt: skip
@@ -325,15 +328,17 @@ class Recommender:
             if cached is None:
                 ask.append((item, key))
             elif cached != UNKNOWN_TO_THE_MODELS:
-                found[item] = decode_recommendations(cached)
+                found[item] = decode_scored_list(cached)
         if not ask or self.triton is None:
             return found, []
         try:
-            online = await asyncio.wait_for(self.triton.similar([item for item, _ in ask], version=version),
+            answered = await asyncio.wait_for(self.triton.similar([item for item, _ in ask], version=version),
                                             timeout=self.config.triton_timeout_s)  # fmt: skip
         except Exception as error:  # any Triton failure falls back; the reason is logged
             log.warning("Triton similar_products failed (%s)", error)
             return found, ["triton_unavailable"]
+        # Similar products carry no P(click) (NaN): the promotion rule does not apply to them.
+        online = {item: (items, scores, [math.nan] * len(items)) for item, (items, scores) in answered.items()}
         pipe = self.redis.pipeline(transaction=False)
         for item, key in ask:
             value = encode_recommendations(*online[item]) if item in online else UNKNOWN_TO_THE_MODELS
@@ -374,9 +379,10 @@ class Recommender:
         """(final list, sampling probabilities, promoted flags) after availability, promotion and sampling."""
         ranked = await self.candidates(query)
         if ranked.seen:
-            kept = [(item, score) for item, score in zip(ranked.items, ranked.scores, strict=True)
-                    if item not in ranked.seen]  # fmt: skip
-            ranked.items, ranked.scores = [item for item, _ in kept], [score for _, score in kept]
+            kept = [index for index, item in enumerate(ranked.items) if item not in ranked.seen]
+            ranked.items = [ranked.items[index] for index in kept]
+            ranked.scores = [ranked.scores[index] for index in kept]
+            ranked.click_probabilities = [ranked.click_probabilities[index] for index in kept]
         if not ranked.items:
             return ranked, [], []
         flags, current = await self._product_flags(ranked.items)
@@ -384,32 +390,36 @@ class Recommender:
             ranked.degraded.append("database_unavailable")
         items: list[int] = []
         scores: list[float] = []
+        clicks: list[float] = []
         promoted: list[bool] = []
-        for item, score in zip(ranked.items, ranked.scores, strict=True):
+        for item, score, click in zip(ranked.items, ranked.scores, ranked.click_probabilities, strict=True):
             # A product the database does not know keeps the nightly run's view: available, not promoted.
             product = flags.get(item) or NIGHTLY_VIEW
             if product.available:
                 items.append(item)
                 scores.append(score)
+                clicks.append(click)
                 promoted.append(product.promoted)
         if not items:  # every listed product became unavailable
-            ranked.items, ranked.scores = [], []
+            ranked.items, ranked.scores, ranked.click_probabilities = [], [], []
             return ranked, [], []
         top_n = min(query.count, len(items))
         threshold = self.config.promotion_threshold
         if query.temperature > 0:
             positions = np.arange(len(items), dtype=np.int64)[None, :]  # order() works on ids: use positions
-            chosen, chosen_scores, chosen_probabilities = order(
+            chosen, chosen_scores, chosen_probabilities, _ = order(
                 positions, np.array(scores, dtype=np.float32)[None, :], top_n, temperature=query.temperature,
                 rng=np.random.default_rng(query.seed), promoted=np.array(promoted, dtype=bool),
-                promotion_threshold=threshold,
+                promotion_threshold=threshold, click_probabilities=np.array(clicks, dtype=np.float32)[None, :],
             )  # fmt: skip
             picked = chosen[0][chosen[0] >= 0].tolist()
             final_scores = chosen_scores[0][: len(picked)].tolist()
             probabilities = chosen_probabilities[0][: len(picked)].tolist()
         else:  # the ranked order: order()'s temperature-0 case for one list, without numpy's per-call costs
-            picked, final_scores = ranked_order(scores, promoted, top_n, promotion_threshold=threshold)
+            picked, final_scores = ranked_order(scores, promoted, top_n, promotion_threshold=threshold,
+                                                click_probabilities=clicks)  # fmt: skip
             probabilities = [1.0] + [0.0] * (len(picked) - 1) if picked else []
         ranked.items = [items[index] for index in picked]
         ranked.scores = final_scores
+        ranked.click_probabilities = [clicks[index] for index in picked]
         return ranked, probabilities, [promoted[index] for index in picked]

@@ -29,6 +29,8 @@ from serving.model_versions import versioned_name
 log = logging.getLogger(__name__)
 
 RawList = tuple[list[int], list[float]]
+ScoredList = tuple[list[int], list[float], list[float]]  # item ids, order scores, P(click)
+CLICK_PROBABILITIES = "click_probabilities"  # the recommend ensemble's P(click) output (exports since issue 19)
 Result = TypeVar("Result")
 DOWN_FOR_S = 2.0  # how long a server whose connection failed is left out of the turns
 # What a call's outcome is counted as, per server (GatewayMetrics.observe_triton).
@@ -74,7 +76,7 @@ class TritonEnsembles:
         if not self._servers:
             raise ValueError("no Triton URL given")
         self._turn = 0
-        self._input_names: dict[str, frozenset[str]] = {}  # per model, from its metadata (asked once)
+        self._tensor_names: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # per model: in, out
 
     @property
     def urls(self) -> list[str]:
@@ -132,32 +134,37 @@ class TritonEnsembles:
             raise ValueError(f"Triton serves versioned models: {ensemble} needs the version")
         return versioned_name(ensemble, version)
 
-    async def _inputs_of(self, model: str) -> frozenset[str]:
-        if model not in self._input_names:
+    async def _tensors_of(self, model: str) -> tuple[frozenset[str], frozenset[str]]:
+        """The names of a model's inputs and outputs, from its metadata (asked once)."""
+        if model not in self._tensor_names:
             metadata = await self._call(lambda client: client.get_model_metadata(model))
-            self._input_names[model] = frozenset(tensor["name"] for tensor in metadata["inputs"])
-        return self._input_names[model]
+            self._tensor_names[model] = (frozenset(tensor["name"] for tensor in metadata["inputs"]),
+                                         frozenset(tensor["name"] for tensor in metadata["outputs"]))  # fmt: skip
+        return self._tensor_names[model]
 
     async def recommend(self, user_id: int, *, top_k: int, version: str | None = None,
                         features: Mapping[str, np.ndarray] | None = None,
-                        context: Mapping[str, np.ndarray] | None = None) -> RawList | None:  # fmt: skip
-        """The ranked list of a user (temperature 0: the gateway samples itself); None for an unknown user.
+                        context: Mapping[str, np.ndarray] | None = None) -> ScoredList | None:  # fmt: skip
+        """The ranked list of a user (temperature 0: the gateway samples itself), with each item's P(click);
+        None for an unknown user.
 
         `features`: the user's encoded features (one row), e.g. from Feast; without, Triton looks the user up in
         its run's table. `context`: the request's encoded context features. Of both, only what the ensemble
-        takes is sent (the query tower's columns, the ranker's context)."""
+        takes is sent (the query tower's columns, the ranker's context). An export from before the P(click)
+        output gives the order scores for both."""
         model = self._model("recommend", version)
-        given = {**(features or {}), **(context or {})}
-        if given:
-            accepted = await self._inputs_of(model)
-            given = {name: value for name, value in given.items() if name in accepted}
+        accepted, produced = await self._tensors_of(model)
+        given = {name: value for name, value in {**(features or {}), **(context or {})}.items() if name in accepted}
+        clicks = (CLICK_PROBABILITIES,) if CLICK_PROBABILITIES in produced else ()
         answer = await self._infer(model, {
             "user_id_raw": np.array([user_id], dtype=np.int64), "top_k": np.array([top_k], dtype=np.int32),
             "temperature": np.array([0.0], dtype=np.float32), **given,
-        }, ("item_ids", "scores", "known_users"))  # fmt: skip
+        }, ("item_ids", "scores", "known_users", *clicks))  # fmt: skip
         if not bool(answer["known_users"][0]):
             return None
-        return _unpadded(answer["item_ids"][0], answer["scores"][0])
+        items, scores = _unpadded(answer["item_ids"][0], answer["scores"][0])
+        click_probabilities = _unpadded(answer["item_ids"][0], answer[CLICK_PROBABILITIES][0])[1] if clicks else scores
+        return items, scores, click_probabilities
 
     async def similar(self, item_ids: Sequence[int], *, version: str | None = None) -> dict[int, RawList]:
         """Similar products of each known item (unknown items are left out)."""

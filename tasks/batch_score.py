@@ -50,9 +50,12 @@ log = logging.getLogger(__name__)
 
 LIST_TYPE = pa.list_(pa.int64())
 SCORES_TYPE = pa.list_(pa.float32())
-USER_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_ids", LIST_TYPE), ("scores", SCORES_TYPE)])
-SEGMENT_SCHEMA = pa.schema([("segment", pa.string()), ("item_ids", LIST_TYPE), ("scores", SCORES_TYPE)])
-SIMILAR_SCHEMA = pa.schema([("item_id", pa.int64()), ("item_ids", LIST_TYPE), ("scores", SCORES_TYPE)])
+# Every list keeps its order scores and each item's P(click) (the promotion rule's number): the ranker's for a
+# user, the segment's click rate for a generic list, none (NaN) for similar products.
+_LISTS = [("item_ids", LIST_TYPE), ("scores", SCORES_TYPE), ("click_probabilities", SCORES_TYPE)]
+USER_SCHEMA = pa.schema([("user_id", pa.int64()), *_LISTS])
+SEGMENT_SCHEMA = pa.schema([("segment", pa.string()), *_LISTS])
+SIMILAR_SCHEMA = pa.schema([("item_id", pa.int64()), *_LISTS])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,19 +155,23 @@ def segment_lists(resplit_dir: Path, spec: DatasetSpec, top_n: int, unavailable:
         counts = group[spec.item_id].value_counts(sort=True)
         top = counts.sort_index(kind="stable").sort_values(ascending=False, kind="stable").head(top_n)
         key = ALL_SEGMENTS if values == (ALL_SEGMENTS,) else segment_key(values)
-        rows.append({"segment": key, "item_ids": top.index.to_numpy(dtype=np.int64),
-                     "scores": (top.to_numpy() / max(len(group), 1)).astype(np.float32)})  # fmt: skip
+        click_rate = (top.to_numpy() / max(len(group), 1)).astype(np.float32)
+        rows.append({"segment": key, "item_ids": top.index.to_numpy(dtype=np.int64), "scores": click_rate,
+                     "click_probabilities": click_rate})  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def _lists(raw_items: np.ndarray, scores: np.ndarray) -> tuple[pa.Array, pa.Array]:
-    """Row-wise lists without the MISSING padding."""
+def _lists(raw_items: np.ndarray, scores: np.ndarray, click_probabilities: np.ndarray) -> dict[str, pa.Array]:
+    """Row-wise lists (the `_LISTS` columns) without the MISSING padding."""
     keep = raw_items >= 0
     lengths = keep.sum(axis=1)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    items = pa.ListArray.from_arrays(offsets, pa.array(raw_items[keep], type=pa.int64()))
-    values = pa.ListArray.from_arrays(offsets, pa.array(scores[keep].astype(np.float32), type=pa.float32()))
-    return items, values
+
+    def floats(values: np.ndarray) -> pa.Array:
+        return pa.ListArray.from_arrays(offsets, pa.array(values[keep].astype(np.float32), type=pa.float32()))
+
+    return {"item_ids": pa.ListArray.from_arrays(offsets, pa.array(raw_items[keep], type=pa.int64())),
+            "scores": floats(scores), "click_probabilities": floats(click_probabilities)}
 
 
 def choose_blend_weights(pipeline: RecommendationPipeline, nvtabular_dir: Path, spec: DatasetSpec,
@@ -278,7 +285,7 @@ class _BlendChoice:
         scores = blend_scores(found["candidates"], found["ranker_scores"], found["retrieval_scores"], weight,
                               found["item_to_item_scores"], item_to_item_weight, sources=found["sources"],
                               source_weights=source_weights)  # fmt: skip
-        top, _, _ = order(found["candidates"], scores, CHOICE_K)
+        top, *_ = order(found["candidates"], scores, CHOICE_K)
         return user_list_metrics(top, self.targets, CHOICE_K)[f"ndcg_at_{CHOICE_K}"]
 
     def fit(self, rows: np.ndarray) -> dict[str, Any]:
@@ -323,9 +330,8 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
                                            retrieval_weight=weights["retrieval_weight"],
                                            item_to_item_weight=weights["item_to_item_weight"],
                                            source_weights=weights["source_weights"])  # fmt: skip
-                items, scores = _lists(pipeline.raw_items(result["items"]), result["scores"])
-                writer.write(pa.table({"user_id": pa.array(batch), "item_ids": items, "scores": scores},
-                                      schema=USER_SCHEMA))  # fmt: skip
+                lists = _lists(pipeline.raw_items(result["items"]), result["scores"], result["click_probabilities"])
+                writer.write(pa.table({"user_id": pa.array(batch), **lists}, schema=USER_SCHEMA))
                 progress.update(len(batch))
             progress.close()
         user_seconds = time.perf_counter() - started
@@ -339,9 +345,9 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
             for start in range(0, len(catalog), 4096):
                 block = catalog[start : start + 4096]
                 neighbours, similarity = pipeline.similar_items(block, config.similar_n, unavailable=unavailable)
-                items, scores = _lists(pipeline.raw_items(neighbours), similarity)
-                writer.write(pa.table({"item_id": pa.array(pipeline.raw_items(block)), "item_ids": items,
-                                       "scores": scores}, schema=SIMILAR_SCHEMA))  # fmt: skip
+                lists = _lists(pipeline.raw_items(neighbours), similarity, np.full(similarity.shape, np.nan))
+                writer.write(pa.table({"item_id": pa.array(pipeline.raw_items(block)), **lists},
+                                      schema=SIMILAR_SCHEMA))  # fmt: skip
         metrics = {
             "users": len(user_ids),
             "segments": len(segments),

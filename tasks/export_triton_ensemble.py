@@ -74,7 +74,8 @@ from tasks.nvtabular_fit_transform import RAW_SUFFIX
 log = logging.getLogger(__name__)
 
 # Tensor names of the recommend ensemble that are not dataset columns; a spec column named like one is refused.
-RESERVED_NAMES = ("top_k", "top_n", "temperature", "seed", "item_ids", "scores", "probabilities", "known_users",
+RESERVED_NAMES = ("top_k", "top_n", "temperature", "seed", "item_ids", "scores", "probabilities",
+                  "click_probabilities", "known_users",
                   "query_embeddings", "user_features", "candidates", "candidate_scores", "filtered_candidates",
                   "ranker_scores", "merged_candidates", "retrieval_scores", "item_to_item_scores",
                   "sources")  # fmt: skip
@@ -255,7 +256,7 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
         "ordering",
         (candidates, ranker_scores, retrieval_scores, item_to_item_scores, candidate_source_bits, top_n,
          _one("temperature", "TYPE_FP32"), _one("seed", "TYPE_INT64")),
-        (*item_lists, _matrix("probabilities", "TYPE_FP32")),
+        (*item_lists, _matrix("probabilities", "TYPE_FP32"), _matrix("click_probabilities", "TYPE_FP32")),
         {"top_n": str(config.top_n), "temperature": repr(float(config.temperature)),
          "retrieval_weight": repr(float(config.retrieval_weight or 0.0)),
          "item_to_item_weight": repr(float(config.item_to_item_weight or 0.0)),
@@ -294,7 +295,8 @@ def ensemble_configs(columns: PipelineColumns) -> list[EnsembleConfig]:
             _one("seed", "TYPE_INT64"),
         ),
         outputs=(_matrix("item_ids", "TYPE_INT64"), _matrix("scores", "TYPE_FP32"),
-                 _matrix("probabilities", "TYPE_FP32"), TensorConfig("known_users", "TYPE_BOOL", (-1,))),
+                 _matrix("probabilities", "TYPE_FP32"), _matrix("click_probabilities", "TYPE_FP32"),
+                 TensorConfig("known_users", "TYPE_BOOL", (-1,))),
         steps=(
             EnsembleStep("query_tower", {"raw_user_ids": raw_user, **features},
                          {"query_embeddings": "query_embeddings", "user_features": "user_features",
@@ -316,7 +318,8 @@ def ensemble_configs(columns: PipelineColumns) -> list[EnsembleConfig]:
                                       "item_to_item_scores": "item_to_item_scores", "sources": "sources",
                                       "top_n": "top_n",
                                       "temperature": "temperature", "seed": "seed"},
-                         {"item_ids": "item_ids", "scores": "scores", "probabilities": "probabilities"}),
+                         {"item_ids": "item_ids", "scores": "scores", "probabilities": "probabilities",
+                          "click_probabilities": "click_probabilities"}),
         ),
     )  # fmt: skip
     similar = EnsembleConfig(

@@ -48,6 +48,7 @@ from recsys.parquet_io import part_files
 from recsys.recommendation_store import (
     DEFAULT_KEY_PREFIX,
     KINDS,
+    LIST_HEADER,
     PAYLOAD_DTYPE,
     REDIS_MAX_BITS,
     VALUE_FORMAT,
@@ -248,14 +249,15 @@ def _sources(batch_dir: Path) -> list[_Source]:
 
 def _check_schema(path: Path, id_column: str) -> None:
     schema = pq.read_schema(path)
-    for column in (id_column, "item_ids", "scores"):
+    optional = ["click_probabilities"] if "click_probabilities" in schema.names else []
+    for column in (id_column, "item_ids", "scores", *optional):
         if column not in schema.names:
             raise InputDataError(f"{path}: no column '{column}' (columns: {', '.join(schema.names)})")
         kind = schema.field(column).type
         is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
         if column == "item_ids":
             ok = is_list and pa.types.is_integer(kind.value_type)
-        elif column == "scores":
+        elif column in ("scores", "click_probabilities"):
             ok = is_list and pa.types.is_floating(kind.value_type)
         elif column == "segment":
             ok = pa.types.is_string(kind) or pa.types.is_large_string(kind)
@@ -279,9 +281,11 @@ def _model_versions(batch_dir: Path) -> dict[str, Any]:
 
 
 def _batches(source: _Source, chunk_size: int) -> Iterator[tuple[Path, pa.RecordBatch]]:
-    columns = [source.id_column, "item_ids", "scores"]
     for path in source.files:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_size, columns=columns):
+        file = pq.ParquetFile(path)
+        columns = [source.id_column, "item_ids", "scores",
+                   *(["click_probabilities"] if "click_probabilities" in file.schema_arrow.names else [])]
+        for batch in file.iter_batches(batch_size=chunk_size, columns=columns):
             yield path, batch
 
 
@@ -291,32 +295,46 @@ def _offsets(lists: pa.Array) -> np.ndarray:
 
 
 def _encode_batch(batch: pa.RecordBatch, id_column: str, path: Path) -> tuple[list[bytes], list[bytes], list[Any]]:
-    """(key suffixes, values, buffers to fingerprint) of one batch; bad rows raise InputDataError."""
+    """(key suffixes, values, buffers to fingerprint) of one batch; bad rows raise InputDataError.
+
+    `click_probabilities` (the ranker's P(click) of each listed item) is optional: a batch scoring from before
+    it has only `scores`, which then stand for them (`encode_recommendations`)."""
     ids = batch.column(id_column)
     if ids.null_count:
         raise InputDataError(f"{path}: {ids.null_count} rows without a {id_column}")
     id_bytes = pc.cast(pc.cast(ids, pa.string()), pa.binary()).to_pylist()
-    items, scores = batch.column("item_ids"), batch.column("scores")
-    if items.null_count or scores.null_count:
+    names = ["item_ids", "scores", "click_probabilities"]
+    columns = [batch.column(name) for name in names if name in batch.schema.names]
+    if any(column.null_count for column in columns):
         raise InputDataError(f"{path}: rows without item_ids or scores")
-    offsets, score_offsets = _offsets(items), _offsets(scores)
-    if not np.array_equal(offsets, score_offsets):
-        row = int(np.argmax(np.diff(offsets) != np.diff(score_offsets)))
-        raise InputDataError(f"{path}: {id_column} {id_bytes[row].decode()} has {np.diff(offsets)[row]} item ids "
-                             f"but {np.diff(score_offsets)[row]} scores")  # fmt: skip
-    flat_items, flat_scores = items.flatten(), scores.flatten()
-    if flat_items.null_count or flat_scores.null_count:
+    offsets = _offsets(columns[0])
+    for name, column in zip(names[1:], columns[1:], strict=False):
+        other = _offsets(column)
+        if not np.array_equal(offsets, other):
+            row = int(np.argmax(np.diff(offsets) != np.diff(other)))
+            raise InputDataError(f"{path}: {id_column} {id_bytes[row].decode()} has {np.diff(offsets)[row]} item "
+                                 f"ids but {np.diff(other)[row]} {name}")  # fmt: skip
+    flat = [column.flatten() for column in columns]
+    if any(values.null_count for values in flat):
         raise InputDataError(f"{path}: null item ids or scores inside lists")
-    pairs = np.empty(len(flat_items), PAYLOAD_DTYPE)
-    pairs["item_id"] = flat_items.to_numpy(zero_copy_only=False)
-    pairs["score"] = flat_scores.to_numpy(zero_copy_only=False)
-    if not np.isfinite(pairs["score"]).all():
+    # Each list's value is LIST_HEADER, then its records: one more record a list, at its start.
+    rows = len(batch)
+    starts = offsets[:-1] + np.arange(rows)
+    records = np.empty(len(flat[0]) + rows, PAYLOAD_DTYPE)
+    is_item = np.ones(len(records), dtype=bool)
+    is_item[starts] = False
+    records[starts] = LIST_HEADER[0]
+    records["item_id"][is_item] = flat[0].to_numpy(zero_copy_only=False)
+    scores = flat[1].to_numpy(zero_copy_only=False)
+    records["score"][is_item] = scores
+    records["click_probability"][is_item] = flat[2].to_numpy(zero_copy_only=False) if len(flat) > 2 else scores
+    if not np.isfinite(scores).all():
         raise InputDataError(f"{path}: scores that are NaN or infinite")
-    value_offsets = offsets.astype(np.int64) * PAYLOAD_DTYPE.itemsize
-    # One Arrow binary array over the packed pairs: its values are the per-list slices, made in C.
-    values = pa.Array.from_buffers(pa.large_binary(), len(batch),
-                                   [None, pa.py_buffer(value_offsets), pa.py_buffer(pairs)]).to_pylist()  # fmt: skip
-    return id_bytes, values, [b"\n".join(id_bytes), value_offsets, pairs]
+    value_offsets = (offsets.astype(np.int64) + np.arange(rows + 1)) * PAYLOAD_DTYPE.itemsize
+    # One Arrow binary array over the packed records: its values are the per-list slices, made in C.
+    values = pa.Array.from_buffers(pa.large_binary(), rows,
+                                   [None, pa.py_buffer(value_offsets), pa.py_buffer(records)]).to_pylist()  # fmt: skip
+    return id_bytes, values, [b"\n".join(id_bytes), value_offsets, records]
 
 
 class _EncodedChunk(NamedTuple):

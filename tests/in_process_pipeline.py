@@ -82,7 +82,8 @@ def main() -> None:
                                     item_to_item_weight=args.item_to_item_weight,
                                     source_weights=args.source_weights, **rules)  # type: ignore[arg-type]  # fmt: skip
         return {"item_ids": pipeline.raw_items(result["items"]).tolist(), "scores": _rows(result["scores"]),
-                "probabilities": _rows(result["probabilities"])}  # fmt: skip
+                "probabilities": _rows(result["probabilities"]),
+                "click_probabilities": _rows(result["click_probabilities"])}  # fmt: skip
 
     similar_ids, similarity = pipeline.similar_items(pipeline.encode_items(args.items), args.similar_n,
                                                      unavailable=unavailable)  # fmt: skip

@@ -32,7 +32,7 @@ def ndcg(data: dict, weights: dict) -> float:
     scores = blend_scores(data["candidates"], data["ranker_scores"], data["retrieval_scores"],
                           weights["retrieval_weight"], data["item_to_item_scores"], weights["item_to_item_weight"],
                           sources=data["sources"], source_weights=weights["source_weights"])  # fmt: skip
-    top, _, _ = order(data["candidates"], scores, 10)
+    top, *_ = order(data["candidates"], scores, 10)
     return list_metrics(top[1:], data["relevant"][1:], 10)["ndcg_at_10"]
 
 

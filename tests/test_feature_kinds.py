@@ -241,7 +241,7 @@ def test_triton_answers_with_the_features_sent_as_the_in_process_pipeline(run: t
     server = TritonServer(repository, log_path=run_dir / "tritonserver.log", startup_timeout_s=180)
     server.start()
     try:
-        outputs = ("item_ids", "scores", "probabilities", "known_users")
+        outputs = ("item_ids", "scores", "probabilities", "click_probabilities", "known_users")
         looked_up = infer(server, "recommend", {"user_id_raw": raw, **ranked}, outputs)
         sent = infer(server, "recommend", {"user_id_raw": raw, **features, **ranked}, outputs)
         older = infer(server, "recommend", {"user_id_raw": raw, **features, "age": features["age"] + 1.5, **ranked},

@@ -36,8 +36,9 @@ def test_filter_removes_bought_and_unavailable_items_and_keeps_faiss_padding():
 
 
 def test_zero_temperature_is_the_ranked_order_and_short_rows_are_padded():
-    items, scores, probabilities = order(CANDIDATES, SCORES, 3)
+    items, scores, probabilities, clicks = order(CANDIDATES, SCORES, 3)
     assert items.tolist() == [[11, 13, 12], [21, 20, MISSING]]
+    assert np.array_equal(clicks, scores, equal_nan=True)  # no P(click) given: the scores are the ranker's
     assert scores[0].tolist() == pytest.approx([0.9, 0.7, 0.5])
     assert np.isnan(scores[1, 2])
     assert probabilities[:, 0].tolist() == [1.0, 1.0]
@@ -54,16 +55,34 @@ def test_softmax_sampling_is_reproducible_with_a_seed_and_follows_score_over_tem
     firsts = [sample(seed, 0.2)[0][0] for seed in range(2000)]
     expected = np.exp(SCORES[0] / 0.2) / np.exp(SCORES[0] / 0.2).sum()
     assert np.mean(np.array(firsts) == 11) == pytest.approx(expected[1], abs=0.04)
-    _, _, probabilities = order(CANDIDATES, SCORES, 4, temperature=0.2, rng=np.random.default_rng(0))
+    _, _, probabilities, _ = order(CANDIDATES, SCORES, 4, temperature=0.2, rng=np.random.default_rng(0))
     assert sorted(probabilities[0].tolist(), reverse=True) == pytest.approx(sorted(expected, reverse=True), abs=1e-6)
 
 
 def test_promotion_rule_lifts_promoted_items_above_the_threshold_only():
     promoted = np.zeros(30, dtype=bool)
     promoted[[10, 12]] = True  # 10 scores 0.2 (below the threshold), 12 scores 0.5
-    items, scores, _ = order(CANDIDATES, SCORES, 4, promoted=promoted, promotion_threshold=0.4)
+    items, scores, _, _ = order(CANDIDATES, SCORES, 4, promoted=promoted, promotion_threshold=0.4)
     assert items[0].tolist() == [12, 11, 13, 10]
     assert scores[0, 0] == 1.0
+
+
+def test_promotion_compares_the_threshold_with_p_click_not_with_the_order_score():
+    """Issue 19's decision: the blend (order score) never exceeds P(click); the rule reads P(click)."""
+    clicks = np.array([[0.6, 0.95, 0.3, 0.8], [0.2, 0.4, np.nan, np.nan]], dtype=np.float32)
+    promoted = np.zeros(30, dtype=bool)
+    promoted[[10, 12]] = True  # 10: order score 0.2 but P(click) 0.6; 12: order score 0.5, P(click) 0.3
+    items, scores, _, chosen_clicks = order(CANDIDATES, SCORES, 4, promoted=promoted, promotion_threshold=0.4,
+                                            click_probabilities=clicks)  # fmt: skip
+    assert items[0].tolist() == [10, 11, 13, 12]
+    assert scores[0].tolist() == pytest.approx([1.0, 0.9, 0.7, 0.5])
+    assert chosen_clicks[0].tolist() == pytest.approx([0.6, 0.95, 0.8, 0.3])  # each item's own, in the new order
+    assert ranked_order(SCORES[0].tolist(), promoted[10:14].tolist(), 4, promotion_threshold=0.4,
+                        click_probabilities=clicks[0].tolist()) == ([0, 1, 3, 2], pytest.approx([1.0, 0.9, 0.7, 0.5]))
+    # A list without P(click) (similar products: NaN) is never promoted.
+    nan = [float("nan")] * 4
+    assert ranked_order(SCORES[0].tolist(), [True] * 4, 4, promotion_threshold=0.0, click_probabilities=nan)[0] == \
+        [1, 3, 2, 0]  # fmt: skip
 
 
 def test_the_gateways_ranked_order_equals_order_at_temperature_zero():
@@ -75,10 +94,12 @@ def test_the_gateways_ranked_order_equals_order_at_temperature_zero():
         promoted = rng.random(length) < 0.3
         top_n = int(rng.integers(0, length + 2))
         threshold = float(rng.choice([0.0, 0.5, 0.6, 1.0]))
+        clicks = np.minimum(scores + rng.choice(np.array([0.0, 0.2, np.nan], dtype=np.float32), length), 1.0)
         positions = np.arange(length, dtype=np.int64)[None, :]
-        chosen, chosen_scores, _ = order(positions, scores[None, :], min(top_n, length), promoted=promoted,
-                                         promotion_threshold=threshold)  # fmt: skip
-        picked, picked_scores = ranked_order(scores.tolist(), promoted.tolist(), top_n, promotion_threshold=threshold)
+        chosen, chosen_scores, _, _ = order(positions, scores[None, :], min(top_n, length), promoted=promoted,
+                                            promotion_threshold=threshold, click_probabilities=clicks[None, :])
+        picked, picked_scores = ranked_order(scores.tolist(), promoted.tolist(), top_n, promotion_threshold=threshold,
+                                             click_probabilities=clicks.tolist())  # fmt: skip
         assert picked == chosen[0].tolist(), case
         assert picked_scores == chosen_scores[0].tolist(), case
     assert ranked_order([], [], 5) == ([], [])
@@ -107,7 +128,7 @@ def test_blend_discounts_the_ranker_probability_by_the_retrieval_probability(wei
 
     assert blended[0, :3].tolist() == pytest.approx(expected, rel=1e-5)
     assert np.isnan(blended[0, 3]) and np.isnan(blended[1]).all()  # MISSING candidates, an empty row
-    items, scores, _ = order(BLEND_CANDIDATES, blended, 3)
+    items, scores, *_ = order(BLEND_CANDIDATES, blended, 3)
     assert items[0].tolist() == ranked
     assert scores[0].tolist() == pytest.approx(sorted(expected, reverse=True), rel=1e-5)
 

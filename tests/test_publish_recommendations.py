@@ -26,8 +26,10 @@ import redis.asyncio
 import tasks.publish_recommendations as publish_module
 from recsys.errors import InputDataError
 from recsys.recommendation_store import (
+    LIST_HEADER,
     RecommendationKeys,
     decode_recommendations,
+    decode_scored_list,
     encode_recommendations,
     read_recommendations,
     read_recommendations_async,
@@ -68,19 +70,25 @@ def client() -> Iterator[Client]:
     client.close()
 
 
-def lists_table(id_column: str, ids: list | np.ndarray, length: int, seed: int) -> pa.Table:
-    """One list of `length` (item id, score) per id, best first, as batch_score writes them."""
+def lists_table(id_column: str, ids: list | np.ndarray, length: int, seed: int, clicks: bool = True) -> pa.Table:
+    """One list of `length` (item id, order score, P(click)) per id, best first, as batch_score writes them;
+    without `clicks`, as batch scoring wrote them before it kept P(click)."""
     rng = np.random.default_rng(seed)
     count = len(ids)
     items = rng.integers(1, 10**12, size=count * length, dtype=np.int64)
     scores = -np.sort(-rng.random((count, length), dtype=np.float32), axis=1).ravel()
     offsets = pa.array(np.arange(0, count * length + 1, length, dtype=np.int32))
     id_type = pa.string() if id_column == "segment" else pa.int64()
-    return pa.table({
+    columns = {
         id_column: pa.array(ids, type=id_type),
         "item_ids": pa.ListArray.from_arrays(offsets, pa.array(items)),
         "scores": pa.ListArray.from_arrays(offsets, pa.array(scores)),
-    })  # fmt: skip
+    }  # fmt: skip
+    if clicks:  # the blend never exceeds P(click); NaN where a list has none
+        click_probabilities = np.minimum(scores * 1.5, 1.0).astype(np.float32)
+        click_probabilities[::7] = np.nan
+        columns["click_probabilities"] = pa.ListArray.from_arrays(offsets, pa.array(click_probabilities))
+    return pa.table(columns)
 
 
 def write_batch(directory: Path, seed: int, users: int = 30, user_tables: list[pa.Table] | None = None,
@@ -93,7 +101,7 @@ def write_batch(directory: Path, seed: int, users: int = 30, user_tables: list[p
     tables = {
         "users": user_tables,
         "segments": [lists_table("segment", ["*", "3:1", "3:2", "7:1"], 4, seed + 1)],
-        "similar": [lists_table("item_id", np.arange(100, 120), 3, seed + 2)],
+        "similar": [lists_table("item_id", np.arange(100, 120), 3, seed + 2, clicks=False)],
     }
     for folder, parts in tables.items():
         (directory / folder).mkdir(parents=True)
@@ -105,22 +113,32 @@ def write_batch(directory: Path, seed: int, users: int = 30, user_tables: list[p
 
 
 def expected_lists(directory: Path, folder: str, id_column: str) -> Lists:
+    """(item ids, order scores) of each list."""
+    return {key: (items, scores) for key, (items, scores, _) in expected_scored_lists(directory, folder,
+                                                                                      id_column).items()}
+
+
+def expected_scored_lists(directory: Path, folder: str, id_column: str) -> dict[Any, tuple[list, list, list]]:
+    """(item ids, order scores, P(click)) of each list: the scores stand for P(click) where there is none."""
     table = pq.read_table(directory / folder)
-    columns = (table.column(name).to_pylist() for name in (id_column, "item_ids", "scores"))
+    names = [id_column, "item_ids", "scores"]
+    clicks = "click_probabilities" if "click_probabilities" in table.column_names else "scores"
+    columns = (table.column(name).to_pylist() for name in [*names, clicks])
     # Arrow gives a float32 score as the Python float of that float32, as decoding does.
-    return {key: (items, scores) for key, items, scores in zip(*columns, strict=True)}
+    return {key: (items, scores, click) for key, items, scores, click in zip(*columns, strict=True)}
 
 
 def assert_readers_see(client: Client, version: str, batch: Path) -> None:
     """Every list of `batch` reads back whole, from `version`."""
     for kind, folder, id_column in (("user", "users", "user_id"), ("segment", "segments", "segment"),
                                     ("similar", "similar", "item_id")):  # fmt: skip
-        for key, (items, scores) in expected_lists(batch, folder, id_column).items():
+        for key, (items, scores, clicks) in expected_scored_lists(batch, folder, id_column).items():
             found = read_recommendations(client, PREFIX, kind, key)
             assert found is not None, (kind, key)
             assert found.version == version, (kind, key)
             assert found.item_ids == items, (kind, key)
             assert found.scores == scores, (kind, key)
+            np.testing.assert_array_equal(found.click_probabilities, clicks)  # NaN equals NaN here
 
 
 def publish(batch: Path, version: str, **options: Any) -> dict:
@@ -154,11 +172,19 @@ def meta_int(client: Client, version: str, field: str) -> int:
 
 
 def test_payload_round_trip():
-    value = encode_recommendations([5, 2**40, -1], [0.5, 0.25, 0.125])
-    assert len(value) == 36
+    value = encode_recommendations([5, 2**40, -1], [0.5, 0.25, 0.125], [0.75, 0.5, float("nan")])
+    assert len(value) == 16 + 3 * 16 and value[:16] == LIST_HEADER.tobytes()
     assert decode_recommendations(value) == ([5, 2**40, -1], [0.5, 0.25, 0.125])
+    items, scores, clicks = decode_scored_list(value)
+    assert (items, scores, clicks[:2]) == ([5, 2**40, -1], [0.5, 0.25, 0.125], [0.75, 0.5]) and np.isnan(clicks[2])
+    assert decode_scored_list(encode_recommendations([7], [0.25]))[2] == [0.25]  # no P(click): the score's
+    assert decode_scored_list(encode_recommendations([], [])) == ([], [], [])
     with pytest.raises(ValueError):
         decode_recommendations(value[:-1])
+    # A value of a version published before the header (12-byte pairs): its one number stands for both.
+    legacy = np.array([(5, 0.5), (9, 0.25)], dtype=[("item_id", "<i8"), ("score", "<f4")]).tobytes()
+    assert decode_scored_list(legacy) == ([5, 9], [0.5, 0.25], [0.5, 0.25])
+    assert decode_recommendations(legacy) == ([5, 9], [0.5, 0.25])
 
 
 def test_publish_then_every_list_reads_back(client: Client, tmp_path: Path):
@@ -183,7 +209,7 @@ def test_publish_then_every_list_reads_back(client: Client, tmp_path: Path):
     # The serving tier's clients: one that decodes replies to text, and an asyncio one.
     decoding = redis.Redis.from_url(REDIS_URL, decode_responses=True)
     found = read_recommendations(decoding, PREFIX, "segment", "3:1")
-    assert found is not None and found == read_recommendations(client, PREFIX, "segment", "3:1")
+    assert found is not None and repr(found) == repr(read_recommendations(client, PREFIX, "segment", "3:1"))  # NaN
     decoding.close()
 
     async def read_async() -> Any:

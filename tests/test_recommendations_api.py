@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from feature_repo.config import FeastStoreConfig
 from feature_repo.store import online_user_features, open_feature_store
-from recsys.recommendation_store import decode_recommendations
+from recsys.recommendation_store import decode_recommendations, decode_scored_list
 from recsys.settings import Settings, get_settings
 from recsys.spec import DatasetSpec
 from serving.api.main import create_app
@@ -104,6 +104,11 @@ def client(published: redis.Redis, triton: TritonServer, tmp_path: Path) -> Iter
 
 def stored(client: redis.Redis, kind: str, key: object) -> tuple[list[int], list[float]]:
     return decode_recommendations(client.get(f"{PREFIX}recs:{VERSION}:{kind}:{key}"))
+
+
+def stored_scored(client: redis.Redis, user: int) -> tuple[list[int], list[float], list[float]]:
+    """A user's published list: item ids, order scores and P(click)."""
+    return decode_scored_list(client.get(f"{PREFIX}recs:{VERSION}:user:{user}"))
 
 
 def user_ids(run: Path, spec: DatasetSpec) -> list[int]:
@@ -361,7 +366,9 @@ def test_unavailable_products_drop_out_and_promoted_ones_rise(client: TestClient
         assert client.post("/products", json={"id": product, "category": 1, **flags}).status_code == 201
     after = client.get(f"/recommendations/{user}", params={"count": 10}).json()["items"]
     assert gone not in [item["product_id"] for item in after]
-    assert after[0] == {"product_id": promoted, "score": 1.0, "probability": None, "promoted": True}
+    click = stored_scored(published, user)[2][stored_scored(published, user)[0].index(promoted)]
+    assert after[0] == {"product_id": promoted, "score": 1.0, "click_probability": pytest.approx(click),
+                        "probability": None, "promoted": True}  # fmt: skip
 
 
 def test_softmax_sampling_is_reproducible_and_near_zero_temperature_is_the_ranked_order(
@@ -539,6 +546,36 @@ def test_without_redis_answers_come_from_the_process_copy(published: redis.Redis
     assert cold["route"] == "precomputed_local_copy" and cold["degraded"] == ["redis_unavailable"]
     assert [item["product_id"] for item in cold["items"]] == [item["product_id"] for item in warm["items"]]
     assert stranger.status_code == 200 and stranger.json()["degraded"] == ["redis_unavailable"]
+
+
+def promote(client: TestClient, product: int) -> None:
+    if client.get(f"/products/{product}").status_code == 404:
+        assert client.post("/products", json={"id": product, "category": 1}).status_code == 201
+    assert client.patch(f"/products/{product}", json={"promoted": True}).status_code == 200
+
+
+def test_the_promotion_rule_compares_its_threshold_with_the_rankers_p_click(published: redis.Redis, tmp_path: Path,
+                                                                           trained_run, spec):  # fmt: skip
+    """Issue 19's decision: the published list keeps each item's order score (the blend) and the ranker's
+    P(click); a promoted item whose P(click) reaches the threshold goes to the top with order score 1.0, even
+    where its blended score is below the threshold, and a promoted item below it keeps its place."""
+    user = user_ids(trained_run, spec)[12]
+    items, scores, clicks = stored_scored(published, user)
+    assert all(score <= click + 1e-6 for score, click in zip(scores, clicks, strict=True))  # a blend discounts
+    # The item the rule lifts: its order score under its P(click), which is the threshold; one promoted item under it.
+    lifted = next(index for index in range(1, len(items)) if scores[index] < clicks[index] - 1e-6
+                  and any(click < clicks[index] for click in clicks))  # fmt: skip
+    threshold = clicks[lifted]
+    below = next(index for index in range(len(items)) if clicks[index] < threshold)
+    with gateway(tmp_path, promotion_threshold=threshold) as client:
+        for index in (lifted, below):
+            promote(client, items[index])
+        body = client.get(f"/recommendations/{user}", params={"count": len(items)}).json()
+    first = body["items"][0]
+    assert first["product_id"] == items[lifted] and first["score"] == 1.0 and first["promoted"], body
+    assert first["click_probability"] == pytest.approx(threshold) and scores[lifted] < threshold
+    assert items_of_body(body)[1:] == [item for item in items if item != items[lifted]]  # `below` keeps its place
+    assert body["items"][items_of_body(body).index(items[below])]["promoted"]
 
 
 def seen_spec(tmp_path: Path) -> Path:

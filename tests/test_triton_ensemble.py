@@ -38,7 +38,7 @@ TEMPERATURE, SEED = 0.01, 7
 RETRIEVAL_WEIGHT, ITEM_TO_ITEM_WEIGHT, SOURCE_WEIGHTS = 0.0, 4.0, "0.5,1.0,-0.5"
 UNKNOWN_ID = 10**12
 RUN_FOLDERS = ("nvtabular", "two_tower", "ranker", "faiss_index")
-RECOMMEND_OUTPUTS = ("item_ids", "scores", "probabilities", "known_users")
+RECOMMEND_OUTPUTS = ("item_ids", "scores", "probabilities", "click_probabilities", "known_users")
 SIMILAR_OUTPUTS = ("item_ids", "scores", "known_items")
 
 
@@ -157,8 +157,9 @@ def ranked(top_k: int = TOP_K, top_n: int = TOP_N) -> dict[str, np.ndarray]:
 def assert_same_lists(served_answer: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
     np.testing.assert_array_equal(served_answer["item_ids"], expected["item_ids"])
     np.testing.assert_allclose(served_answer["scores"], expected["scores"], rtol=1e-5, atol=1e-7)  # NaN == NaN
-    if "probabilities" in expected:
-        np.testing.assert_allclose(served_answer["probabilities"], expected["probabilities"], rtol=1e-4, atol=1e-7)
+    for name in ("probabilities", "click_probabilities"):
+        if name in expected:
+            np.testing.assert_allclose(served_answer[name], expected[name], rtol=1e-4, atol=1e-7)
 
 
 def test_recommend_matches_the_in_process_pipeline(served: TritonServer, in_process: dict,
@@ -169,8 +170,10 @@ def test_recommend_matches_the_in_process_pipeline(served: TritonServer, in_proc
     assert answer["known_users"].all()
     assert answer["item_ids"].shape == (len(chosen["users"]), TOP_N)
     assert (answer["item_ids"] >= 0).all(), "200 candidates leave at least 20 per user"
-    # Temperature 0: the ranked order, all the probability on the first item.
+    # Temperature 0: the ranked order, all the probability on the first item; the order score (the blend) never
+    # above the ranker's P(click), which the promotion rule reads.
     assert (np.diff(answer["scores"], axis=1) <= 0).all()
+    assert (answer["scores"] <= answer["click_probabilities"] + 1e-6).all()
     np.testing.assert_array_equal(answer["probabilities"][:, 0], 1.0)
     # The business rules held, and they mattered: without them some of these lists would differ.
     filtered = [set(chosen["unavailable"]) | set(bought) for bought in in_process["purchases"]]

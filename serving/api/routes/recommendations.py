@@ -8,6 +8,7 @@ current availability and promotion flags of the listed products.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -37,7 +38,11 @@ MAX_VIEWED = 20
 
 class RecommendedProduct(BaseModel):
     product_id: int
-    score: float = Field(description="ranker score (1.0 when the promotion rule applied)")
+    score: float = Field(description="order score: the ranker's P(click) blended with the retrieval sources' "
+                                     "(1.0 when the promotion rule applied)")
+    click_probability: float | None = Field(
+        None, description="the ranker's P(click), which the promotion rule compares with its threshold (the "
+                          "segment's click rate for a generic list; none for similar products)")
     probability: float | None = Field(None, description="softmax sampling probability (temperature > 0)")
     promoted: bool
 
@@ -98,9 +103,10 @@ def _response(request: Request, customer_id: int | None, ranked, probabilities: 
     answer = RecommendationResponse(
         customer_id=customer_id, route=ranked.route, model_version=ranked.model_version, degraded=ranked.degraded,
         items=[RecommendedProduct(product_id=item, score=score, probability=probability if sampled else None,
-                                  promoted=flag)
-               for item, score, probability, flag in zip(ranked.items, ranked.scores, probabilities, promoted,
-                                                          strict=True)],
+                                  promoted=flag, click_probability=None if math.isnan(click) else click)
+               for item, score, click, probability, flag in zip(ranked.items, ranked.scores,
+                                                                 ranked.click_probabilities, probabilities, promoted,
+                                                                 strict=True)],
         request_id=request.state.request_id,
     )  # fmt: skip
     request.state.recommendation = answer  # logged as an impression and counted (serving.api.observability)

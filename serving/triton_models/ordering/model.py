@@ -50,5 +50,7 @@ class TritonPythonModel(StageModel):
                               item_to_item_scores, self.item_to_item_weight, sources=sources,
                               source_weights=self.source_weights)  # fmt: skip
         rng = np.random.default_rng(seed if seed >= 0 else None)
-        items, ordered_scores, probabilities = order(candidates, scores, top_n, temperature=temperature, rng=rng)
-        return {"item_ids": self.catalog.raw(items), "scores": ordered_scores, "probabilities": probabilities}
+        items, ordered_scores, probabilities, clicks = order(candidates, scores, top_n, temperature=temperature,
+                                                             rng=rng, click_probabilities=ranker_scores)  # fmt: skip
+        return {"item_ids": self.catalog.raw(items), "scores": ordered_scores, "probabilities": probabilities,
+                "click_probabilities": clicks}
