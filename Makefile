@@ -11,7 +11,7 @@ MLFLOW_PORT ?= 5000
 DEMO_ROWS := $(if $(filter command line,$(origin ROWS)),$(ROWS),50000)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-final-order benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve demo mlflow
+.PHONY: help setup test test-fast lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-final-order benchmark-off-policy benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve demo mlflow
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -83,6 +83,9 @@ benchmark-ranker-stacking:  ## ranker + two-tower score combined, on a quality r
 benchmark-final-order:  ## grid blend vs learned orders of the retrieved candidates: RUN=<run folder> [SPEC=<its spec>]
 	@test -n "$(RUN)" || { echo "usage: make benchmark-final-order RUN=DIR [SPEC=FILE] (e.g. the run of benchmarks/movielens.py --work)"; exit 2; }
 	$(VENV)/python benchmarks/final_order.py --run $(RUN) $(if $(SPEC),--spec $(SPEC))
+
+benchmark-off-policy:  ## IPS and SNIPS against known truths: simulated logs, the Open Bandit Dataset sample (fetched)
+	$(VENV)/python benchmarks/off_policy.py
 
 benchmark-call-deadline:  ## the database call deadline's cost against a plain pre-ping engine, pooled and new connections
 	$(VENV)/python benchmarks/call_deadline.py

@@ -7,10 +7,15 @@ One line per answer of `GET /recommendations/{customer_id}` and `GET /products/{
 
     {"request_id": "9f1c...", "time": "2026-11-26T10:15:02.123456+00:00", "customer_id": 42,
      "handler": "/recommendations/{customer_id}", "route": "precomputed", "model_version": "manual__2026...",
-     "degraded": [], "api_key": "web-tier", "items": [{"product_id": 7, "position": 0}, ...]}
+     "degraded": [], "api_key": "web-tier", "temperature": 0.5,
+     "items": [{"product_id": 7, "position": 0, "probability": 0.41}, ...]}
 
 `customer_id` is null for similar products; `position` is the 0-based rank shown; `time` is when the answer
-was served (UTC), and it names the hour's folder.
+was served (UTC), and it names the hour's folder. The policy that chose the list is `model_version` and
+`temperature` (0: the ranked order; similar products are always ranked); with a temperature above 0 each item
+has its `probability`, the softmax probability it was drawn first with: the propensity with which the top
+position showed it, what off-policy estimates (`recsys/off_policy.py`) reweight clicks by. Lines written before
+the policy was logged have neither field.
 
 Each process (uvicorn worker) writes files of its own; a reader skips a last line without its newline (a
 write in progress).
@@ -59,8 +64,14 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 def impression_line(impression: dict[str, Any], moment: datetime) -> str:
     """The impression as one JSON object, `items` last as [{"product_id": id, "position": rank}, ...]; the
     items are written by hand (ids are ints): about 3 times cheaper than building and encoding 20 small dicts."""
-    head = _encode({**{key: value for key, value in impression.items() if key != "items"},
+    head = _encode({**{key: value for key, value in impression.items() if key not in ("items", "probabilities")},
                     "time": moment.isoformat(timespec="microseconds")})  # fmt: skip
-    items = ",".join([f'{{"product_id":{int(item)},"position":{position}}}'
-                      for position, item in enumerate(impression["items"])])  # fmt: skip
+    probabilities = impression.get("probabilities")
+    if probabilities is None:
+        items = ",".join([f'{{"product_id":{int(item)},"position":{position}}}'
+                          for position, item in enumerate(impression["items"])])  # fmt: skip
+    else:
+        items = ",".join([f'{{"product_id":{int(item)},"position":{position},"probability":{float(probability)!r}}}'
+                          for position, (item, probability) in enumerate(zip(impression["items"], probabilities,
+                                                                             strict=True))])  # fmt: skip
     return f'{head[:-1]},"items":[{items}]}}'

@@ -174,7 +174,7 @@ def test_impressions_are_written_with_the_request_id_and_the_request_is_logged(
     assert before <= first["time"] <= after and first["time"].tzinfo is not None
     assert first == {
         "request_id": "web.req-42", "time": first["time"], "customer_id": CUSTOMER, "handler": RECOMMENDATIONS,
-        "route": "precomputed", "model_version": VERSION, "degraded": [], "api_key": key_name,
+        "route": "precomputed", "model_version": VERSION, "degraded": [], "api_key": key_name, "temperature": 0.0,
         "items": [{"product_id": item, "position": position} for position, item in enumerate(CUSTOMER_ITEMS[:5])],
     }  # fmt: skip
     assert second["customer_id"] is None and second["handler"] == SIMILAR
@@ -189,6 +189,21 @@ def test_impressions_are_written_with_the_request_id_and_the_request_is_logged(
         "degraded": [], "items": 5,
     }  # fmt: skip
     assert lines[-1]["handler"] == "/health" and "route" not in lines[-1]
+
+
+def test_a_sampled_list_is_logged_with_its_policy_and_each_items_probability(published: redis.Redis,
+                                                                             tmp_path: Path):  # fmt: skip
+    """Issue 23's off-policy estimates reweight clicks by the probability the shown item was drawn with."""
+    client, _ = gateway(tmp_path)
+    before = datetime.now(UTC)
+    with client:
+        sampled = client.get(f"/recommendations/{CUSTOMER}", params={"count": 4, "temperature": 0.5, "seed": 3}).json()
+    hours = sorted({floor_hour(before), floor_hour(datetime.now(UTC))})
+    [record] = [record for hour in hours for record in read_impressions(tmp_path / "impressions", hour)[0]]
+    assert record["temperature"] == 0.5 and record["model_version"] == VERSION
+    assert record["items"] == [{"product_id": item["product_id"], "position": position,
+                                "probability": item["probability"]} for position, item in enumerate(sampled["items"])]
+    assert all(0 < item["probability"] < 1 for item in record["items"])  # fmt: skip
 
 
 def test_a_click_sent_back_with_the_request_id_counts_for_the_served_list(published: redis.Redis, tmp_path: Path):

@@ -90,7 +90,7 @@ def gateway(tmp_path: Path, **overrides: object) -> TestClient:
     database_url = f"sqlite:///{tmp_path / 'gateway.db'}"
     upgrade(database_url)
     # Generous budgets: these tests check routes and rules on 2 busy cores, the benchmark checks latency.
-    budgets = {"redis_timeout_ms": 2_000, "triton_timeout_ms": 20_000}
+    budgets = {"redis_timeout_ms": 2_000, "triton_timeout_ms": 20_000, "feast_timeout_ms": 2_000}
     settings = Settings(database_url=database_url, redis_url=REDIS_URL, redis_key_prefix=PREFIX,
                         **{**budgets, **overrides})  # type: ignore[arg-type]  # fmt: skip
     return authorized(TestClient(create_app(settings)), database_url)

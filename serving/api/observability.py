@@ -93,10 +93,14 @@ class ObservabilityMiddleware:
         answer = state.get("recommendation")
         if answer is not None:
             self.metrics.observe_recommendation(handler, answer.route, answer.degraded)
+            temperature = state.get("temperature", 0.0)
             self.impressions.record({
                 "request_id": request_id, "time": time.time(), "customer_id": answer.customer_id,
                 "handler": handler, "route": answer.route, "model_version": answer.model_version,
-                "degraded": answer.degraded, "api_key": api_key, "items": [item.product_id for item in answer.items],
+                "degraded": answer.degraded, "api_key": api_key, "temperature": temperature,
+                "items": [item.product_id for item in answer.items],
+                # Sampled lists: each item's softmax probability, what off-policy estimates reweight by.
+                "probabilities": [item.probability for item in answer.items] if temperature > 0 else None,
             })  # fmt: skip
         if request_log.isEnabledFor(logging.INFO):
             line: dict[str, Any] = {"event": "request", "request_id": request_id,

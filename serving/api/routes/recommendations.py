@@ -99,7 +99,8 @@ async def _session_views(request: Request, session_id: str) -> tuple[int, ...] |
 
 
 def _response(request: Request, customer_id: int | None, ranked, probabilities: list[float],  # type: ignore[no-untyped-def]
-              promoted: list[bool], sampled: bool) -> Response:  # fmt: skip
+              promoted: list[bool], temperature: float) -> Response:  # fmt: skip
+    sampled = temperature > 0
     answer = RecommendationResponse(
         customer_id=customer_id, route=ranked.route, model_version=ranked.model_version, degraded=ranked.degraded,
         items=[RecommendedProduct(product_id=item, score=score, probability=probability if sampled else None,
@@ -110,6 +111,7 @@ def _response(request: Request, customer_id: int | None, ranked, probabilities: 
         request_id=request.state.request_id,
     )  # fmt: skip
     request.state.recommendation = answer  # logged as an impression and counted (serving.api.observability)
+    request.state.temperature = temperature  # the policy that chose the list, logged with it
     # Serialized here: returned as a model, FastAPI would validate it a second time against response_model.
     return Response(answer.model_dump_json(), media_type="application/json")
 
@@ -142,7 +144,7 @@ async def recommendations(
     ranked, probabilities, promoted = await get_recommender(request).recommend(query)
     if views_unknown and "database_unavailable" not in ranked.degraded:
         ranked.degraded.append("database_unavailable")
-    return _response(request, customer_id, ranked, probabilities, promoted, sampled=temperature > 0)
+    return _response(request, customer_id, ranked, probabilities, promoted, temperature)
 
 
 @router.get("/products/{product_id}/similar", response_model=RecommendationResponse)
@@ -154,4 +156,4 @@ async def similar_products(
     query = VisitorQuery(customer_id=0, context={}, viewed=(product_id,), count=count,
                          api_key=request.state.caller.name)  # fmt: skip
     ranked, probabilities, promoted = await get_recommender(request).recommend(query)
-    return _response(request, None, ranked, probabilities, promoted, sampled=False)
+    return _response(request, None, ranked, probabilities, promoted, 0.0)
