@@ -333,7 +333,7 @@ class Recommender:
             return found, []
         try:
             answered = await asyncio.wait_for(self.triton.similar([item for item, _ in ask], version=version),
-                                            timeout=self.config.triton_timeout_s)  # fmt: skip
+                                              timeout=self.config.triton_timeout_s)  # fmt: skip
         except Exception as error:  # any Triton failure falls back; the reason is logged
             log.warning("Triton similar_products failed (%s)", error)
             return found, ["triton_unavailable"]
