@@ -26,7 +26,7 @@ is always allowed). Otherwise a version has none, and readers treat every miss a
 
 A value is the list as packed little-endian records (item id int64, order score float32, P(click) float32):
 16 bytes an item, after one 16-byte header record (`LIST_HEADER`: item id -2**63, which no item has, and the
-format number 2), no parsing on the serving path (`decode_recommendations`). The order score orders the list;
+format number 2), no parsing on the serving path (`decode_scored_list`). The order score orders the list;
 P(click) is the ranker's probability, which the promotion rule compares with its threshold (NaN where a list
 has none: similar products). Values of versions published before the header (12-byte pairs, item id and
 score) still decode: their one number stands for both. Encoding a batch is a few vectorized numpy
@@ -69,6 +69,9 @@ def segment_key(values: Sequence[Any] | Any) -> str:
     if isinstance(values, str) or not isinstance(values, Sequence):
         values = (values,)
     return SEGMENT_SEPARATOR.join(str(value) for value in values)
+
+
+ScoredList = tuple[list[int], list[float], list[float]]  # item ids, order scores, P(click), best first
 
 
 class Recommendations(NamedTuple):
@@ -155,7 +158,7 @@ def decode_recommendations(value: bytes) -> tuple[list[int], list[float]]:
     return records["item_id"].tolist(), records["score"].tolist()
 
 
-def decode_scored_list(value: bytes) -> tuple[list[int], list[float], list[float]]:
+def decode_scored_list(value: bytes) -> ScoredList:
     """(item ids, order scores, click probabilities) of a stored list, best first; a list of the first format
     has one number, which stands for both."""
     records = _records(value)

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from redis.exceptions import RedisError
 
-from recsys.recommendation_store import REDIS_MAX_BITS, RecommendationKeys, decode_scored_list
+from recsys.recommendation_store import REDIS_MAX_BITS, RecommendationKeys, ScoredList, decode_scored_list
 from serving.seen_items import seen_key
 from serving.token_bucket import TOKEN_BUCKET_STEP, read_bucket_key
 
@@ -69,7 +69,7 @@ return reply
 """
 
 
-PublishedList = tuple[list[int], list[float], list[float]]  # item ids, order scores and P(click), best first
+PublishedList = ScoredList  # item ids, order scores and P(click), best first
 
 
 class CurrentLists(NamedTuple):

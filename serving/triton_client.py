@@ -23,13 +23,13 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from recsys.recommendation_store import ScoredList
 from recsys.triton_repository import ENCODE_FEATURES
 from serving.model_versions import versioned_name
 
 log = logging.getLogger(__name__)
 
 RawList = tuple[list[int], list[float]]
-ScoredList = tuple[list[int], list[float], list[float]]  # item ids, order scores, P(click)
 CLICK_PROBABILITIES = "click_probabilities"  # the recommend ensemble's P(click) output (exports since issue 19)
 Result = TypeVar("Result")
 DOWN_FOR_S = 2.0  # how long a server whose connection failed is left out of the turns
@@ -77,10 +77,6 @@ class TritonEnsembles:
             raise ValueError("no Triton URL given")
         self._turn = 0
         self._tensor_names: dict[str, tuple[frozenset[str], frozenset[str]]] = {}  # per model: in, out
-
-    @property
-    def urls(self) -> list[str]:
-        return [server.url for server in self._servers]
 
     async def _call(self, call: Callable[[Any], Awaitable[Result]]) -> Result:
         """`call(client)` on the servers in turn: the next server's turn first, the ones marked down last."""
