@@ -11,7 +11,7 @@ MLFLOW_PORT ?= 5000
 DEMO_ROWS := $(if $(filter command line,$(origin ROWS)),$(ROWS),50000)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-final-order benchmark-off-policy benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key serve demo mlflow
+.PHONY: help setup test test-fast lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-final-order benchmark-off-policy benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key forget-customer serve demo mlflow
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ api: migrate  ## the REST gateway alone (starts neither Redis nor Triton) on htt
 
 api-key: migrate  ## create an API key and print it once: make api-key NAME=web-tier SCOPES="read" (read, ingest, admin)
 	$(VENV)/python -m serving.api.keys create $(NAME) --scopes $(SCOPES)
+
+forget-customer: migrate  ## erase customers from every store, with a tombstone: make forget-customer ID="42 43" (serving/forget.py)
+	$(VENV)/python -m serving.forget $(ID)
 
 demo:  ## the main job in one command: data, the nightly DAG, the serving stack, a read key; Ctrl-C stops it (ROWS=50000)
 	$(VENV)/python scripts/demo.py --rows $(DEMO_ROWS) --port $(API_PORT)

@@ -8,7 +8,8 @@ step as `tasks/pipeline.py` defines it (its arguments from the run's Params, its
 Data stage: `csv_to_parquet` -> `clean_null_rows` -> `resplit` -> `validate` -> `nvtabular_fit_transform`.
 Before it, `extract_interactions` writes the gateway's interactions of the day to
 `<landing>/interactions/day=YYYY-MM-DD/`; `csv_to_parquet` reads every day found under the input
-location's `interactions/` as a `gateway` split, and `resplit` adds its cleaned rows to train.
+location's `interactions/` as a `gateway` split, and `resplit` adds its cleaned rows to train. The customers
+forgotten on request (the gateway database's tombstones, serving/forget.py) lose their rows in every input.
 Model stage: `train_two_tower` and `train_ranker` (DLRM by default), both after
 `nvtabular_fit_transform`, logged and registered in MLflow as `two_tower` and `ranker`;
 `build_faiss_index` over the item embeddings (and the item-to-item source from the train split);
@@ -159,16 +160,20 @@ def recsys_nightly() -> None:
 
     @task
     def csv_to_parquet() -> str:
+        from recsys.database import forgotten_customer_ids
         from recsys.errors import InputDataError
         from recsys.locations import fetch_input
+        from serving.api.migrate import database_is_current
         from tasks.pipeline import run_step
 
         _, params, settings, layout, config = _run()
+        # Customers forgotten on request (serving/forget.py) lose their rows in every input, the raw CSV included.
+        forgotten = forgotten_customer_ids(settings.database_url) if database_is_current(settings.database_url) else []
         try:
             # An s3:// location is copied into <run>/landing first; a local folder is read where it is.
             input_dir = fetch_input(params["input_dir"] or settings.landing_location, layout.landing,
                                     endpoint_url=settings.s3_endpoint_url)  # fmt: skip
-            run_step("csv_to_parquet", layout, config, input_dir=input_dir)
+            run_step("csv_to_parquet", layout, config, input_dir=input_dir, forgotten_users=forgotten)
         except InputDataError as error:
             raise _fail_without_retry(error) from error
         return str(layout.parquet)

@@ -176,6 +176,28 @@ class Interaction(Base):
     customer: Mapped[Customer] = relationship(back_populates="interactions")
 
 
+class ForgottenCustomer(Base):
+    """A customer erased on request (serving/forget.py): the tombstone that keeps them from coming back. The id
+    alone is kept: the nightly run drops its rows from every input, and the API refuses to create it again."""
+
+    __tablename__ = "forgotten_customers"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    forgotten_at: Mapped[datetime]
+
+
+def forgotten_customer_ids(url: str) -> list[int]:
+    """Every tombstoned customer id (the nightly run reads them before converting its inputs)."""
+    from sqlalchemy import select
+
+    engine = create_database_engine(url, timeout_ms=None)  # a batch job: no request budget
+    try:
+        with engine.connect() as connection:
+            return list(connection.scalars(select(ForgottenCustomer.id).order_by(ForgottenCustomer.id)))
+    finally:
+        engine.dispose()
+
+
 class ApiKey(Base):
     """A client's key to the gateway. Only the SHA-256 of the secret is kept (the secret is 32 random
     bytes, so a slow password hash would add nothing); `prefix` names the key in listings and logs."""

@@ -18,13 +18,20 @@ position showed it, what off-policy estimates (`recsys/off_policy.py`) reweight 
 the policy was logged have neither field.
 
 Each process (uvicorn worker) writes files of its own; a reader skips a last line without its newline (a
-write in progress).
+write in progress). Forgetting a customer (serving/forget.py) rewrites the files that mention them without
+their lines, each one aside and renamed over the old; an append holds an exclusive `flock` on the file and
+checks that the path still names the file it opened, so it lands in the rewritten file, never in the replaced
+one (`append_lines`, `remove_customers`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-from collections.abc import Iterator
+import os
+import re
+import uuid
+from collections.abc import Collection, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,3 +82,57 @@ def impression_line(impression: dict[str, Any], moment: datetime) -> str:
                           for position, (item, probability) in enumerate(zip(impression["items"], probabilities,
                                                                              strict=True))])  # fmt: skip
     return f'{head[:-1]},"items":[{items}]}}'
+
+
+def append_lines(path: Path, text: str) -> None:
+    """Append whole lines to `path` under an exclusive lock, into the file the path names when the lock is held
+    (a rewrite by `remove_customers` may have replaced it while this waited)."""
+    while True:
+        with path.open("a", encoding="utf-8") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            try:
+                if os.fstat(file.fileno()).st_ino != os.stat(path).st_ino:
+                    continue  # replaced meanwhile: open the new file
+            except FileNotFoundError:
+                continue
+            file.write(text)
+            return  # closing the file flushes, then releases the lock
+
+
+def remove_customers(root: Path, customer_ids: Collection[int]) -> tuple[int, int]:
+    """Rewrite every impression file under `root` that has lines of these customers without those lines;
+    return (lines removed, files rewritten). Each file is locked as `append_lines` locks it, written aside and
+    renamed over the old one, so no append is lost and a reader sees the old file or the new one."""
+    wanted = {int(customer) for customer in customer_ids}
+    removed = rewritten = 0
+    for path in sorted(Path(root).glob("date=*/hour=*/*.jsonl")):
+        with path.open("r+", encoding="utf-8") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            if os.fstat(file.fileno()).st_ino != os.stat(path).st_ino:
+                continue  # another rewrite replaced it just now: that one already left these customers out
+            lines = file.read().splitlines(keepends=True)
+            kept = [line for line in lines if _customer_of(line) not in wanted]
+            if len(kept) == len(lines):
+                continue
+            staging = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+            try:
+                with staging.open("w", encoding="utf-8") as out:
+                    out.writelines(kept)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(staging, path)
+            except BaseException:
+                staging.unlink(missing_ok=True)
+                raise
+            removed += len(lines) - len(kept)
+            rewritten += 1
+    return removed, rewritten
+
+
+_CUSTOMER_ID = re.compile(r'"customer_id"\s*:\s*(-?\d+)')
+
+
+def _customer_of(line: str) -> int | None:
+    """The line's customer id, found without parsing the whole line (its items are most of it)."""
+    found = _CUSTOMER_ID.search(line)
+    return int(found.group(1)) if found else None

@@ -10,6 +10,8 @@ Key layout (prefix `recsys:` by default; DESIGN.md, "Publishing a batch to Redis
     {prefix}recs:previous                    string: the version `rollback` switches back to
     {prefix}recs:versions                    list: retained versions, newest publish first
     {prefix}recs:loading                     set: versions whose load has started but not been switched to
+    {prefix}recs:forgotten                   set: customers erased on request (serving/forget.py), whose lists a
+                                             publish erases from its version before switching to it
     {prefix}recs:{version}:meta              hash: status, counts, times, model versions, fingerprint
     {prefix}recs:{version}:user:{user_id}    value: one user's list (raw ids, best first)
     {prefix}recs:{version}:segment:{segment} value: a new visitor's generic list ("3:1", "*" for all)
@@ -104,6 +106,10 @@ class RecommendationKeys:
         return f"{self.prefix}recs:loading"
 
     @property
+    def forgotten(self) -> str:
+        return f"{self.prefix}recs:forgotten"
+
+    @property
     def versions_prefix(self) -> str:
         """What every version's namespace starts with (the gateway's read script appends the version)."""
         return f"{self.prefix}recs:"
@@ -165,6 +171,40 @@ def decode_scored_list(value: bytes) -> ScoredList:
     scores = records["score"].tolist()
     clicks = records["click_probability"].tolist() if records.dtype == PAYLOAD_DTYPE else scores
     return records["item_id"].tolist(), scores, clicks
+
+
+# --- erasing a customer (serving/forget.py, and every publish for the customers forgotten meanwhile) ---------
+
+# A bitmap bit is cleared only where the version has the bitmap: SETBIT would create one, and a version without a
+# known-users bitmap would then call everyone unknown.
+_CLEAR_BITS = """
+for index, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    for _, bit in ipairs(ARGV) do redis.call('SETBIT', key, bit, 0) end
+  end
+end
+return 0
+"""
+
+
+def erase_users(client: redis.Redis, keys: RecommendationKeys, versions: Sequence[str], user_ids: Sequence[int]
+                ) -> int:  # fmt: skip
+    """Delete the users' lists and cached online answers under every version named, and clear their bits in the
+    versions' known-users and live-users bitmaps; return the keys deleted."""
+    deleted = 0
+    clear_bits = client.register_script(_CLEAR_BITS)
+    for start in range(0, len(user_ids), 1_000):
+        chunk = [int(user) for user in user_ids[start:start + 1_000]]
+        bits = [user for user in chunk if 0 <= user < REDIS_MAX_BITS]
+        pipe = client.pipeline(transaction=False)
+        for version in versions:
+            pipe.delete(*[keys.data(version, "user", user) for user in chunk],
+                        *[keys.online_cache(version, "user", user) for user in chunk])  # fmt: skip
+            if bits:
+                clear_bits(keys=[keys.known_users(version), keys.live_users(version)], args=bits, client=pipe)
+        replies = pipe.execute()
+        deleted += sum(replies[::2] if bits else replies)  # each version's DEL, then its script when bits clear
+    return deleted
 
 
 # --- reading (the serving tier) ---------------------------------------------------------------------

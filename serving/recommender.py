@@ -348,6 +348,10 @@ class Recommender:
 
     # -- the rules of the moment -------------------------------------------------------------------------
 
+    def forget_customer(self, customer_id: int) -> None:
+        """A customer forgotten on request: this process's copies of their answers go (serving/forget.py)."""
+        self._recent.pop(("user", str(customer_id)), None)
+
     def forget_product(self, product_id: int) -> None:
         """A product was created, changed or deleted: read its flags from the database next time.
 

@@ -56,10 +56,12 @@ def _generate_data(args: argparse.Namespace) -> dict:
 
 
 def _csv_to_parquet(args: argparse.Namespace) -> dict:
+    from recsys.database import forgotten_customer_ids
     from tasks.csv_to_parquet import CsvToParquetConfig, csv_to_parquet
 
     config = CsvToParquetConfig(max_bad_row_fraction=args.max_bad_row_fraction, sample_fraction=args.sample_fraction)
-    return csv_to_parquet(args.input, args.output, load_spec(args.spec), config)
+    forgotten = forgotten_customer_ids(args.forgotten_from) if args.forgotten_from else []
+    return csv_to_parquet(args.input, args.output, load_spec(args.spec), config, forgotten_users=forgotten)
 
 
 def _clean_null_rows(args: argparse.Namespace) -> dict:
@@ -362,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "csv-to-parquet":
             step.add_argument("--max-bad-row-fraction", type=float, default=CsvToParquetConfig.max_bad_row_fraction)
             step.add_argument("--sample-fraction", type=float, default=CsvToParquetConfig.sample_fraction)
+            step.add_argument("--forgotten-from", metavar="DATABASE_URL", default=None,
+                              help="drop the rows of the customers forgotten on request in this gateway database "
+                                   "(the nightly DAG passes RECSYS_DATABASE_URL's)")  # fmt: skip
         if name == "clean-null-rows":
             step.add_argument("--max-null-features", type=int, default=DEFAULT_MAX_NULL_FEATURES)
         if name == "train-ranker":

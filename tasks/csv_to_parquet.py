@@ -22,7 +22,7 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import date
 from pathlib import Path
 
@@ -179,7 +179,7 @@ def _extract_batches(path: Path, spec: DatasetSpec) -> Iterator[pa.RecordBatch]:
 
 
 def _convert_extracts(days: dict[str, list[Path]], input_dir: Path, spec: DatasetSpec, config: CsvToParquetConfig,
-                      out_dir: Path) -> list[dict]:  # fmt: skip
+                      out_dir: Path, forgotten: _Forgotten) -> list[dict]:  # fmt: skip
     """Write the extracts, oldest day first, as the `gateway` split."""
     results = []
     seen = 0
@@ -187,15 +187,18 @@ def _convert_extracts(days: dict[str, list[Path]], input_dir: Path, spec: Datase
         for path in [path for paths in days.values() for path in paths]:
             rows_before = writer.rows
             read = 0
+            forgotten_rows = 0
             for batch in _extract_batches(path, spec):
                 # Sampled as the CSV rows are: a quick run stays a small copy of the full one, the gateway rows
                 # keeping their share of train (unsampled, they would weigh 1/sample_fraction times more).
-                read += _write_sampled(batch, writer, seen + read, config)
+                rows, dropped = _write_sampled(batch, writer, seen + read, config, forgotten)
+                read += rows
+                forgotten_rows += dropped
             seen += read
             results.append({
                 "split": GATEWAY_SPLIT, "file": path.relative_to(Path(input_dir) / INTERACTIONS_FOLDER).as_posix(),
                 "bytes_in": path.stat().st_size, "rows_in": read, "rows_out": writer.rows - rows_before,
-                "rows_quarantined": 0,
+                "rows_quarantined": 0, "rows_forgotten": forgotten_rows,
             })  # fmt: skip
     return results
 
@@ -296,18 +299,37 @@ def _write_quarantine(path: Path, bad_rows: list[BadRow]) -> None:
             writer.writerow([bad.line, bad.column, bad.reason, bad.text])
 
 
-def _write_sampled(batch: pa.RecordBatch, writer: PartitionWriter, first_row: int,
-                   config: CsvToParquetConfig) -> int:  # fmt: skip
-    if config.sample_fraction < 1.0:
-        mask = row_fraction_mask(first_row, batch.num_rows, config.sample_fraction, SAMPLE_SALT)
-        writer.write(batch.filter(pa.array(mask)))
-    else:
-        writer.write(batch)
-    return batch.num_rows
+@dataclasses.dataclass(frozen=True)
+class _Forgotten:
+    """The users whose rows every input loses (customers forgotten on request, serving/forget.py)."""
+
+    user_id: str
+    ids: pa.Array
+
+    def rows(self, batch: pa.RecordBatch) -> np.ndarray | None:
+        """A mask of the batch's rows of forgotten users; None when it has none."""
+        if not len(self.ids):
+            return None
+        mask = pc.is_in(batch.column(self.user_id), value_set=self.ids).to_numpy(zero_copy_only=False)
+        return mask if mask.any() else None
+
+
+def _write_sampled(batch: pa.RecordBatch, writer: PartitionWriter, first_row: int, config: CsvToParquetConfig,
+                   forgotten: _Forgotten) -> tuple[int, int]:  # fmt: skip
+    """Write the batch's sampled rows but the forgotten users'; return (rows read, forgotten users' rows)."""
+    # The sample is drawn by row position before forgotten rows drop out: the other rows' draws do not move.
+    keep = (row_fraction_mask(first_row, batch.num_rows, config.sample_fraction, SAMPLE_SALT)
+            if config.sample_fraction < 1.0 else None)  # fmt: skip
+    dropped = forgotten.rows(batch)
+    if dropped is not None:
+        keep = ~dropped if keep is None else keep & ~dropped
+    writer.write(batch if keep is None else batch.filter(pa.array(keep)))
+    return batch.num_rows, 0 if dropped is None else int(dropped.sum())
 
 
 def _convert_split(files: list[Path], headers: dict[Path, list[str]], split: str, spec: DatasetSpec,
-                   config: CsvToParquetConfig, out_dir: Path, careful: bool) -> list[dict]:  # fmt: skip
+                   config: CsvToParquetConfig, out_dir: Path, careful: bool, forgotten: _Forgotten
+                   ) -> list[dict]:  # fmt: skip
     """Write one split's partition; the careful path quarantines bad rows instead of failing fast."""
     results = []
     seen = 0
@@ -316,10 +338,12 @@ def _convert_split(files: list[Path], headers: dict[Path, list[str]], split: str
             header = headers[path]
             rows_before = writer.rows
             bad_rows: list[BadRow] = []
-            read = 0
+            read = forgotten_rows = 0
             batches = _careful_batches(path, header, spec, bad_rows) if careful else _fast_batches(path, spec, config)
             for batch in batches:
-                read += _write_sampled(batch, writer, seen + read, config)
+                rows, dropped = _write_sampled(batch, writer, seen + read, config, forgotten)
+                read += rows
+                forgotten_rows += dropped
             total = read + len(bad_rows)
             if bad_rows:
                 _check_bad_rows(path, bad_rows, total, config)
@@ -331,6 +355,7 @@ def _convert_split(files: list[Path], headers: dict[Path, list[str]], split: str
             results.append({
                 "split": split, "file": path.name, "bytes_in": path.stat().st_size, "rows_in": total,
                 "rows_out": writer.rows - rows_before, "rows_quarantined": len(bad_rows),
+                "rows_forgotten": forgotten_rows,
             })  # fmt: skip
     return results
 
@@ -345,13 +370,17 @@ def _check_bad_rows(path: Path, bad_rows: list[BadRow], total: int, config: CsvT
 
 
 def csv_to_parquet(input_dir: Path, output_dir: Path, spec: DatasetSpec,
-                   config: CsvToParquetConfig = CsvToParquetConfig()) -> dict:  # fmt: skip
+                   config: CsvToParquetConfig = CsvToParquetConfig(), *,
+                   forgotten_users: Collection[int] = ()) -> dict:  # fmt: skip
     """Convert every split's CSV files under `input_dir` to `output_dir/<split>/part-*.parquet`.
 
     The gateway's extracts under `input_dir/interactions/day=*/` (if that folder exists) become
-    `output_dir/gateway/part-*.parquet`. Metrics: rows and bytes per file and in all, rows per split,
-    and, with extracts, the days read (`gateway_days`).
+    `output_dir/gateway/part-*.parquet`. The rows of `forgotten_users` (customers forgotten on request, the
+    gateway database's tombstones) are dropped from every input. Metrics: rows and bytes per file and in all,
+    rows per split, the forgotten users' rows dropped, and, with extracts, the days read (`gateway_days`).
     """
+    id_type = pa.type_for_alias(spec.columns[spec.user_id])
+    forgotten = _Forgotten(spec.user_id, pa.array(sorted(set(forgotten_users)), type=id_type))
     files = input_files(input_dir, spec)
     extracts = extract_files(input_dir)
     # Refuse bad files before any work.
@@ -363,21 +392,22 @@ def csv_to_parquet(input_dir: Path, output_dir: Path, spec: DatasetSpec,
     with atomic_output_dir(Path(output_dir)) as staging:
         for split, paths in files.items():
             try:
-                results += _convert_split(paths, headers, split, spec, config, staging, careful=False)
+                results += _convert_split(paths, headers, split, spec, config, staging, False, forgotten)
             except _FastPathFailed as error:
                 log.warning("split %s: %s; reading again with line numbers", split, error)
                 for leftover in (staging / split).glob("*"):
                     leftover.unlink()
-                results += _convert_split(paths, headers, split, spec, config, staging, careful=True)
+                results += _convert_split(paths, headers, split, spec, config, staging, True, forgotten)
         splits = list(files)
         if extracts is not None:
-            results += _convert_extracts(extracts, Path(input_dir), spec, config, staging)
+            results += _convert_extracts(extracts, Path(input_dir), spec, config, staging, forgotten)
             splits.append(GATEWAY_SPLIT)
         metrics: dict = {
             "files": results,
             "rows_in": sum(result["rows_in"] for result in results),
             "rows_out": sum(result["rows_out"] for result in results),
             "rows_quarantined": sum(result["rows_quarantined"] for result in results),
+            "rows_forgotten": sum(result["rows_forgotten"] for result in results),
             "bytes_in": sum(result["bytes_in"] for result in results),
             "bytes_out": directory_bytes(staging),
             "rows_out_by_split": {

@@ -82,9 +82,10 @@ def _trainer(command: str, config: PipelineConfig, arguments: list[str]) -> dict
 
 
 def run_step(name: str, layout: RunLayout, config: PipelineConfig, *, input_dir: Path | None = None,
-             model_versions: Mapping[str, str] | None = None) -> dict:  # fmt: skip
-    """Run one step of the run in `layout`; returns its metrics. `input_dir` (the raw CSV folder) is
-    csv_to_parquet's; `model_versions` (the registered versions scored with) batch scoring's and the export's."""
+             forgotten_users: Sequence[int] = (), model_versions: Mapping[str, str] | None = None) -> dict:  # fmt: skip
+    """Run one step of the run in `layout`; returns its metrics. `input_dir` (the raw CSV folder) and
+    `forgotten_users` (the customers forgotten on request, whose rows every input loses) are csv_to_parquet's;
+    `model_versions` (the registered versions scored with) batch scoring's and the export's."""
     if name == "csv_to_parquet":
         from tasks.csv_to_parquet import csv_to_parquet
 
@@ -92,7 +93,8 @@ def run_step(name: str, layout: RunLayout, config: PipelineConfig, *, input_dir:
             raise ValueError("csv_to_parquet needs the raw input folder")
         step_config = CsvToParquetConfig(max_bad_row_fraction=config.max_bad_row_fraction,
                                          sample_fraction=config.sample_fraction)  # fmt: skip
-        return csv_to_parquet(input_dir, layout.parquet, config.dataset_spec(), step_config)
+        return csv_to_parquet(input_dir, layout.parquet, config.dataset_spec(), step_config,
+                              forgotten_users=forgotten_users)  # fmt: skip
     if name == "clean_null_rows":
         from tasks.clean_null_rows import clean_null_rows
 

@@ -10,9 +10,10 @@ publish never touches what readers can see until its last step:
    created: a key that already exists is a duplicated id in the input;
 3. verify that each kind's keys created equal the rows read (else refuse: the version is marked
    `failed` and expires, the pointer does not move);
-4. switch `current` (and `previous`, kept for rollback) in one MULTI/EXEC, WATCHing the pointers and
+4. erase the lists of customers forgotten since the run read its data (`{prefix}recs:forgotten`);
+5. switch `current` (and `previous`, kept for rollback) in one MULTI/EXEC, WATCHing the pointers and
    the version's meta hash, so a concurrent rollback or a second publisher cannot interleave;
-5. retire versions beyond `keep_versions`: their keys get a TTL (`expire_after_s`), they are never
+6. retire versions beyond `keep_versions`: their keys get a TTL (`expire_after_s`), they are never
    deleted on the hot path, and a reader that resolved the pointer just before a swap still finds them.
 
 The key layout and the value format are `recsys/recommendation_store.py`'s (the readers' contract too).
@@ -55,6 +56,7 @@ from recsys.recommendation_store import (
     RecommendationKeys,
     as_text,
     as_texts,
+    erase_users,
     hash_as_text,
 )
 
@@ -86,7 +88,7 @@ SETRANGE_CHUNK = 2**20  # bytes of the bitmap per SETRANGE
 META_GRACE_S = 300
 
 _VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-_RESERVED_VERSIONS = {"current", "previous", "versions", "loading"}
+_RESERVED_VERSIONS = {"current", "previous", "versions", "loading", "forgotten"}
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 
@@ -165,6 +167,10 @@ def publish_recommendations(
                 _fail(client, keys, version, attempt, str(error), expire_after_s)
                 raise
             loaded = True
+        # A run scores the users its data had: those forgotten since it read them are erased before readers
+        # see the version (a forget meanwhile erases them from every listed and loading version itself).
+        forgotten = sorted(int(member) for member in cast(set[Any], client.smembers(keys.forgotten)))
+        erased = erase_users(client, keys, [version], forgotten) if forgotten else 0
         previous = _switch(client, keys, version, attempt, fingerprint)
         known_users_bytes = int(as_text(client.hget(keys.meta(version), "known_users_bytes") or 0))
         retire_started = time.perf_counter()
@@ -182,6 +188,7 @@ def publish_recommendations(
         "known_users_bytes": known_users_bytes,
         "load_seconds": round(load_seconds, 3),
         "keys_per_s": round(total_keys / load_seconds) if load_seconds else None,
+        "forgotten_lists_erased": erased,
         "retired_versions": retired,
         "abandoned_versions": abandoned,
         "retire_seconds": round(retire_seconds, 3),

@@ -1,6 +1,9 @@
 import shutil
+from datetime import date
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -133,3 +136,38 @@ def test_out_of_range_values_and_quoted_newlines_on_the_careful_path(small_raw: 
     assert metrics["rows_quarantined"] == 2
     devices = pq.read_table(tmp_path / "parquet" / "test", columns=["device"]).column("device").to_pylist()
     assert "mobile\nphone" in devices
+
+
+def test_forgotten_users_lose_their_rows_in_every_input_and_the_sample_of_others_stays(
+    small_raw: Path, tmp_path: Path, spec
+):
+    """Customers forgotten on request (serving/forget.py): their rows go from the CSV splits and the gateway's
+    extracts alike, and every other row keeps its place in a sampled run."""
+    from tasks.extract_interactions import partition_path
+
+    raw = _copy(small_raw, tmp_path / "raw")
+    first = csv_to_parquet(raw, tmp_path / "all", spec)
+    rows = pq.read_table(tmp_path / "all" / "train")
+    forgotten = rows.column("user_id").unique().to_pylist()[:3]
+    # One of them also has rows in a day's extract (the gateway's schema is the spec's).
+    extract = partition_path(raw, date(2026, 12, 1))
+    extract.parent.mkdir(parents=True)
+    pq.write_table(rows.slice(0, 40).set_column(0, "user_id", pa.array([forgotten[0]] * 20 + [1] * 20,
+                                                                       type=pa.int64())), extract)  # fmt: skip
+    metrics = csv_to_parquet(raw, tmp_path / "parquet", spec, forgotten_users=forgotten)
+
+    for split in ("train", "test", "gateway"):
+        kept = pq.read_table(tmp_path / "parquet" / split).column("user_id")
+        assert not pc.any(pc.is_in(kept, value_set=pa.array(forgotten))).as_py(), split
+    in_csv = sum(pc.sum(pc.is_in(pq.read_table(tmp_path / "all" / split).column("user_id"),
+                                 value_set=pa.array(forgotten))).as_py() for split in ("train", "test"))  # fmt: skip
+    assert in_csv > 0 and metrics["rows_forgotten"] == in_csv + 20
+    assert metrics["rows_out"] == first["rows_out"] + 40 - metrics["rows_forgotten"]
+
+    # Sampled: the rows kept are the unforgotten rows of the same sample.
+    config = CsvToParquetConfig(sample_fraction=0.5)
+    csv_to_parquet(raw, tmp_path / "sampled", spec, config)
+    csv_to_parquet(raw, tmp_path / "sampled_forgetting", spec, config, forgotten_users=forgotten)
+    sampled = pq.read_table(tmp_path / "sampled" / "train")
+    expected = sampled.filter(pc.invert(pc.is_in(sampled.column("user_id"), value_set=pa.array(forgotten))))
+    assert pq.read_table(tmp_path / "sampled_forgetting" / "train").equals(expected)

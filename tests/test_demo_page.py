@@ -153,7 +153,9 @@ def test_a_user_picked_in_the_browser_shows_recommendations_with_clicked_items_h
     assert browser.title == "Sign in · Recommender demo"
     browser.find_element(By.ID, "api_key").send_keys("rk_not-a-key")
     browser.find_element(By.ID, "login").click()
-    assert "Unknown or revoked" in browser.find_element(By.ID, "problem").text
+    # The click submits the form; the answer is a new page, so wait for it rather than read the old one.
+    problem = WebDriverWait(browser, 30).until(expected_conditions.presence_of_element_located((By.ID, "problem")))
+    assert "Unknown or revoked" in problem.text
     browser.find_element(By.ID, "api_key").send_keys(READ_KEY["X-API-Key"])
     browser.find_element(By.ID, "login").click()
     WebDriverWait(browser, 30).until(expected_conditions.title_is("Recommender demo"))

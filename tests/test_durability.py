@@ -435,7 +435,8 @@ def test_a_killed_gateway_loses_no_acknowledged_interaction(migrated_database_ur
     unanswered = [attempt for attempt in poster.attempts if attempt.status is None]
     # The kill hit the burst: requests were cut off or refused, and every one of them was retried to an answer.
     assert unanswered and all(attempt.key in poster.acknowledged for attempt in unanswered)
-    assert all(attempt.started >= killed_at - 1 for attempt in unanswered)
+    # None failed on its own before the kill (a slow request may have started well before it on busy cores).
+    assert all(attempt.ended >= killed_at for attempt in unanswered)
     replays = sum(attempt.status == 200 for attempt in poster.attempts)
     backend = migrated_database_url.split(":")[0].split("+")[0]
     print(f"\n{backend}: {BURST} interactions, {len(acknowledged_before_kill)} "

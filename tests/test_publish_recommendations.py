@@ -461,3 +461,22 @@ def test_a_segment_key_joins_values_and_takes_one_value_whole():
     assert segment_key(("DE", "mobile", 3)) == "DE:mobile:3"
     assert segment_key(("tablet",)) == segment_key("tablet") == "tablet"
     assert segment_key(7) == segment_key([7]) == "7"
+
+
+def test_customers_forgotten_while_a_run_was_in_flight_are_erased_before_the_switch(client: Client, tmp_path: Path):
+    """A run that read its data before a customer was forgotten still scored them: the publish erases their list
+    and their known-users bit from its version before readers see it (serving/forget.py adds them to the set).
+    `erase_users` on a version without a bitmap creates none."""
+    from recsys.recommendation_store import erase_users
+
+    client.sadd(KEYS.forgotten, 4, 7)
+    metrics = publish(write_batch(tmp_path / "v1", seed=1), "v1")
+    assert metrics["forgotten_lists_erased"] == 2
+    assert [read_recommendations(client, PREFIX, "user", user) for user in (4, 7)] == [None, None]
+    assert client.getbit(KEYS.known_users("v1"), 4) == client.getbit(KEYS.known_users("v1"), 7) == 0
+    assert read_recommendations(client, PREFIX, "user", 5) is not None and client.getbit(KEYS.known_users("v1"), 5)
+
+    client.delete(KEYS.known_users("v1"))
+    client.set(KEYS.online_cache("v1", "user", 5), b"cached")
+    assert erase_users(client, KEYS, ["v1"], [5]) == 2  # the list and the cached online answer
+    assert not client.exists(KEYS.known_users("v1")) and not client.exists(KEYS.live_users("v1"))

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from recsys.impression_log import impression_line, partition_dir
+from recsys.impression_log import append_lines, impression_line, partition_dir
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ class ImpressionLog:
         for folder, texts in lines.items():
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                with (folder / self._file_name).open("a", encoding="utf-8") as file:
-                    file.write("\n".join(texts) + "\n")
+                append_lines(folder / self._file_name, "\n".join(texts) + "\n")
             except OSError as error:
                 log.error("impressions not written to %s (%s): %d dropped", folder, error, len(texts))
                 self._dropped(len(texts))

@@ -168,6 +168,21 @@ class CustomersPublic(BaseModel):
     next_after_id: int | None
 
 
+class ForgetReport(BaseModel):
+    """What each store gave up when a customer was forgotten (serving/forget.py): the audit record."""
+
+    customer_ids: list[int]
+    customers_deleted: int
+    interactions_deleted: int
+    redis_keys_deleted: int
+    feast_rows_deleted: int
+    extract_rows_removed: int
+    extract_files_rewritten: int
+    landing_zone_remote: bool = False  # an s3:// landing zone's extracts are not rewritten (the nightly run drops them)
+    impression_lines_removed: int
+    impression_files_rewritten: int
+
+
 # Products
 
 

@@ -19,10 +19,10 @@ import anyio.from_thread
 from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import select
 
-from recsys.database import Customer, utc_now
+from recsys.database import Customer, ForgottenCustomer, utc_now
 from recsys.spec import DatasetSpec
 from serving.api.auth import AUTH_ERRORS, AdminScope
-from serving.api.deps import CustomerIdPath, LiveFeaturesDep, SeenItemsDep, SessionDep
+from serving.api.deps import CustomerIdPath, LiveFeaturesDep, RecommenderDep, SeenItemsDep, SessionDep, SettingsDep
 from serving.api.persistence import commit_or_conflict, get_or_404
 from serving.api.rate_limit import RATE_LIMITED, RateLimit
 from serving.api.schemas import (
@@ -31,16 +31,18 @@ from serving.api.schemas import (
     CustomerPublic,
     CustomersPublic,
     CustomerUpdate,
+    ForgetReport,
     customer_models,
     error_responses,
     profile_attributes,
 )
+from serving.forget import forget_customers
 from serving.live_features import LiveFeatures
 
 log = logging.getLogger(__name__)
 
-# Customers are personal data: every route needs the admin scope. Reading, listing and deleting; creating and
-# updating take the spec's profile (`profile_router`).
+# Customers are personal data: every route needs the admin scope. Reading, listing, deleting and forgetting;
+# creating and updating take the spec's profile (`profile_router`).
 router = APIRouter(prefix="/customers", tags=["customers"], dependencies=[AdminScope],
                    responses=error_responses(AUTH_ERRORS))  # fmt: skip
 NOT_FOUND = error_responses({404: "no customer with this id"})
@@ -79,6 +81,20 @@ def delete_customer(customer_id: CustomerIdPath, session: SessionDep, seen_items
             log.warning("forgetting customer %d online failed (%s: %s)", customer_id, type(error).__name__, error)
 
 
+@router.post("/{customer_id}/forget", response_model=ForgetReport, responses=error_responses(RATE_LIMITED),
+             dependencies=[RateLimit])  # fmt: skip
+def forget_customer(customer_id: CustomerIdPath, settings: SettingsDep, recommender: RecommenderDep) -> ForgetReport:
+    """Erases the customer from every store that holds them (the database with their interactions, the
+    landing zone's extracts, the lists and bitmaps of every kept version, Feast's online row, the online caches,
+    the impression logs) and records a tombstone, so that neither the next nightly run nor a later extract
+    brings them back and their id cannot be created again (serving/forget.py). Idempotent: an id no store
+    holds (or one forgotten before) is forgotten again, with nothing left to erase. The answer counts what each
+    store gave up."""
+    report = forget_customers(settings, [customer_id])
+    recommender.forget_customer(customer_id)
+    return ForgetReport.model_validate(report)
+
+
 def profile_router(spec: DatasetSpec) -> APIRouter:
     """Creating and updating customers, whose bodies' `attributes` are the spec's user features (`customer_models`):
     the routes are built per application, for the spec its settings name."""
@@ -90,6 +106,9 @@ def profile_router(spec: DatasetSpec) -> APIRouter:
         conflict = f"customer {body.id} already exists"
         if session.get(Customer, body.id) is not None:
             raise HTTPException(status.HTTP_409_CONFLICT, conflict)
+        if session.get(ForgottenCustomer, body.id) is not None:  # a tombstone: the id stays forgotten
+            raise HTTPException(status.HTTP_410_GONE, f"customer {body.id} was forgotten on request; the id is not "
+                                                      "used again")  # fmt: skip
         now = utc_now()
         fields = {**body.model_dump(), "attributes": profile_attributes(body.attributes)}
         customer = Customer(**fields, created_at=now, updated_at=now)
@@ -116,7 +135,8 @@ def profile_router(spec: DatasetSpec) -> APIRouter:
     create_customer.__annotations__["body"] = create_body
     update_customer.__annotations__["body"] = update_body
     profiles.post("", response_model=CustomerPublic, status_code=status.HTTP_201_CREATED, dependencies=[RateLimit],
-                  responses=error_responses({409: "a customer with this id exists", **RATE_LIMITED}))(create_customer)
+                  responses=error_responses({409: "a customer with this id exists",
+                                             410: "the id was forgotten on request", **RATE_LIMITED}))(create_customer)
     profiles.patch("/{customer_id}", response_model=CustomerPublic, responses=WRITE_ERRORS,
                    dependencies=[RateLimit])(update_customer)  # fmt: skip
     return profiles
