@@ -50,12 +50,30 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "RECSYS_REDIS_URL": E2E_REDIS_URL,
         "RECSYS_FEAST_REDIS_URL": E2E_FEAST_REDIS_URL,
         "RECSYS_FEAST_REGISTRY_PATH": str(home / "feast" / "registry.db"),
+        # The gateway's database, where customers forgotten on request leave their tombstones.
+        "RECSYS_DATABASE_URL": f"sqlite:///{home}/gateway.db",
     }
     for url in (E2E_REDIS_URL, E2E_FEAST_REDIS_URL):
         redis.Redis.from_url(url).flushdb()
     subprocess.run([str(PROJECT_ROOT / ".venv/bin/airflow"), "db", "migrate"], env=env, check=True,
                    capture_output=True, timeout=300)  # fmt: skip
+    from serving.api.migrate import upgrade
+
+    upgrade(env["RECSYS_DATABASE_URL"])
     return env
+
+
+def forget_first_user(env: dict[str, str], raw: Path, data_root: Path) -> int:
+    """Forget the raw data's first user as an operator would before the nightly run (serving/forget.py)."""
+    from recsys.settings import Settings
+    from serving.forget import forget_customers
+
+    user = int(pa_csv.read_csv(raw / "train.csv").column("user_id")[0].as_py())
+    settings = Settings(database_url=env["RECSYS_DATABASE_URL"], redis_url=E2E_REDIS_URL, redis_key_prefix="e2e:",
+                        data_root=data_root, feast_redis_url=E2E_FEAST_REDIS_URL,
+                        feast_registry_path=Path(env["RECSYS_FEAST_REGISTRY_PATH"]))  # fmt: skip
+    forget_customers(settings, [user])
+    return user
 
 
 def run_dag(env: dict[str, str], data_root: Path, conf: dict,
@@ -75,17 +93,21 @@ def _failed_tasks(output: str) -> list[str]:
 
 
 def test_data_stage_end_to_end(airflow_env, medium_raw: Path, tmp_path: Path, spec):
+    forgotten = forget_first_user(airflow_env, medium_raw, tmp_path / "data")
     process, run = run_dag(airflow_env, tmp_path / "data", {"input_dir": str(medium_raw)})
     output = process.stdout + process.stderr
     assert process.returncode == 0, output[-3000:]
     assert run is not None and not _failed_tasks(output), output[-3000:]
 
+    # The forgotten customer's rows never got past the first step: the DAG read the tombstone.
     parquet = json.loads((run / "parquet" / "_metrics.json").read_text())
-    assert parquet["rows_in"] == parquet["rows_out"] == 50_000
+    assert parquet["rows_in"] == 50_000 and parquet["rows_forgotten"] > 0
+    assert parquet["rows_out"] == 50_000 - parquet["rows_forgotten"]
+    assert forgotten not in set(pq.read_table(run / "parquet", columns=["user_id"]).column("user_id").to_pylist())
     cleaned = json.loads((run / "clean" / "_metrics.json").read_text())
     assert sum(cleaned["rows_after"].values()) < 0.85 * 50_000
     resplit = json.loads((run / "resplit" / "_metrics.json").read_text())
-    assert "| Train | 25,000 |" in resplit["table"]
+    assert f"| Train | {parquet['rows_out_by_split']['train']:,} |" in resplit["table"]
     assert "Data After Resplitting" in output  # Table 5.2 is in the run's log
     assert "Result: PASSED" in (run / "validate" / "report.md").read_text()
     nvtabular = json.loads((run / "nvtabular" / "_metrics.json").read_text())

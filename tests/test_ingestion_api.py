@@ -361,13 +361,18 @@ def test_health_and_openapi_docs(client: TestClient) -> None:
 
 def test_an_unexpected_error_is_a_500_without_internals(migrated_database_url: str) -> None:
     app = create_app(Settings(database_url=migrated_database_url, redis_url=TEST_REDIS_URL))
+    side = create_engine(database_url(migrated_database_url))
     with authorized(TestClient(app, raise_server_exceptions=False), migrated_database_url) as client:
-        # Break the database behind the application's back: the table it reads is gone.
-        side = create_engine(database_url(migrated_database_url))
+        # Break the database behind the application's back: the table it reads is gone (renamed, and put back
+        # afterwards: the PostgreSQL database is the session's, shared with later tests).
         with side.begin() as connection:
-            connection.exec_driver_sql("DROP TABLE interactions")
-        side.dispose()
-        response = client.get("/interactions")
+            connection.exec_driver_sql("ALTER TABLE interactions RENAME TO interactions_hidden")
+        try:
+            response = client.get("/interactions")
+        finally:
+            with side.begin() as connection:
+                connection.exec_driver_sql("ALTER TABLE interactions_hidden RENAME TO interactions")
+            side.dispose()
     assert response.status_code == 500
     assert response.json() == {"detail": "internal server error"}
     assert "interactions" not in response.text and "Traceback" not in response.text

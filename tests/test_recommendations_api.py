@@ -91,8 +91,8 @@ def gateway(tmp_path: Path, **overrides: object) -> TestClient:
     upgrade(database_url)
     # Generous budgets: these tests check routes and rules on 2 busy cores, the benchmark checks latency.
     budgets = {"redis_timeout_ms": 2_000, "triton_timeout_ms": 20_000, "feast_timeout_ms": 2_000}
-    settings = Settings(database_url=database_url, redis_url=REDIS_URL, redis_key_prefix=PREFIX,
-                        **{**budgets, **overrides})  # type: ignore[arg-type]  # fmt: skip
+    settings = Settings(database_url=database_url, **{"redis_url": REDIS_URL, "redis_key_prefix": PREFIX, **budgets,
+                                                      **overrides})  # type: ignore[arg-type]  # fmt: skip
     return authorized(TestClient(create_app(settings)), database_url)
 
 
@@ -650,3 +650,116 @@ def test_a_seen_item_not_noted_in_redis_still_leaves_the_interaction_stored(publ
         stored_events = client.get("/interactions", params={"customer_id": user}).json()["data"]
     assert [(event["product_id"], event["type"]) for event in stored_events] == [(product, "purchase")]
     assert "seen item of customer" in caplog.text and not published.exists(f"{PREFIX}seen:{user}")
+
+
+# --- forgetting a customer (issue 23) -------------------------------------------------------------------------
+
+
+def test_a_forgotten_customer_is_gone_from_every_store_and_stays_gone(
+    published: redis.Redis, triton: TritonServer, feast_store: FeastStoreConfig, trained_run: Path,
+    batch_scored: Path, medium_raw: Path, spec: DatasetSpec, tmp_path: Path,
+):
+    """A known customer with lists under two kept versions, a profile written through to Feast (live under the
+    current version, an online answer cached), a purchase (the seen set, the database, a day's extract) and
+    impressions: after `POST /customers/{id}/forget`, every store is checked. Then the nightly run's two
+    entrances: a publish of a run that still scored them erases them before the switch, and the data stage
+    drops their rows from the raw CSV by the database's tombstone."""
+    import shutil
+    from datetime import date
+
+    import pyarrow.parquet as pq
+    from sqlalchemy import create_engine, text
+
+    from recsys.database import forgotten_customer_ids
+    from tasks.csv_to_parquet import csv_to_parquet
+    from tasks.extract_interactions import extract_interactions, partition_path
+
+    prefix = "forget-api:"
+    for version in ("f1", "f2"):  # f2 current, f1 kept for rollback
+        publish_recommendations(batch_scored, redis_url=REDIS_URL, version=version, key_prefix=prefix, progress=False)
+    users = user_ids(trained_run, spec)
+    customer, other = users[-1], users[-2]
+    landing, impressions = tmp_path / "landing", tmp_path / "impressions"
+    keys = [f"{prefix}recs:{version}:user:{customer}" for version in ("f1", "f2")]
+    assert all(published.exists(key) for key in keys)
+    try:
+        with gateway(tmp_path, triton_url=f"http://{triton.http_address}", redis_key_prefix=prefix,
+                     landing_dir=str(landing), impressions_dir=impressions) as api:  # fmt: skip
+            profile = latest_raw_features(trained_run, spec, "user")[customer]
+            assert api.post("/customers", json={"id": customer, "attributes": profile}).status_code == 201
+            bought = stored(published, "user", customer)[0][0]
+            assert api.post("/products", json={"id": bought, "category": 1}).status_code == 201
+            event = {"customer_id": customer, "product_id": bought, "type": "purchase", "session_id": "s1",
+                     "timestamp": "2026-11-01T10:00:00Z"}  # fmt: skip
+            assert api.post("/interactions", json=event).status_code == 201
+            assert api.get(f"/recommendations/{customer}").json()["route"] == "online"  # live: the user tower
+            assert api.get(f"/recommendations/{other}").json()["route"] == "precomputed"
+            extract = extract_interactions(api.app.state.settings.database_url, landing, date(2026, 11, 1))
+            assert extract["customers"] == 1
+            database_url = api.app.state.settings.database_url
+        # The gateway stopped: its impressions are written (the forget below runs while another one serves).
+        assert {customer, other} <= {record["customer_id"] for record in impression_records(impressions)}
+        assert published.exists(f"{prefix}seen:{customer}") and published.exists(f"{prefix}cache:f2:user:{customer}")
+        assert published.getbit(f"{prefix}recs:f2:live_users", customer) == 1
+        assert feast_row(feast_store, spec, customer)[spec.user_features[0]] is not None
+
+        with gateway(tmp_path, triton_url=f"http://{triton.http_address}", redis_key_prefix=prefix,
+                     landing_dir=str(landing), impressions_dir=impressions) as api:  # fmt: skip
+            forgotten = api.post(f"/customers/{customer}/forget")
+            assert forgotten.status_code == 200, forgotten.text
+            report = forgotten.json()
+            # The lists and cached answer under both versions and the seen set went; the customer and their
+            # interaction; Feast's row; the extract's row; the impression lines.
+            assert report["customers_deleted"] == report["interactions_deleted"] == 1
+            assert report["redis_keys_deleted"] == 4 and report["feast_rows_deleted"] == 1
+            assert report["extract_rows_removed"] == report["extract_files_rewritten"] == 1
+            assert report["impression_lines_removed"] >= 1
+            assert api.get(f"/customers/{customer}").status_code == 404
+            assert api.post("/customers", json={"id": customer}).status_code == 410
+            # A visitor with that id now is a new visitor: the generic list.
+            assert api.get(f"/recommendations/{customer}").json()["route"] == "generic"
+
+        engine = create_engine(database_url)
+        with engine.connect() as connection:
+            count = connection.execute(text("SELECT count(*) FROM interactions WHERE customer_id = :id"),
+                                       {"id": customer}).scalar()  # fmt: skip
+        engine.dispose()
+        assert count == 0 and forgotten_customer_ids(database_url) == [customer]
+        assert pq.read_table(partition_path(landing, date(2026, 11, 1))).num_rows == 0
+        for version in ("f1", "f2"):
+            assert not published.exists(f"{prefix}recs:{version}:user:{customer}")
+            assert not published.exists(f"{prefix}cache:{version}:user:{customer}")
+            assert published.getbit(f"{prefix}recs:{version}:known_users", customer) == 0
+            assert published.getbit(f"{prefix}recs:{version}:live_users", customer) == 0
+            assert published.exists(f"{prefix}recs:{version}:user:{other}")
+            assert published.getbit(f"{prefix}recs:{version}:known_users", other) == 1
+        assert not published.exists(f"{prefix}seen:{customer}")
+        row = feast_row(feast_store, spec, customer)
+        assert all(value is None for name, value in row.items() if name != spec.user_id), row
+        assert feast_row(feast_store, spec, other)[spec.user_features[0]] is not None
+        lines = impression_records(impressions)
+        # The one line of the id is the new visitor's answer after the forget.
+        assert [record["route"] for record in lines if record["customer_id"] == customer] == ["generic"]
+        assert other in {record["customer_id"] for record in lines}
+
+        # The nightly run's entrances: a run that scored them publishes without them; the data stage drops
+        # their rows from the raw files by the tombstone.
+        metrics = publish_recommendations(batch_scored, redis_url=REDIS_URL, version="f3", key_prefix=prefix,
+                                          progress=False)  # fmt: skip
+        assert metrics["forgotten_lists_erased"] == 1
+        assert not published.exists(f"{prefix}recs:f3:user:{customer}")
+        assert published.getbit(f"{prefix}recs:f3:known_users", customer) == 0
+        for name in ("train.csv", "test.csv"):
+            shutil.copy(medium_raw / name, landing / name)
+        converted = csv_to_parquet(landing, tmp_path / "parquet", spec,
+                                   forgotten_users=forgotten_customer_ids(database_url))  # fmt: skip
+        assert converted["rows_forgotten"] > 0
+        assert customer not in set(pq.read_table(tmp_path / "parquet" / "train").column("user_id").to_pylist())
+    finally:
+        for key in published.scan_iter(f"{prefix}*", count=1000):
+            published.delete(key)
+
+
+def impression_records(root: Path) -> list[dict]:
+    """Every impression under `root`, whatever its hour."""
+    return [json.loads(line) for path in sorted(root.rglob("*.jsonl")) for line in path.read_text().splitlines()]
