@@ -15,7 +15,8 @@ was served (UTC), and it names the hour's folder. The policy that chose the list
 `temperature` (0: the ranked order; similar products are always ranked); with a temperature above 0 each item
 has its `probability`, the softmax probability it was drawn first with: the propensity with which the top
 position showed it, what off-policy estimates (`recsys/off_policy.py`) reweight clicks by. Lines written before
-the policy was logged have neither field.
+the policy was logged have neither field. While an A/B experiment runs (recsys/experiments.py), a customer's
+line also has `experiment` (its name) and `bucket` (`control` or `challenger`).
 
 Each process (uvicorn worker) writes files of its own; a reader skips a last line without its newline (a
 write in progress). Forgetting a customer (serving/forget.py) rewrites the files that mention them without

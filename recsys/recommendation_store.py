@@ -12,6 +12,8 @@ Key layout (prefix `recsys:` by default; DESIGN.md, "Publishing a batch to Redis
     {prefix}recs:loading                     set: versions whose load has started but not been switched to
     {prefix}recs:forgotten                   set: customers erased on request (serving/forget.py), whose lists a
                                              publish erases from its version before switching to it
+    {prefix}recs:experiment                  hash: the running A/B experiment (recsys/experiments.py): name,
+                                             the challenger version (kept from retirement), share, salt, times
     {prefix}recs:{version}:meta              hash: status, counts, times, model versions, fingerprint
     {prefix}recs:{version}:user:{user_id}    value: one user's list (raw ids, best first)
     {prefix}recs:{version}:segment:{segment} value: a new visitor's generic list ("3:1", "*" for all)
@@ -108,6 +110,10 @@ class RecommendationKeys:
     @property
     def forgotten(self) -> str:
         return f"{self.prefix}recs:forgotten"
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.prefix}recs:experiment"
 
     @property
     def versions_prefix(self) -> str:

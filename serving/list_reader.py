@@ -23,10 +23,14 @@ REDIS_FAILURES = (RedisError, TimeoutError, OSError)
 # bucket; ARGV[1] is "<prefix>recs:", ARGV[2] a user id to look up in the version's known users when the first
 # list is missing ("" for none; -1 for an id no bitmap can hold), ARGV[3] and ARGV[4] the bucket's tokens a
 # second and size ("" for no limit), ARGV[5] how many "<kind>:<key>" names follow that are always
-# read; the names after those are read only for a user the bitmap says the models do not know (a new
-# visitor's segment lists, so that the generic route costs no second round trip). Replies {0, seconds to
+# read, ARGV[6] the customer ("" for none); the names after those are read only for a user the bitmap says the
+# models do not know (a new visitor's segment lists, so that the generic route costs no second round trip).
+# KEYS[4] is the running A/B experiment's hash (recsys/experiments.py): with one, the customer's bucket is drawn
+# here, by the same hash as `recsys.experiments.bucket_of`, and the challenger bucket reads the challenger
+# version instead of the current one. Replies {0, seconds to
 # wait} when the key is over its read rate (serving/api/rate_limit.py's bucket, taken here so that a read
-# costs no second round trip), {} without a version, else {version, seen items, list or nil, ...} and, when
+# costs no second round trip), {} without a version, else {{version[, experiment, bucket]}, seen items, list or
+# nil, ...} and, when
 # asked, 2 for a user whose features the gateway wrote since the nightly run (the version's `live_users` bitmap,
 # serving/live_features.py: the online path answers them), else, when the first list is missing, the user's bit
 # (1 known, 0 not, -1 the version has no bitmap) followed, for 0, by the lists read for an unknown user.
@@ -38,10 +42,22 @@ if ARGV[3] ~= '' then
 """ + TOKEN_BUCKET_STEP + """
   if allowed == 0 then return {0, tostring(wait)} end
 end
-local version = redis.call('GET', KEYS[1])
+local version, bucket = nil, nil
+local experiment = redis.call('HMGET', KEYS[4], 'salt', 'share', 'challenger', 'name')
+if experiment[1] and ARGV[6] ~= '' then
+  local draw = tonumber(string.sub(redis.sha1hex(experiment[1] .. ':' .. ARGV[6]), 1, 8), 16) / 4294967296
+  if draw < tonumber(experiment[2]) then
+    bucket, version = 'challenger', experiment[3]
+  else
+    bucket = 'control'
+  end
+end
+version = version or redis.call('GET', KEYS[1])
 if not version then return {} end
 local namespace = ARGV[1] .. version .. ':'
-local reply = {version, redis.call('SMEMBERS', KEYS[2])}
+local head = {version}
+if bucket then head = {version, experiment[4], bucket} end
+local reply = {head, redis.call('SMEMBERS', KEYS[2])}
 local function read(first, last)
   if last < first then return end
   local names = {}
@@ -49,8 +65,8 @@ local function read(first, last)
   local values = redis.call('MGET', unpack(names))
   for i = 1, #names do reply[#reply + 1] = values[i] end
 end
-local always = 5 + tonumber(ARGV[5])
-read(6, always)
+local always = 6 + tonumber(ARGV[5])
+read(7, always)
 if ARGV[2] ~= '' then
   local user = tonumber(ARGV[2])
   if user >= 0 and redis.call('GETBIT', namespace .. 'live_users', ARGV[2]) == 1 then
@@ -84,6 +100,9 @@ class CurrentLists(NamedTuple):
     segments: list[PublishedList | None]
     # The gateway wrote the user's features since the nightly run (a new or changed profile): answer online.
     live: bool = False
+    # The running A/B experiment and the customer's bucket in it (None: none runs, or no customer).
+    experiment: str | None = None
+    bucket: str | None = None
 
 
 class ReadRateLimited(Exception):
@@ -126,10 +145,10 @@ class ListReader:
         member = "" if not ask_known else str(customer if 0 <= customer < REDIS_MAX_BITS else -1)
         limited = api_key is not None and self.read_rate_per_s is not None
         rate = [str(self.read_rate_per_s), str(self.read_burst)] if limited else ["", ""]
-        names = [prefix, member, *rate, str(len(keys)), *(f"{kind}:{key}" for key in keys),
-                 *(f"segment:{key}" for key in segments_if_unknown)]  # fmt: skip
+        names = [prefix, member, *rate, str(len(keys)), str(customer) if customer > 0 else "",
+                 *(f"{kind}:{key}" for key in keys), *(f"segment:{key}" for key in segments_if_unknown)]  # fmt: skip
         bucket = read_bucket_key(self.key_prefix, api_key) if limited and api_key else ""
-        script_keys = [self.keys.current, seen_key(self.key_prefix, customer), bucket]
+        script_keys = [self.keys.current, seen_key(self.key_prefix, customer), bucket, self.keys.experiment]
         reply = await self.timed(self._current_and_lists(keys=script_keys, args=names, client=self.redis))
         if reply and reply[0] == 0:  # integers only here: a version is a string
             raise ReadRateLimited(str(api_key), float(reply[1]))
@@ -141,7 +160,10 @@ class ListReader:
         marker = lists[len(keys)] if len(lists) > len(keys) else None
         known = {1: True, 0: False}.get(marker)  # type: ignore[arg-type]  # 2 (live): the bit was not read
         segments = [decode_scored_list(value) if value else None for value in lists[len(keys) + 1 :]]
-        return CurrentLists(reply[0].decode(), decoded, seen, known, segments, live=marker == 2)
+        version, *experiment = (value.decode() for value in reply[0])
+        return CurrentLists(version, decoded, seen, known, segments, live=marker == 2,
+                            experiment=experiment[0] if experiment else None,
+                            bucket=experiment[1] if experiment else None)  # fmt: skip
 
     async def published(self, version: str, kind: str, keys: Sequence[str]) -> list[PublishedList | None]:
         names = [self.keys.data(version, kind, key) for key in keys]

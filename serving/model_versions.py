@@ -6,7 +6,8 @@ name), whose export is `<run>/triton_repository`. `stage_version` lays that repo
 repository (one Triton runs on it, in explicit model control) as `<model>--<v>`: every file hard-linked, not
 copied (a re-export of the run does not pull files from under loaded models), and each `config.pbtxt` rewritten
 to the new names, ensemble steps included. `ModelFollower.sync` then loads the current version's two ensembles
-(Triton loads the stages they name with them) and `encode_features` and, once the current version has been
+(Triton loads the stages they name with them) and `encode_features` (and a running A/B experiment's
+challenger's, which serve its bucket) and, once the current version has been
 current (and loaded) for `grace_s`, unloads the others: a request already on its way to an older version's
 models finishes there. The gateway calls the ensembles of the version its Redis read returned (`versioned_name`), so
 the `model_version` of an answer is the version whose models produced it; in the seconds between a pointer move
@@ -120,36 +121,49 @@ class ModelFollower:
         value = self.redis.get(self.keys.current)
         return value.decode() if isinstance(value, bytes) else value
 
+    def challenger_version(self) -> str | None:
+        """The running A/B experiment's challenger (recsys/experiments.py), whose models serve its bucket."""
+        value = self.redis.hget(self.keys.experiment, "challenger")
+        return value.decode() if isinstance(value, bytes) else value
+
     def sync(self) -> str | None:
-        """Load the current version's models if they are not, unload the others after the grace; return the
-        current version, or None while there is none (or its run exported no repository)."""
+        """Load the current version's models (and a running A/B experiment's challenger's) if they are not,
+        unload the others after the grace; return the current version, or None while there is none (or its run
+        exported no repository)."""
         version = self.current_version()
-        if version is None:
+        if version is None or not self._load(version):
             return None
-        if version not in self.loaded:
-            exported = RunLayout.of_version(self.data_root, version).triton_repository
-            if not exported.is_dir():
-                if version not in self.missing:
-                    log.warning("version %s is current but %s does not exist: Triton keeps the models it has",
-                                version, exported)  # fmt: skip
-                    self.missing.add(version)
-                return None
-            started = time.perf_counter()
-            stage_version(exported, self.repository, version)
-            for model in self.served_models(version):
-                self.triton.load_model(model)  # an ensemble: and the stages it names
-            self.loaded.add(version)
-            log.info("Triton serves version %s (%s), loaded in %.1f s", version, exported,
-                     time.perf_counter() - started)  # fmt: skip
+        challenger = self.challenger_version()
+        kept = {version} | ({challenger} if challenger is not None and self._load(challenger) else set())
         if version != self.current:  # the grace counts from the move (a rollback may find its models loaded)
             self.current, self.current_since = version, self.clock()
         if self.clock() - self.current_since >= self.grace_s:
-            for old in sorted(self.loaded - {version}):
+            for old in sorted(self.loaded - kept):
                 for model in self.served_models(old):
                     self.triton.unload_model(model, unload_dependents=True)
                 self.loaded.discard(old)
                 log.info("Triton unloaded version %s (current: %s)", old, version)
         return version
+
+    def _load(self, version: str) -> bool:
+        """Whether the version's models are loaded (now, if they were not); False when its run exported none."""
+        if version in self.loaded:
+            return True
+        exported = RunLayout.of_version(self.data_root, version).triton_repository
+        if not exported.is_dir():
+            if version not in self.missing:
+                log.warning("version %s is to be served but %s does not exist: Triton keeps the models it has",
+                            version, exported)  # fmt: skip
+                self.missing.add(version)
+            return False
+        started = time.perf_counter()
+        stage_version(exported, self.repository, version)
+        for model in self.served_models(version):
+            self.triton.load_model(model)  # an ensemble: and the stages it names
+        self.loaded.add(version)
+        log.info("Triton serves version %s (%s), loaded in %.1f s", version, exported,
+                 time.perf_counter() - started)  # fmt: skip
+        return True
 
     def served_models(self, version: str) -> list[str]:
         """What Triton loads of a version: its ensembles (with the stages they name) and `encode_features`, which

@@ -92,6 +92,8 @@ class RankedList:
     model_version: str | None
     degraded: list[str] = dataclasses.field(default_factory=list)
     seen: frozenset[int] = frozenset()  # the customer's items seen since the nightly run: never shown
+    experiment: str | None = None  # the running A/B experiment and the customer's bucket (recsys/experiments.py)
+    bucket: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,9 +172,10 @@ class Recommender:
 
     async def _candidates(self, query: VisitorQuery) -> RankedList:
         if query.viewed:
-            version, similar, seen, *_ = await self.reader.current("similar", [str(item) for item in query.viewed],
-                                                               query.customer_id, api_key=query.api_key)  # fmt: skip
-            return dataclasses.replace(await self._browsing_now(query, version, similar), seen=seen)
+            read = await self.reader.current("similar", [str(item) for item in query.viewed], query.customer_id,
+                                             api_key=query.api_key)  # fmt: skip
+            return dataclasses.replace(await self._browsing_now(query, read.version, read.lists), seen=read.seen,
+                                       experiment=read.experiment, bucket=read.bucket)  # fmt: skip
         segments = self._segments(query)
         current = await self.reader.current("user", [str(query.customer_id)], query.customer_id, ask_known=True,
                                       segments_if_unknown=segments, api_key=query.api_key)  # fmt: skip
@@ -185,7 +188,7 @@ class Recommender:
         else:
             answer = await self._answer(query, current.version, current.lists[0], current.known, segments,
                                         current.segments)  # fmt: skip
-        return dataclasses.replace(answer, seen=current.seen)
+        return dataclasses.replace(answer, seen=current.seen, experiment=current.experiment, bucket=current.bucket)
 
     async def _answer(self, query: VisitorQuery, version: str | None, precomputed: PublishedList | None,
                       known: bool | None, segments: list[str], generic: list[PublishedList | None]

@@ -27,6 +27,7 @@ from tasks.clean_null_rows import DEFAULT_MAX_NULL_FEATURES
 from tasks.csv_to_parquet import CsvToParquetConfig
 from tasks.demo_data import DemoDataConfig
 from tasks.evaluate import EvaluationConfig
+from tasks.experiment import ExperimentError
 from tasks.import_atomic import AtomicImportConfig
 from tasks.monitor import AlertThresholds, MonitoringConfig
 from tasks.publish_recommendations import DEFAULT_EXPIRE_AFTER_S, DEFAULT_KEEP_VERSIONS
@@ -209,7 +210,7 @@ def _publish_recommendations(args: argparse.Namespace) -> dict:
     return publish_recommendations(
         args.input, redis_url=args.redis_url or settings.redis_url, version=args.version,
         key_prefix=args.key_prefix or settings.redis_key_prefix, keep_versions=args.keep_versions,
-        expire_after_s=args.expire_after_s, progress=not args.quiet,
+        expire_after_s=args.expire_after_s, progress=not args.quiet, switch=not args.stage,
     )  # fmt: skip
 
 
@@ -219,6 +220,43 @@ def _rollback_recommendations(args: argparse.Namespace) -> dict:
 
     settings = get_settings()
     return rollback(args.redis_url or settings.redis_url, args.key_prefix or settings.redis_key_prefix)
+
+
+def _experiment(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    import redis
+
+    from recsys.settings import get_settings
+    from tasks.experiment import (
+        current_experiment,
+        experiment_totals,
+        promote_challenger,
+        start_experiment,
+        stop_experiment,
+    )
+
+    settings = get_settings()
+    redis_url, prefix = args.redis_url or settings.redis_url, args.key_prefix or settings.redis_key_prefix
+    tracking = {"tracking_uri": settings.mlflow_tracking_uri}
+    if args.action == "start":
+        experiment = start_experiment(redis_url, prefix, args.name, args.challenger, args.share, salt=args.salt,
+                                      artifact_root=settings.mlflow_artifact_root, **tracking)  # fmt: skip
+    elif args.action == "stop":
+        experiment = stop_experiment(redis_url, prefix, **tracking)
+    elif args.action == "promote":
+        experiment = promote_challenger(redis_url, prefix, **tracking)
+    else:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            running = current_experiment(client, prefix)
+        finally:
+            client.close()
+        if running is None:
+            return {"running": False}
+        totals = experiment_totals(settings.mlflow_tracking_uri, running.name)
+        return {"running": True, **dataclasses.asdict(running), "totals": totals}
+    return {"action": args.action, **dataclasses.asdict(experiment)}
 
 
 def _quality_gate(args: argparse.Namespace) -> dict:
@@ -487,9 +525,23 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--expire-after-s", type=int, default=DEFAULT_EXPIRE_AFTER_S,
                          help="grace period of retired versions")  # fmt: skip
     publish.add_argument("--quiet", action="store_true", help="no progress bar")
+    publish.add_argument("--stage", action="store_true",
+                         help="load and keep the version without switching readers to it (an A/B challenger)")
     rollback = _step_parser(subparsers, "rollback-recommendations", _rollback_recommendations,
                             "switch readers back to the previous published version (again: forward)")  # fmt: skip
-    for command in (publish, rollback):
+
+    experiment = _step_parser(subparsers, "experiment", _experiment,
+                              "A/B experiment by model version: start, stop, promote the challenger, status")
+    actions = experiment.add_subparsers(dest="action", required=True)
+    start = actions.add_parser("start", help="serve a complete (staged) version to a share of customers")
+    start.add_argument("name", help="the experiment's name, e.g. spring-ranker")
+    start.add_argument("--challenger", required=True, help="the version the challenger bucket is served")
+    start.add_argument("--share", type=float, required=True, help="of customers in the challenger bucket, (0, 1)")
+    start.add_argument("--salt", default=None, help="of the bucket hash (default: random)")
+    actions.add_parser("stop", help="everyone back on the current version")
+    actions.add_parser("promote", help="make the challenger current (rollback-recommendations undoes it), then stop")
+    actions.add_parser("status", help="the running experiment, if any")
+    for command in (publish, rollback, experiment):
         command.add_argument("--redis-url", default=None, help="default: RECSYS_REDIS_URL")
         command.add_argument("--key-prefix", default=None, help="default: RECSYS_REDIS_KEY_PREFIX")
 
@@ -562,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     try:
         metrics = args.handler(args)
-    except (InputDataError, SpecError) as error:
+    except (InputDataError, SpecError, ExperimentError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.metrics_json:

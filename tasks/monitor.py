@@ -41,6 +41,15 @@ version), tagged `monitoring_hour` and `model_version`, each metric at step = th
 that timestamp), so `mlflow.search_runs(experiment_names=["recsys-monitoring"], filter_string="tags.model_version
 = 'V'")` is the version's hourly time series. A rerun of an hour with the same results writes nothing; with
 different ones (late interactions) it deletes that hour's runs and logs new ones: never two runs of an hour.
+**A/B experiments.** Impressions served while an experiment ran carry its name and the customer's bucket
+(recsys/experiments.py): `experiments` reports, per experiment, each bucket's served impressions, the versions
+that served it, CTR with its Wilson 95% interval and precision@k with a normal 95% interval, and the decision
+on CTR: the challenger's CTR minus the control's with a 95% interval, `challenger wins` or `control wins` when
+the interval excludes 0, `no decision yet` otherwise, `too few impressions` below `min_ab_impressions` served
+lists in a bucket. One hour at a time: `recsys experiment status` sums the hours' runs in MLflow and decides
+on the totals (tasks/experiment.py).
+`log_experiment_metrics` logs them to the MLflow experiment `recsys-ab-tests`, one run per (hour, experiment).
+
 `find_alerts` compares the metrics with `AlertThresholds`; `send_alerts` logs each as a JSON WARNING line and
 POSTs them to a webhook; `monitor` does all of it and raises `MonitoringAlertError` when asked to.
 """
@@ -84,6 +93,7 @@ class MonitoringConfig:
     match_without_request_id: bool = True
     max_bins: int = 20
     min_drift_interactions: int = 100
+    min_ab_impressions: int = 200  # served lists a bucket needs before an A/B decision is made
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +120,8 @@ class _Shown:
     items: list[int]
     item_set: frozenset[int]
     clicked: set[int] = dataclasses.field(default_factory=set)
+    experiment: str | None = None  # the A/B experiment and bucket the list was served in
+    bucket: str | None = None
 
 
 def floor_hour(moment: datetime) -> datetime:
@@ -142,7 +154,8 @@ def _impressions(impressions_dir: Path, hour: datetime, until: datetime) -> tupl
             items = [item["product_id"] for item in sorted(record["items"], key=lambda item: item["position"])]
             shown.append(_Shown(record["request_id"], record["time"], record.get("customer_id"),
                                 record.get("model_version") or NO_VERSION, bool(record.get("degraded")), items,
-                                frozenset(items)))  # fmt: skip
+                                frozenset(items), experiment=record.get("experiment"),
+                                bucket=record.get("bucket")))  # fmt: skip
         start += HOUR
     shown.sort(key=lambda impression: impression.time)
     return shown, malformed
@@ -312,9 +325,8 @@ def monitor_hour(hour: datetime, *, impressions_dir: Path, database_url: str, ru
         }
         if served:
             metrics["ctr"] = sum(bool(impression.clicked) for impression in served) / len(served)
-            metrics[f"precision_at_{config.k}"] = sum(
-                len(impression.clicked & set(impression.items[: config.k])) / config.k for impression in served
-            ) / len(served)  # fmt: skip
+            metrics[f"precision_at_{config.k}"] = sum(_precision_at(impression, config.k)
+                                                       for impression in served) / len(served)  # fmt: skip
         source, reference = references[version]
         metrics["drift_reference"] = source
         if reference is not None and interactions >= config.min_drift_interactions:
@@ -323,7 +335,7 @@ def monitor_hour(hour: datetime, *, impressions_dir: Path, database_url: str, ru
                     metrics[f"psi_{name}"] = population_stability_index(counts, current[name],
                                                                         max_bins=config.max_bins)  # fmt: skip
         report_versions[version] = metrics
-    return {
+    report = {
         "hour": hour_label(hour),
         "step": int(hour.timestamp()),
         "attribution_window_minutes": window.total_seconds() / 60,
@@ -332,6 +344,47 @@ def monitor_hour(hour: datetime, *, impressions_dir: Path, database_url: str, ru
         "impression_lines_malformed": malformed,
         "versions": report_versions,
     }
+    experiments = _experiments(shown, hour_end, config)
+    if experiments:
+        report["experiments"] = experiments
+    return report
+
+
+def _precision_at(impression: _Shown, k: int) -> float:
+    """Distinct clicked products among the first k shown, over k (a shorter list's empty places are misses)."""
+    return len(impression.clicked & set(impression.items[:k])) / k
+
+
+def _experiments(shown: list[_Shown], hour_end: datetime, config: MonitoringConfig) -> dict[str, dict[str, Any]]:
+    """Per A/B experiment served in the hour: each bucket's click-through and precision@k with 95% intervals
+    (Wilson's for the CTR), the versions that served it, and the decision on CTR (`compare_buckets`)."""
+    from recsys.experiments import BUCKETS, CHALLENGER, CONTROL, compare_buckets, mean_interval, wilson_interval
+
+    report: dict[str, dict[str, Any]] = {}
+    for name in sorted({impression.experiment for impression in shown if impression.experiment is not None}):
+        buckets: dict[str, dict[str, Any]] = {}
+        counts: dict[str, tuple[int, int]] = {}
+        for bucket in BUCKETS:
+            served = [impression for impression in shown if impression.experiment == name and
+                      impression.bucket == bucket and impression.time < hour_end and impression.items]  # fmt: skip
+            clicked = sum(bool(impression.clicked) for impression in served)
+            precisions = [_precision_at(impression, config.k) for impression in served]
+            ctr_low, ctr_high = wilson_interval(clicked, len(served))
+            precision_low, precision_high = mean_interval(precisions)
+            buckets[bucket] = {
+                "impressions_served": len(served),
+                "clicked": clicked,  # served lists with a click
+                "versions": sorted({impression.model_version for impression in served}),
+                "ctr": clicked / len(served) if served else None, "ctr_low": ctr_low, "ctr_high": ctr_high,
+                f"precision_at_{config.k}": sum(precisions) / len(precisions) if precisions else None,
+                f"precision_at_{config.k}_low": precision_low, f"precision_at_{config.k}_high": precision_high,
+            }  # fmt: skip
+            counts[bucket] = (clicked, len(served))
+        comparison = compare_buckets(counts[CONTROL], counts[CHALLENGER], min_impressions=config.min_ab_impressions)
+        report[name] = {"buckets": buckets, **comparison}
+        log.info("A/B experiment %s: %s (CTR control %s, challenger %s)", name, comparison["decision"],
+                 buckets[CONTROL]["ctr"], buckets[CHALLENGER]["ctr"])  # fmt: skip
+    return report
 
 
 # -- MLflow, alerts ------------------------------------------------------------------------------------------
@@ -376,6 +429,40 @@ def log_monitoring_metrics(report: dict[str, Any], *, tracking_uri: str, artifac
                          metrics=[Metric(key, value, timestamp_ms, step) for key, value in sorted(metrics.items())])
         client.set_terminated(run.info.run_id, end_time=timestamp_ms)
         run_ids[version] = run.info.run_id
+    return run_ids
+
+
+def log_experiment_metrics(report: dict[str, Any], *, tracking_uri: str, artifact_root: str | Path) -> dict[str, str]:
+    """One MLflow run per (hour, A/B experiment) in the `recsys-ab-tests` experiment, next to the runs that
+    `recsys experiment start` opens: each bucket's metrics prefixed by its name, the CTR difference with its
+    interval, and the decision as a tag. A rerun of the hour replaces its runs. Returns experiment -> run id."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from tasks.experiment import AB_TESTS_EXPERIMENT
+    from tasks.track_training import configure_mlflow
+
+    experiments = report.get("experiments") or {}
+    if not experiments:
+        return {}
+    experiment_id = configure_mlflow(tracking_uri, artifact_root, AB_TESTS_EXPERIMENT)
+    client = MlflowClient(tracking_uri)
+    hour, step = report["hour"], report["step"]
+    timestamp_ms = step * 1000
+    for run in client.search_runs([experiment_id], filter_string=f"tags.monitoring_hour = '{hour}'"):
+        client.delete_run(run.info.run_id)
+    run_ids = {}
+    for name, result in experiments.items():
+        metrics = {f"{bucket}_{key}": value for bucket, values in result["buckets"].items()
+                   for key, value in _numeric(values).items()}  # fmt: skip
+        metrics.update(_numeric({key: value for key, value in result.items() if key != "buckets"}))
+        run = client.create_run(experiment_id, start_time=timestamp_ms, run_name=f"{name} {hour}",
+                                tags={"ab_experiment": name, "monitoring_hour": hour,
+                                      "decision": result["decision"]})  # fmt: skip
+        client.log_batch(run.info.run_id, metrics=[Metric(key, value, timestamp_ms, step)
+                                                   for key, value in sorted(metrics.items())])  # fmt: skip
+        client.set_terminated(run.info.run_id, end_time=timestamp_ms)
+        run_ids[name] = run.info.run_id
     return run_ids
 
 
@@ -432,6 +519,8 @@ def monitor(hour: datetime, *, impressions_dir: Path, database_url: str, runs_di
     report = monitor_hour(hour, impressions_dir=impressions_dir, database_url=database_url, runs_dir=runs_dir,
                           spec=spec, config=config)  # fmt: skip
     report["mlflow_run_ids"] = log_monitoring_metrics(report, tracking_uri=tracking_uri, artifact_root=artifact_root)
+    report["experiment_run_ids"] = log_experiment_metrics(report, tracking_uri=tracking_uri,
+                                                          artifact_root=artifact_root)  # fmt: skip
     alerts = find_alerts(report, thresholds or AlertThresholds())
     report["alerts"] = alerts
     report["webhook_delivered"] = send_alerts(alerts, webhook_url=webhook_url)

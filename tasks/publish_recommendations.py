@@ -88,7 +88,7 @@ SETRANGE_CHUNK = 2**20  # bytes of the bitmap per SETRANGE
 META_GRACE_S = 300
 
 _VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-_RESERVED_VERSIONS = {"current", "previous", "versions", "loading", "forgotten"}
+_RESERVED_VERSIONS = {"current", "previous", "versions", "loading", "forgotten", "experiment"}
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 
@@ -123,8 +123,10 @@ def publish_recommendations(
     abandoned_after_s: float = DEFAULT_ABANDONED_AFTER_S,
     chunk_size: int = PIPELINE_CHUNK,
     progress: bool = True,
+    switch: bool = True,
 ) -> dict[str, Any]:
-    """Load `batch_dir` (batch_score's output) as `version`, then make it the one readers see.
+    """Load `batch_dir` (batch_score's output) as `version`, then make it the one readers see (with `switch`
+    False, staged: complete and kept, but the pointers stay, e.g. for an A/B experiment's challenger).
 
     Readers see the whole previous version or the whole new one: the pointer moves in one MULTI/EXEC
     after every key is written and counted. The version that was current becomes `previous` (kept for
@@ -171,7 +173,7 @@ def publish_recommendations(
         # see the version (a forget meanwhile erases them from every listed and loading version itself).
         forgotten = sorted(int(member) for member in cast(set[Any], client.smembers(keys.forgotten)))
         erased = erase_users(client, keys, [version], forgotten) if forgotten else 0
-        previous = _switch(client, keys, version, attempt, fingerprint)
+        previous = _switch(client, keys, version, attempt, fingerprint, move_pointers=switch)
         known_users_bytes = int(as_text(client.hget(keys.meta(version), "known_users_bytes") or 0))
         retire_started = time.perf_counter()
         retired = _retire_old_versions(client, keys, keep_versions, expire_after_s)
@@ -181,7 +183,8 @@ def publish_recommendations(
     total_keys = sum(counts.values())
     metrics: dict[str, Any] = {
         "version": version,
-        "previous_version": previous,
+        "previous_version": previous if switch else None,
+        "switched": switch,  # False: staged, complete and kept while readers stay on the current version
         "loaded": loaded,
         "keys": counts,
         "keys_total": total_keys,
@@ -196,7 +199,8 @@ def publish_recommendations(
         "fingerprint": fingerprint,
         "model_versions": model_versions,
     }
-    log.info("publish %s: current (previous %s); %s keys (%s) at %s keys/s; retired %s", version, previous,
+    log.info("publish %s: %s; %s keys (%s) at %s keys/s; retired %s", version,
+             f"current (previous {previous})" if switch else f"staged (current stays {previous})",
              f"{total_keys:,}", ", ".join(f"{kind} {count:,}" for kind, count in counts.items()),
              f"{metrics['keys_per_s']:,}" if metrics["keys_per_s"] else "-", retired or "none")  # fmt: skip
     return metrics
@@ -581,9 +585,22 @@ def _load(client: redis.Redis, keys: RecommendationKeys, version: str, sources: 
     return created, fingerprint.hexdigest(), time.perf_counter() - started
 
 
-def _switch(client: redis.Redis, keys: RecommendationKeys, version: str, attempt: str | None, fingerprint: str
-            ) -> str | None:  # fmt: skip
-    """Point `current` at `version` in one MULTI/EXEC; return the version that was current."""
+def make_current(redis_url: str, version: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> str | None:
+    """Point `current` at a complete version (a staged one, an experiment's challenger), as a publish's switch
+    does; return the version that was current."""
+    keys = RecommendationKeys(key_prefix)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        fingerprint = as_text(client.hget(keys.meta(version), "fingerprint") or b"")
+        return _switch(client, keys, version, None, fingerprint)
+    finally:
+        client.close()
+
+
+def _switch(client: redis.Redis, keys: RecommendationKeys, version: str, attempt: str | None, fingerprint: str,
+            *, move_pointers: bool = True) -> str | None:  # fmt: skip
+    """Point `current` at `version` in one MULTI/EXEC (without `move_pointers`, only mark it complete and keep
+    it); return the version that was current."""
     meta_key = keys.meta(version)
     with client.pipeline() as pipe:
         while True:
@@ -598,9 +615,10 @@ def _switch(client: redis.Redis, keys: RecommendationKeys, version: str, attempt
                 current = pipe.get(keys.current)
                 current_text = as_text(current) if current is not None else None
                 pipe.multi()
-                pipe.set(keys.current, version)
-                if current_text is not None and current_text != version:
-                    pipe.set(keys.previous, current_text)
+                if move_pointers:
+                    pipe.set(keys.current, version)
+                    if current_text is not None and current_text != version:
+                        pipe.set(keys.previous, current_text)
                 if attempt is not None:
                     pipe.hset(meta_key, mapping={"status": "complete", "fingerprint": fingerprint,
                                                  "published_at": _now_iso()})  # fmt: skip
@@ -702,8 +720,11 @@ def _retire_abandoned_loads(client: redis.Redis, keys: RecommendationKeys, own_v
 
 def _retire_old_versions(client: redis.Redis, keys: RecommendationKeys, keep_versions: int, expire_after_s: int
                          ) -> list[str]:  # fmt: skip
-    """Keep `current`, `previous` and the newest others up to `keep_versions`; the rest expire."""
-    pointed = [value for value in as_texts(client.mget(keys.current, keys.previous)) if value is not None]
+    """Keep `current`, `previous`, an experiment's challenger and the newest others up to `keep_versions`; the
+    rest expire."""
+    pointers = [*as_texts(client.mget(keys.current, keys.previous)),
+                *as_texts(client.hmget(keys.experiment, ["challenger"]))]  # fmt: skip
+    pointed = [value for value in pointers if value is not None]
     listed = [as_text(value) for value in cast(list[Any], client.lrange(keys.versions, 0, -1))]
     keep = list(dict.fromkeys(pointed))
     for version in listed:

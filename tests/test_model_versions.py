@@ -129,6 +129,19 @@ def test_triton_serves_the_version_the_pointer_names_through_publish_and_rollbac
             follower.sync()
             again = answers(server.http_url, users, "run_a")
             assert not ready(server.http_url, versioned_name("recommend", "run_b"))
+
+            # An A/B experiment with run_b as its challenger: its models load and stay past the grace, as long
+            # as it runs (its bucket is answered from them), and go when it stops.
+            client.hset(keys.experiment, mapping={"name": "spring", "challenger": "run_b", "share": "0.5",
+                                                  "salt": "s"})  # fmt: skip
+            assert follower.sync() == "run_a"
+            clock.now += GRACE_S
+            follower.sync()
+            assert answers(server.http_url, users, "run_b") == second
+            client.delete(keys.experiment)
+            clock.now += GRACE_S
+            follower.sync()
+            assert not ready(server.http_url, versioned_name("recommend", "run_b"))
         finally:
             follower.close()
 

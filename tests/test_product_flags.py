@@ -35,8 +35,9 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
     store.set(f"{PREFIX}recs:v1:user:{CUSTOMER}", encode_recommendations(*NIGHTLY))
     database_url = f"sqlite:///{tmp_path / 'gateway.db'}"
     upgrade(database_url)
+    # Generous budgets (2 busy cores in the full suite): the test counts database reads, not their speed.
     settings = Settings(database_url=database_url, redis_url=REDIS_URL, redis_key_prefix=PREFIX,
-                        redis_timeout_ms=2_000, product_flags_ttl_s=3600)  # fmt: skip
+                        redis_timeout_ms=2_000, database_timeout_ms=2_000, product_flags_ttl_s=3600)  # fmt: skip
     try:
         with authorized(TestClient(create_app(settings)), database_url) as test_client:
             for product in NIGHTLY[0]:

@@ -480,3 +480,25 @@ def test_customers_forgotten_while_a_run_was_in_flight_are_erased_before_the_swi
     client.set(KEYS.online_cache("v1", "user", 5), b"cached")
     assert erase_users(client, KEYS, ["v1"], [5]) == 2  # the list and the cached online answer
     assert not client.exists(KEYS.known_users("v1")) and not client.exists(KEYS.live_users("v1"))
+
+
+def test_a_staged_version_is_kept_without_a_switch_and_an_experiments_challenger_is_not_retired(
+    client: Client, tmp_path: Path
+):
+    """`--stage`: complete and listed, readers stay on the current version; while an A/B experiment names it as
+    its challenger, later publishes keep it past `keep_versions`; `make_current` switches to it."""
+    from tasks.publish_recommendations import make_current
+
+    batches = {version: write_batch(tmp_path / version, seed=seed) for seed, version in enumerate(["v1", "v2", "v3"])}
+    publish(batches["v1"], "v1")
+    staged = publish(batches["v2"], "v2", switch=False)
+    assert staged["switched"] is False and staged["previous_version"] is None
+    assert pointers(client) == ("v1", None) and version_metadata(client, PREFIX, "v2")["status"] == "complete"
+    assert_readers_see(client, "v1", batches["v1"])
+    client.hset(KEYS.experiment, mapping={"name": "spring", "challenger": "v2", "share": "0.1", "salt": "s"})
+    metrics = publish(batches["v3"], "v3")  # v3 current, v1 previous: v2 is beyond keep_versions, but kept
+    assert metrics["retired_versions"] == [] and pointers(client) == ("v3", "v1")
+    assert all(client.ttl(key) == -1 for key in version_keys(client, "v2"))
+    assert make_current(REDIS_URL, "v2", PREFIX) == "v3"
+    assert pointers(client) == ("v2", "v3")
+    assert_readers_see(client, "v2", batches["v2"])

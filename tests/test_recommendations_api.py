@@ -763,3 +763,63 @@ def test_a_forgotten_customer_is_gone_from_every_store_and_stays_gone(
 def impression_records(root: Path) -> list[dict]:
     """Every impression under `root`, whatever its hour."""
     return [json.loads(line) for path in sorted(root.rglob("*.jsonl")) for line in path.read_text().splitlines()]
+
+
+# --- A/B experiments by model version (issue 23) --------------------------------------------------------------
+
+
+def test_an_ab_experiment_serves_each_bucket_its_version_and_logs_it(
+    published: redis.Redis, triton: TritonServer, batch_scored: Path, trained_run: Path, spec: DatasetSpec,
+    tmp_path: Path, mlflow_tracking_uri: str,
+):
+    """v1 current, v2 staged (published without switching); `recsys experiment start` sends half the customers
+    to v2 by the hash of their id: each bucket's answers come from its version (a v2 list changed by hand shows),
+    name it, and are logged with the bucket; new visitors get their bucket's generic list; similar products are
+    in no experiment. The bucket is drawn in the read's one round trip; a stop takes effect on the next request."""
+    from recsys.experiments import CHALLENGER, CONTROL, bucket_of
+    from recsys.recommendation_store import encode_recommendations
+    from tasks.experiment import start_experiment, stop_experiment
+
+    prefix = "ab-api:"
+    publish_recommendations(batch_scored, redis_url=REDIS_URL, version="v1", key_prefix=prefix, progress=False)
+    staged = publish_recommendations(batch_scored, redis_url=REDIS_URL, version="v2", key_prefix=prefix,
+                                     progress=False, switch=False)  # fmt: skip
+    assert staged["switched"] is False and published.get(f"{prefix}recs:current") == b"v1"
+    users = user_ids(trained_run, spec)
+    challenger = next(user for user in users if bucket_of(user, "salt-1", 0.5) == CHALLENGER)
+    control = next(user for user in users if bucket_of(user, "salt-1", 0.5) == CONTROL)
+    items, scores = decode_recommendations(published.get(f"{prefix}recs:v2:user:{challenger}"))
+    changed = list(reversed(items))  # the challenger's own list, so that its answers show where they came from
+    published.set(f"{prefix}recs:v2:user:{challenger}", encode_recommendations(changed, sorted(scores, reverse=True)))
+    impressions = tmp_path / "impressions"
+    try:
+        start_experiment(REDIS_URL, prefix, "spring", "v2", 0.5, salt="salt-1", tracking_uri=mlflow_tracking_uri,
+                         artifact_root=str(tmp_path / "artifacts"))  # fmt: skip
+        with gateway(tmp_path, triton_url=f"http://{triton.http_address}", redis_key_prefix=prefix,
+                     impressions_dir=impressions) as api:  # fmt: skip
+            answer = api.get(f"/recommendations/{challenger}", params={"count": 5}).json()
+            assert (answer["model_version"], answer["experiment"], answer["bucket"]) == ("v2", "spring", CHALLENGER)
+            assert items_of_body(answer) == changed[:5]
+            answer = api.get(f"/recommendations/{control}", params={"count": 5}).json()
+            assert (answer["model_version"], answer["experiment"], answer["bucket"]) == ("v1", "spring", CONTROL)
+            nightly = decode_recommendations(published.get(f"{prefix}recs:v1:user:{control}"))[0]
+            assert items_of_body(answer) == nightly[:5]
+            newcomer = next(user for user in range(990_000_000, 990_000_100)
+                            if bucket_of(user, "salt-1", 0.5) == CHALLENGER)  # fmt: skip
+            generic = api.get(f"/recommendations/{newcomer}").json()
+            assert (generic["route"], generic["model_version"], generic["bucket"]) == ("generic", "v2", CHALLENGER)
+            similar = api.get(f"/products/{changed[0]}/similar").json()
+            assert similar["experiment"] is None and similar["model_version"] == "v1"
+            assert redis_commands_of(api, f"/recommendations/{challenger}", {"count": "5"}) == ["EVALSHA"]
+
+            stop_experiment(REDIS_URL, prefix, tracking_uri=mlflow_tracking_uri)
+            after = api.get(f"/recommendations/{challenger}", params={"count": 5}).json()
+            assert (after["model_version"], after["experiment"], after["bucket"]) == ("v1", None, None)
+        lines = impression_records(impressions)
+        logged = {(line["customer_id"], line.get("experiment"), line.get("bucket"), line["model_version"])
+                  for line in lines}  # fmt: skip
+        assert {(challenger, "spring", CHALLENGER, "v2"), (control, "spring", CONTROL, "v1"),
+                (challenger, None, None, "v1")} <= logged  # fmt: skip
+    finally:
+        for key in published.scan_iter(f"{prefix}*", count=1000):
+            published.delete(key)

@@ -94,14 +94,17 @@ class ObservabilityMiddleware:
         if answer is not None:
             self.metrics.observe_recommendation(handler, answer.route, answer.degraded)
             temperature = state.get("temperature", 0.0)
-            self.impressions.record({
+            impression = {
                 "request_id": request_id, "time": time.time(), "customer_id": answer.customer_id,
                 "handler": handler, "route": answer.route, "model_version": answer.model_version,
                 "degraded": answer.degraded, "api_key": api_key, "temperature": temperature,
                 "items": [item.product_id for item in answer.items],
                 # Sampled lists: each item's softmax probability, what off-policy estimates reweight by.
                 "probabilities": [item.probability for item in answer.items] if temperature > 0 else None,
-            })  # fmt: skip
+            }  # fmt: skip
+            if answer.experiment is not None:  # an A/B experiment runs: the monitoring DAG compares its buckets
+                impression.update(experiment=answer.experiment, bucket=answer.bucket)
+            self.impressions.record(impression)
         if request_log.isEnabledFor(logging.INFO):
             line: dict[str, Any] = {"event": "request", "request_id": request_id,
                                     "time": datetime.now(UTC).isoformat(), "method": method,

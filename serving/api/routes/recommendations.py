@@ -52,6 +52,9 @@ class RecommendationResponse(BaseModel):
     route: str = Field(description="browsing_now, precomputed, online, online_cached, generic, or *_local_copy")
     model_version: str | None = Field(description="the published nightly version the list comes from")
     degraded: list[str] = Field(description="what was unavailable, e.g. redis_unavailable, triton_unavailable")
+    experiment: str | None = Field(None, description="the running A/B experiment, if any")
+    bucket: str | None = Field(None, description="the customer's bucket in it: control (the current version) or "
+                                                 "challenger (the experiment's version)")
     items: list[RecommendedProduct]
     request_id: str = Field(description="this answer's X-Request-ID: send it back with the interactions that follow")
 
@@ -103,6 +106,7 @@ def _response(request: Request, customer_id: int | None, ranked, probabilities: 
     sampled = temperature > 0
     answer = RecommendationResponse(
         customer_id=customer_id, route=ranked.route, model_version=ranked.model_version, degraded=ranked.degraded,
+        experiment=ranked.experiment, bucket=ranked.bucket,
         items=[RecommendedProduct(product_id=item, score=score, probability=probability if sampled else None,
                                   promoted=flag, click_probability=None if math.isnan(click) else click)
                for item, score, click, probability, flag in zip(ranked.items, ranked.scores,
