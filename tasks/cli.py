@@ -538,10 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--challenger", required=True, help="the version the challenger bucket is served")
     start.add_argument("--share", type=float, required=True, help="of customers in the challenger bucket, (0, 1)")
     start.add_argument("--salt", default=None, help="of the bucket hash (default: random)")
-    actions.add_parser("stop", help="everyone back on the current version")
-    actions.add_parser("promote", help="make the challenger current (rollback-recommendations undoes it), then stop")
-    actions.add_parser("status", help="the running experiment, if any")
-    for command in (publish, rollback, experiment):
+    stop = actions.add_parser("stop", help="everyone back on the current version")
+    promote = actions.add_parser("promote", help="make the challenger current (rollback-recommendations undoes it), "
+                                                 "then stop")  # fmt: skip
+    status = actions.add_parser("status", help="the running experiment, if any, and its monitored hours summed")
+    for command in (publish, rollback, start, stop, promote, status):
         command.add_argument("--redis-url", default=None, help="default: RECSYS_REDIS_URL")
         command.add_argument("--key-prefix", default=None, help="default: RECSYS_REDIS_KEY_PREFIX")
 

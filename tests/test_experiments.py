@@ -147,3 +147,16 @@ def test_start_stop_and_promote_are_checked_and_recorded_in_mlflow(client: redis
     assert current_experiment(client, PREFIX) is None
     assert mlflow.get_run(again.mlflow_run_id).data.tags["status"] == "promoted"
     assert mlflow.get_run(again.mlflow_run_id).info.status == "FINISHED"
+
+
+def test_the_cli_reports_status_and_refuses_a_bad_start_by_name(client: redis.Redis, mlflow_tracking_uri: str,
+                                                                 capsys: pytest.CaptureFixture):  # fmt: skip
+    import json
+
+    from tasks.cli import main
+
+    common = ["--redis-url", REDIS_URL, "--key-prefix", PREFIX]
+    assert main(["experiment", "status", *common]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"running": False}
+    assert main(["experiment", "start", "spring", "--challenger", "v9", "--share", "0.1", *common]) == 2
+    assert "version v9 is not published" in capsys.readouterr().err
