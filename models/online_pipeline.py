@@ -276,6 +276,14 @@ def order(candidates: np.ndarray, scores: np.ndarray, top_n: int, *, temperature
             chosen_probabilities.astype(np.float32), np.where(absent, np.nan, chosen_clicks).astype(np.float32))
 
 
+def promoted_scores(scores: Sequence[float], promoted: Sequence[bool], *, promotion_threshold: float = 0.5,
+                    click_probabilities: Sequence[float] | None = None) -> list[float]:  # fmt: skip
+    """One list's order scores after the promotion rule (`order`'s, in plain Python): what is sorted or sampled."""
+    clicks = scores if click_probabilities is None else click_probabilities
+    return [1.0 if flag and click >= promotion_threshold else score
+            for score, flag, click in zip(scores, promoted, clicks, strict=True)]  # fmt: skip
+
+
 def ranked_order(scores: Sequence[float], promoted: Sequence[bool], top_n: int, *, promotion_threshold: float = 0.5,
                  click_probabilities: Sequence[float] | None = None) -> tuple[list[int], list[float]]:  # fmt: skip
     """`order`'s temperature-0 case for one list, in plain Python: (positions of the top n, their order scores).
@@ -284,9 +292,8 @@ def ranked_order(scores: Sequence[float], promoted: Sequence[bool], top_n: int, 
     against 10 us here. Same rule, same stable tie order; tests hold the two equal. A NaN P(click) (a list
     without one) never reaches the threshold.
     """
-    clicks = scores if click_probabilities is None else click_probabilities
-    adjusted = [1.0 if flag and click >= promotion_threshold else score
-                for score, flag, click in zip(scores, promoted, clicks, strict=True)]  # fmt: skip
+    adjusted = promoted_scores(scores, promoted, promotion_threshold=promotion_threshold,
+                               click_probabilities=click_probabilities)  # fmt: skip
     # sorted() is stable with reverse=True too: ties keep the list's order, as order()'s stable argsort does.
     positions = sorted(range(len(adjusted)), key=adjusted.__getitem__, reverse=True)[:top_n]
     return positions, [adjusted[position] for position in positions]

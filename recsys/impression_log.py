@@ -16,7 +16,11 @@ was served (UTC), and it names the hour's folder. The policy that chose the list
 has its `probability`, the softmax probability it was drawn first with: the propensity with which the top
 position showed it, what off-policy estimates (`recsys/off_policy.py`) reweight clicks by. Lines written before
 the policy was logged have neither field. While an A/B experiment runs (recsys/experiments.py), a customer's
-line also has `experiment` (its name) and `bucket` (`control` or `challenger`).
+line also has `experiment` (its name) and `bucket` (`control` or `challenger`). With
+`RECSYS_IMPRESSIONS_CANDIDATE_SCORES`, a sampled line also has `candidate_scores` (the order scores, promotion
+applied, of every candidate the list was drawn from, in order) and `top_candidate` (the index among them of the
+item shown first): softmax(candidate_scores / T) is what any temperature T would have shown first, the target
+probability of an off-policy estimate (tasks/monitor.py).
 
 Each process (uvicorn worker) writes files of its own; a reader skips a last line without its newline (a
 write in progress). Forgetting a customer (serving/forget.py) rewrites the files that mention them without

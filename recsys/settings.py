@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     # Where the gateway appends every served recommendation list (serving/api/impressions.py) and the monitoring
     # DAG reads them: date=YYYY-MM-DD/hour=HH/<host>-<pid>.jsonl; unset: <data_root>/impressions.
     impressions_dir: Path | None = None
+    # Also log, for each sampled list (temperature > 0), its candidates' order scores and which one was shown
+    # first: what the monitoring step's off-policy estimates of other temperatures need (a few hundred bytes more
+    # a sampled line; tasks/monitor.py).
+    impressions_candidate_scores: bool = False
     # The dataset spec the gateway follows (segment features, which interactions keep an item out of a
     # customer's lists: `exclude_seen`); unset: specs/aliccp.yaml, as the nightly DAG's default.
     spec: Path | None = None

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from models.online_pipeline import order, ranked_order
+from models.online_pipeline import order, promoted_scores, ranked_order
 from recsys.list_defaults import TOP_K
 from recsys.recommendation_store import (
     ALL_SEGMENTS,
@@ -94,6 +94,11 @@ class RankedList:
     seen: frozenset[int] = frozenset()  # the customer's items seen since the nightly run: never shown
     experiment: str | None = None  # the running A/B experiment and the customer's bucket (recsys/experiments.py)
     bucket: str | None = None
+    # A sampled list's candidates' order scores (the promotion rule applied), in the order sampled from, and where
+    # the first item shown is among them: what an off-policy estimate of another temperature needs (logged when
+    # `RecommenderConfig.log_candidate_scores`).
+    candidate_scores: list[float] | None = None
+    top_candidate: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +114,7 @@ class RecommenderConfig:
     product_flags_ttl_s: float = 5.0
     product_flags_cached: int = 1_000_000  # about 100 MB at most
     local_copies: int = 10_000  # recent answers kept in process for when Redis is down
+    log_candidate_scores: bool = False  # keep a sampled list's candidate scores for the impression log
     # Reads an API key may make, taken from a bucket in the same round trip as the list (None: no limit).
     read_rate_per_s: float | None = None
     read_burst: int = 1
@@ -422,6 +428,10 @@ class Recommender:
             picked = chosen[0][chosen[0] >= 0].tolist()
             final_scores = chosen_scores[0][: len(picked)].tolist()
             probabilities = chosen_probabilities[0][: len(picked)].tolist()
+            if self.config.log_candidate_scores and picked:
+                ranked.candidate_scores = promoted_scores(scores, promoted, promotion_threshold=threshold,
+                                                          click_probabilities=clicks)  # fmt: skip
+                ranked.top_candidate = picked[0]
         else:  # the ranked order: order()'s temperature-0 case for one list, without numpy's per-call costs
             picked, final_scores = ranked_order(scores, promoted, top_n, promotion_threshold=threshold,
                                                 click_probabilities=clicks)  # fmt: skip

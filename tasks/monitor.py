@@ -41,6 +41,14 @@ version), tagged `monitoring_hour` and `model_version`, each metric at step = th
 that timestamp), so `mlflow.search_runs(experiment_names=["recsys-monitoring"], filter_string="tags.model_version
 = 'V'")` is the version's hourly time series. A rerun of an hour with the same results writes nothing; with
 different ones (late interactions) it deletes that hour's runs and logs new ones: never two runs of an hour.
+**Off-policy.** Sampled lists served with `RECSYS_IMPRESSIONS_CANDIDATE_SCORES` carry their propensity data
+(recsys/impression_log.py): the first item's logged probability p, the order scores of the candidates it was
+drawn from and its index among them. For each of `ope_temperatures`, the target probability q of that first
+item is softmax(scores / T) at its index (T = 0: 1 for the best, else 0), the reward is a click on it, and
+`ope_ips_t<T>` and `ope_snips_t<T>` (recsys/off_policy.py, with their 95% intervals and effective samples)
+estimate the top slot's click-through had the lists been drawn at T, next to `ope_top_slot_ctr`, the logged
+one. Another model version's estimate would need its scores of the same candidates, which the log has not.
+
 **A/B experiments.** Impressions served while an experiment ran carry its name and the customer's bucket
 (recsys/experiments.py): `experiments` reports, per experiment, each bucket's served impressions, the versions
 that served it, CTR with its Wilson 95% interval and precision@k with a normal 95% interval, and the decision
@@ -94,6 +102,9 @@ class MonitoringConfig:
     max_bins: int = 20
     min_drift_interactions: int = 100
     min_ab_impressions: int = 200  # served lists a bucket needs before an A/B decision is made
+    # Temperatures whose top-slot click-through is estimated off-policy from sampled lists, and the weight clip.
+    ope_temperatures: tuple[float, ...] = (0.0, 0.5, 1.0)
+    ope_clip: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +133,11 @@ class _Shown:
     clicked: set[int] = dataclasses.field(default_factory=set)
     experiment: str | None = None  # the A/B experiment and bucket the list was served in
     bucket: str | None = None
+    # A sampled list's propensity data (module doc, "Off-policy"): the first item's logged probability, the
+    # candidates' order scores it was drawn from and its index among them.
+    top_probability: float | None = None
+    candidate_scores: list[float] | None = None
+    top_candidate: int | None = None
 
 
 def floor_hour(moment: datetime) -> datetime:
@@ -151,11 +167,14 @@ def _impressions(impressions_dir: Path, hour: datetime, until: datetime) -> tupl
         for record in records:
             if not hour <= record["time"] < until:
                 continue
-            items = [item["product_id"] for item in sorted(record["items"], key=lambda item: item["position"])]
+            ranked = sorted(record["items"], key=lambda item: item["position"])
+            items = [item["product_id"] for item in ranked]
             shown.append(_Shown(record["request_id"], record["time"], record.get("customer_id"),
                                 record.get("model_version") or NO_VERSION, bool(record.get("degraded")), items,
-                                frozenset(items), experiment=record.get("experiment"),
-                                bucket=record.get("bucket")))  # fmt: skip
+                                frozenset(items), experiment=record.get("experiment"), bucket=record.get("bucket"),
+                                top_probability=ranked[0].get("probability") if ranked else None,
+                                candidate_scores=record.get("candidate_scores"),
+                                top_candidate=record.get("top_candidate")))  # fmt: skip
         start += HOUR
     shown.sort(key=lambda impression: impression.time)
     return shown, malformed
@@ -327,6 +346,7 @@ def monitor_hour(hour: datetime, *, impressions_dir: Path, database_url: str, ru
             metrics["ctr"] = sum(bool(impression.clicked) for impression in served) / len(served)
             metrics[f"precision_at_{config.k}"] = sum(_precision_at(impression, config.k)
                                                        for impression in served) / len(served)  # fmt: skip
+        metrics.update(_off_policy(served, config))
         source, reference = references[version]
         metrics["drift_reference"] = source
         if reference is not None and interactions >= config.min_drift_interactions:
@@ -348,6 +368,34 @@ def monitor_hour(hour: datetime, *, impressions_dir: Path, database_url: str, ru
     if experiments:
         report["experiments"] = experiments
     return report
+
+
+def _off_policy(served: list[_Shown], config: MonitoringConfig) -> dict[str, float]:
+    """Off-policy estimates of the top slot's click-through at each of `ope_temperatures`, from the served
+    lists that carry their propensity data (module doc, "Off-policy"); {} without any."""
+    import numpy as np
+
+    from recsys.off_policy import ips, snips, softmax_propensities
+
+    logged = [impression for impression in served if impression.candidate_scores and impression.top_probability
+              and impression.top_candidate is not None]  # fmt: skip
+    if not logged:
+        return {}
+    rewards = np.array([impression.items[0] in impression.clicked for impression in logged], dtype=np.float64)
+    propensities = np.array([impression.top_probability for impression in logged], dtype=np.float64)
+    metrics = {"ope_sampled_impressions": float(len(logged)), "ope_top_slot_ctr": float(rewards.mean())}
+    for temperature in config.ope_temperatures:
+        target = np.array([softmax_propensities(np.array([impression.candidate_scores]), temperature)
+                           [0, impression.top_candidate] for impression in logged])  # fmt: skip
+        for name, estimator in (("ips", ips), ("snips", snips)):
+            try:
+                estimate = estimator(rewards, propensities, target, clip=config.ope_clip)
+            except ValueError:  # the target never shows what was logged first: nothing to estimate from
+                continue
+            key = f"ope_{name}_t{temperature:g}"
+            metrics.update({key: estimate.value, f"{key}_low": estimate.low, f"{key}_high": estimate.high,
+                            f"{key}_effective_samples": estimate.effective_samples})  # fmt: skip
+    return metrics
 
 
 def _precision_at(impression: _Shown, k: int) -> float:

@@ -204,6 +204,30 @@ def test_a_sampled_list_is_logged_with_its_policy_and_each_items_probability(pub
     assert record["items"] == [{"product_id": item["product_id"], "position": position,
                                 "probability": item["probability"]} for position, item in enumerate(sampled["items"])]
     assert all(0 < item["probability"] < 1 for item in record["items"])  # fmt: skip
+    assert "candidate_scores" not in record  # off unless asked for
+
+
+def test_with_candidate_scores_a_sampled_line_holds_what_another_temperature_would_have_shown(
+    published: redis.Redis, tmp_path: Path
+):
+    """`RECSYS_IMPRESSIONS_CANDIDATE_SCORES`: the candidates' order scores and the first item's index among them,
+    from which softmax(scores / T) gives back the logged probability at the served temperature."""
+    import numpy as np
+
+    from recsys.off_policy import softmax_propensities
+
+    client, _ = gateway(tmp_path, impressions_candidate_scores=True)
+    before = datetime.now(UTC)
+    with client:
+        sampled = client.get(f"/recommendations/{CUSTOMER}", params={"count": 4, "temperature": 0.5, "seed": 3}).json()
+        client.get(f"/recommendations/{CUSTOMER}", params={"count": 4})  # ranked: nothing to reweight
+    hours = sorted({floor_hour(before), floor_hour(datetime.now(UTC))})
+    first, ranked = [record for hour in hours for record in read_impressions(tmp_path / "impressions", hour)[0]]
+    scores = np.array([first["candidate_scores"]])
+    assert scores.shape[1] > 4 and first["candidate_scores"][first["top_candidate"]] == sampled["items"][0]["score"]
+    assert softmax_propensities(scores, 0.5)[0, first["top_candidate"]] == pytest.approx(
+        sampled["items"][0]["probability"], rel=1e-5)  # fmt: skip
+    assert "candidate_scores" not in ranked
 
 
 def test_a_click_sent_back_with_the_request_id_counts_for_the_served_list(published: redis.Redis, tmp_path: Path):

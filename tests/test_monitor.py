@@ -360,3 +360,44 @@ def test_the_dag_task_fails_on_an_alert_and_calls_the_webhook(tmp_path: Path, we
     assert process.returncode != 0, output[-3000:]  # the DagRun failed
     assert "AirflowFailException" in output and "monitoring 2026-11-26T11:00:00Z: v1 ctr 0.05 below 0.2" in output
     assert [alert["metric"] for body in webhook.bodies for alert in body["alerts"]] == ["ctr"]
+
+
+def test_off_policy_estimates_of_other_temperatures_from_sampled_lines_find_the_truth(tmp_path: Path):
+    """Simulated logs with a known truth: 3,000 lists, each drawn at T = 1 from 20 candidates whose click
+    probabilities are known, the first item clicked with its probability. The hour's estimates of the top slot's
+    click-through at T = 0, 0.5 and 1 land near the exact values (sum over candidates of softmax(scores / T) x
+    click probability, averaged over lists); at the logged temperature SNIPS is the logged click-through itself."""
+    import numpy as np
+
+    from recsys.off_policy import softmax_propensities
+
+    rng = np.random.default_rng(0)
+    records, events, truths = [], [], {0.0: [], 0.5: [], 1.0: []}
+    for number in range(3_000):
+        scores = rng.uniform(0, 1, 20)
+        click_probabilities = 0.05 + 0.4 * scores**2  # better-scored candidates are clicked more
+        drawn = softmax_propensities(scores[None, :], 1.0)[0]
+        top = int(rng.choice(20, p=drawn))
+        for temperature, values in truths.items():
+            values.append(float(softmax_propensities(scores[None, :], temperature)[0] @ click_probabilities))
+        record = impression(f"s{number}", number % 60, 1 + number % 50, [1_000 + top, 2_000 + number % 7])
+        record["items"][0]["probability"] = float(drawn[top])
+        records.append(record | {"temperature": 1.0, "candidate_scores": scores.tolist(), "top_candidate": top})
+        if rng.random() < click_probabilities[top]:
+            events.append((1 + number % 50, 1_000 + top, "click", at(number % 60, 20), f"s{number}"))
+    url = database(tmp_path / "gateway.db", events)
+    write_impressions(tmp_path / "impressions", records)
+    report = monitor_hour(HOUR, impressions_dir=tmp_path / "impressions", database_url=url,
+                          runs_dir=tmp_path / "runs", config=MonitoringConfig(attribution_window=WINDOW))  # fmt: skip
+    metrics = report["versions"]["v1"]
+    assert metrics["ope_sampled_impressions"] == 3_000
+    assert metrics["ope_snips_t1"] == pytest.approx(metrics["ope_top_slot_ctr"])  # weights of 1
+    for temperature, values in truths.items():
+        truth = float(np.mean(values))
+        for estimator in ("ips", "snips"):
+            key = f"ope_{estimator}_t{temperature:g}"
+            half = (metrics[f"{key}_high"] - metrics[f"{key}_low"]) / 2
+            print(f"{key}: {metrics[key]:.4f} [{metrics[key + '_low']:.4f}, {metrics[key + '_high']:.4f}], "
+                  f"truth {truth:.4f}")  # fmt: skip
+            assert abs(metrics[key] - truth) < 2 * half, (key, metrics[key], truth, half)  # within about 4 s.e.
+    assert truths[0.0] != truths[1.0] and np.mean(truths[0.0]) > np.mean(truths[1.0]) + 0.05  # T matters here

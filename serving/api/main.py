@@ -63,7 +63,7 @@ def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender
         online_cache_ttl_s=settings.online_cache_ttl_s, online_top_k=settings.online_top_k,
         promotion_threshold=settings.promotion_threshold, database_timeout_s=settings.database_timeout_ms / 1000,
         product_flags_ttl_s=settings.product_flags_ttl_s, read_rate_per_s=settings.read_rate_per_s,
-        read_burst=settings.read_burst,
+        read_burst=settings.read_burst, log_candidate_scores=settings.impressions_candidate_scores,
     )  # fmt: skip
     triton = TritonEnsembles(settings.triton_urls, timeout_s=settings.triton_timeout_ms / 1000,
                              versioned=settings.triton_versioned_models)  # fmt: skip

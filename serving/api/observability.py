@@ -104,6 +104,9 @@ class ObservabilityMiddleware:
             }  # fmt: skip
             if answer.experiment is not None:  # an A/B experiment runs: the monitoring DAG compares its buckets
                 impression.update(experiment=answer.experiment, bucket=answer.bucket)
+            candidates = state.get("candidates")
+            if candidates is not None:
+                impression.update(candidate_scores=candidates[0], top_candidate=candidates[1])
             self.impressions.record(impression)
         if request_log.isEnabledFor(logging.INFO):
             line: dict[str, Any] = {"event": "request", "request_id": request_id,

@@ -116,6 +116,8 @@ def _response(request: Request, customer_id: int | None, ranked, probabilities: 
     )  # fmt: skip
     request.state.recommendation = answer  # logged as an impression and counted (serving.api.observability)
     request.state.temperature = temperature  # the policy that chose the list, logged with it
+    if ranked.candidate_scores is not None:  # what an off-policy estimate of another temperature needs
+        request.state.candidates = (ranked.candidate_scores, ranked.top_candidate)
     # Serialized here: returned as a model, FastAPI would validate it a second time against response_model.
     return Response(answer.model_dump_json(), media_type="application/json")
 
