@@ -23,8 +23,9 @@ files included, before anything else sees them (`csv_to_parquet`'s `forgotten_us
 rows of theirs, as the database has none. The result counts what each store gave up, the audit record.
 
 Known limits: the gateway worker that answers the request drops its in-process copies of the customer's
-answers; another worker's copy (answers kept for when Redis is down, at most `local_copies` of them) ages out
-with traffic. Finished runs' folders under `<data_root>/runs/` and MLflow's artifacts keep what each run read
+answers; another worker's copy (answers kept for when Redis is down) answers no longer than the online cache's
+TTL after it was kept (`RecommenderConfig.local_copy_ttl_s`). Finished runs' folders under `<data_root>/runs/`
+and MLflow's artifacts keep what each run read
 until they are deleted; a remote (s3://) landing zone is not rewritten (the extracts are written locally).
 """
 

@@ -46,6 +46,7 @@ import collections
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -114,6 +115,9 @@ class RecommenderConfig:
     product_flags_ttl_s: float = 5.0
     product_flags_cached: int = 1_000_000  # about 100 MB at most
     local_copies: int = 10_000  # recent answers kept in process for when Redis is down
+    # How long such a copy may answer: no answer outlives the online cache's TTL anywhere, so a customer forgotten
+    # through another worker (serving/forget.py) is gone from this one's copies within it too.
+    local_copy_ttl_s: float = 600.0
     log_candidate_scores: bool = False  # keep a sampled list's candidate scores for the impression log
     # Reads an API key may make, taken from a bucket in the same round trip as the list (None: no limit).
     read_rate_per_s: float | None = None
@@ -133,7 +137,8 @@ class Recommender:
         self.product_flags = product_flags
         self._flags = ProductFlagsCache(config.product_flags_ttl_s, config.product_flags_cached)
         self._changed: set[int] = set()  # products written since, by any thread of this process
-        self._recent: collections.OrderedDict[tuple[str, str], RankedList] = collections.OrderedDict()
+        # (kind, key) -> (answer, when it was kept), least recently kept first
+        self._recent: collections.OrderedDict[tuple[str, str], tuple[RankedList, float]] = collections.OrderedDict()
         self.reader = ListReader(redis_client, config.key_prefix, config.redis_timeout_s, config.read_rate_per_s,
                                  config.read_burst)  # fmt: skip
 
@@ -158,13 +163,16 @@ class Recommender:
 
     def _remember(self, kind: str, key: str, answer: RankedList) -> None:
         # A copy: `recommend` goes on to cut and reorder the answer it returns.
-        self._recent[(kind, key)] = dataclasses.replace(answer, degraded=list(answer.degraded))
+        self._recent[(kind, key)] = (dataclasses.replace(answer, degraded=list(answer.degraded)), time.monotonic())
         self._recent.move_to_end((kind, key))
         while len(self._recent) > self.config.local_copies:
             self._recent.popitem(last=False)
 
     def _local_copy(self, kind: str, key: str) -> RankedList | None:
-        copy = self._recent.get((kind, key))
+        kept = self._recent.get((kind, key))
+        if kept is None or time.monotonic() - kept[1] > self.config.local_copy_ttl_s:
+            return None
+        copy = kept[0]
         return dataclasses.replace(copy, degraded=list(copy.degraded)) if copy else None
 
     # -- the routes ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ the migrations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -542,6 +543,11 @@ def test_without_redis_answers_come_from_the_process_copy(published: redis.Redis
         recommender.redis = redis.asyncio.Redis(port=free_port(), socket_timeout=0.05, socket_connect_timeout=0.05)
         cold = client.get(f"/recommendations/{user}").json()
         stranger = client.get("/recommendations/999999998")
+        # A copy answers no longer than the online cache's TTL (a customer forgotten through another worker).
+        recommender.config = dataclasses.replace(recommender.config, local_copy_ttl_s=0.0)
+        time.sleep(0.01)
+        expired = client.get(f"/recommendations/{user}").json()
+    assert expired["route"] == "none" and expired["items"] == []
     assert warm["route"] == "precomputed"
     assert cold["route"] == "precomputed_local_copy" and cold["degraded"] == ["redis_unavailable"]
     assert [item["product_id"] for item in cold["items"]] == [item["product_id"] for item in warm["items"]]

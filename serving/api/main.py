@@ -60,7 +60,8 @@ def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender
     config = RecommenderConfig(
         key_prefix=settings.redis_key_prefix, segment_features=load_spec(settings.spec).segment_features,
         redis_timeout_s=timeout_s, triton_timeout_s=settings.triton_timeout_ms / 1000,
-        online_cache_ttl_s=settings.online_cache_ttl_s, online_top_k=settings.online_top_k,
+        online_cache_ttl_s=settings.online_cache_ttl_s, local_copy_ttl_s=settings.online_cache_ttl_s,
+        online_top_k=settings.online_top_k,
         promotion_threshold=settings.promotion_threshold, database_timeout_s=settings.database_timeout_ms / 1000,
         product_flags_ttl_s=settings.product_flags_ttl_s, read_rate_per_s=settings.read_rate_per_s,
         read_burst=settings.read_burst, log_candidate_scores=settings.impressions_candidate_scores,
