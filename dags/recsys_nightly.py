@@ -31,7 +31,8 @@ Manual trigger Params (defaults: `tasks.pipeline.PipelineConfig`, from the steps
 location (raw CSV; default `<RECSYS_DATA_ROOT>/landing`), the dataset spec, the null threshold, the resplit
 fraction, the sample fraction, the share of malformed rows tolerated (they are quarantined), the ranker and
 both models' epochs, the two-tower's L2 normalization and temperature, TopK and TopN, the blend weights,
-unavailable items, the Triton stages' instance count, the gate and the ranker comparison.
+unavailable items, the Triton stages' instance count, the gate, the ranker comparison and a staged publish
+(the run's lists kept without switching readers to them: an A/B experiment's challenger).
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ def _model_versions(two_tower: dict, ranker: dict) -> dict[str, str]:
                                 description="how far below the champion's AUC and recall@100 a new model may be"),
         "compare_rankers": Param(False, type="boolean",
                                  description="also train DLRM, DCN-v2, MLP and NCF and compare them (fig. 5.4)"),
+        "stage_publish": Param(False, type="boolean",
+                               description="publish the run's lists as a kept version without switching readers "
+                                           "to it: the challenger of an A/B experiment (recsys experiment start)"),
     },
 )
 def recsys_nightly() -> None:
@@ -354,17 +358,17 @@ def recsys_nightly() -> None:
         from airflow.sdk.exceptions import AirflowSkipException
 
         from recsys.errors import InputDataError
-        from recsys.settings import get_settings
         from tasks.publish_recommendations import publish_recommendations as step
 
-        settings = get_settings()
+        _, params, settings, _, _ = _run()
         if decision["publish_batch_dir"] is None:  # held: readers keep the champion's lists
             raise AirflowSkipException(f"nothing published ({decision['outcome']}): {decision['reason']}")
         try:
             # The run's own batch scores as the run's version, or a reviewer's champion's as its run's version.
+            # Staged: complete and kept, readers stay where they are (an A/B experiment's challenger).
             return step(Path(decision["publish_batch_dir"]), redis_url=settings.redis_url,
                         version=decision["publish_version"], key_prefix=settings.redis_key_prefix,
-                        progress=False)  # fmt: skip
+                        progress=False, switch=not params["stage_publish"])  # fmt: skip
         except InputDataError as error:
             raise _fail_without_retry(error) from error
 

@@ -74,7 +74,7 @@ def test_manual_trigger_params_and_defaults(dagbag: DagBag):
     assert 0 < params["max_bad_row_fraction"] < 0.05
     assert params["ranker_model"] == "dlrm"  # the report's choice; dcn and mlp for comparison
     assert params["quality_gate"] == "gate" and params["gate_tolerance"] == 0.005
-    assert params["compare_rankers"] is False
+    assert params["compare_rankers"] is False and params["stage_publish"] is False
     # Empty: batch scoring chooses the blend weights on the validation split.
     assert params["retrieval_weight"] is None and params["item_to_item_weight"] is None
     two_tower = TwoTowerConfig()
