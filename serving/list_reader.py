@@ -22,16 +22,15 @@ REDIS_FAILURES = (RedisError, TimeoutError, OSError)
 # the customer's set of items seen since the nightly run (serving/seen_items.py), KEYS[3] the API key's read
 # bucket; ARGV[1] is "<prefix>recs:", ARGV[2] a user id to look up in the version's known users when the first
 # list is missing ("" for none; -1 for an id no bitmap can hold), ARGV[3] and ARGV[4] the bucket's tokens a
-# second and size ("" for no limit), ARGV[5] how many "<kind>:<key>" names follow that are always
-# read, ARGV[6] the customer ("" for none); the names after those are read only for a user the bitmap says the
-# models do not know (a new visitor's segment lists, so that the generic route costs no second round trip).
-# KEYS[4] is the running A/B experiment's hash (recsys/experiments.py): with one, the customer's bucket is drawn
-# here, by the same hash as `recsys.experiments.bucket_of`, and the challenger bucket reads the challenger
-# version instead of the current one. Replies {0, seconds to
-# wait} when the key is over its read rate (serving/api/rate_limit.py's bucket, taken here so that a read
-# costs no second round trip), {} without a version, else {{version[, experiment, bucket]}, seen items, list or
-# nil, ...} and, when
-# asked, 2 for a user whose features the gateway wrote since the nightly run (the version's `live_users` bitmap,
+# second and size ("" for no limit), ARGV[5] how many "<kind>:<key>" names follow that are always read, ARGV[6]
+# the customer ("" for none); the names after those are read only for a user the bitmap says the models do not
+# know (a new visitor's segment lists, so that the generic route costs no second round trip). KEYS[4] is the
+# running A/B experiment's hash (recsys/experiments.py): with one, the customer's bucket is drawn here, by the
+# same hash as `recsys.experiments.bucket_of`, and the challenger bucket reads the challenger version instead
+# of the current one (KEYS[1]). Replies {0, seconds to wait} when the key is over its read rate
+# (serving/api/rate_limit.py's bucket, taken here so that a read costs no second round trip), {} without a
+# version, else {{version[, experiment, bucket]}, seen items, list or nil, ...} and, when asked, 2 for a user
+# whose features the gateway wrote since the nightly run (the version's `live_users` bitmap,
 # serving/live_features.py: the online path answers them), else, when the first list is missing, the user's bit
 # (1 known, 0 not, -1 the version has no bitmap) followed, for 0, by the lists read for an unknown user.
 # It reads keys it derives (not passed in KEYS): fine on one Redis server, not on Redis Cluster.
