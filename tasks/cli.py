@@ -225,13 +225,11 @@ def _rollback_recommendations(args: argparse.Namespace) -> dict:
 def _experiment(args: argparse.Namespace) -> dict:
     import dataclasses
 
-    import redis
-
     from recsys.settings import get_settings
     from tasks.experiment import (
-        current_experiment,
         experiment_totals,
         promote_challenger,
+        running_experiment,
         start_experiment,
         stop_experiment,
     )
@@ -247,11 +245,7 @@ def _experiment(args: argparse.Namespace) -> dict:
     elif args.action == "promote":
         experiment = promote_challenger(redis_url, prefix, **tracking)
     else:
-        client = redis.Redis.from_url(redis_url)
-        try:
-            running = current_experiment(client, prefix)
-        finally:
-            client.close()
+        running = running_experiment(redis_url, prefix)
         if running is None:
             return {"running": False}
         totals = experiment_totals(settings.mlflow_tracking_uri, running.name)

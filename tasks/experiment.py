@@ -35,6 +35,15 @@ def current_experiment(client: redis.Redis, key_prefix: str) -> Experiment | Non
     return Experiment.from_hash(cast(dict[Any, Any], client.hgetall(RecommendationKeys(key_prefix).experiment)))
 
 
+def running_experiment(redis_url: str, key_prefix: str) -> Experiment | None:
+    """The running experiment, read with a client of its own."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return current_experiment(client, key_prefix)
+    finally:
+        client.close()
+
+
 def start_experiment(redis_url: str, key_prefix: str, name: str, challenger: str, share: float, *,
                      tracking_uri: str, artifact_root: str | Path, salt: str | None = None) -> Experiment:  # fmt: skip
     """Serve `challenger` to `share` of customers (by a stable hash of their id and the salt) from now on."""
@@ -86,11 +95,7 @@ def promote_challenger(redis_url: str, key_prefix: str, *, tracking_uri: str) ->
     """Make the running experiment's challenger the current version (the old one becomes previous), then stop."""
     from tasks.publish_recommendations import make_current
 
-    client = redis.Redis.from_url(redis_url)
-    try:
-        experiment = current_experiment(client, key_prefix)
-    finally:
-        client.close()
+    experiment = running_experiment(redis_url, key_prefix)
     if experiment is None:
         raise ExperimentError("no experiment is running")
     make_current(redis_url, experiment.challenger, key_prefix)
