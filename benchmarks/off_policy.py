@@ -25,8 +25,6 @@ sample size, without clipping and with clipping.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -37,7 +35,7 @@ import pandas as pd
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from benchmarks.movielens import cache_dir  # noqa: E402
+from benchmarks.movielens import cache_dir, download_verified  # noqa: E402
 from recsys.off_policy import Estimate, ips, snips, softmax_propensities  # noqa: E402
 
 OBP = "obp==0.5.7"
@@ -57,15 +55,8 @@ def fetch_open_bandit_dataset() -> Path:
     if (target / "random" / "all" / "all.csv").exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    sdist = folder / OBP_SDIST
-    if not sdist.exists():
-        pip = PROJECT_ROOT / ".venv-tools" / "bin" / "pip"  # the platform venv has no pip (uv made it)
-        # --ignore-requires-python: only the file is wanted, never installed (obp requires Python < 3.11).
-        subprocess.run([str(pip), "download", "--no-deps", "--no-binary", ":all:", "--ignore-requires-python", OBP,
-                        "--dest", str(folder)], check=True)  # fmt: skip
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != OBP_SHA256:
-        raise SystemExit(f"{sdist}: SHA-256 {digest}, expected {OBP_SHA256}; delete it to fetch it again")
+    # --ignore-requires-python: only the file is wanted, never installed (obp requires Python < 3.11).
+    sdist = download_verified(OBP, OBP_SDIST, OBP_SHA256, folder, "--no-binary", ":all:", "--ignore-requires-python")
     staging = folder / ".obd.staging"
     with tarfile.open(sdist) as archive:
         members = [member for member in archive.getmembers()
