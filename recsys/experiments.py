@@ -50,9 +50,6 @@ class Experiment:
                    share=float(text["share"]), salt=text["salt"], started_at=text.get("started_at", ""),
                    mlflow_run_id=text.get("mlflow_run_id", ""))  # fmt: skip
 
-    def bucket_of(self, customer_id: int) -> str:
-        return bucket_of(customer_id, self.salt, self.share)
-
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
