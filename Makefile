@@ -16,7 +16,7 @@ DEMO_ROWS := $(if $(filter command line,$(origin ROWS)),$(ROWS),50000)
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-setup:  ## install both environments, Redis if missing, airflow.cfg, Airflow's secrets and database (GPU=1: the GPU trainer lock)
+setup:  ## install both environments, Redis and PostgreSQL if missing, airflow.cfg, Airflow's secrets and database (GPU=1: the GPU trainer lock)
 	GPU="$(GPU)" ./scripts/setup.sh
 
 test: lint unit  ## the whole test suite: lint, types, unit, DAG and end-to-end tests

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-command setup on a fresh Debian/Ubuntu machine with Python 3.11 (`make setup` runs this):
-# both locked Python environments, Redis and Chromium if missing, Airflow's secrets, airflow.cfg and its metadata database.
+# both locked Python environments, Redis, PostgreSQL and Chromium if missing, Airflow's secrets, airflow.cfg and its metadata database.
 # GPU=1 (`make setup GPU=1`): the trainer environment from the GPU lock, requirements/trainer-gpu.txt (TensorFlow and
 # Faiss for CUDA 11.8 on an NVIDIA GPU; docs/environments.md, "The GPU path"); rerun without it to go back.
 # Safe to rerun: every step checks what is already there.
@@ -74,6 +74,9 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --dir "$ROOT/var/redis" --logfile "$ROOT/var/redis/redis.log"
 fi
 redis-cli -h 127.0.0.1 -p 6379 ping
+
+say "PostgreSQL (the gateway's tests run every database test on it too; scripts/postgres.sh)"
+bash scripts/postgres.sh
 
 say "Chromium and chromedriver (Debian's; the demo page's browser test drives them headless with Selenium)"
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then

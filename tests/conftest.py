@@ -165,7 +165,8 @@ def read_nvtabular_output(directory: Path) -> pd.DataFrame:
 # The gateway's main database (serving/api/): every test that takes `database_url` runs on a fresh SQLite
 # file and on a throw-away PostgreSQL database (dropped afterwards). PostgreSQL is expected on this machine
 # at 127.0.0.1:5432, user postgres, trust authentication; RECSYS_TEST_POSTGRES_URL names another server
-# (a database the user may CREATE DATABASE from). Without one, the PostgreSQL half is skipped, saying why.
+# (a database the user may CREATE DATABASE from). Without one the PostgreSQL halves fail, saying why: `make setup`
+# installs and starts a server (scripts/postgres.sh), and a test that silently skipped would hide half the suite.
 POSTGRES_ADMIN_URL = os.environ.get("RECSYS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -189,7 +190,8 @@ class PostgresServer:
             with self.admin.connect() as connection:
                 connection.exec_driver_sql(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
         except OperationalError as error:
-            pytest.skip(f"PostgreSQL not reachable at {self.admin_url.render_as_string()}: {error.orig}")
+            pytest.fail(f"PostgreSQL not reachable at {self.admin_url.render_as_string()} ({error.orig}): run "
+                        "`make setup` (scripts/postgres.sh starts one), or name a server in RECSYS_TEST_POSTGRES_URL")
         return name
 
     def url(self, name: str) -> str:
@@ -217,18 +219,20 @@ def migrated_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
     sqlite_file = tmp_path_factory.mktemp("migrated") / "gateway.db"
     upgrade(f"sqlite:///{sqlite_file}")
     databases = {"sqlite": str(sqlite_file)}
-    server: PostgresServer | None = None
+    server = PostgresServer()
     try:
-        server = PostgresServer()
         name = server.create()
-        databases["postgresql"] = server.url(name)
-        upgrade(databases["postgresql"])
-    except pytest.skip.Exception:
-        pass  # no server: the PostgreSQL halves skip, as database_url's do
-    yield databases
-    if server is not None:
-        if "postgresql" in databases:
-            server.drop(databases["postgresql"].rsplit("/", 1)[1])
+    except pytest.fail.Exception as error:  # no server: the PostgreSQL halves fail, saying why; SQLite's run
+        databases["postgresql_unreachable"] = str(error)
+        name = None
+    try:
+        if name is not None:
+            databases["postgresql"] = server.url(name)
+            upgrade(databases["postgresql"])
+        yield databases
+        if name is not None:
+            server.drop(name)
+    finally:
         server.admin.dispose()
 
 
@@ -270,7 +274,7 @@ def migrated_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str
         shutil.copyfile(databases["sqlite"], tmp_path / "gateway.db")
         return f"sqlite:///{tmp_path / 'gateway.db'}"
     if "postgresql" not in databases:
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL}")
+        pytest.fail(databases["postgresql_unreachable"])
     empty_tables(databases["postgresql"])
     return databases["postgresql"]
 
