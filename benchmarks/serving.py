@@ -225,7 +225,7 @@ def prepare_database(path: Path, run: Path, spec: DatasetSpec) -> str:
     engine = create_database_engine(url, timeout_ms=None)
     try:
         with engine.begin() as connection:
-            connection.execute(insert(Product), [{"id": item, "category": 1, "available": True, "promoted": False,
+            connection.execute(insert(Product), [{"id": item, "attributes": {}, "available": True, "promoted": False,
                                                   "created_at": now, "updated_at": now} for item in items])  # fmt: skip
         with Session(engine) as session:
             HEADERS["X-API-Key"] = create_api_key(session, "benchmark", ["read"])

@@ -9,7 +9,7 @@ served list with its request id) and the interactions posted to the gateway (REC
 `attribution_window_minutes` after them, joined by request id (and by customer and product when an interaction
 carries none), and computes per model version: impressions, click-through rate (impressions with at least one
 click / impressions served), precision@k of the served lists and the drift (PSI) of the hour's location,
-device and category against the version's training split. The metrics go to MLflow (experiment
+device and item features against the version's training split. The metrics go to MLflow (experiment
 `recsys-monitoring`, one run per hour and version, step = the hour's epoch seconds); rerunning an hour
 replaces them, never duplicates them.
 

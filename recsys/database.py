@@ -131,10 +131,9 @@ class Product(Base):
     __tablename__ = "products"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    # Categorical ids, as the pipeline's item features are (int32 in the default spec).
-    category: Mapped[int] = mapped_column(Integer)
-    shop: Mapped[int | None] = mapped_column(Integer)
-    brand: Mapped[int | None] = mapped_column(Integer)
+    # The product's features: the spec's item features by name (serving.api.schemas.product_models validates them;
+    # rows stored before may hold other names or types, which the extract leaves out); the extract copies them.
+    attributes: Mapped[dict[str, Any]] = mapped_column(AttributesType, default=dict)
     price: Mapped[Decimal | None] = mapped_column(Numeric(12, 2))
     # Feed filtering (unavailable products are never recommended) and ordering (promoted ones first).
     available: Mapped[bool] = mapped_column(default=True)

@@ -22,20 +22,20 @@ day make one row:
 - targets <- the event types: the primary target (`click`) is 1 if any event was a click, add-to-cart
   or purchase, else 0 (a view alone is a shown, unclicked item); the spec's `purchase_target`
   (`conversion`) is 1 if any event was a purchase. Any other target cannot be derived and is refused;
-- location and device <- the first event's, else the customer's (columns `location`, `device`);
-- item features <- the product's category, shop and brand as they are at extract time (columns
-  `item_category`, `item_shop`, `item_brand`; another spec names its own with `IngestionColumns`);
-- user features <- the customer's profile attributes named like a spec user feature (`user_age`, ...),
-  cast to the column's type (a value that does not fit is left null and counted);
+- location and device <- the first event's, else the customer's (columns `location`, `device`; another spec
+  names its own with `IngestionColumns`);
+- item features <- the product's attributes named like a spec item feature (`item_category`, ...) as they are
+  at extract time, and user features <- the customer's profile attributes named like a spec user feature
+  (`user_age`, ...), each cast to the column's type (a value that does not fit is left null and counted);
 - every other column (user-item crosses, position, features nobody sent) is null.
 
 How the nightly run uses them. `csv_to_parquet` reads every day found under `<input>/interactions/` (all
 of them, not only the run's) into a split of its own, `gateway` (GATEWAY_SPLIT). `clean_null_rows` drops
 the gateway rows with more than 5 null features (its threshold), counted over `extracted_features(spec)`
-only, the features an extract can fill: the user features, and the item and context columns that
-`IngestionColumns` maps. The user-item crosses, the position and unmapped item features (AliCCP's
-`item_intention`) are null in every such row, so counting them would drop every row; a customer without
-profile attributes still leaves the spec's 12 user features null, and that row is dropped. The returned
+only, the features an extract can fill: the user and item features, and the context columns that
+`IngestionColumns` maps. The user-item crosses and the position are null in every such row, so counting them
+would drop every row; a customer without profile attributes still leaves the spec's 12 user features null, and
+that row is dropped. The returned
 metrics count those rows in advance (`rows_over_5_null_features`, at the default threshold). `resplit`
 adds every remaining gateway row to `train` (validation stays the held-out test rows), and `validate`
 checks their null fractions over the extracted features only.
@@ -76,11 +76,9 @@ _INTEGER_RANGES = {f"int{bits}": (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) for b
 
 @dataclasses.dataclass(frozen=True)
 class IngestionColumns:
-    """The spec columns that the gateway's product and context fields fill; None: not exported."""
+    """The spec columns that the gateway's context fields fill; None: not exported. (Customers' and products'
+    attributes are named after the spec's user and item features already.)"""
 
-    category: str | None = "item_category"
-    shop: str | None = "item_shop"
-    brand: str | None = "item_brand"
     location: str | None = "location"
     device: str | None = "device"
 
@@ -106,13 +104,13 @@ def partition_path(landing_dir: Path, day: date) -> Path:
 def extracted_features(spec: DatasetSpec, columns: IngestionColumns | None = None) -> tuple[str, ...]:
     """The spec's features an extract fills when the gateway knows them, in the spec's feature order.
 
-    The user features (from customers' profile attributes) and the item and context features that
+    The user and item features (from customers' and products' attributes) and the context features that
     `columns` maps (default: `IngestionColumns.matching(spec)`). `clean_null_rows` counts a gateway
     row's nulls over these only: the others (user-item crosses, position, ...) are null in every row.
     """
     columns = columns or IngestionColumns.matching(spec)
     mapped = {getattr(columns, field.name) for field in dataclasses.fields(columns)}
-    filled = set(spec.user_features) | mapped
+    filled = set(spec.user_features) | set(spec.item_features) | mapped
     return tuple(name for name in spec.features if name in filled)
 
 
@@ -221,9 +219,7 @@ class _Group:
     customer_location: str | None
     customer_device: str | None
     attributes: dict[str, Any]
-    category: int
-    shop: int | None
-    brand: int | None
+    product_attributes: dict[str, Any]
     events: int
 
 
@@ -235,7 +231,7 @@ def _groups(connection: Any, start: datetime, end: datetime) -> Iterator[_Group]
     query = (
         select(Interaction.customer_id, Interaction.product_id, Interaction.session_id, Interaction.type,
                Interaction.timestamp, Interaction.location, Interaction.device, Customer.location, Customer.device,
-               Customer.attributes, Product.category, Product.shop, Product.brand)
+               Customer.attributes, Product.attributes)
         .join(Customer, Customer.id == Interaction.customer_id)
         .join(Product, Product.id == Interaction.product_id)
         .where(Interaction.timestamp >= start, Interaction.timestamp < end)
@@ -246,7 +242,7 @@ def _groups(connection: Any, start: datetime, end: datetime) -> Iterator[_Group]
     key: tuple[int, int, str] | None = None
     for row in connection.execution_options(yield_per=READ_BATCH_ROWS).execute(query):
         (customer_id, product_id, session_id, kind, timestamp, location, device, customer_location,
-         customer_device, attributes, category, shop, brand) = row  # fmt: skip
+         customer_device, attributes, product_attributes) = row  # fmt: skip
         if group is not None and key == (customer_id, product_id, session_id):
             group.types.add(str(kind))
             group.events += 1
@@ -255,7 +251,7 @@ def _groups(connection: Any, start: datetime, end: datetime) -> Iterator[_Group]
             yield group
         key = (customer_id, product_id, session_id)
         group = _Group(customer_id, product_id, timestamp, location, device, {str(kind)}, customer_location,
-                       customer_device, attributes or {}, category, shop, brand, events=1)  # fmt: skip
+                       customer_device, attributes or {}, product_attributes or {}, events=1)  # fmt: skip
     if group is not None:
         yield group
 
@@ -265,7 +261,8 @@ class _RowBuilder:
 
     def __init__(self, spec: DatasetSpec, columns: IngestionColumns, targets: dict[str, str]) -> None:
         self.spec, self.columns, self.targets = spec, columns, targets
-        self.user_features = list(spec.user_features)
+        self.features = [(name, "attributes") for name in spec.user_features]
+        self.features += [(name, "product_attributes") for name in spec.item_features]
         self.counted_features = extracted_features(spec, columns)  # as clean_null_rows counts a gateway row's nulls
         self.values: dict[str, list[Any]] = {name: [] for name in spec.columns}
         self.pending = self.rows = self.events = self.rows_over_null_limit = self.attribute_values_dropped = 0
@@ -285,16 +282,14 @@ class _RowBuilder:
             row[target] = int(happened)
             self.positives[target] += int(happened)
         mapped = {
-            self.columns.category: group.category,
-            self.columns.shop: group.shop,
-            self.columns.brand: group.brand,
             self.columns.location: group.location or group.customer_location,
             self.columns.device: group.device or group.customer_device,
         }
         row.update((name, self._cast(name, value)) for name, value in mapped.items() if name is not None)
-        for name in self.user_features:
-            if name in group.attributes:
-                value = self._cast(name, group.attributes[name])
+        for name, owner in self.features:  # the customer's or the product's attributes
+            attributes = getattr(group, owner)
+            if name in attributes:
+                value = self._cast(name, attributes[name])
                 self.attribute_values_dropped += value is None
                 row[name] = value
         for name, values in self.values.items():

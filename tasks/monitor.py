@@ -13,8 +13,8 @@ For the hour [H, H + 1 h) (UTC), `monitor_hour` reads the gateway's impressions 
 - `precision_at_<k>`: the mean over served impressions of (distinct clicked products among the first k
   shown) / k; a list shorter than k counts its empty places as misses, as `tasks/evaluate.py` does offline;
 - `clicks_by_request_id` and `clicks_by_customer_product`: attributed click events, by how they were matched;
-- drift, `psi_location`, `psi_device`, `psi_category`: the population stability index of the hour's
-  interactions against the version's training data (below).
+- drift, `psi_<column>` (`psi_location`, `psi_device`, `psi_item_category`, ... in the default spec): the population
+  stability index of the hour's interactions against the version's training data (below).
 
 **Attribution.** An interaction that carries a `request_id` belongs to the impression of that request when
 it shows the product, from 5 minutes before it was shown (client clocks may run behind the gateway's; the id
@@ -26,15 +26,16 @@ the product elsewhere), reported apart as `clicks_by_customer_product`; similar-
 customer, so only request ids attribute their clicks. Clicks arriving after the run are not counted: the DAG
 monitors an hour once all its windows have closed (`hour_to_monitor`).
 
-**Drift.** PSI = sum over bins of (p - q) ln(p / q), p the hour's shares and q the reference's, each floored
-at 1e-4. Features: location and device (the event's, else the customer's, as the nightly extract fills
-them) and the product's category, compared with the spec's columns that the extract fills from them
-(`IngestionColumns`). Bins: the reference's `max_bins` most frequent values, the rest pooled, a missing value
-a bin of its own (thousands of rare categories would otherwise make every hour look drifted). Reference: the
-training split of the model version, `<data_root>/runs/<version>/resplit/train` (the nightly DAG publishes
-run R as version R); when a version has none (not made by the DAG, or its run folder deleted), the previous
-24 hours of interactions, and the tag `drift_reference` says which. Not computed for an hour with fewer than
-`min_drift_interactions` interactions. A PSI above 0.25 is the customary sign of a significant shift.
+**Drift.** PSI = sum over bins of (p - q) ln(p / q), p the hour's shares and q the reference's, each floored at
+1e-4. Features (`drift_columns`), named by their spec columns: the context columns that `IngestionColumns` maps
+(location and device: the event's, else the customer's, as the nightly extract fills them) and the spec's item
+features (the product's attributes of those names), compared with the same columns of the reference. Bins: the
+reference's `max_bins` most frequent values, the rest pooled, a missing value a bin of its own (thousands of rare
+categories would otherwise make every hour look drifted). Reference: the training split of the model version,
+`<data_root>/runs/<version>/resplit/train` (the nightly DAG publishes run R as version R); when a version has none
+(not made by the DAG, or its run folder deleted), the previous 24 hours of interactions, and the tag
+`drift_reference` says which. Not computed for an hour with fewer than `min_drift_interactions` interactions. A
+PSI above 0.25 is the customary sign of a significant shift.
 
 `log_monitoring_metrics` writes them to MLflow (experiment `recsys-monitoring`): one run per (hour, model
 version), tagged `monitoring_hour` and `model_version`, each metric at step = the hour's epoch seconds (and
@@ -90,7 +91,6 @@ CLOCK_SKEW = timedelta(minutes=5)  # how far a client's event time may run behin
 PSI_FLOOR = 1e-4
 OTHER, MISSING = "__other__", "__missing__"
 NO_VERSION = "none"
-DRIFT_FEATURES = ("location", "device", "category")  # the gateway's names (IngestionColumns fields)
 PREVIOUS_24_HOURS = "previous_24h_interactions"
 
 
@@ -193,22 +193,34 @@ def _clicks(connection: Any, start: datetime, end: datetime) -> list[tuple[int, 
     return [tuple(row) for row in connection.execute(query)]  # type: ignore[misc]
 
 
-def _interaction_features(connection: Any, start: datetime, end: datetime) -> dict[str, collections.Counter[str]]:
-    """Counts of each drift feature's values over the interactions in [start, end)."""
+def drift_columns(spec: DatasetSpec) -> tuple[str, ...]:
+    """The spec columns whose drift is measured: the context columns the gateway fills, then the item features."""
+    mapping = IngestionColumns.matching(spec)
+    context = tuple(column for column in (mapping.location, mapping.device) if column is not None)
+    return context + tuple(spec.item_features)
+
+
+def _interaction_features(connection: Any, start: datetime, end: datetime,
+                          spec: DatasetSpec) -> tuple[int, dict[str, collections.Counter[str]]]:  # fmt: skip
+    """The number of interactions in [start, end) and the counts of each drift column's values over them."""
     from sqlalchemy import func, select
 
     from recsys.database import Customer, Interaction, Product
 
+    mapping = IngestionColumns.matching(spec)
     query = (select(func.coalesce(Interaction.location, Customer.location),
-                    func.coalesce(Interaction.device, Customer.device), Product.category)
+                    func.coalesce(Interaction.device, Customer.device), Product.attributes)
              .join(Customer, Customer.id == Interaction.customer_id)
              .join(Product, Product.id == Interaction.product_id)
              .where(Interaction.timestamp >= start, Interaction.timestamp < end))  # fmt: skip
-    counts: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in DRIFT_FEATURES}
-    for row in connection.execute(query):
-        for name, value in zip(DRIFT_FEATURES, row, strict=True):
-            counts[name][_bin_value(value)] += 1
-    return counts
+    counts: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in drift_columns(spec)}
+    rows = 0
+    for location, device, attributes in connection.execute(query):
+        values = {mapping.location: location, mapping.device: device, **(attributes or {})}
+        for name, counter in counts.items():
+            counter[_bin_value(values.get(name))] += 1
+        rows += 1
+    return rows, counts
 
 
 def _bin_value(value: Any) -> str:
@@ -225,14 +237,14 @@ def training_distribution(train_dir: Path, spec: DatasetSpec) -> dict[str, colle
     files = part_files(train_dir) if train_dir.is_dir() else []
     if not files:
         return None
-    mapping = IngestionColumns.matching(spec)
-    columns = {name: column for name in DRIFT_FEATURES if (column := getattr(mapping, name)) is not None}
-    counts: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in columns}
+    counts: dict[str, collections.Counter[str]] = {name: collections.Counter() for name in drift_columns(spec)}
     for path in files:
+        split = pq.ParquetFile(path)
+        columns = [name for name in counts if name in split.schema_arrow.names]  # a column it lacks: no reference
         # Batch by batch: a training split of tens of millions of rows never sits in memory.
-        for batch in pq.ParquetFile(path).iter_batches(columns=list(columns.values()), batch_size=1_000_000):
-            for name, column in columns.items():
-                for entry in pc.value_counts(batch.column(column)).to_pylist():
+        for batch in split.iter_batches(columns=columns, batch_size=1_000_000):
+            for name in columns:
+                for entry in pc.value_counts(batch.column(name)).to_pylist():
                     counts[name][_bin_value(entry["values"])] += entry["counts"]
     return counts
 
@@ -311,9 +323,8 @@ def monitor_hour(hour: datetime, *, impressions_dir: Path, database_url: str, ru
     try:
         with engine.connect() as connection:
             clicks = _clicks(connection, hour - CLOCK_SKEW, hour_end + window)
-            current = _interaction_features(connection, hour, hour_end)
+            interactions, current = _interaction_features(connection, hour, hour_end, spec)
             previous: dict[str, collections.Counter[str]] | None = None
-            interactions = sum(current["location"].values())
             references: dict[str, tuple[str, dict[str, collections.Counter[str]] | None]] = {}
             versions = sorted({impression.model_version for impression in shown if impression.time < hour_end})
             for version in versions:
@@ -324,7 +335,7 @@ def monitor_hour(hour: datetime, *, impressions_dir: Path, database_url: str, ru
                     references[version] = (str(train_dir), reference)
                     continue
                 if previous is None:
-                    previous = _interaction_features(connection, hour - timedelta(hours=24), hour)
+                    previous = _interaction_features(connection, hour - timedelta(hours=24), hour, spec)[1]
                 references[version] = (PREVIOUS_24_HOURS, previous)
     finally:
         engine.dispose()
@@ -531,10 +542,9 @@ def find_alerts(report: dict[str, Any], thresholds: AlertThresholds) -> list[dic
             if minimum is not None and metrics.get(precision, math.inf) < minimum:
                 alert(version, precision, metrics[precision], minimum, "below")
         if thresholds.max_psi is not None:
-            for name in DRIFT_FEATURES:
-                value = metrics.get(f"psi_{name}")
-                if value is not None and value > thresholds.max_psi:
-                    alert(version, f"psi_{name}", value, thresholds.max_psi, "above")
+            for name, value in metrics.items():
+                if name.startswith("psi_") and value > thresholds.max_psi:
+                    alert(version, name, value, thresholds.max_psi, "above")
     return alerts
 
 

@@ -306,7 +306,7 @@ def seed_catalog(url: str, key: str) -> None:
         for customer_id in CUSTOMERS:
             assert client.post("/customers", json={"id": customer_id}).status_code == 201
         for product_id in PRODUCTS:
-            assert client.post("/products", json={"id": product_id, "category": 1}).status_code == 201
+            assert client.post("/products", json={"id": product_id}).status_code == 201
 
 
 def stored_interactions(database_url: str) -> list[Interaction]:
@@ -524,7 +524,7 @@ def test_a_stopped_redis_degrades_answers_and_they_recover(redis_process: RedisP
         assert all(normal[path]["degraded"] == [] for path in users)
         assert normal[paths[-2]]["route"] == "generic" and normal[paths[-1]]["route"] == "browsing_now"
         assert client.post("/customers", json={"id": 1}).status_code == 201
-        assert client.post("/products", json={"id": 1, "category": 1}).status_code == 201
+        assert client.post("/products", json={"id": 1}).status_code == 201
         gateway_pid = process.process.pid if process.process else None
 
         with Reader(process.url, key, paths) as reader:

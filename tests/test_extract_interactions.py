@@ -46,25 +46,28 @@ def client(migrated_database_url: str) -> Iterator[TestClient]:
         ):  # fmt: skip
             assert client.post("/customers", json=body).status_code == 201
         stored_before_profiles_were_typed(migrated_database_url, 1, {"user_profile": "not an int", "nickname": "x"})
-        for body in ({"id": 10, "category": 7, "shop": 70, "brand": 700},
-                     {"id": 11, "category": 8, "available": False}):  # fmt: skip
+        for body in ({"id": 10, "attributes": {"item_category": 7, "item_shop": 70, "item_brand": 700}},
+                     {"id": 11, "attributes": {"item_category": 8}, "available": False}):  # fmt: skip
             assert client.post("/products", json=body).status_code == 201
+        stored_before_profiles_were_typed(migrated_database_url, 11, {"item_shop": 2**40}, table="products")
         yield client
 
 
-def stored_before_profiles_were_typed(database_url: str, customer_id: int, attributes: dict) -> None:
-    """Attributes the API now refuses (a string for an int32 feature, a name no feature has), written straight into
-    the customer's row, as a gateway before typed profiles stored them: the extract must still cope."""
+def stored_before_profiles_were_typed(database_url: str, row_id: int, attributes: dict, *,
+                                     table: str = "customers") -> None:  # fmt: skip
+    """Attributes the API now refuses (a string or a too big number for an int32 feature, a name no feature has),
+    written straight into a customer's or product's row, as a gateway before typed attributes stored them: the
+    extract must still cope."""
     from sqlalchemy.orm import Session
 
-    from recsys.database import Customer, create_database_engine
+    from recsys.database import Customer, Product, create_database_engine
 
     engine = create_database_engine(database_url, timeout_ms=None)
     try:
         with Session(engine) as session:
-            customer = session.get(Customer, customer_id)
-            assert customer is not None
-            customer.attributes = {**customer.attributes, **attributes}
+            row = session.get(Customer if table == "customers" else Product, row_id)
+            assert row is not None
+            row.attributes = {**row.attributes, **attributes}
             session.commit()
     finally:
         engine.dispose()
@@ -117,13 +120,14 @@ def test_interactions_posted_through_the_api_appear_in_their_days_extract(
     assert (bought["user_age"], bought["user_gender"]) == (3, 2)  # profile attributes named as user features
     assert bought["user_profile"] is None  # a string in an int32 column: left null, counted
     assert carted["user_age"] is None
-    unknown = (*spec.user_item_features, "position", "item_intention")  # never known to the gateway
+    assert bought["item_intention"] is None  # not sent
+    unknown = (*spec.user_item_features, "position")  # never known to the gateway
     assert all(row[name] is None for row in rows for name in unknown)
 
     assert metrics["interactions"] == 5 and metrics["rows"] == 3
     assert metrics["positive_rows"] == {"click": 2, "conversion": 1}
     assert metrics["customers"] == 2 and metrics["products"] == 2
-    assert metrics["attribute_values_dropped"] == 2  # user_profile, in each of customer 1's two rows
+    assert metrics["attribute_values_dropped"] == 3  # user_profile in each of customer 1's two rows, item_shop of 11
     assert metrics["rows_over_5_null_features"] == 3
     assert "user_item_categories" in metrics["features_never_filled"]
     assert "user_age" not in metrics["features_never_filled"]
@@ -183,5 +187,5 @@ def test_a_spec_whose_targets_cannot_be_derived_is_refused(migrated_database_url
     with pytest.raises(SpecError, match="conversion cannot be derived"):
         extract_interactions(migrated_database_url, tmp_path, DAY, spec=parse_spec(raw))
     with pytest.raises(SpecError, match="not a column"):
-        extract_interactions(migrated_database_url, tmp_path, DAY, columns=IngestionColumns(brand="item_maker"))
+        extract_interactions(migrated_database_url, tmp_path, DAY, columns=IngestionColumns(device="channel"))
 

@@ -237,7 +237,7 @@ def test_a_click_sent_back_with_the_request_id_counts_for_the_served_list(publis
     with client:
         assert client.post("/customers", json={"id": CUSTOMER}).status_code == 201
         for product in CUSTOMER_ITEMS[:3]:
-            assert client.post("/products", json={"id": product, "category": 1}).status_code == 201
+            assert client.post("/products", json={"id": product}).status_code == 201
         clicked = client.get(f"/recommendations/{CUSTOMER}", params={"count": 3}).json()
         unclicked = client.get(f"/recommendations/{CUSTOMER}", params={"count": 3}).json()
         assert unclicked["request_id"] != clicked["request_id"] and unclicked["items"] == clicked["items"]

@@ -48,7 +48,8 @@ def customer(customer_id: int = 1, **fields: object) -> dict:
 
 
 def product(product_id: int = 10, **fields: object) -> dict:
-    return {"id": product_id, "category": 7, "shop": 70, "brand": 700, "price": 19.99, **fields}
+    features = {"item_category": 7, "item_shop": 70, "item_brand": 700}
+    return {"id": product_id, "attributes": features, "price": 19.99, **fields}
 
 
 def interaction(**fields: object) -> dict:
@@ -72,6 +73,34 @@ def test_migrations_build_the_models_schema_from_empty_and_downgrade(database_ur
         upgrade(database_url)  # and up again, from empty
         assert set(inspect(engine).get_table_names()) >= TABLES
     finally:
+        engine.dispose()
+
+
+def test_products_fixed_fields_move_into_their_attributes_and_back(database_url: str) -> None:
+    """Migration 5e8a7d13b2f4: products stored with the fixed category, shop and brand columns keep them, as the
+    default spec's item features in `attributes`; the downgrade puts them back."""
+    from sqlalchemy import text
+
+    before = "c41f0e9a2d57"
+    engine = create_database_engine(database_url, timeout_ms=None)
+    try:
+        upgrade(database_url, before)
+        now = datetime(2026, 12, 1, tzinfo=UTC)
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO products (id, category, shop, brand, available, promoted, created_at,"
+                                    " updated_at) VALUES (1, 7, 70, NULL, true, false, :now, :now), "
+                                    "(2, 8, NULL, NULL, true, false, :now, :now)"), {"now": now})  # fmt: skip
+        upgrade(database_url)
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT id, attributes FROM products ORDER BY id")).all()
+        stored = [(row_id, json.loads(value) if isinstance(value, str) else value) for row_id, value in rows]
+        assert stored == [(1, {"item_category": 7, "item_shop": 70}), (2, {"item_category": 8})]
+        downgrade(database_url, before)
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT id, category, shop, brand FROM products ORDER BY id")).all()
+        assert [tuple(row) for row in rows] == [(1, 7, 70, None), (2, 8, None, None)]
+    finally:
+        downgrade(database_url, "base")
         engine.dispose()
 
 
@@ -113,11 +142,14 @@ def test_product_round_trip_and_filters(client: TestClient) -> None:
     assert created.status_code == 201, created.text
     assert created.json()["price"] == 19.99 and created.json()["available"] is True
     assert created.json()["promoted"] is False
-    assert client.post("/products", json=product(11, promoted=True, shop=None, price=None)).status_code == 201
-    assert client.post("/products", json=product(12, category=8)).status_code == 201
+    assert client.post("/products", json=product(11, promoted=True, price=None)).status_code == 201
+    assert client.post("/products", json=product(12, attributes={"item_category": 8})).status_code == 201
+    assert client.get("/products/12").json()["attributes"] == {"item_category": 8}
 
     assert client.patch("/products/10", json={"available": False}).json()["available"] is False
     assert client.get("/products/10").json()["price"] == 19.99  # kept
+    changed = client.patch("/products/11", json={"attributes": {"item_shop": 71, "item_brand": None}})
+    assert changed.json()["attributes"] == {"item_shop": 71}  # the features are replaced as a whole
 
     def ids(**params: object) -> list[int]:
         return [row["id"] for row in client.get("/products", params=params).json()["data"]]
@@ -125,7 +157,6 @@ def test_product_round_trip_and_filters(client: TestClient) -> None:
     assert ids() == [10, 11, 12]
     assert ids(available="false") == [10]
     assert ids(promoted="true") == [11]
-    assert ids(category=8) == [12]
 
     assert client.delete("/products/12").status_code == 204
     assert client.get("/products/12").status_code == 404
@@ -168,13 +199,16 @@ BAD_BODIES = [
     ("/customers", customer(1, attributes={"user_age": "3"}), "user_age"),
     ("/customers", customer(1, attributes={"user_age": 2**31}), "user_age"),
     ("/customers", customer(1, attributes={"user_gender": 1.5}), "user_gender"),
-    ("/products", product(category=-1), "category"),
-    ("/products", product(category=2**31), "category"),
+    # A product's attributes are the spec's item features, each named in its error.
+    ("/products", product(attributes={"item_category": 2**31}), "item_category"),
+    ("/products", product(attributes={"item_category": "7"}), "item_category"),
+    ("/products", product(attributes={"category": 7}), "category"),
+    ("/products", product(category=7), "category"),  # the fixed field of before
     ("/products", product(price=-1), "price"),
     ("/products", product(price=1.234), "price"),
     ("/products", product(price="NaN"), "price"),
     ("/products", product(available=1), "available"),
-    ("/products", {"id": 10}, "category"),
+    ("/products", {"id": 0}, "id"),
     ("/interactions", interaction(type="like"), "type"),
     ("/interactions", interaction(timestamp="2024-05-01T12:00:00"), "timestamp"),  # naive
     ("/interactions", interaction(timestamp=1714564800), "timestamp"),  # seconds or milliseconds?
@@ -192,9 +226,9 @@ def test_bad_fields_are_422_naming_the_field(client: TestClient, path: str, body
     assert any(field in error["loc"] for error in response.json()["detail"]), response.json()
 
 
-def test_customer_profiles_follow_the_dataset_spec(migrated_database_url: str) -> None:
-    """Another spec, other bodies: shop_events' customers carry its user features, shown in OpenAPI, and AliCCP's
-    are refused there."""
+def test_customer_and_product_bodies_follow_the_dataset_spec(migrated_database_url: str) -> None:
+    """Another spec, other bodies: shop_events' customers carry its user features and its products its item features,
+    shown in OpenAPI, and AliCCP's are refused there."""
     from recsys.settings import PROJECT_ROOT
 
     with gateway(migrated_database_url, spec=PROJECT_ROOT / "tests" / "data" / "shop_events.yaml") as client:
@@ -207,6 +241,15 @@ def test_customer_profiles_follow_the_dataset_spec(migrated_database_url: str) -
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "attributes", "user_age"]
         changed = client.patch("/customers/1", json={"attributes": {"customer_region": 2, "customer_segment": None}})
         assert changed.status_code == 200 and changed.json()["attributes"] == {"customer_region": 2}
+
+        features = client.get("/openapi.json").json()["components"]["schemas"]["ProductFeatures"]
+        assert list(features["properties"]) == ["sku_category", "sku_brand"]
+        assert features["additionalProperties"] is False
+        created = client.post("/products", json={"id": 5, "attributes": {"sku_category": 3, "sku_brand": 9}})
+        assert created.status_code == 201 and created.json()["attributes"] == {"sku_category": 3, "sku_brand": 9}
+        refused = client.post("/products", json=product(6))  # AliCCP's item features
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "attributes",
+                                                                                     "item_category"]
 
 
 @pytest.mark.parametrize("method, path, params", [

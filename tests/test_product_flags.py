@@ -41,7 +41,7 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
     try:
         with authorized(TestClient(create_app(settings)), database_url) as test_client:
             for product in NIGHTLY[0]:
-                assert test_client.post("/products", json={"id": product, "category": 1}).status_code == 201
+                assert test_client.post("/products", json={"id": product}).status_code == 201
             yield test_client
     finally:
         for key in store.scan_iter(f"{PREFIX}*"):

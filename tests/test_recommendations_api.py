@@ -348,7 +348,7 @@ def test_a_product_without_a_similar_list_goes_to_triton_then_to_the_cache(clien
 def test_the_session_stands_for_browsing_now(client: TestClient, published: redis.Redis):
     viewed = int(next(published.scan_iter(f"{PREFIX}recs:{VERSION}:similar:*")).decode().rsplit(":", 1)[-1])
     assert client.post("/customers", json={"id": 77}).status_code == 201
-    assert client.post("/products", json={"id": viewed, "category": 1}).status_code == 201
+    assert client.post("/products", json={"id": viewed}).status_code == 201
     event = {"customer_id": 77, "product_id": viewed, "type": "view", "session_id": "s-1",
              "timestamp": "2026-11-01T10:00:00Z"}  # fmt: skip
     posted = client.post("/interactions", json=event)
@@ -364,7 +364,7 @@ def test_unavailable_products_drop_out_and_promoted_ones_rise(client: TestClient
     before = items_of(client.get(f"/recommendations/{user}", params={"count": 10}))
     gone, promoted = before[0], before[5]
     for product, flags in ((gone, {"available": False}), (promoted, {"promoted": True})):
-        assert client.post("/products", json={"id": product, "category": 1, **flags}).status_code == 201
+        assert client.post("/products", json={"id": product, **flags}).status_code == 201
     after = client.get(f"/recommendations/{user}", params={"count": 10}).json()["items"]
     assert gone not in [item["product_id"] for item in after]
     click = stored_scored(published, user)[2][stored_scored(published, user)[0].index(promoted)]
@@ -556,7 +556,7 @@ def test_without_redis_answers_come_from_the_process_copy(published: redis.Redis
 
 def promote(client: TestClient, product: int) -> None:
     if client.get(f"/products/{product}").status_code == 404:
-        assert client.post("/products", json={"id": product, "category": 1}).status_code == 201
+        assert client.post("/products", json={"id": product}).status_code == 201
     assert client.patch(f"/products/{product}", json={"promoted": True}).status_code == 200
 
 
@@ -596,7 +596,7 @@ def seen_spec(tmp_path: Path) -> Path:
 
 
 def post_interaction(client: TestClient, customer: int, product: int, kind: str) -> None:
-    for path, body in (("/customers", {"id": customer}), ("/products", {"id": product, "category": 1})):
+    for path, body in (("/customers", {"id": customer}), ("/products", {"id": product})):
         if client.get(f"{path}/{body['id']}").status_code == 404:
             assert client.post(path, json=body).status_code == 201
     event = {"customer_id": customer, "product_id": product, "type": kind, "session_id": f"s-{kind}",
@@ -694,7 +694,7 @@ def test_a_forgotten_customer_is_gone_from_every_store_and_stays_gone(
             profile = latest_raw_features(trained_run, spec, "user")[customer]
             assert api.post("/customers", json={"id": customer, "attributes": profile}).status_code == 201
             bought = stored(published, "user", customer)[0][0]
-            assert api.post("/products", json={"id": bought, "category": 1}).status_code == 201
+            assert api.post("/products", json={"id": bought}).status_code == 201
             event = {"customer_id": customer, "product_id": bought, "type": "purchase", "session_id": "s1",
                      "timestamp": "2026-11-01T10:00:00Z"}  # fmt: skip
             assert api.post("/interactions", json=event).status_code == 201

@@ -41,6 +41,7 @@ def api_router(spec: DatasetSpec) -> APIRouter:
     router.include_router(metrics.router)
     router.include_router(customers.profile_router(spec))
     router.include_router(customers.router)
+    router.include_router(products.catalog_router(spec))
     router.include_router(products.router)
     router.include_router(interactions.router)
     router.include_router(recommendations.router)

@@ -32,15 +32,12 @@ from recsys.database import CLIENT_ID_TEXT, SHORT_TEXT, InteractionType
 from recsys.spec import DatasetSpec
 
 INT64_MAX = 2**63 - 1
-INT32_MAX = 2**31 - 1
 MAX_ATTRIBUTES = 64
 # Events time-stamped further ahead than this are refused: a client clock that is off, or milliseconds
 # sent as seconds, would otherwise land in a partition days or centuries away.
 MAX_CLOCK_SKEW = timedelta(hours=1)
 
 EntityId = Annotated[StrictInt, Field(gt=0, le=INT64_MAX, description="positive int64 id, the pipeline's raw id")]
-# Categorical ids such as category, shop and brand (int32 columns in the default dataset spec).
-CategoricalId = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 # ':' is refused because it joins context values into segment keys in Redis ("DE:mobile").
 ContextValue = Annotated[str, StringConstraints(min_length=1, max_length=SHORT_TEXT, pattern=r"^[\w .\-]+$")]
 # Session, cookie and event ids: printable ASCII without spaces.
@@ -51,7 +48,7 @@ AttributeValue = (
 )
 Attributes = Annotated[
     dict[AttributeName, AttributeValue],
-    Field(max_length=MAX_ATTRIBUTES, description="profile attributes (name -> int or string)"),
+    Field(max_length=MAX_ATTRIBUTES, description="attributes (name -> int or string)"),
 ]
 # Money as an exact decimal with cents, written to JSON as a number.
 Price = Annotated[
@@ -124,30 +121,40 @@ def _feature_type(spec: DatasetSpec, name: str) -> Any:
     return Annotated[str, StringConstraints(max_length=256)]
 
 
-def profile_model(spec: DatasetSpec) -> type[BaseModel]:
-    """A customer's profile in the dataset `spec`: one optional attribute per user feature, named and typed as its
-    column (an unknown name or a wrong type is refused with 422 naming it); what the models see of a customer."""
+def features_model(spec: DatasetSpec, names: tuple[str, ...], model_name: str) -> type[BaseModel]:
+    """One optional field per spec feature in `names`, named and typed as its column (an unknown name or a wrong
+    type is refused with 422 naming it): what the models see of a customer or a product."""
     fields: dict[str, Any] = {
         name: (_feature_type(spec, name) | None,
-               Field(default=None, description=f"user feature `{name}` ({spec.columns[name]}, "
-                                               f"{spec.feature_kind(name).replace('_', '-')})"))
-        for name in spec.user_features
+               Field(default=None, description=f"{spec.feature_kind(name).replace('_', '-')} `{name}` "
+                                               f"({spec.columns[name]})"))
+        for name in names
     }  # fmt: skip
-    return create_model("CustomerProfile", __config__=ConfigDict(extra="forbid"), **fields)
+    return create_model(model_name, __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def _spec_bodies(spec: DatasetSpec, create_base: type[RequestModel], update_base: type[UpdateModel],
+                 features: type[BaseModel], text: str) -> tuple[Any, Any]:  # fmt: skip
+    """`create_base` and `update_base` with `attributes` typed as the spec's `features` model."""
+    create = create_model(create_base.__name__, __base__=create_base,
+                          attributes=(features, Field(default_factory=features, description=text)))  # fmt: skip
+    update = create_model(update_base.__name__, __base__=update_base,
+                          attributes=(features | None, Field(default=None, description=text)))  # type: ignore[arg-type]  # fmt: skip
+    return create, update
+
+
+def profile_model(spec: DatasetSpec) -> type[BaseModel]:
+    """A customer's profile in the dataset `spec`: its user features."""
+    return features_model(spec, spec.user_features, "CustomerProfile")
 
 
 def customer_models(spec: DatasetSpec) -> tuple[type[CustomerCreate], type[CustomerUpdate]]:
     """The customer bodies of the dataset `spec`: `attributes` is its profile (`profile_model`)."""
-    profile = profile_model(spec)
-    text = "the customer's profile: the dataset's user features, each optional"
-    create = create_model("CustomerCreate", __base__=CustomerCreate,
-                          attributes=(profile, Field(default_factory=profile, description=text)))  # fmt: skip
-    update = create_model("CustomerUpdate", __base__=CustomerUpdate,
-                          attributes=(profile | None, Field(default=None, description=text)))  # type: ignore[arg-type]  # fmt: skip
-    return create, update
+    return _spec_bodies(spec, CustomerCreate, CustomerUpdate, profile_model(spec),
+                        "the customer's profile: the dataset's user features, each optional")  # fmt: skip
 
 
-def profile_attributes(attributes: Any) -> dict[str, Any]:
+def stored_attributes(attributes: Any) -> dict[str, Any]:
     """The attributes to store: those given, without nulls (a missing feature)."""
     values = attributes.model_dump() if isinstance(attributes, BaseModel) else dict(attributes or {})
     return {name: value for name, value in values.items() if value is not None}
@@ -186,32 +193,35 @@ class ForgetReport(BaseModel):
 # Products
 
 
+# The bodies a gateway takes are `product_models(spec)`'s, whose `attributes` are the spec's item features; these are
+# their bases. `price`, `available` and `promoted` are the shop's, not the models': filtering and ordering use the
+# last two.
 class ProductCreate(RequestModel):
     id: EntityId
-    category: CategoricalId
-    shop: CategoricalId | None = None
-    brand: CategoricalId | None = None
+    attributes: Attributes = Field(default_factory=dict)
     price: Price | None = None
     available: StrictBool = True
     promoted: StrictBool = False
 
 
 class ProductUpdate(UpdateModel):
-    not_nullable: ClassVar[frozenset[str]] = frozenset({"category", "available", "promoted"})
+    not_nullable: ClassVar[frozenset[str]] = frozenset({"attributes", "available", "promoted"})
 
-    category: CategoricalId | None = None
-    shop: CategoricalId | None = None
-    brand: CategoricalId | None = None
+    attributes: Attributes | None = None
     price: Price | None = None
     available: StrictBool | None = None
     promoted: StrictBool | None = None
 
 
+def product_models(spec: DatasetSpec) -> tuple[type[ProductCreate], type[ProductUpdate]]:
+    """The product bodies of the dataset `spec`: `attributes` are its item features."""
+    return _spec_bodies(spec, ProductCreate, ProductUpdate, features_model(spec, spec.item_features, "ProductFeatures"),
+                        "the product's features: the dataset's item features, each optional")  # fmt: skip
+
+
 class ProductPublic(PublicModel):
     id: int
-    category: int
-    shop: int | None
-    brand: int | None
+    attributes: dict[str, int | float | str]
     price: Price | None
     available: bool
     promoted: bool

@@ -34,7 +34,7 @@ from serving.api.schemas import (
     ForgetReport,
     customer_models,
     error_responses,
-    profile_attributes,
+    stored_attributes,
 )
 from serving.forget import forget_customers
 from serving.live_features import LiveFeatures
@@ -110,7 +110,7 @@ def profile_router(spec: DatasetSpec) -> APIRouter:
             raise HTTPException(status.HTTP_410_GONE, f"customer {body.id} was forgotten on request; the id is not "
                                                       "used again")  # fmt: skip
         now = utc_now()
-        fields = {**body.model_dump(), "attributes": profile_attributes(body.attributes)}
+        fields = {**body.model_dump(), "attributes": stored_attributes(body.attributes)}
         customer = Customer(**fields, created_at=now, updated_at=now)
         session.add(customer)
         commit_or_conflict(session, conflict)
@@ -122,7 +122,7 @@ def profile_router(spec: DatasetSpec) -> APIRouter:
         customer = get_or_404(session, Customer, customer_id, "customer")
         changes = body.changes()
         if "attributes" in changes:  # the whole profile is replaced
-            changes["attributes"] = profile_attributes(changes["attributes"])
+            changes["attributes"] = stored_attributes(changes["attributes"])
         for name, value in changes.items():
             setattr(customer, name, value)
         customer.updated_at = utc_now()

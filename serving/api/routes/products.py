@@ -1,8 +1,10 @@
 """Products: create, read, list, update, delete (ingestion, report 4.1.1).
 
-`available` and `promoted` feed the recommendations: unavailable products are filtered out, promoted
-ones come first. A product that has interactions cannot be deleted (409): set `available` to false,
-so the interactions it appears in keep training the models.
+A product's `attributes` are its features: the dataset spec's item features, with the names and types of their
+columns (`serving.api.schemas.product_models`), validated strictly and shown in OpenAPI; the nightly extract copies
+them into the interaction rows. `available` and `promoted` feed the recommendations: unavailable products are
+filtered out, promoted ones come first. A product that has interactions cannot be deleted (409): set `available` to
+false, so the interactions it appears in keep training the models.
 """
 
 from __future__ import annotations
@@ -13,38 +15,26 @@ from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import exists, select
 
 from recsys.database import Interaction, Product, utc_now
+from recsys.spec import DatasetSpec
 from serving.api.auth import AUTH_ERRORS, AdminScope, ReadScope
 from serving.api.deps import ProductIdPath, RecommenderDep, SessionDep
 from serving.api.persistence import commit_or_conflict, get_or_404
 from serving.api.rate_limit import RATE_LIMITED, RateLimit
 from serving.api.schemas import (
-    INT32_MAX,
     INT64_MAX,
     ProductCreate,
     ProductPublic,
     ProductsPublic,
     ProductUpdate,
     error_responses,
+    product_models,
+    stored_attributes,
 )
 
-# The catalog is read with the read scope; changing it needs admin.
+# The catalog is read with the read scope; changing it needs admin. Reading, listing and deleting; creating and
+# updating take the spec's item features (`catalog_router`).
 router = APIRouter(prefix="/products", tags=["products"], responses=error_responses(AUTH_ERRORS))
 NOT_FOUND = error_responses({404: "no product with this id"})
-
-
-@router.post("", response_model=ProductPublic, status_code=status.HTTP_201_CREATED,
-             dependencies=[AdminScope, RateLimit],
-             responses=error_responses({409: "a product with this id exists", **RATE_LIMITED}))  # fmt: skip
-def create_product(body: ProductCreate, session: SessionDep, recommender: RecommenderDep) -> ProductPublic:
-    conflict = f"product {body.id} already exists"
-    if session.get(Product, body.id) is not None:
-        raise HTTPException(status.HTTP_409_CONFLICT, conflict)
-    now = utc_now()
-    product = Product(**body.model_dump(), created_at=now, updated_at=now)
-    session.add(product)
-    commit_or_conflict(session, conflict)
-    recommender.forget_product(body.id)  # the gateway may have cached it as unknown
-    return ProductPublic.model_validate(product)
 
 
 @router.get("", response_model=ProductsPublic, dependencies=[ReadScope])
@@ -54,15 +44,12 @@ def list_products(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     available: bool | None = None,
     promoted: bool | None = None,
-    category: Annotated[int | None, Query(ge=0, le=INT32_MAX)] = None,
 ) -> ProductsPublic:
     query = select(Product).where(Product.id > after_id)
     if available is not None:
         query = query.where(Product.available == available)
     if promoted is not None:
         query = query.where(Product.promoted == promoted)
-    if category is not None:
-        query = query.where(Product.category == category)
     rows = session.scalars(query.order_by(Product.id).limit(limit)).all()
     return ProductsPublic(data=[ProductPublic.model_validate(row) for row in rows],
                           next_after_id=rows[-1].id if len(rows) == limit else None)  # fmt: skip
@@ -71,20 +58,6 @@ def list_products(
 @router.get("/{product_id}", response_model=ProductPublic, responses=NOT_FOUND, dependencies=[ReadScope])
 def read_product(product_id: ProductIdPath, session: SessionDep) -> ProductPublic:
     return ProductPublic.model_validate(get_or_404(session, Product, product_id, "product"))
-
-
-@router.patch("/{product_id}", response_model=ProductPublic,
-              responses=error_responses({404: "no product with this id", **RATE_LIMITED}),
-              dependencies=[AdminScope, RateLimit])  # fmt: skip
-def update_product(product_id: ProductIdPath, body: ProductUpdate, session: SessionDep,
-                   recommender: RecommenderDep) -> ProductPublic:  # fmt: skip
-    product = get_or_404(session, Product, product_id, "product")
-    for name, value in body.changes().items():
-        setattr(product, name, value)
-    product.updated_at = utc_now()
-    session.commit()
-    recommender.forget_product(product_id)  # availability and promotion apply to the next request
-    return ProductPublic.model_validate(product)
 
 
 @router.delete(
@@ -99,3 +72,45 @@ def delete_product(product_id: ProductIdPath, session: SessionDep, recommender: 
     session.delete(product)
     commit_or_conflict(session, conflict)  # an interaction added meanwhile: the foreign key refuses
     recommender.forget_product(product_id)
+
+
+def catalog_router(spec: DatasetSpec) -> APIRouter:
+    """Creating and updating products, whose bodies' `attributes` are the spec's item features (`product_models`):
+    the routes are built per application, for the spec its settings name."""
+    create_body, update_body = product_models(spec)
+    catalog = APIRouter(prefix="/products", tags=["products"], responses=error_responses(AUTH_ERRORS))
+
+    def create_product(body: ProductCreate, session: SessionDep, recommender: RecommenderDep) -> ProductPublic:
+        conflict = f"product {body.id} already exists"
+        if session.get(Product, body.id) is not None:
+            raise HTTPException(status.HTTP_409_CONFLICT, conflict)
+        now = utc_now()
+        fields = {**body.model_dump(), "attributes": stored_attributes(body.attributes)}
+        product = Product(**fields, created_at=now, updated_at=now)
+        session.add(product)
+        commit_or_conflict(session, conflict)
+        recommender.forget_product(body.id)  # the gateway may have cached it as unknown
+        return ProductPublic.model_validate(product)
+
+    def update_product(product_id: ProductIdPath, body: ProductUpdate, session: SessionDep,
+                       recommender: RecommenderDep) -> ProductPublic:  # fmt: skip
+        product = get_or_404(session, Product, product_id, "product")
+        changes = body.changes()
+        if "attributes" in changes:  # the whole set of features is replaced
+            changes["attributes"] = stored_attributes(changes["attributes"])
+        for name, value in changes.items():
+            setattr(product, name, value)
+        product.updated_at = utc_now()
+        session.commit()
+        recommender.forget_product(product_id)  # availability and promotion apply to the next request
+        return ProductPublic.model_validate(product)
+
+    # FastAPI reads the body's model from the annotation: the spec's, not the free-form base mypy checks against.
+    create_product.__annotations__["body"] = create_body
+    update_product.__annotations__["body"] = update_body
+    catalog.post("", response_model=ProductPublic, status_code=status.HTTP_201_CREATED,
+                 dependencies=[AdminScope, RateLimit],
+                 responses=error_responses({409: "a product with this id exists", **RATE_LIMITED}))(create_product)
+    catalog.patch("/{product_id}", response_model=ProductPublic, dependencies=[AdminScope, RateLimit],
+                  responses=error_responses({404: "no product with this id", **RATE_LIMITED}))(update_product)
+    return catalog
