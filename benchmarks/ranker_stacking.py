@@ -44,7 +44,7 @@ RETRIEVED = 500  # the batch scoring's top K
 def retrieval_scores(run: Path, towers: dict[str, Path], output: Path) -> None:
     """(Trainer environment.) The ranker's validation predictions, with each row's inner product in each of
     `towers` (name -> a train_two_tower output), its user's best over the catalog and its user's 500th."""
-    from models.online_pipeline import ItemEmbeddings, PipelineArtifacts, PipelineColumns, QueryTower
+    from models.online_pipeline import ItemEmbeddings, PipelineArtifacts, PipelineColumns, Tower
     from recsys.parquet_io import nvtabular_part_files
     from recsys.spec import load_spec
 
@@ -61,7 +61,7 @@ def retrieval_scores(run: Path, towers: dict[str, Path], output: Path) -> None:
     found = pd.DataFrame({"label": valid[target].to_numpy(), "user": valid[user].to_numpy(),
                           "ranker": predictions["score"].to_numpy()})  # fmt: skip
     for name, tower in towers.items():
-        query_tower = QueryTower(tower / "query_tower", columns)
+        query_tower = Tower.query(tower / "query_tower", columns)
         queries = query_tower.embed({column: users[column].to_numpy() for column in columns.query_columns})
         embeddings = ItemEmbeddings.read(tower, 0)
         vectors, found[f"{name}_known_item"] = embeddings.queries(valid[item].to_numpy())

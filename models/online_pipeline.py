@@ -31,7 +31,7 @@ Ranker inputs that cannot be known for a new (user, item) pair (user-item crosse
 item will be shown at) get what training rows with nulls had (`PipelineColumns.missing`): Categorify's code
 for a missing value, an all-padding list, or a normalized number's mean.
 
-Each stage loads on its own (`UserFeatureTable`, `ItemCatalog`, `ItemEmbeddings`, `QueryTower`,
+Each stage loads on its own (`UserFeatureTable`, `ItemCatalog`, `ItemEmbeddings`, `Tower` (query and item),
 `Ranker`, the Faiss index, `ItemToItem` with the users' histories) from the files a run wrote, so a
 Triton model of one stage holds only what that stage needs (`tasks/export_triton_ensemble.py`,
 `serving/triton_models/`); `RecommendationPipeline` loads them all for one process.
@@ -55,11 +55,15 @@ from recsys.device import select_tensorflow_device
 from recsys.ranking_metrics import hit_matrix
 from recsys.run_layout import RunLayout
 from recsys.spec import DatasetSpec
+from recsys.triton_repository import ITEM_TOWER_DIR
 
 if TYPE_CHECKING:
     import faiss
 
 MISSING = -1  # a filtered or absent candidate
+# Categorify's codes below this are padding, null and out-of-vocabulary (NVTabular's PAD_, NULL_ and OOV_OFFSET), never
+# one item's own: the run's item table gives the OOV code to every item its fit did not see.
+FIRST_OWN_CODE = 3
 RANKER_ROWS_PER_CALL = 262_144  # users x candidates scored per ranker call: bounds memory, keeps calls large
 USER_FEATURES_FILE = "user_features.parquet"  # written by nvtabular_fit_transform
 USER_HISTORY_FILE = "user_history.npz"  # written by build_faiss_index next to the item-to-item source (ItemsByUser)
@@ -339,6 +343,7 @@ class PipelineColumns:
     item_cardinality: int  # Categorify's item id codes: the size of the arrays indexed by encoded item id
     continuous: tuple[str, ...] = ()
     list_widths: dict[str, int] = dataclasses.field(default_factory=dict)
+    item_tower_columns: tuple[str, ...] = ()  # the item tower's inputs (none in runs from before it was saved)
 
     FILE = "pipeline_columns.json"
 
@@ -346,6 +351,11 @@ class PipelineColumns:
     def user_columns(self) -> tuple[str, ...]:
         """The user table's columns: the encoded user id (named like the raw one, as the models call it), features."""
         return (self.user_id, *self.user_features)
+
+    @property
+    def item_columns(self) -> tuple[str, ...]:
+        """An item's encoded columns: its id (the encoded one, named like the raw one) and its features."""
+        return (self.item_id, *self.item_features)
 
     def null_code(self, column: str) -> int:
         return self.null_codes.get(column, 1)
@@ -410,6 +420,7 @@ class PipelineColumns:
             item_cardinality=int(nvtabular["cardinalities"][spec.item_id]),
             continuous=tuple(spec.continuous),
             list_widths={column: options.max_tokens for column, options in spec.multi_valued.items()},
+            item_tower_columns=tuple(two_tower.get("item_columns", ())),
         )  # fmt: skip
 
     def write(self, directory: Path) -> Path:
@@ -421,7 +432,7 @@ class PipelineColumns:
     def read(cls, directory: Path) -> PipelineColumns:
         data: dict[str, Any] = json.loads((Path(directory) / cls.FILE).read_text())
         tuples = ("user_features", "item_features", "context_features", "query_columns", "ranker_columns",
-                  "continuous")  # fmt: skip
+                  "continuous", "item_tower_columns")  # fmt: skip
         values: dict[str, Any] = {key: tuple(value) if key in tuples else value for key, value in data.items()}
         return cls(**values)
 
@@ -520,22 +531,97 @@ class ItemEmbeddings:
         return np.ascontiguousarray(vectors), known
 
 
-class QueryTower:
-    """The two-tower model's query tower: encoded user features in, user embeddings out."""
+@dataclasses.dataclass(frozen=True)
+class FreshItems:
+    """Products added since the run (its catalog does not know them), sent along with a request: their raw ids,
+    encoded columns (`PipelineColumns.item_columns`, the id's code the out-of-vocabulary one) and item-tower
+    embeddings, as the gateway wrote them through when the products were created (serving/live_features.py).
 
-    def __init__(self, saved_model_dir: Path, columns: PipelineColumns) -> None:
+    Retrieval takes one where Faiss would have, had it been indexed (`add_fresh_candidates`), the ranker scores it
+    on its own features (`Ranker.score`), and ordering names it by raw id (`raw`). Their codes follow the catalog's:
+    `offset + j` for the j-th, `offset` being the run's item cardinality, beyond every encoded item id.
+    """
+
+    raw_ids: np.ndarray  # int64 [m]
+    features: dict[str, np.ndarray]  # item column -> its values, one row per item
+    embeddings: np.ndarray  # float32 [m, dim]
+    offset: int
+
+    def __len__(self) -> int:
+        return len(self.raw_ids)
+
+    @property
+    def codes(self) -> np.ndarray:
+        return self.offset + np.arange(len(self), dtype=np.int64)
+
+    @classmethod
+    def from_tensors(cls, columns: PipelineColumns, raw_ids: np.ndarray, features: np.ndarray,
+                     embeddings: np.ndarray) -> FreshItems:  # fmt: skip
+        """From the request's tensors: raw ids, the item columns packed (`PipelineColumns.pack`), the embeddings."""
+        raw_ids = np.asarray(raw_ids, dtype=np.int64).reshape(-1)
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or len(embeddings) != len(raw_ids) or len(features) != len(raw_ids):
+            raise ValueError("fresh items need one id, one packed feature row and one embedding each")
+        return cls(raw_ids, columns.unpack(features, columns.item_columns), embeddings, columns.item_cardinality)
+
+    def raw(self, catalog: ItemCatalog, codes: np.ndarray) -> np.ndarray:
+        """Raw ids of encoded ids, the fresh items' among them; MISSING stays MISSING."""
+        codes = np.asarray(codes, dtype=np.int64)
+        fresh = codes >= self.offset
+        raw = catalog.raw(np.where(fresh, MISSING, codes))
+        raw[fresh] = self.raw_ids[codes[fresh] - self.offset]
+        return raw
+
+
+def add_fresh_candidates(
+    candidates: np.ndarray, inner: np.ndarray, item_to_item: np.ndarray, sources: np.ndarray, queries: np.ndarray,
+    fresh: FreshItems | None, top_k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`multi_source_candidates`' result with the fresh items each user's two-tower retrieval would have found, had
+    they been in the index: those whose inner product with the user's query reaches the lowest of the user's
+    two-tower candidates (every one where Faiss found fewer than `top_k`). They come after the others, with their
+    inner product, an item-to-item score of 0 (no one's history holds them) and the two-tower's source bit."""
+    if fresh is None or not len(fresh):
+        return candidates, inner, item_to_item, sources
+    scores = np.asarray(queries, dtype=np.float32) @ fresh.embeddings.T  # [users, fresh items]
+    two_tower = (np.asarray(sources) & 1) != 0
+    lowest = np.min(np.where(two_tower, inner, np.inf), axis=1)
+    cutoff = np.where(two_tower.sum(axis=1) < top_k, -np.inf, lowest)
+    taken = scores >= cutoff[:, None]
+    return (np.concatenate([candidates, np.where(taken, fresh.codes[None, :], MISSING)], axis=1),
+            np.concatenate([inner, np.where(taken, scores, np.nan)], axis=1).astype(np.float32),
+            np.concatenate([item_to_item, np.where(taken, 0.0, np.nan)], axis=1).astype(np.float32),
+            np.concatenate([sources, taken.astype(np.int32)], axis=1).astype(np.int32))  # fmt: skip
+
+
+class Tower:
+    """One tower of the two-tower model: encoded columns in (its `inputs`), embeddings out."""
+
+    def __init__(self, saved_model_dir: Path, columns: PipelineColumns, inputs: Sequence[str]) -> None:
         import tensorflow as tf
 
         select_tensorflow_device()  # RECSYS_DEVICE, before the model's first op
         self.model = tf.keras.models.load_model(str(saved_model_dir))
         self.columns = columns
+        self.inputs = tuple(inputs)
 
     def embed(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         import tensorflow as tf
 
-        inputs = {column: tf.constant(self.columns.values(column, features[column]))
-                  for column in self.columns.query_columns}  # fmt: skip
+        inputs = {column: tf.constant(self.columns.values(column, features[column])) for column in self.inputs}
         return np.ascontiguousarray(self.model(inputs, training=False).numpy(), dtype=np.float32)
+
+    @classmethod
+    def query(cls, saved_model_dir: Path, columns: PipelineColumns) -> Tower:
+        """The query tower: encoded user features in, user embeddings out."""
+        return cls(saved_model_dir, columns, columns.query_columns)
+
+    @classmethod
+    def item(cls, saved_model_dir: Path, columns: PipelineColumns) -> Tower:
+        """The item tower: encoded item columns in, item embeddings out (those of products added since the run)."""
+        return cls(saved_model_dir, columns, columns.item_tower_columns)
+
+
 
 
 class Ranker:
@@ -550,12 +636,14 @@ class Ranker:
         self.item_columns = catalog.columns
 
     def score(self, features: Mapping[str, np.ndarray], candidates: np.ndarray,
-              context: Mapping[str, np.ndarray] | None = None) -> np.ndarray:  # fmt: skip
+              context: Mapping[str, np.ndarray] | None = None,
+              fresh: FreshItems | None = None) -> np.ndarray:  # fmt: skip
         """Ranker scores of every (user row, candidate) pair; NaN where the candidate is MISSING.
 
         `features` holds one row per user (user id and features); `context` optionally holds one
         encoded value per user row for context columns (e.g. location, device of the request).
-        The user's features are unrolled (repeated) against every candidate's item features.
+        The user's features are unrolled (repeated) against every candidate's item features, a fresh item's
+        (`fresh`) from the request.
         """
         import tensorflow as tf
 
@@ -572,7 +660,7 @@ class Ranker:
             inputs = {}
             for column in self.columns.ranker_columns:
                 if column in self.item_columns:
-                    values = self.item_columns[column][items]
+                    values = self._item_values(column, items, fresh)
                 elif column in features:
                     values = np.asarray(features[column])[user_rows]
                 elif context is not None and column in context:
@@ -586,6 +674,16 @@ class Ranker:
             scores[start : start + len(block)] = block_scores
         return scores
 
+    def _item_values(self, column: str, items: np.ndarray, fresh: FreshItems | None) -> np.ndarray:
+        """The column's values of these items: the catalog's, and a fresh item's own."""
+        known = self.item_columns[column]
+        if fresh is None or not (is_fresh := items >= fresh.offset).any():
+            return known[items]
+        values = np.empty((len(items), *known.shape[1:]), dtype=known.dtype)
+        values[~is_fresh] = known[items[~is_fresh]]
+        values[is_fresh] = self.columns.values(column, fresh.features[column])[items[is_fresh] - fresh.offset]
+        return values
+
 
 class RecommendationPipeline:
     """The models, index and feature arrays of one run, loaded once and kept in memory."""
@@ -597,7 +695,9 @@ class RecommendationPipeline:
         self.user_table = UserFeatureTable.read(artifacts.nvtabular_dir / USER_FEATURES_FILE, self.columns)
         self.catalog = ItemCatalog.read(artifacts.nvtabular_dir / ITEM_FEATURES_FILE, self.columns)
         self.item_embeddings = ItemEmbeddings.read(artifacts.two_tower_dir, len(self.catalog))
-        self.query_tower = QueryTower(artifacts.two_tower_dir / "query_tower", self.columns)
+        self.query_tower = Tower.query(artifacts.two_tower_dir / "query_tower", self.columns)
+        item_tower = artifacts.two_tower_dir / ITEM_TOWER_DIR  # absent in runs from before it was saved
+        self.item_tower = Tower.item(item_tower, self.columns) if item_tower.exists() else None
         self.ranker = Ranker(artifacts.ranker_dir / "model", self.columns, self.catalog)
         self.index = load_index(artifacts.faiss_index_dir)
         # The item-to-item source and each user's history; absent in runs from before them.
@@ -623,22 +723,28 @@ class RecommendationPipeline:
         """Encoded ids of raw item ids; MISSING for items the run does not know."""
         return self.catalog.encode(raw_item_ids)
 
-    def raw_items(self, codes: np.ndarray) -> np.ndarray:
-        return self.catalog.raw(codes)
+    def raw_items(self, codes: np.ndarray, fresh: FreshItems | None = None) -> np.ndarray:
+        return fresh.raw(self.catalog, codes) if fresh is not None else self.catalog.raw(codes)
 
     # -- stages -----------------------------------------------------------------------------------
 
     def embed_users(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
         return self.query_tower.embed(features)
 
+    def embed_items(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Item-tower embeddings of encoded item columns (a fresh item's, written through by the gateway)."""
+        if self.item_tower is None:
+            raise FileNotFoundError(f"{self.artifacts.two_tower_dir} has no item tower (an older run)")
+        return self.item_tower.embed(features)
+
     def retrieve(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(encoded item ids, inner products), best first; -1 where the catalog has fewer than k items."""
         return search(self.index, queries, k)
 
     def score(self, features: Mapping[str, np.ndarray], candidates: np.ndarray,
-              context: Mapping[str, np.ndarray] | None = None) -> np.ndarray:  # fmt: skip
+              context: Mapping[str, np.ndarray] | None = None, fresh: FreshItems | None = None) -> np.ndarray:
         """Ranker scores of every (user row, candidate) pair; NaN where the candidate is MISSING."""
-        return self.ranker.score(features, candidates, context)
+        return self.ranker.score(features, candidates, context, fresh)
 
     def similar_items(self, codes: np.ndarray, n: int, *,
                       unavailable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
@@ -655,17 +761,18 @@ class RecommendationPipeline:
 
     def candidates(self, features: Mapping[str, np.ndarray], *, top_k: int,
                    histories: Sequence[np.ndarray] | None = None, excluded: Sequence[np.ndarray] | None = None,
-                   unavailable: np.ndarray | None = None,
-                   context: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+                   unavailable: np.ndarray | None = None, context: Mapping[str, np.ndarray] | None = None,
+                   fresh: FreshItems | None = None) -> dict[str, np.ndarray]:  # fmt: skip
         """Retrieval (every source), filtering and scoring for a batch of known users: the candidates (MISSING
         pads) with their ranker, two-tower and item-to-item scores, aligned. `histories`: each user's positives
-        (the item-to-item source's queries; None leaves that source out)."""
+        (the item-to-item source's queries; None leaves that source out); `fresh`: items added since the run."""
         queries = self.embed_users(features)
         found, _ = self.retrieve(queries, top_k)
-        candidates, inner, item_to_item, sources = multi_source_candidates(found, queries, self.item_embeddings,
-                                                                           self.item_to_item, histories)  # fmt: skip
+        candidates, inner, item_to_item, sources = add_fresh_candidates(
+            *multi_source_candidates(found, queries, self.item_embeddings, self.item_to_item, histories),
+            queries, fresh, top_k)  # fmt: skip
         candidates = filter_candidates(candidates, excluded=excluded, unavailable=unavailable)
-        return {"candidates": candidates, "ranker_scores": self.score(features, candidates, context),
+        return {"candidates": candidates, "ranker_scores": self.score(features, candidates, context, fresh),
                 "retrieval_scores": inner, "item_to_item_scores": item_to_item, "sources": sources}  # fmt: skip
 
     def recommend(self, features: Mapping[str, np.ndarray], *, top_k: int, top_n: int,
@@ -675,14 +782,15 @@ class RecommendationPipeline:
                   rng: np.random.Generator | None = None, promoted: np.ndarray | None = None,
                   promotion_threshold: float = 0.5, retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT,
                   item_to_item_weight: float = DEFAULT_ITEM_TO_ITEM_WEIGHT,
-                  source_weights: Sequence[float] = NO_SOURCE_WEIGHTS) -> dict[str, np.ndarray]:  # fmt: skip
+                  source_weights: Sequence[float] = NO_SOURCE_WEIGHTS,
+                  fresh: FreshItems | None = None) -> dict[str, np.ndarray]:  # fmt: skip
         """All four stages for a batch of known users; encoded item ids out (MISSING pads).
 
         `scores` are `blend_scores`'s (the ranker's alone with every weight 0), `click_probabilities` the
         ranker's P(click) of the same items.
         """
         found = self.candidates(features, top_k=top_k, histories=histories, excluded=excluded,
-                                unavailable=unavailable, context=context)  # fmt: skip
+                                unavailable=unavailable, context=context, fresh=fresh)  # fmt: skip
         candidates = found["candidates"]
         scores = blend_scores(candidates, found["ranker_scores"], found["retrieval_scores"], retrieval_weight,
                               found["item_to_item_scores"], item_to_item_weight, sources=found["sources"],

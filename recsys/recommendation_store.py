@@ -21,6 +21,8 @@ Key layout (prefix `recsys:` by default; DESIGN.md, "Publishing a batch to Redis
     {prefix}recs:{version}:known_users       string: a bitmap, bit `user_id` set for every user with a list
     {prefix}recs:{version}:live_users        string: a bitmap, bit `user_id` set by the gateway for every customer
                                              whose features it wrote to Feast since (serving/live_features.py)
+    {prefix}recs:{version}:fresh_items       hash: product id -> a product the version does not know, added with
+                                             features since (`encode_fresh_item`; serving/live_features.py)
 
 The bitmap lets a reader tell a visitor the models do not know (a new visitor: the generic list) from a
 known customer whose list is missing (evicted, deleted: the online path), in the same round trip as the
@@ -134,6 +136,9 @@ class RecommendationKeys:
 
     def live_users(self, version: str) -> str:
         return f"{self.namespace(version)}live_users"
+
+    def fresh_items(self, version: str) -> str:
+        return f"{self.namespace(version)}fresh_items"
 
     def online_cache(self, version: str, kind: str, key: str | int) -> str:
         """The gateway's cache of an online (Triton) answer under `version`, with a TTL."""
@@ -275,3 +280,24 @@ def as_texts(values: Any) -> list[str | None]:
 def hash_as_text(values: Any) -> dict[str, str]:
     return {as_text(field): as_text(value) for field, value in values.items()}
 
+
+def encode_fresh_item(features: np.ndarray, embedding: np.ndarray) -> bytes:
+    """A product's value in a version's `fresh_items` hash, little-endian: the number of its packed columns (int64),
+    the packed columns (int64, `models.online_pipeline.PipelineColumns.pack`), its item-tower embedding (float32)."""
+    packed = np.asarray(features, dtype="<i8").reshape(-1)
+    return np.array([len(packed)], dtype="<i8").tobytes() + packed.tobytes() + np.asarray(embedding, "<f4").tobytes()
+
+
+def decode_fresh_items(values: dict[bytes, bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A `fresh_items` hash as read (product id -> `encode_fresh_item`'s value) -> product ids (sorted), packed
+    columns [products, width] and embeddings [products, dim]: the recommend ensemble's `fresh_item_*` tensors."""
+    ids = sorted(int(product_id) for product_id in values)
+    features, embeddings = [], []
+    for product_id in ids:
+        value = values[str(product_id).encode()]
+        width = int(np.frombuffer(value[:8], dtype="<i8")[0])
+        features.append(np.frombuffer(value[8 : 8 + 8 * width], dtype="<i8"))
+        embeddings.append(np.frombuffer(value[8 + 8 * width :], dtype="<f4"))
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+    return np.array(ids, dtype=np.int64), np.stack(features).astype(np.int64), np.stack(embeddings).astype(np.float32)

@@ -10,8 +10,11 @@ from pathlib import Path
 RECOMMEND = "recommend"
 SIMILAR_PRODUCTS = "similar_products"
 ENSEMBLES = (RECOMMEND, SIMILAR_PRODUCTS)
-# The standalone model the gateway calls to encode what the API receives.
+# The standalone models the gateway calls: to encode what the API receives, and to embed a product added since the
+# run (no ensemble names them).
 ENCODE_FEATURES = "encode_features"
+ITEM_TOWER = "item_tower"
+STANDALONE_MODELS = (ENCODE_FEATURES, ITEM_TOWER)
 VERSION = "1"  # each model's one version folder in an exported repository
 
 # The stages' code: files the export copies next to each model's config (`<name>/model.py`), not imports.
@@ -21,6 +24,7 @@ MODEL_CODE_DIR = Path(__file__).resolve().parent.parent / "serving" / "triton_mo
 # What the export writes into a stage's version folder besides model.py and `PipelineColumns.FILE`
 # (the run's feature tables, `items.faiss` and `item_embeddings.parquet` keep their names).
 QUERY_TOWER_DIR = "query_tower"  # SavedModel
+ITEM_TOWER_DIR = "item_tower"  # SavedModel; the same name in the run's two_tower folder
 RANKER_DIR = "model"  # SavedModel
 SEEN_ITEMS_FILE = "seen_items.npz"  # models.online_pipeline.ItemsByUser
 UNAVAILABLE_FILE = "unavailable.npy"  # bool mask indexed by encoded item id

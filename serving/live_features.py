@@ -22,6 +22,15 @@ fitted workflow. Here:
   writes skip Feast's newer-than-stored check, so a second change on the same day lands too. The daily extract
   of the database stays the replayable source of truth of the nightly run.
 
+- **Products** (`FreshProducts`): creating or updating a product the served version does not know, with item
+  features, encodes them with the version's workflow, embeds them with its item tower (Triton's `item_tower`) and
+  keeps both in the version's `fresh_items` hash (recsys/recommendation_store.py); every online answer then sends
+  them along to the recommend ensemble, which retrieves such a product where Faiss would have found it, had it
+  been indexed, ranks it on its own features and names it by id (`models.online_pipeline.FreshItems`). The
+  gateway keeps the hash in process for `FRESH_PRODUCTS_TTL_S` (its own writes drop that copy at once). A
+  product the version knows keeps the run's features until the next night; the nightly lists, and so the
+  customers answered from them, hold only the run's catalog.
+
 Known limits: the `live_users` bit belongs to the version it was set under, so a customer created after the
 nightly extract and before that night's publish is generic again until their next change or the next run.
 After a rollback, Feast's rows are those of the newest materialization, whose codes may differ from the older
@@ -33,18 +42,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
-from recsys.recommendation_store import REDIS_MAX_BITS, RecommendationKeys
+from recsys.recommendation_store import REDIS_MAX_BITS, RecommendationKeys, decode_fresh_items, encode_fresh_item
 from recsys.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
 
 CONTEXTS_KEPT = 4_096  # encoded contexts kept in process (per version and distinct context values)
+FRESH_PRODUCTS_TTL_S = 5.0  # how long a process answers from its copy of a version's fresh products
+MAX_FRESH_PRODUCTS = 1_000  # per version: each online answer scores every one; more wait for the nightly run
 
 
 def tensor_of(value: Any) -> np.ndarray:
@@ -76,6 +88,7 @@ class LiveFeatures:
         self.encoded_id = spec.user_id + ENCODED_SUFFIX
         self._contexts: collections.OrderedDict[tuple[str, tuple[tuple[str, str], ...]], dict[str, np.ndarray]]
         self._contexts = collections.OrderedDict()
+        self.products = FreshProducts(spec, triton, redis_client, key_prefix)
 
     def _model_column(self, name: str) -> str:
         return self.spec.user_id if name == self.encoded_id else name
@@ -138,8 +151,7 @@ class LiveFeatures:
         return version
 
     async def _current_version(self) -> str | None:
-        value = await self.redis.get(self.keys.current)
-        return value.decode() if isinstance(value, bytes) else value
+        return await _current_version(self.redis, self.keys)
 
     async def forget(self, customer_id: int) -> None:
         """A deleted customer: no longer live under the current version, their cached online answer dropped."""
@@ -151,3 +163,74 @@ class LiveFeatures:
             pipe.setbit(self.keys.live_users(version), customer_id, 0)
         pipe.delete(self.keys.online_cache(version, "user", customer_id))
         await pipe.execute()
+
+
+class FreshProducts:
+    """Products the served version does not know, added with features since: written through on create and update,
+    sent with every online answer's request (module doc, "Products")."""
+
+    def __init__(self, spec: DatasetSpec, triton: Any, redis_client: Any, key_prefix: str, *,
+                 max_products: int = MAX_FRESH_PRODUCTS, ttl_s: float = FRESH_PRODUCTS_TTL_S,
+                 clock: Any = time.monotonic) -> None:  # fmt: skip
+        self.spec = spec
+        self.triton = triton
+        self.redis = redis_client
+        self.keys = RecommendationKeys(key_prefix)
+        self.max_products = max_products
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._copies: dict[str, tuple[float, dict[str, np.ndarray] | None]] = {}  # version -> (until, tensors)
+
+    async def write_through(self, product_id: int, attributes: Mapping[str, Any]) -> str | None:
+        """Encode and embed the product with the current version's models and keep it in the version's
+        `fresh_items` hash; return the version, or None where nothing is kept: no published version, no item
+        feature given, a product the version knows, or `max_products` kept already (logged: the nightly run
+        takes it). A product that no longer qualifies leaves the hash."""
+        version = await _current_version(self.redis, self.keys)
+        if version is None:
+            return None
+        key = self.keys.fresh_items(version)
+        self._copies.pop(version, None)
+        features = {name: attributes[name] for name in self.spec.item_features if name in attributes}
+        if not features:
+            await self.redis.hdel(key, product_id)
+            return None
+        encoded, _ = await self.triton.encode("item", [{self.spec.item_id: product_id, **features}], version=version)
+        embeddings, packed, known = await self.triton.embed_items(encoded, version=version)
+        if bool(known[0]):  # its features stay the run's until the next night
+            await self.redis.hdel(key, product_id)
+            return None
+        if not await self.redis.hexists(key, product_id) and await self.redis.hlen(key) >= self.max_products:
+            log.warning("product %d: %d products added since version %s are kept already; it waits for the "
+                        "nightly run", product_id, self.max_products, version)  # fmt: skip
+            return None
+        await self.redis.hset(key, product_id, encode_fresh_item(packed[0], embeddings[0]))
+        self._copies.pop(version, None)
+        return version
+
+    async def forget(self, product_id: int) -> None:
+        """A deleted product: out of the current version's fresh products."""
+        version = await _current_version(self.redis, self.keys)
+        if version is not None:
+            await self.redis.hdel(self.keys.fresh_items(version), product_id)
+            self._copies.pop(version, None)
+
+    async def tensors(self, version: str | None) -> dict[str, np.ndarray] | None:
+        """The version's fresh products as the recommend ensemble's `fresh_item_*` inputs, None without any; read
+        from Redis at most every `ttl_s` per process."""
+        if version is None:
+            return None
+        now = self.clock()
+        copy = self._copies.get(version)
+        if copy is not None and copy[0] > now:
+            return copy[1]
+        ids, features, embeddings = decode_fresh_items(await self.redis.hgetall(self.keys.fresh_items(version)))
+        tensors = ({"fresh_item_ids": ids, "fresh_item_features": features, "fresh_item_embeddings": embeddings}
+                   if len(ids) else None)  # fmt: skip
+        self._copies[version] = (now + self.ttl_s, tensors)
+        return tensors
+
+
+async def _current_version(redis_client: Any, keys: RecommendationKeys) -> str | None:
+    value = await redis_client.get(keys.current)
+    return value.decode() if isinstance(value, bytes) else value

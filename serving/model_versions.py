@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from recsys.run_layout import RunLayout
-from recsys.triton_repository import ENCODE_FEATURES, ENSEMBLES
+from recsys.triton_repository import ENSEMBLES, STANDALONE_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +166,11 @@ class ModelFollower:
         return True
 
     def served_models(self, version: str) -> list[str]:
-        """What Triton loads of a version: its ensembles (with the stages they name) and `encode_features`, which
-        runs exported before it lack."""
+        """What Triton loads of a version: its ensembles (with the stages they name), and `encode_features` and
+        `item_tower` where it has them (runs exported before them lack them)."""
         names = [versioned_name(ensemble, version) for ensemble in ENSEMBLES]
-        encode = versioned_name(ENCODE_FEATURES, version)
-        return [*names, encode] if (self.repository / encode).is_dir() else names
+        standalone = [versioned_name(model, version) for model in STANDALONE_MODELS]
+        return names + [name for name in standalone if (self.repository / name).is_dir()]
 
     def close(self) -> None:
         self.triton.close()

@@ -264,13 +264,13 @@ class Recommender:
             return RankedList(*decode_scored_list(cached), route="online_cached", model_version=version)
         if self.triton is None:
             return None
-        features, context, degraded = await self._live_inputs(query, version)
+        features, context, fresh, degraded = await self._live_inputs(query, version)
         if self.live is not None and features is None and not degraded:  # Feast has no row: a new visitor
             await self._redis(self.redis.set(cache_key, UNKNOWN_TO_THE_MODELS, ex=self.config.online_cache_ttl_s))
             return None
         try:
             call = self.triton.recommend(query.customer_id, top_k=self.config.online_top_k, version=version,
-                                         features=features, context=context)  # fmt: skip
+                                         features=features, context=context, fresh=fresh)  # fmt: skip
             answer = await asyncio.wait_for(call, timeout=self.config.triton_timeout_s)
         except Exception as error:  # any Triton failure falls back; the reason is logged
             log.warning("Triton recommend failed (%s): generic list instead", error)
@@ -286,15 +286,17 @@ class Recommender:
         return RankedList(items, scores, clicks, route="online", model_version=version, degraded=degraded)
 
     async def _live_inputs(self, query: VisitorQuery, version: str | None
-                           ) -> tuple[Inputs | None, Inputs | None, list[str]]:  # fmt: skip
-        """The customer's features from Feast and the request's encoded context, for Triton, and what degraded.
+                           ) -> tuple[Inputs | None, Inputs | None, Inputs | None, list[str]]:  # fmt: skip
+        """The customer's features from Feast, the request's encoded context and the products added since the run,
+        for Triton, and what degraded.
 
         Feast unreachable: Triton looks the customer up in its run's own table (`feature_store_unavailable`);
-        the context not encodable (Triton's `encode_features` down): the ranker sees it missing."""
+        the context not encodable (Triton's `encode_features` down): the ranker sees it missing; the added products
+        not readable: the run's catalog alone (`fresh_products_unavailable`)."""
         if self.live is None:
-            return None, None, []
+            return None, None, None, []
         degraded = []
-        features = context = None
+        features = context = fresh = None
         try:
             features = await self.live.user_features(query.customer_id)
         except Exception as error:  # any Feast failure: the run's table instead; the reason is logged
@@ -306,7 +308,13 @@ class Recommender:
         except Exception as error:
             log.warning("encoding the context failed (%s: %s): ranked without it", type(error).__name__, error)
             degraded.append("context_unavailable")
-        return features, context, degraded
+        try:
+            fresh = await self._redis(self.live.products.tensors(version))
+        except Exception as error:
+            log.warning("reading the products added since the run failed (%s: %s): the run's catalog alone",
+                        type(error).__name__, error)  # fmt: skip
+            degraded.append("fresh_products_unavailable")
+        return features, context, fresh, degraded
 
     async def _browsing_now(self, query: VisitorQuery, version: str | None,
                             found: list[PublishedList | None]) -> RankedList:  # fmt: skip

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from recsys.recommendation_store import ScoredList
-from recsys.triton_repository import ENCODE_FEATURES
+from recsys.triton_repository import ENCODE_FEATURES, ITEM_TOWER
 from serving.model_versions import versioned_name
 
 log = logging.getLogger(__name__)
@@ -140,17 +140,20 @@ class TritonEnsembles:
 
     async def recommend(self, user_id: int, *, top_k: int, version: str | None = None,
                         features: Mapping[str, np.ndarray] | None = None,
-                        context: Mapping[str, np.ndarray] | None = None) -> ScoredList | None:  # fmt: skip
+                        context: Mapping[str, np.ndarray] | None = None,
+                        fresh: Mapping[str, np.ndarray] | None = None) -> ScoredList | None:  # fmt: skip
         """The ranked list of a user (temperature 0: the gateway samples itself), with each item's P(click);
         None for an unknown user.
 
         `features`: the user's encoded features (one row), e.g. from Feast; without, Triton looks the user up in
-        its run's table. `context`: the request's encoded context features. Of both, only what the ensemble
-        takes is sent (the query tower's columns, the ranker's context). An export from before the P(click)
-        output gives the order scores for both."""
+        its run's table. `context`: the request's encoded context features. `fresh`: the products added since the
+        run (`fresh_item_*` tensors, `serving.live_features.FreshProducts`). Of these, only what the ensemble
+        takes is sent (the query tower's columns, the ranker's context, fresh products where the export knows
+        them). An export from before the P(click) output gives the order scores for both."""
         model = self._model("recommend", version)
         accepted, produced = await self._tensors_of(model)
-        given = {name: value for name, value in {**(features or {}), **(context or {})}.items() if name in accepted}
+        given = {name: value for name, value in {**(features or {}), **(context or {}), **(fresh or {})}.items()
+                 if name in accepted}  # fmt: skip
         clicks = (CLICK_PROBABILITIES,) if CLICK_PROBABILITIES in produced else ()
         answer = await self._infer(model, {
             "user_id_raw": np.array([user_id], dtype=np.int64), "top_k": np.array([top_k], dtype=np.int32),
@@ -183,6 +186,15 @@ class TritonEnsembles:
             "rows": np.array([json.dumps(dict(row)).encode() for row in rows], dtype=object),
         }, ("encoded", "snapshot_time"))  # fmt: skip
         return [json.loads(value) for value in answer["encoded"].reshape(-1)], int(answer["snapshot_time"][0])
+
+    async def embed_items(self, rows: Sequence[Mapping[str, Any]], *, version: str | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """Encoded item rows (`encode`'s "item" output) -> their item-tower embeddings, packed columns, and whether
+        the version's catalog knows each."""
+        answer = await self._infer(self._model(ITEM_TOWER, version), {
+            "rows": np.array([json.dumps(dict(row)).encode() for row in rows], dtype=object),
+        }, ("item_embeddings", "item_features", "known_items"))  # fmt: skip
+        return answer["item_embeddings"], answer["item_features"], answer["known_items"].reshape(-1)
 
     async def close(self) -> None:
         for server in self._servers:

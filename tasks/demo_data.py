@@ -67,7 +67,7 @@ def demo_data(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: DemoDa
         ItemCatalog,
         PipelineArtifacts,
         PipelineColumns,
-        QueryTower,
+        Tower,
         UserFeatureTable,
         search,
     )
@@ -79,7 +79,7 @@ def demo_data(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: DemoDa
     columns = PipelineColumns.of_run(artifacts, spec)
     user_table = UserFeatureTable.read(artifacts.nvtabular_dir / USER_FEATURES_FILE, columns)
     catalog = ItemCatalog.read(artifacts.nvtabular_dir / "item_features.parquet", columns)
-    query_tower = QueryTower(artifacts.two_tower_dir / "query_tower", columns)
+    query_tower = Tower.query(artifacts.two_tower_dir / "query_tower", columns)
     index = load_index(artifacts.faiss_index_dir)
 
     clicks = validation_clicks(artifacts.nvtabular_dir, spec)

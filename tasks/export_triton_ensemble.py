@@ -1,8 +1,10 @@
 """Write a run's online pipeline as a Triton model repository (platform environment: it only copies and writes).
 
 Two ensembles over eight Python-backend models (the code in `serving/triton_models/`, which calls the
-one pipeline implementation in `models/online_pipeline.py`, as batch scoring does), and `encode_features`,
-which the gateway calls on its own to encode what the API receives with the run's fitted NVTabular workflow:
+one pipeline implementation in `models/online_pipeline.py`, as batch scoring does), and two models the gateway
+calls on their own: `encode_features`, which encodes what the API receives with the run's fitted NVTabular
+workflow, and `item_tower`, which embeds a product added since the run (runs from before the item tower was saved
+have none):
 
     recommend:         query_tower -> faiss_retrieval -> candidate_sources -> filter_candidates -> ranker
                        -> ordering
@@ -11,7 +13,9 @@ which the gateway calls on its own to encode what the API receives with the run'
 `candidate_sources` adds the item-to-item source's and the most clicked items to the Faiss candidates (as
 batch scoring's retrieval), with every candidate's two-tower and item-to-item scores; `ordering` orders by
 the ranker's probability blended with those (`retrieval_weight`, `item_to_item_weight`: batch scoring's
-`blend_scores` with the weights batch scoring used).
+`blend_scores` with the weights batch scoring used). Products added since the run, with their embeddings and
+encoded columns, may come with a request (`fresh_item_*`, `models.online_pipeline.FreshItems`): retrieval adds them
+where Faiss would have found them, the ranker scores them, ordering names them.
 
 The repository is self-contained: each model's version folder `<model>/1/` holds its `model.py` and
 copies of what that stage loads (the query tower or ranker SavedModel, the Faiss index, the user or
@@ -58,6 +62,8 @@ from recsys.run_layout import RunLayout
 from recsys.spec import DatasetSpec
 from recsys.triton_repository import (
     ENCODE_FEATURES,
+    ITEM_TOWER,
+    ITEM_TOWER_DIR,
     MODEL_CODE_DIR,
     QUERY_TOWER_DIR,
     RANKER_DIR,
@@ -78,7 +84,7 @@ RESERVED_NAMES = ("top_k", "top_n", "temperature", "seed", "item_ids", "scores",
                   "click_probabilities", "known_users",
                   "query_embeddings", "user_features", "candidates", "candidate_scores", "filtered_candidates",
                   "ranker_scores", "merged_candidates", "retrieval_scores", "item_to_item_scores",
-                  "sources")  # fmt: skip
+                  "sources", "fresh_item_ids", "fresh_item_features", "fresh_item_embeddings")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +106,7 @@ class TritonEnsembleConfig:
     # Weights of the indicators of the sources that retrieved a candidate (models.blend.SOURCES order); None: as
     # the weights above.
     source_weights: tuple[float, ...] | None = None
-    # Where the models that run TensorFlow (the query tower, the ranker) are served: "cpu" or "gpu", their Triton
+    # Where the models that run TensorFlow (the towers, the ranker) are served: "cpu" or "gpu", their Triton
     # instance kind (KIND_CPU, KIND_GPU). None: RECSYS_DEVICE as `recsys.device.export_device` resolves it.
     device: str | None = None
     # Instances of each stage model: processes (or GPU copies) answering its requests side by side, each holding
@@ -228,7 +234,7 @@ def raw_id_name(column: str) -> str:
 
 
 def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> list[StageConfig]:
-    """The stage models; the ones that run TensorFlow (query tower, ranker) with `config.device`'s instance kind."""
+    """The stage models; the ones that run TensorFlow (the towers, the ranker) with `config.device`'s instance kind."""
     tensorflow_kind = triton_instance_kind(config.device or "cpu")
     query_inputs = tuple(_feature(columns, column) for column in columns.query_columns)
     context_inputs = tuple(_feature(columns, column) for column in _context_columns(columns))
@@ -245,17 +251,19 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
     retrieval_scores, item_to_item_scores = _matrix("retrieval_scores", "TYPE_FP32"), _matrix("item_to_item_scores",
                                                                                              "TYPE_FP32")
     candidate_source_bits = _matrix("sources", "TYPE_INT32")
-    sources = StageConfig("candidate_sources", (_ids("raw_user_ids"), query_embeddings, candidates),
+    fresh_ids, fresh_features, fresh_embeddings = _fresh_inputs()
+    sources = StageConfig("candidate_sources", (_ids("raw_user_ids"), query_embeddings, candidates, fresh_ids,
+                                                fresh_features, fresh_embeddings),
                           (_matrix("merged_candidates", "TYPE_INT64"), retrieval_scores, item_to_item_scores,
                            candidate_source_bits))  # fmt: skip
     filtering = StageConfig("filter_candidates", (_ids("raw_user_ids"), candidates, known_users),
                             (_matrix("filtered_candidates", "TYPE_INT64"),))  # fmt: skip
-    ranker = StageConfig("ranker", (user_features, candidates, *context_inputs), (ranker_scores,),
-                         instance_kind=tensorflow_kind)
+    ranker = StageConfig("ranker", (user_features, candidates, *context_inputs, fresh_ids, fresh_features,
+                                    fresh_embeddings), (ranker_scores,), instance_kind=tensorflow_kind)
     ordering = StageConfig(
         "ordering",
         (candidates, ranker_scores, retrieval_scores, item_to_item_scores, candidate_source_bits, top_n,
-         _one("temperature", "TYPE_FP32"), _one("seed", "TYPE_INT64")),
+         _one("temperature", "TYPE_FP32"), _one("seed", "TYPE_INT64"), fresh_ids, fresh_features, fresh_embeddings),
         (*item_lists, _matrix("probabilities", "TYPE_FP32"), _matrix("click_probabilities", "TYPE_FP32")),
         {"top_n": str(config.top_n), "temperature": repr(float(config.temperature)),
          "retrieval_weight": repr(float(config.retrieval_weight or 0.0)),
@@ -275,7 +283,20 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
     encode = StageConfig(ENCODE_FEATURES, (TensorConfig("kind", "TYPE_STRING", (1,)), TensorConfig("rows", *text)),
                          (TensorConfig("encoded", *text), _one("snapshot_time", "TYPE_INT64", optional=False)))
     stages = [query_tower, retrieval, sources, filtering, ranker, ordering, item_lookup, similar, encode]
+    if columns.item_tower_columns:  # runs from before the item tower was saved have none
+        # Called by the gateway after `encode_features`: a product added since the run, embedded and packed.
+        stages.append(StageConfig(ITEM_TOWER, (TensorConfig("rows", *text),),
+                                  (_matrix("item_embeddings", "TYPE_FP32"), _matrix("item_features", "TYPE_INT64"),
+                                   TensorConfig("known_items", "TYPE_BOOL", (-1,))),
+                                  instance_kind=tensorflow_kind))  # fmt: skip
     return [dataclasses.replace(stage, instances=config.instances) for stage in stages]
+
+
+def _fresh_inputs() -> tuple[TensorConfig, ...]:
+    """Products added since the run, sent with a request (`models.online_pipeline.FreshItems`): raw ids, the item
+    columns packed, item-tower embeddings; all three or none."""
+    return (_ids("fresh_item_ids", optional=True), TensorConfig("fresh_item_features", "TYPE_INT64", (-1, -1), True),
+            TensorConfig("fresh_item_embeddings", "TYPE_FP32", (-1, -1), True))  # fmt: skip
 
 
 def _context_columns(columns: PipelineColumns) -> list[str]:
@@ -286,13 +307,14 @@ def ensemble_configs(columns: PipelineColumns) -> list[EnsembleConfig]:
     raw_user, raw_item = raw_id_name(columns.user_id), raw_id_name(columns.item_id)
     features = {column: column for column in columns.query_columns}
     context = {column: column for column in _context_columns(columns)}
+    fresh = {tensor.name: tensor.name for tensor in _fresh_inputs()}
     recommend = EnsembleConfig(
         RECOMMEND,
         inputs=(
             _ids(raw_user),
             *(_feature(columns, column) for column in [*features, *context]),
             _one("top_k", "TYPE_INT32"), _one("top_n", "TYPE_INT32"), _one("temperature", "TYPE_FP32"),
-            _one("seed", "TYPE_INT64"),
+            _one("seed", "TYPE_INT64"), *_fresh_inputs(),
         ),
         outputs=(_matrix("item_ids", "TYPE_INT64"), _matrix("scores", "TYPE_FP32"),
                  _matrix("probabilities", "TYPE_FP32"), _matrix("click_probabilities", "TYPE_FP32"),
@@ -305,19 +327,20 @@ def ensemble_configs(columns: PipelineColumns) -> list[EnsembleConfig]:
             EnsembleStep("faiss_retrieval", {"query_embeddings": "query_embeddings", "top_k": "top_k"},
                          {"candidates": "candidates"}),
             EnsembleStep("candidate_sources", {"raw_user_ids": raw_user, "query_embeddings": "query_embeddings",
-                                               "candidates": "candidates"},
+                                               "candidates": "candidates", **fresh},
                          {"merged_candidates": "merged_candidates", "retrieval_scores": "retrieval_scores",
                           "item_to_item_scores": "item_to_item_scores", "sources": "sources"}),
             EnsembleStep("filter_candidates", {"raw_user_ids": raw_user, "candidates": "merged_candidates",
                                                "known_users": "known_users"},
                          {"filtered_candidates": "filtered_candidates"}),
-            EnsembleStep("ranker", {"user_features": "user_features", "candidates": "filtered_candidates", **context},
+            EnsembleStep("ranker", {"user_features": "user_features", "candidates": "filtered_candidates", **context,
+                                    **fresh},
                          {"ranker_scores": "ranker_scores"}),
             EnsembleStep("ordering", {"candidates": "filtered_candidates", "ranker_scores": "ranker_scores",
                                       "retrieval_scores": "retrieval_scores",
                                       "item_to_item_scores": "item_to_item_scores", "sources": "sources",
                                       "top_n": "top_n",
-                                      "temperature": "temperature", "seed": "seed"},
+                                      "temperature": "temperature", "seed": "seed", **fresh},
                          {"item_ids": "item_ids", "scores": "scores", "probabilities": "probabilities",
                           "click_probabilities": "click_probabilities"}),
         ),
@@ -366,6 +389,7 @@ def _stage_files(artifacts: PipelineArtifacts) -> dict[str, list[tuple[Path, str
         "item_lookup": [items, (artifacts.two_tower_dir / ITEM_EMBEDDINGS_FILE, ITEM_EMBEDDINGS_FILE)],
         "similar_items": [items],
         ENCODE_FEATURES: [(artifacts.nvtabular_dir / "workflow", WORKFLOW_DIR)],
+        ITEM_TOWER: [(artifacts.two_tower_dir / ITEM_TOWER_DIR, ITEM_TOWER_DIR), items],
     }  # fmt: skip
 
 
@@ -414,7 +438,7 @@ def export_triton_ensemble(run_dir: Path, output_dir: Path, spec: DatasetSpec,
     config = config.with_weights_of(batch_score_dir or RunLayout(run_dir).batch_score)
     if config.device is None:
         choice = export_device()
-        log.info("export_triton_ensemble: the query tower and the ranker on the %s: %s", choice.device.upper(),
+        log.info("export_triton_ensemble: the towers and the ranker on the %s: %s", choice.device.upper(),
                  choice.reason)  # fmt: skip
         config = dataclasses.replace(config, device=choice.device)
     columns = PipelineColumns.of_run(artifacts, spec)

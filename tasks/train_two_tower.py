@@ -26,6 +26,7 @@ from recsys.device import merlin_cpu
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import nvtabular_part_files
 from recsys.spec import DatasetSpec
+from recsys.triton_repository import ITEM_TOWER_DIR
 
 if TYPE_CHECKING:
     import numpy as np
@@ -249,6 +250,8 @@ def train_two_tower(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,
     popularity = {**ranking_metrics(popular_lists, relevant), **unseen_metrics(popular_lists)}
     with atomic_output_dir(Path(output_dir)) as staging:
         model.query_encoder.save(str(staging / "query_tower"))
+        # The item tower embeds products added after the run, so the online path can retrieve and rank them.
+        model.candidate_encoder.save(str(staging / ITEM_TOWER_DIR))
         embeddings = item_embeddings.reset_index().rename(columns={"index": spec.item_id})
         embeddings.columns = [str(column) for column in embeddings.columns]
         embeddings.to_parquet(staging / ITEM_EMBEDDINGS_FILE, index=False)
@@ -264,6 +267,7 @@ def train_two_tower(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,
             "best": history[best["epoch"] - 1],
             "popularity_baseline": popularity,
             "query_columns": user_columns,
+            "item_columns": item_columns,
             "embedding_dim": int(item_embeddings.shape[1]),
             "train_samples_per_second": len(positives) * len(history) / sum(row["seconds"] for row in history),
             "seconds": time.perf_counter() - started,

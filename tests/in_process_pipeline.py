@@ -7,7 +7,11 @@ with the item-to-item source over each user's history and the weights given as t
 "sampled" the order drawn at `--temperature` with `--seed`, "newcomer" the ranked order without seen items
 or history (a raw id the run does not know, sent with these users' features). With `--given FILE` (JSON:
 "features", encoded user columns -> one value per row, and optionally "context", encoded context columns -> one
-value per row), "given" is the ranked order of those rows as newcomers, with that context.
+value per row), "given" is the ranked order of those rows as newcomers, with that context (and the products of
+`--fresh`, if given). With `--fresh FILE`
+(JSON: "ids", raw ids of products the run does not know, and "features", their item columns packed), "fresh" is the
+ranked order (business rules applied) with those products embedded by the in-process item tower and added
+(`FreshItems`), "fresh_embeddings" those embeddings and "fresh_candidates" how many of them each user retrieved.
 
     .venv-trainer/bin/python tests/in_process_pipeline.py --run RUN --users 1,2 --items 3,4 --output out.json
 """
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.online_pipeline import PipelineArtifacts, RecommendationPipeline
+from models.online_pipeline import MISSING, FreshItems, PipelineArtifacts, RecommendationPipeline
 from recsys.spec import load_spec
 from tasks.batch_score import read_unavailable, seen_items_by_user
 
@@ -60,6 +64,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--spec", type=Path, default=None, help="the run's dataset spec (default: AliCCP's)")
     parser.add_argument("--given", type=Path, default=None, help="encoded features (and context) of newcomers")
+    parser.add_argument("--fresh", type=Path, default=None, help="products added since the run (ids, packed columns)")
     args = parser.parse_args()
 
     spec = load_spec(args.spec)
@@ -75,13 +80,14 @@ def main() -> None:
     assert pipeline.histories is not None, "the run was built without the item-to-item source"
     histories = pipeline.histories.of_users(args.users)
 
-    def recommend(temperature: float, features: dict = features, **rules: object) -> dict:
-        rules = {"histories": histories, **rules}
+    def recommend(temperature: float, features: dict = features, fresh: FreshItems | None = None,
+                  **rules: object) -> dict:  # fmt: skip
+        rules = {"histories": histories, "fresh": fresh, **rules}
         result = pipeline.recommend(features, top_k=args.top_k, top_n=args.top_n, temperature=temperature,
                                     rng=np.random.default_rng(args.seed), retrieval_weight=args.retrieval_weight,
                                     item_to_item_weight=args.item_to_item_weight,
                                     source_weights=args.source_weights, **rules)  # type: ignore[arg-type]  # fmt: skip
-        return {"item_ids": pipeline.raw_items(result["items"]).tolist(), "scores": _rows(result["scores"]),
+        return {"item_ids": pipeline.raw_items(result["items"], fresh).tolist(), "scores": _rows(result["scores"]),
                 "probabilities": _rows(result["probabilities"]),
                 "click_probabilities": _rows(result["click_probabilities"])}  # fmt: skip
 
@@ -98,14 +104,24 @@ def main() -> None:
         "added_candidates": added_candidates(pipeline, features, histories, args.top_k),
         "similar": {"item_ids": pipeline.raw_items(similar_ids).tolist(), "scores": _rows(similarity)},
     }
-    if args.given is not None:
+    columns = pipeline.columns
+    fresh = None
+    if args.fresh is not None:
+        added = json.loads(args.fresh.read_text())
+        packed = np.array(added["features"], dtype=np.int64)
+        embeddings = pipeline.embed_items(columns.unpack(packed, columns.item_columns))
+        fresh = FreshItems.from_tensors(columns, np.array(added["ids"]), packed, embeddings)
+        answer["fresh"] = recommend(0.0, excluded=excluded, unavailable=unavailable, fresh=fresh)
+        answer["fresh_embeddings"] = embeddings.tolist()
+        found = pipeline.candidates(features, top_k=args.top_k, histories=histories, fresh=fresh)["candidates"]
+        answer["fresh_candidates"] = [int(((row >= fresh.offset) & (row != MISSING)).sum()) for row in found]
+    if args.given is not None:  # with the products added since the run, where --fresh gives them
         given = json.loads(args.given.read_text())
-        columns = pipeline.columns
         rows = {name: columns.values(name, values) for name, values in given["features"].items()}
         context = {name: columns.values(name, values) for name, values in given.get("context", {}).items()}
         count = len(next(iter(rows.values())))
         answer["given"] = recommend(0.0, features=rows, unavailable=unavailable, context=context or None,
-                                    histories=[np.empty(0, dtype=np.int64)] * count)  # fmt: skip
+                                    histories=[np.empty(0, dtype=np.int64)] * count, fresh=fresh)  # fmt: skip
     args.output.write_text(json.dumps(answer))
 
 

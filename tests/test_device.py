@@ -27,8 +27,9 @@ COLUMNS = PipelineColumns(
     user_id="user", item_id="item", user_features=("age",), item_features=("shop",), context_features=("device",),
     query_columns=("user", "age"), ranker_columns=("user", "item", "age", "shop", "device"),
     null_codes={"user": 1, "item": 1, "age": 1, "shop": 1, "device": 1}, item_cardinality=6,
+    item_tower_columns=("item", "shop"),
 )  # fmt: skip
-TENSORFLOW_STAGES = {"query_tower", "ranker"}
+TENSORFLOW_STAGES = {"query_tower", "ranker", "item_tower"}
 
 
 @pytest.mark.parametrize(("value", "expected"), [(None, "auto"), ("", "auto"), ("auto", "auto"), (" CPU ", "cpu"),

@@ -12,14 +12,17 @@ import pytest
 from models.blend import blend_scores
 from models.online_pipeline import (
     MISSING,
+    FreshItems,
     ItemCatalog,
     PipelineColumns,
     UserFeatureTable,
+    add_fresh_candidates,
     filter_candidates,
     order,
     ranked_order,
 )
 from models.retrieval_index import load_index, read_item_embeddings
+from recsys.recommendation_store import decode_fresh_items, encode_fresh_item
 from tasks.build_faiss_index import FaissIndexConfig, build_faiss_index, build_index
 
 CANDIDATES = np.array([[10, 11, 12, 13], [20, 21, MISSING, MISSING]])
@@ -240,3 +243,55 @@ def test_the_catalog_and_user_table_hold_lists_and_numbers(tmp_path: Path):
     assert known.tolist() == [True, False, True]
     assert found["user"].tolist() == [3, 2] and found["tags"].tolist() == [[4, 5], [1, 0]]
     assert found["age"].dtype == np.float32 and found["age"].tolist() == [-0.5, 0.25]
+
+
+def fresh_items() -> FreshItems:
+    """Two products added since the run (codes 5 and 6, after KINDS' five), embeddings along the two axes."""
+    features = {"item": np.array([2, 2]), "genre": np.array([[4, 0, 0], [3, 3, 0]]),
+                "price": np.array([1.5, -0.25], dtype=np.float32)}  # fmt: skip
+    packed = KINDS.pack(features, KINDS.item_columns)
+    return FreshItems.from_tensors(KINDS, np.array([900, 901]), packed, np.array([[1.0, 0.0], [0.0, 1.0]]))
+
+
+def test_fresh_items_are_retrieved_where_faiss_would_have_found_them():
+    fresh = fresh_items()
+    assert fresh.codes.tolist() == [5, 6] and fresh.features["price"].dtype == np.float32
+    # User 0: two-tower candidates 3 and 4 (inner products 2.0, 0.5) and item-to-item's 1; its query (1, 1) reaches
+    # 1.0 with both fresh items, above the lowest two-tower score: both added. User 1: query (0, 3) gives 0.0 and
+    # 3.0, its lowest two-tower score 1.0: only the second. User 2: Faiss found fewer than top_k: both.
+    candidates = np.array([[3, 4, 1], [3, 4, MISSING], [3, MISSING, MISSING]])
+    inner = np.array([[2.0, 0.5, 0.1], [4.0, 1.0, np.nan], [1.0, np.nan, np.nan]], dtype=np.float32)
+    item_to_item = np.where(candidates >= 0, 0.3, np.nan).astype(np.float32)
+    sources = np.array([[1, 1, 2], [1, 1, 0], [1, 0, 0]], dtype=np.int32)
+    queries = np.array([[1.0, 1.0], [0.0, 3.0], [-1.0, -1.0]], dtype=np.float32)
+
+    added, scores, neighbours, bits = add_fresh_candidates(candidates, inner, item_to_item, sources, queries, fresh,
+                                                           top_k=2)  # fmt: skip
+    assert added[:, 3:].tolist() == [[5, 6], [MISSING, 6], [5, 6]]
+    assert added[:, :3].tolist() == candidates.tolist()
+    assert scores[0, 3:].tolist() == [1.0, 1.0] and scores[1, 4] == 3.0 and np.isnan(scores[1, 3])
+    assert neighbours[0, 3:].tolist() == [0.0, 0.0] and bits[:, 3:].tolist() == [[1, 1], [0, 1], [1, 1]]
+    assert add_fresh_candidates(candidates, inner, item_to_item, sources, queries, None, top_k=2)[0] is candidates
+
+
+def test_fresh_items_are_named_by_their_raw_ids_and_keep_their_columns(tmp_path: Path):
+    pd.DataFrame({"item": [10, 11], "item_encoded": [3, 4], "genre": [np.array([2, 0, 0]), np.array([3, 2, 0])],
+                  "price": np.array([0.5, -1.0], dtype=np.float32)}).to_parquet(tmp_path / "items.parquet")
+    catalog = ItemCatalog.read(tmp_path / "items.parquet", KINDS)
+    fresh = fresh_items()
+    assert fresh.raw(catalog, np.array([[4, 6, MISSING, 5]])).tolist() == [[11, 901, MISSING, 900]]
+    with pytest.raises(ValueError, match="one id, one packed feature row and one embedding each"):
+        FreshItems.from_tensors(KINDS, np.array([900]), KINDS.pack(fresh.features, KINDS.item_columns),
+                                fresh.embeddings)  # fmt: skip
+
+
+def test_the_fresh_items_hash_round_trips_their_columns_and_embeddings():
+    fresh = fresh_items()
+    packed = KINDS.pack(fresh.features, KINDS.item_columns)
+    stored = {b"901": encode_fresh_item(packed[1], fresh.embeddings[1]),
+              b"900": encode_fresh_item(packed[0], fresh.embeddings[0])}  # fmt: skip
+    ids, features, embeddings = decode_fresh_items(stored)
+    assert ids.tolist() == [900, 901]  # in id order, whatever the hash's
+    np.testing.assert_array_equal(features, packed)
+    np.testing.assert_array_equal(embeddings, fresh.embeddings)
+    assert decode_fresh_items({})[0].shape == (0,)

@@ -171,10 +171,10 @@ def feast_row(config: FeastStoreConfig, spec: DatasetSpec, user: int) -> dict[st
 
 
 def in_process_list(run: Path, batch_dir: Path, spec: DatasetSpec, tmp_path: Path, features: dict[str, object],
-                    context: dict[str, object] | None = None) -> list[int]:  # fmt: skip
+                    context: dict[str, object] | None = None, fresh: Path | None = None) -> list[int]:  # fmt: skip
     """The in-process pipeline's ranked list for one newcomer with these encoded features (the Feast row's
     columns, the encoded id under the raw id's name) and context, with the weights the export took (those of the
-    batch scoring in `batch_dir`)."""
+    batch scoring in `batch_dir`); `fresh`: a file of products added since the run (`in_process_pipeline.py`)."""
     import subprocess
 
     config = TritonEnsembleConfig().with_weights_of(batch_dir)
@@ -192,7 +192,7 @@ def in_process_list(run: Path, batch_dir: Path, spec: DatasetSpec, tmp_path: Pat
         "--item-to-item-weight", str(config.item_to_item_weight),
         # "=": a first weight below 0 would read as an option
         "--source-weights=" + ",".join(map(str, config.source_weights or (0, 0, 0))), "--given", str(given),
-        "--output", str(output),
+        "--output", str(output), *(("--fresh", str(fresh)) if fresh is not None else ()),
     ], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert process.returncode == 0, process.stderr[-4000:]
     return json.loads(output.read_text())["given"]["item_ids"][0]
@@ -283,6 +283,54 @@ def test_the_request_context_reaches_the_ranker_online(
     codes = {"location": int(encoded["location"].mode()[0]), "device": int(encoded["device"].mode()[0])}
     row = feast_row(feast_store, spec, newcomer)
     assert items_of_body(answer) == in_process_list(trained_run, batch_scored, spec, tmp_path, row, context=codes)[:10]
+
+
+def test_a_product_created_now_is_retrieved_and_ranked_online(
+    client: TestClient, published: redis.Redis, feast_store: FeastStoreConfig, trained_run: Path, batch_scored: Path,
+    spec: DatasetSpec, tmp_path: Path,
+):
+    """A product the run does not know, created with an item's features: the API encodes it (`encode_features`),
+    embeds it (`item_tower`) and keeps it in the version's `fresh_items`; a customer answered online then gets the
+    in-process pipeline's list with that product added, which holds it. Made unavailable, it leaves the list;
+    deleted, the hash. A product the run knows is not kept there: its features in Triton are the run's."""
+    from recsys.recommendation_store import decode_fresh_items
+
+    fresh_key = f"{PREFIX}recs:{VERSION}:fresh_items"
+    users = user_ids(trained_run, spec)
+    items = latest_raw_features(trained_run, spec, "item")
+    newcomer, product = 990_000_011, 990_100_001
+    profile = latest_raw_features(trained_run, spec, "user")[users[5]]
+    assert client.post("/customers", json={"id": newcomer, "attributes": profile}).status_code == 201
+    cache_key = f"{PREFIX}cache:{VERSION}:user:{newcomer}"
+
+    def online() -> list[int]:
+        published.delete(cache_key)  # the answer cached before a product changed, as its TTL would
+        answer = client.get(f"/recommendations/{newcomer}", params={"count": 100}).json()
+        assert answer["route"] == "online" and answer["degraded"] == [], answer
+        return items_of_body(answer)
+
+    model_item = online()[0]  # the product takes the features of the customer's first item
+    try:
+        created = client.post("/products", json={"id": product, "attributes": items[model_item]})
+        assert created.status_code == 201, created.text
+        ids, packed, _ = decode_fresh_items(published.hgetall(fresh_key))
+        assert ids.tolist() == [product]
+        fresh = tmp_path / "fresh.json"
+        fresh.write_text(json.dumps({"ids": ids.tolist(), "features": packed.tolist()}))
+        listed = online()
+        row = feast_row(feast_store, spec, newcomer)
+        assert listed == in_process_list(trained_run, batch_scored, spec, tmp_path, row, fresh=fresh)[:100]
+        assert product in listed
+
+        assert client.patch(f"/products/{product}", json={"available": False}).status_code == 200
+        assert product not in online()  # the gateway's product flags filter it like any product
+        known = client.post("/products", json={"id": model_item, "attributes": items[model_item]})
+        assert known.status_code == 201, known.text
+        assert not published.hexists(fresh_key, model_item)  # the run knows it
+    finally:
+        client.delete(f"/products/{product}")
+        client.delete(f"/products/{model_item}")
+    assert not published.exists(fresh_key)
 
 
 def test_new_visitor_gets_the_generic_list_of_their_segment(client: TestClient, published: redis.Redis):

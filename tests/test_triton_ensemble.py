@@ -21,6 +21,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from models.online_pipeline import PipelineColumns
 from recsys.parquet_io import nvtabular_part_files
 from recsys.settings import get_settings
 from recsys.spec import DatasetSpec
@@ -37,6 +38,7 @@ TEMPERATURE, SEED = 0.01, 7
 # term, which would hold back every candidate the two-tower's top-k lacks (their inner products are below all of its).
 RETRIEVAL_WEIGHT, ITEM_TO_ITEM_WEIGHT, SOURCE_WEIGHTS = 0.0, 4.0, "0.5,1.0,-0.5"
 UNKNOWN_ID = 10**12
+FRESH_IDS = np.array([UNKNOWN_ID + 1, UNKNOWN_ID + 2, UNKNOWN_ID + 3], dtype=np.int64)
 RUN_FOLDERS = ("nvtabular", "two_tower", "ranker", "faiss_index")
 RECOMMEND_OUTPUTS = ("item_ids", "scores", "probabilities", "click_probabilities", "known_users")
 SIMILAR_OUTPUTS = ("item_ids", "scores", "known_items")
@@ -108,10 +110,33 @@ def served(exported: tuple[Path, dict], run_dir: Path) -> Iterator[TritonServer]
         server.stop()
 
 
+def python_value(value: object) -> object:
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) else value
+
+
 @pytest.fixture(scope="module")
-def in_process(exported: tuple[Path, dict], run_dir: Path, chosen: dict[str, np.ndarray]) -> dict:
+def fresh_products(exported: tuple[Path, dict], run_dir: Path, chosen: dict[str, np.ndarray],
+                   spec: DatasetSpec) -> dict:  # fmt: skip
+    """Three products the run does not know, with the features of three of its items: their encoded rows as
+    `encode_features` gives them (the id's code the out-of-vocabulary one, 2), packed as the ensemble takes them."""
+    columns = PipelineColumns.read(exported[0] / "ranker" / "1")
+    items = pd.read_parquet(run_dir / "nvtabular" / "item_features.parquet").set_index(spec.item_id)
+    rows = [{spec.item_id: 2, **{name: python_value(items.loc[raw, name]) for name in columns.item_features}}
+            for raw in chosen["items"][:3]]  # fmt: skip
+    values = {name: columns.values(name, [row[name] for row in rows]) for name in columns.item_columns}
+    known = {spec.item_id: int(items.loc[chosen["items"][0], f"{spec.item_id}_encoded"]),
+             **{name: rows[0][name] for name in columns.item_features}}  # fmt: skip
+    return {"ids": FRESH_IDS, "rows": rows, "features": columns.pack(values, columns.item_columns), "known": known}
+
+
+@pytest.fixture(scope="module")
+def in_process(exported: tuple[Path, dict], run_dir: Path, chosen: dict[str, np.ndarray],
+               fresh_products: dict) -> dict:  # fmt: skip
     """`RecommendationPipeline`'s answers for the chosen users and items (trainer environment)."""
     output = run_dir / "in_process.json"
+    fresh = run_dir / "fresh_products.json"
+    fresh.write_text(json.dumps({"ids": fresh_products["ids"].tolist(),
+                                 "features": fresh_products["features"].tolist()}))  # fmt: skip
     process = subprocess.run([
         str(get_settings().trainer_python), str(Path(__file__).with_name("in_process_pipeline.py")),
         "--run", str(run_dir), "--users", ",".join(map(str, chosen["users"])),
@@ -119,15 +144,17 @@ def in_process(exported: tuple[Path, dict], run_dir: Path, chosen: dict[str, np.
         "--similar-n", str(SIMILAR_N), "--temperature", str(TEMPERATURE), "--seed", str(SEED),
         "--unavailable-items", str(run_dir / "unavailable_items.csv"), "--output", str(output),
         "--retrieval-weight", str(RETRIEVAL_WEIGHT), "--item-to-item-weight", str(ITEM_TO_ITEM_WEIGHT),
-        f"--source-weights={SOURCE_WEIGHTS}",
+        f"--source-weights={SOURCE_WEIGHTS}", "--fresh", str(fresh),
     ], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert process.returncode == 0, process.stderr[-4000:]
     answer = json.loads(output.read_text())
     return {
         name: {key: np.array(values, dtype=np.float32 if key != "item_ids" else np.int64)
                for key, values in answer[name].items()}
-        for name in ("recommend", "sampled", "unfiltered", "newcomer", "similar")
-    } | {"purchases": answer["purchases"], "added_candidates": answer["added_candidates"]}  # fmt: skip
+        for name in ("recommend", "sampled", "unfiltered", "newcomer", "similar", "fresh")
+    } | {"purchases": answer["purchases"], "added_candidates": answer["added_candidates"],
+         "fresh_embeddings": np.array(answer["fresh_embeddings"], dtype=np.float32),
+         "fresh_candidates": answer["fresh_candidates"]}  # fmt: skip
 
 
 def infer(server: TritonServer, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
@@ -319,6 +346,39 @@ def test_encode_features_encodes_raw_rows_as_the_run_did(served: TritonServer, r
     assert snapshot_time == int(table["event_timestamp"].max().timestamp())
 
 
+def test_the_item_tower_embeds_products_the_run_does_not_know(served: TritonServer, in_process: dict,
+                                                              fresh_products: dict):  # fmt: skip
+    """Encoded rows in: the in-process item tower's embeddings, the rows packed as the ensemble takes them, and
+    whether the run's catalog knows each id (a product it knows keeps its own arrays)."""
+    rows = [*fresh_products["rows"], fresh_products["known"]]
+    answer = infer(served, "item_tower", {"rows": np.array([json.dumps(row).encode() for row in rows], dtype=object)},
+                   ("item_embeddings", "item_features", "known_items"))  # fmt: skip
+    np.testing.assert_array_equal(answer["item_features"][:3], fresh_products["features"])
+    assert answer["known_items"].tolist() == [False, False, False, True]
+    np.testing.assert_allclose(answer["item_embeddings"][:3], in_process["fresh_embeddings"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InferenceServerException, match="column 'item_id' is missing"):
+        infer(served, "item_tower", {"rows": np.array([b'{"item_category": 3}'], dtype=object)}, ("item_features",))
+
+
+def test_recommend_retrieves_and_ranks_products_added_since_the_run(served: TritonServer, in_process: dict,
+                                                                    chosen: dict[str, np.ndarray],
+                                                                    fresh_products: dict):  # fmt: skip
+    """Products sent with the request are retrieved where Faiss would have found them, ranked on their features and
+    named by id: the in-process pipeline's lists with the same products."""
+    fresh = {"fresh_item_ids": fresh_products["ids"], "fresh_item_features": fresh_products["features"],
+             "fresh_item_embeddings": in_process["fresh_embeddings"]}  # fmt: skip
+    answer = recommend(served, chosen["users"], **ranked(), **fresh)
+
+    assert_same_lists(answer, in_process["fresh"])
+    assert sum(in_process["fresh_candidates"]) > 0, "some users retrieve a product added since the run"
+    # Every one retrieved is ranked: the whole ranked list of each user holds them (its head is the answer above).
+    whole = recommend(served, chosen["users"], **ranked(top_n=1_000), **fresh)["item_ids"]
+    np.testing.assert_array_equal(whole[:, :TOP_N], answer["item_ids"])
+    assert [len(set(FRESH_IDS.tolist()) & set(row.tolist())) for row in whole] == in_process["fresh_candidates"]
+    with pytest.raises(InferenceServerException, match="or none"):
+        recommend(served, chosen["users"], **ranked(), fresh_item_ids=FRESH_IDS)
+
+
 def test_encode_features_refuses_a_column_the_spec_lacks(served: TritonServer):
     with pytest.raises(InferenceServerException, match="no column named bogus") as raised:
         encode(served, "user", [{"user_id": 1, "bogus": 3}])
@@ -328,7 +388,7 @@ def test_encode_features_refuses_a_column_the_spec_lacks(served: TritonServer):
 def test_repository_is_self_contained_and_described(exported: tuple[Path, dict]):
     repository, metrics = exported
     stages = ["query_tower", "faiss_retrieval", "candidate_sources", "filter_candidates", "ranker", "ordering",
-              "item_lookup", "similar_items", "encode_features"]  # fmt: skip
+              "item_lookup", "similar_items", "encode_features", "item_tower"]  # fmt: skip
     assert metrics["models"] == stages
     assert metrics["ensembles"]["recommend"]["steps"] == stages[:6]
     # The item-to-item source and each user's history travel with the stage that reads them.

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from models.online_pipeline import PipelineColumns
+from models.online_pipeline import FreshItems, PipelineColumns
 
 Number = TypeVar("Number", int, float)
 
@@ -48,6 +48,36 @@ def scalar(inputs: Mapping[str, np.ndarray], name: str, default: Number, cast: C
 def ids_vector(inputs: Mapping[str, np.ndarray], name: str) -> np.ndarray:
     """A required one-dimensional int64 input (ids, one per row of the request)."""
     return np.asarray(required(inputs, name), dtype=np.int64).reshape(-1)
+
+
+FRESH_INPUTS = ("fresh_item_ids", "fresh_item_features", "fresh_item_embeddings")
+
+
+def fresh_items(inputs: Mapping[str, np.ndarray], columns: PipelineColumns) -> FreshItems | None:
+    """The products added since the run that the request sent (all three `FRESH_INPUTS`, or none), or None."""
+    given = [name for name in FRESH_INPUTS if name in inputs]
+    if not given:
+        return None
+    if len(given) < len(FRESH_INPUTS):
+        raise RequestError(f"give all of {', '.join(FRESH_INPUTS)} or none")
+    try:
+        return FreshItems.from_tensors(columns, *(inputs[name] for name in FRESH_INPUTS))
+    except ValueError as error:
+        raise RequestError(str(error)) from error
+
+
+def json_rows(inputs: Mapping[str, np.ndarray], name: str) -> list[dict[str, Any]]:
+    """A required input of JSON objects, one per row (bytes or text), parsed."""
+    rows = []
+    for number, text in enumerate(np.asarray(required(inputs, name)).reshape(-1)):
+        try:
+            row = json.loads(text.decode() if isinstance(text, bytes) else str(text))
+        except json.JSONDecodeError as error:
+            raise RequestError(f"row {number}: not JSON ({error})") from error
+        if not isinstance(row, dict):
+            raise RequestError(f"row {number}: a JSON object is needed")
+        rows.append(row)
+    return rows
 
 
 class StageModel:

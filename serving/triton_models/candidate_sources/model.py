@@ -5,7 +5,9 @@ history (EASE neighbours, `models/item_to_item.py`; the history is each user's p
 with it) and the most clicked items, merged without duplicates; every candidate's two-tower inner product,
 item-to-item score and sources (one bit each) come back aligned with it:
 `models.online_pipeline.multi_source_candidates`. A repository from a run without the item-to-item source
-passes the two-tower's candidates on alone.
+passes the two-tower's candidates on alone. Products added since the run, sent with the request
+(`fresh_item_ids`, `fresh_item_features`, `fresh_item_embeddings`: `models.online_pipeline.FreshItems`), are
+added where the two-tower retrieval would have found them (`add_fresh_candidates`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from collections.abc import Mapping
 import numpy as np
 
 from models.item_to_item import NEIGHBOURS_FILE, ItemToItem
-from models.online_pipeline import USER_HISTORY_FILE, ItemEmbeddings, ItemsByUser, multi_source_candidates
-from serving.triton_models.stage import RequestError, StageModel, ids_vector, required
+from models.online_pipeline import (
+    USER_HISTORY_FILE,
+    ItemEmbeddings,
+    ItemsByUser,
+    add_fresh_candidates,
+    multi_source_candidates,
+)
+from serving.triton_models.stage import RequestError, StageModel, fresh_items, ids_vector, required
 
 
 class TritonPythonModel(StageModel):
@@ -33,7 +41,8 @@ class TritonPythonModel(StageModel):
         if not len(raw_user_ids) == len(queries) == len(candidates):
             raise RequestError("raw_user_ids, query_embeddings and candidates must have one row per user")
         histories = self.histories.of_users(raw_user_ids) if self.histories is not None else None
-        merged, inner, item_to_item, sources = multi_source_candidates(candidates, queries, self.embeddings,
-                                                                       self.item_to_item, histories)  # fmt: skip
+        merged, inner, item_to_item, sources = add_fresh_candidates(
+            *multi_source_candidates(candidates, queries, self.embeddings, self.item_to_item, histories),
+            queries, fresh_items(inputs, self.columns), candidates.shape[1])  # fmt: skip
         return {"merged_candidates": merged, "retrieval_scores": inner, "item_to_item_scores": item_to_item,
                 "sources": sources}

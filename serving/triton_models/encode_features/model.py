@@ -20,7 +20,7 @@ import numpy as np
 
 from models.feature_encoding import EncodingError, WorkflowEncoder
 from recsys.triton_repository import SNAPSHOT_FILE, WORKFLOW_DIR
-from serving.triton_models.stage import RequestError, StageModel, required
+from serving.triton_models.stage import RequestError, StageModel, json_rows, required
 
 
 def _text(value: object) -> str:
@@ -36,15 +36,7 @@ class TritonPythonModel(StageModel):
         kinds = np.asarray(required(inputs, "kind")).reshape(-1)
         if len(kinds) != 1:
             raise RequestError(f"input 'kind' must hold one value, got {len(kinds)}")
-        rows = []
-        for number, text in enumerate(np.asarray(required(inputs, "rows")).reshape(-1)):
-            try:
-                row = json.loads(_text(text))
-            except json.JSONDecodeError as error:
-                raise RequestError(f"row {number}: not JSON ({error})") from error
-            if not isinstance(row, dict):
-                raise RequestError(f"row {number}: a JSON object of raw values is needed")
-            rows.append(row)
+        rows = json_rows(inputs, "rows")
         try:
             encoded = self.encoder.encode(_text(kinds[0]), rows)
         except EncodingError as error:

@@ -5,7 +5,8 @@ item-to-item scores and the candidates' sources (`candidate_sources`; the `retri
 `item_to_item_weight` and `source_weights` of the export, as batch scoring's), the scores returned; then
 `models.online_pipeline.order`: softmax sampling over score / temperature (temperature 0: the ranked
 order), the top n kept, the sampling probabilities returned with the list. `seed` makes a sampled
-order reproducible; without it every request draws afresh.
+order reproducible; without it every request draws afresh. A product added since the run is named by the raw id
+the request sent for it (`fresh_item_ids`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from models.blend import blend_scores
 from models.online_pipeline import ITEM_FEATURES_FILE, ItemCatalog, order
-from serving.triton_models.stage import RequestError, StageModel, required, scalar
+from serving.triton_models.stage import RequestError, StageModel, fresh_items, required, scalar
 
 
 class TritonPythonModel(StageModel):
@@ -52,5 +53,7 @@ class TritonPythonModel(StageModel):
         rng = np.random.default_rng(seed if seed >= 0 else None)
         items, ordered_scores, probabilities, clicks = order(candidates, scores, top_n, temperature=temperature,
                                                              rng=rng, click_probabilities=ranker_scores)  # fmt: skip
-        return {"item_ids": self.catalog.raw(items), "scores": ordered_scores, "probabilities": probabilities,
+        fresh = fresh_items(inputs, self.columns)
+        raw = fresh.raw(self.catalog, items) if fresh is not None else self.catalog.raw(items)
+        return {"item_ids": raw, "scores": ordered_scores, "probabilities": probabilities,
                 "click_probabilities": clicks}

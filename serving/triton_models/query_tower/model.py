@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from models.online_pipeline import USER_FEATURES_FILE, QueryTower, UserFeatureTable
+from models.online_pipeline import USER_FEATURES_FILE, Tower, UserFeatureTable
 from recsys.triton_repository import QUERY_TOWER_DIR
 from serving.triton_models.stage import RequestError, StageModel, ids_vector
 
@@ -19,7 +19,7 @@ from serving.triton_models.stage import RequestError, StageModel, ids_vector
 class TritonPythonModel(StageModel):
     def load(self) -> None:
         self.users = UserFeatureTable.read(self.directory / USER_FEATURES_FILE, self.columns)
-        self.tower = QueryTower(self.directory / QUERY_TOWER_DIR, self.columns)
+        self.tower = Tower.query(self.directory / QUERY_TOWER_DIR, self.columns)
 
     def user_features(self, inputs: Mapping[str, np.ndarray], raw_user_ids: np.ndarray
                       ) -> tuple[dict[str, np.ndarray], np.ndarray]:  # fmt: skip

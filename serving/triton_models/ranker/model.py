@@ -4,7 +4,8 @@ The user's features are unrolled against the candidates' item features, which th
 memory as arrays indexed by encoded item id (one gather per request, no feature-store call per
 candidate): `models.online_pipeline.Ranker`. Context features (encoded, one value per user or one for
 all) are optional inputs; left out, the ranker sees Categorify's missing-value code, as for
-user-item crosses, which a new pair cannot have.
+user-item crosses, which a new pair cannot have. A product added since the run (`candidate_sources`' codes
+beyond the catalog) is scored on the features the request sent for it (`fresh_item_*`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from models.online_pipeline import ITEM_FEATURES_FILE, ItemCatalog, Ranker
 from recsys.triton_repository import RANKER_DIR
-from serving.triton_models.stage import RequestError, StageModel, required
+from serving.triton_models.stage import RequestError, StageModel, fresh_items, required
 
 
 class TritonPythonModel(StageModel):
@@ -42,4 +43,5 @@ class TritonPythonModel(StageModel):
                 if len(values) != len(candidates):
                     raise RequestError(f"context input '{column}' needs one value, or one per user")
                 context[column] = values
-        return {"ranker_scores": self.ranker.score(features, candidates, context)}
+        fresh = fresh_items(inputs, self.columns)
+        return {"ranker_scores": self.ranker.score(features, candidates, context, fresh)}
