@@ -11,7 +11,7 @@ MLFLOW_PORT ?= 5000
 DEMO_ROWS := $(if $(filter command line,$(origin ROWS)),$(ROWS),50000)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint unit generate-data airflow benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-final-order benchmark-off-policy benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key forget-customer serve demo mlflow
+.PHONY: help setup test test-fast lint unit generate-data airflow airflow-celery benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-final-order benchmark-off-policy benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key forget-customer serve demo mlflow
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ airflow:  ## start Airflow (api server, scheduler, dag processor, triggerer) on 
 	@test -f $(AIRFLOW_CONFIG) || { echo "$(AIRFLOW_CONFIG) is missing: run 'make setup' first"; exit 2; }
 	@# standalone starts each component as a subprocess named `airflow`, found on PATH: the platform venv's.
 	PATH="$(VENV):$$PATH" $(VENV)/airflow standalone
+
+airflow-celery:  ## Airflow on the CeleryExecutor: scheduler, API server, DAG processor, triggerer and a Celery worker (PostgreSQL, Redis)
+	bash scripts/airflow_celery.sh
 
 migrate:  ## create or upgrade the gateway's database (RECSYS_DATABASE_URL, default SQLite in var/serving/)
 	$(VENV)/python -m serving.api.migrate upgrade

@@ -50,7 +50,12 @@ requests/s: the cores are shared with other work, and the least disturbed round 
 - `triton_k<K>`: the same requests straight to Triton's `recommend` ensemble with tritonclient (aio),
   so the gateway's own overhead shows;
 - the online and Triton measurements at `--concurrency` (loaded) and at `--latency-concurrency` (one
-  client: latency without queueing), `--online-rounds` times each, every other round in reverse TopK order.
+  client: latency without queueing), `--online-rounds` times each, every other round in reverse TopK order;
+- `online_k<K>_fresh<N>` (with `--fresh-products N`): the online measurement again at `--latency-concurrency`,
+  once N products the run does not know are in the version's `fresh_items` (serving/live_features.py: every
+  online request sends them to Triton, which retrieves and ranks them). Their rows are those `encode_features`
+  gives an existing item's features under a new id (the item's codes, the id's the out-of-vocabulary one),
+  embedded by Triton's `item_tower`, written as the gateway writes them.
 
 Besides requests/s and latency, each row has the CPU time per request of the server under test (the
 uvicorn process and its workers) and of Triton's processes (server and model stubs), read from /proc:
@@ -97,6 +102,7 @@ from recsys.spec import DatasetSpec, load_spec  # noqa: E402
 
 PREFIX = "bench-serving:"
 VERSION = "bench"
+FRESH_PRODUCT_BASE = 10**12  # ids of products added since the run (--fresh-products)
 PRECOMPUTED_USERS = 200  # customers keeping their nightly list; every other known customer goes online
 # Customer ids no run has seen, below 2**32 as a database sequence's next ids would be: the gateway reads their
 # bit in the version's known-users bitmap (GETBIT past its end answers 0), as it would for real new visitors.
@@ -543,7 +549,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 print(f"setup done in {setup_seconds:.0f} s (Triton ready in {triton.startup_seconds:.1f} s); "
                       "measuring", flush=True)  # fmt: skip
                 measurements = asyncio.run(measure(args, people, bare, gateways, triton.http_address, triton_cpu,
-                                                   client, feast, scaled))  # fmt: skip
+                                                   client, feast, scaled, run))  # fmt: skip
     finally:
         client.flushdb()
         client.close()
@@ -571,7 +577,7 @@ async def feast_measurement(feast: Any, users: Sequence[int], load: Load) -> Mea
 
 async def measure(args: argparse.Namespace, people: Cohorts, bare: Uvicorn, gateways: dict[int, Uvicorn],
                   triton_address: str, triton_cpu: Callable[[], float], client: Any, feast: Any,
-                  scaled: Uvicorn | None) -> list[Measurement]:  # fmt: skip
+                  scaled: Uvicorn | None, run: Path) -> list[Measurement]:  # fmt: skip
     from recsys.recommendation_store import RecommendationKeys
 
     keys = RecommendationKeys(PREFIX)
@@ -615,7 +621,7 @@ async def measure(args: argparse.Namespace, people: Cohorts, bare: Uvicorn, gate
         report(await http_measurement("new_visitor", visitors, b'"route":"generic"',
                                       load(c, main_gateway, triton=True)), round_index)  # fmt: skip
 
-    async def online(top_k: int, concurrency: int, round_index: int) -> None:
+    async def online(top_k: int, concurrency: int, round_index: int, suffix: str = "") -> None:
         gateway = gateways[top_k]
         urls = [f"{gateway.url}/recommendations/{user}" for user in people.online]
         # Warm-up on the last customers, then the cache is emptied: every measured request misses it.
@@ -623,7 +629,7 @@ async def measure(args: argparse.Namespace, people: Cohorts, bare: Uvicorn, gate
         delete_online_cache(client)
         await http_measurement("warmup", urls[online_count:], None, load(concurrency, count=warmup, warmup=0))
         delete_online_cache(client)
-        report(await http_measurement(f"online_k{top_k}", urls, b'"route":"online"',
+        report(await http_measurement(f"online_k{top_k}{suffix}", urls, b'"route":"online"',
                                       load(concurrency, gateway, count=online_count, warmup=0, triton=True),
                                       top_k=top_k), round_index)  # fmt: skip
         report(await triton_measurement(triton_address, people.online, top_k,
@@ -644,7 +650,39 @@ async def measure(args: argparse.Namespace, people: Cohorts, bare: Uvicorn, gate
             # Every other round in reverse, so that a disturbance in time does not always hit the same TopK.
             for top_k in args.top_k if round_index % 2 == 0 else args.top_k[::-1]:
                 await online(top_k, concurrency, round_index)
+    if args.fresh_products:
+        await add_fresh_products(triton_address, client, keys.fresh_items(VERSION), args.fresh_products, run)
+        concurrency = args.latency_concurrency or args.concurrency
+        print(f"online path with {args.fresh_products} products added since the run, concurrency {concurrency}",
+              flush=True)  # fmt: skip
+        for top_k in args.top_k:
+            await online(top_k, concurrency, 0, suffix=f"_fresh{args.fresh_products}")
     return results
+
+
+async def add_fresh_products(triton_address: str, client: Any, key: str, count: int, run: Path) -> None:
+    """`count` products the run does not know into the version's `fresh_items`, as the gateway writes them: the
+    encoded rows of existing items under new ids, embedded by Triton's `item_tower`."""
+    import pandas as pd
+
+    from models.online_pipeline import PipelineColumns
+    from recsys.recommendation_store import encode_fresh_item
+    from serving.live_features import FRESH_PRODUCTS_TTL_S
+    from serving.triton_client import TritonEnsembles
+
+    columns = PipelineColumns.read(run / "triton_repository" / "ranker" / "1")
+    items = pd.read_parquet(run / "nvtabular" / "item_features.parquet").head(count)
+    rows = [{columns.item_id: 2, **{name: value.tolist() if hasattr(value, "tolist") else value
+                                    for name, value in row.items() if name in columns.item_features}}
+            for row in items.to_dict("records")]  # fmt: skip
+    triton = TritonEnsembles(f"http://{triton_address}", timeout_s=60)
+    try:
+        embeddings, packed, _ = await triton.embed_items(rows)
+    finally:
+        await triton.close()
+    client.hset(key, mapping={FRESH_PRODUCT_BASE + index: encode_fresh_item(packed[index], embeddings[index])
+                              for index in range(len(rows))})  # fmt: skip
+    await asyncio.sleep(FRESH_PRODUCTS_TTL_S + 1)  # the gateways' copies of the hash expire
 
 
 def best(measurements: list[Measurement], name: str, concurrency: int) -> Measurement:
@@ -658,7 +696,7 @@ def summarize(args: argparse.Namespace, measurements: list[Measurement], setup_s
     rows = []
     reference = best(measurements, "bare_redis_get", c)
     names = ["bare", "bare_redis_get", "redis_get", *HOT_PATH, SCALED, "feast_read",
-             *(f"online_k{k}" for k in args.top_k),
+             *(f"online_k{k}" for k in args.top_k), *(f"online_k{k}_fresh{args.fresh_products}" for k in args.top_k),
              *(f"triton_k{k}" for k in args.top_k)]  # fmt: skip
     for name in names:
         for concurrency in sorted({m.concurrency for m in measurements if m.name == name}, reverse=True):
@@ -829,6 +867,8 @@ def main() -> int:
     parser.add_argument("--time-cap", type=float, default=8.0, help="seconds per measurement at most")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the bare, Redis, precomputed and new visitor")
     parser.add_argument("--online-rounds", type=int, default=2, help="rounds of the online and Triton measurements")
+    parser.add_argument("--fresh-products", type=int, default=0,
+                        help="the online path again with this many products added since the run (0: skip)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of every app")
     parser.add_argument("--scaling-workers", type=int, default=2,
                         help="workers of one more gateway, measured on precomputed hits against the first (0: none)")

@@ -23,6 +23,9 @@ whose weights it takes), logged as an MLflow artifact. With `compare_rankers`, `
 trains DLRM, DCN-v2, MLP and NCF on the same data and logs their comparison (report figure 5.4) to the
 MLflow experiment `recsys_ranker_comparison`.
 
+The tasks whose step runs in the trainer environment (the NVTabular step, training, the index, batch scoring, the
+demo data) take the Celery queue `trainer` (`make airflow-celery`; the LocalExecutor ignores queues).
+
 Every output goes to `<RECSYS_DATA_ROOT>/runs/<run id>/<step>` and appears atomically; a rerun of a
 task replaces its output. A failed validation fails the run and nothing downstream runs; the report
 is in `<run>/validate/report.md` and in the task log.
@@ -46,7 +49,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 # The Params' defaults are the pipeline's own. Both modules import in a third of a second (no pandas, MLflow or
 # TensorFlow), which every parse of this file pays.
-from tasks.pipeline import PipelineConfig
+from tasks.pipeline import TRAINER_QUEUE, PipelineConfig
 from tasks.quality_gate import DEFAULT_TOLERANCE, GATE_MODES
 
 if TYPE_CHECKING:
@@ -212,7 +215,7 @@ def recsys_nightly() -> None:
             raise _fail_without_retry(error) from error
         return str(layout.resplit)  # downstream reads the validated data, not the report
 
-    @task
+    @task(queue=TRAINER_QUEUE)
     def nvtabular_fit_transform(validated_dir: str) -> str:
         from tasks.pipeline import run_step
 
@@ -220,7 +223,7 @@ def recsys_nightly() -> None:
         run_step("nvtabular_fit_transform", layout, config)
         return str(layout.nvtabular)
 
-    @task
+    @task(queue=TRAINER_QUEUE)
     def train_ranker(nvtabular_dir: str) -> dict:
         from tasks.pipeline import run_step
         from tasks.track_training import log_ranker_run, oracle_click_probabilities
@@ -236,7 +239,7 @@ def recsys_nightly() -> None:
                                                             layout.resplit / "valid", spec),
         )}  # fmt: skip
 
-    @task
+    @task(queue=TRAINER_QUEUE)
     def train_two_tower(nvtabular_dir: str) -> dict:
         from tasks.pipeline import run_step
         from tasks.track_training import log_two_tower_run
@@ -249,7 +252,7 @@ def recsys_nightly() -> None:
             run_name=f"two_tower {context['run_id']}",
         )}  # fmt: skip
 
-    @task
+    @task(queue=TRAINER_QUEUE)
     def compare_rankers(nvtabular_dir: str, ranker: dict) -> dict:
         """With the Param `compare_rankers`: DLRM, DCN-v2, MLP and NCF on the same data, compared in MLflow."""
         from airflow.sdk.exceptions import AirflowSkipException
@@ -269,7 +272,7 @@ def recsys_nightly() -> None:
                     run_name=f"ranker comparison {context['run_id']}", nvtabular_dir=layout.nvtabular,
                     spec=config.dataset_spec())  # fmt: skip
 
-    @task
+    @task(queue=TRAINER_QUEUE)
     def build_faiss_index(two_tower: dict) -> str:
         from tasks.pipeline import run_step
         from tasks.track_training import log_step_metrics
@@ -295,7 +298,7 @@ def recsys_nightly() -> None:
         *_, layout, config = _run()
         return step(layout.nvtabular, config.dataset_spec())
 
-    @task
+    @task(queue=TRAINER_QUEUE)
     def batch_score(faiss_dir: str, two_tower: dict, ranker: dict) -> str:
         from tasks.pipeline import run_step
 
@@ -316,7 +319,7 @@ def recsys_nightly() -> None:
                        report_dir=layout.evaluate)  # fmt: skip
         return metrics["checks"]
 
-    @task
+    @task(queue=TRAINER_QUEUE)
     def demo_data(faiss_dir: str, two_tower: dict, ranker: dict) -> str:
         """Validation users' clicks and retrieved candidates for the gateway's demo page (report 5.5)."""
         from tasks.pipeline import run_step

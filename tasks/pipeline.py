@@ -72,6 +72,11 @@ class PipelineConfig:
         return load_spec(self.spec)
 
 
+# The Celery queue of the DAG tasks whose step runs in the trainer environment (`make airflow-celery`): a worker on a
+# machine with a GPU can take only those (`airflow celery worker --queues trainer`). The LocalExecutor ignores it.
+TRAINER_QUEUE = "trainer"
+
+
 def _trainer(command: str, config: PipelineConfig, arguments: list[str]) -> dict:
     from recsys.settings import get_settings
     from recsys.trainer_env import run_trainer_step

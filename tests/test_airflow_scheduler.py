@@ -46,10 +46,11 @@ pytestmark = pytest.mark.e2e
 
 
 class RunningAirflow:
-    """`make airflow` in a process group of its own, and a client of its REST API (logged in as admin)."""
+    """`make airflow` (or `target`) in a process group of its own, and a client of its REST API (logged in as
+    admin)."""
 
-    def __init__(self, home: Path, env: dict[str, str], port: int) -> None:
-        self.home, self.env = home, env
+    def __init__(self, home: Path, env: dict[str, str], port: int, *, target: str = "airflow") -> None:
+        self.home, self.env, self.target = home, env, target
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = home / "standalone.log"
         self.client = httpx.Client(base_url=self.base_url, timeout=30)
@@ -57,7 +58,7 @@ class RunningAirflow:
 
     def start(self) -> None:
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(["make", "-s", "airflow", f"AIRFLOW_HOME={self.home}"], cwd=PROJECT_ROOT,
+            self.process = subprocess.Popen(["make", "-s", self.target, f"AIRFLOW_HOME={self.home}"], cwd=PROJECT_ROOT,
                                             env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -180,17 +181,12 @@ def path_without_project_environments() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def airflow(tmp_path_factory: pytest.TempPathFactory, small_raw: Path) -> Iterator[RunningAirflow]:
+def airflow_environment(home: Path, port: int, **extra: str) -> dict[str, str]:
+    """The environment of the tests' Airflow: its metadata database, logs, data, MLflow and Feast stores in `home`,
+    the API server on `port`, the tests' own Redis databases, and a PATH without the project's environments."""
     config = PROJECT_ROOT / "airflow.cfg"
     assert config.exists(), "airflow.cfg is missing: run the README's setup command (make setup)"
-    home = tmp_path_factory.mktemp("airflow-scheduler")
-    (home / "landing").mkdir()  # empty: a scheduled nightly run finds no CSV there
-    # The gateway's database and impressions that the monitoring DAG reads (hand-checked in test_monitor.py).
-    gateway_database = database(home / "gateway.db", EVENTS)
-    write_impressions(home / "impressions", IMPRESSIONS)
-    port = free_port()
-    env = {
+    return {
         **os.environ,
         "PATH": path_without_project_environments(),
         "AIRFLOW_CONFIG": str(config),
@@ -204,7 +200,6 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, small_raw: Path) -> Iterat
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "RECSYS_DATA_ROOT": str(home / "data"),
         "RECSYS_LANDING_DIR": str(home / "landing"),
-        "RECSYS_DATABASE_URL": gateway_database,
         "RECSYS_IMPRESSIONS_DIR": str(home / "impressions"),
         "RECSYS_MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
         "RECSYS_MLFLOW_ARTIFACT_ROOT": str(home / "mlartifacts"),
@@ -213,7 +208,19 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, small_raw: Path) -> Iterat
         "RECSYS_REDIS_KEY_PREFIX": KEY_PREFIX,
         "RECSYS_FEAST_REDIS_URL": E2E_FEAST_REDIS_URL,
         "RECSYS_FEAST_REGISTRY_PATH": str(home / "feast" / "registry.db"),
-    }
+        **extra,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory: pytest.TempPathFactory, small_raw: Path) -> Iterator[RunningAirflow]:
+    home = tmp_path_factory.mktemp("airflow-scheduler")
+    (home / "landing").mkdir()  # empty: a scheduled nightly run finds no CSV there
+    # The gateway's database and impressions that the monitoring DAG reads (hand-checked in test_monitor.py).
+    gateway_database = database(home / "gateway.db", EVENTS)
+    write_impressions(home / "impressions", IMPRESSIONS)
+    port = free_port()
+    env = airflow_environment(home, port, RECSYS_DATABASE_URL=gateway_database)
     for url in (E2E_REDIS_URL, E2E_FEAST_REDIS_URL):
         redis.Redis.from_url(url).flushdb()
     running = RunningAirflow(home, env, port)
