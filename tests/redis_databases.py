@@ -14,7 +14,7 @@ SERVER = os.environ.get("RECSYS_TEST_REDIS_SERVER", "redis://127.0.0.1:6379").rs
 
 DATABASES = {
     "api_feast": 4,  # test_recommendations_api.py's Feast online store (flushed)
-    "gateway": 7,  # served gateways: test_gateway_observability, test_serving_run, test_model_versions (prefixes)
+    "gateway": 7,  # served gateways: observability, serving_run, model_versions; airflow_celery's broker (prefixes)
     "demo_page": 8,  # test_demo_page.py (flushed)
     "api": 10,  # in-process gateways: ingestion, security, fuzzing, product flags, recommendations (prefixes)
     "e2e_feast": 11,  # the end-to-end DAG runs' Feast store (flushed)
