@@ -40,7 +40,7 @@ def database(tmp_path: Path) -> Iterator[str]:
 
 def gateway(database_url: str, **overrides: object) -> TestClient:
     settings = Settings(database_url=database_url, redis_url=REDIS_URL, redis_key_prefix=PREFIX,
-                        redis_timeout_ms=2_000, **overrides)  # type: ignore[arg-type]  # fmt: skip
+                        redis_timeout_ms=2_000, database_timeout_ms=5_000, **overrides)  # type: ignore[arg-type]  # fmt: skip
     return TestClient(create_app(settings))
 
 
