@@ -144,6 +144,11 @@ class RecommendationKeys:
         """The gateway's cache of an online (Triton) answer under `version`, with a TTL."""
         return f"{self.prefix}cache:{version}:{kind}:{key}"
 
+    def online_answers(self, version: str, customer_id: int) -> str:
+        """A hash of one customer's cached online answers under `version` by request context (one TTL for the
+        whole hash), so that deleting this one key drops every context's answer."""
+        return self.online_cache(version, "customer", customer_id)
+
 
 def encode_recommendations(item_ids: Sequence[int], scores: Sequence[float],
                            click_probabilities: Sequence[float] | None = None) -> bytes:  # fmt: skip
@@ -210,7 +215,7 @@ def erase_users(client: redis.Redis, keys: RecommendationKeys, versions: Sequenc
         pipe = client.pipeline(transaction=False)
         for version in versions:
             pipe.delete(*[keys.data(version, "user", user) for user in chunk],
-                        *[keys.online_cache(version, "user", user) for user in chunk])  # fmt: skip
+                        *[keys.online_answers(version, user) for user in chunk])  # fmt: skip
             if bits:
                 clear_bits(keys=[keys.known_users(version), keys.live_users(version)], args=bits, client=pipe)
         replies = pipe.execute()

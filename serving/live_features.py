@@ -86,7 +86,7 @@ class LiveFeatures:
         self.service_name = TWO_TOWER_SERVICE
         # Feast's column of the encoded id -> the models' input, named like the raw id.
         self.encoded_id = spec.user_id + ENCODED_SUFFIX
-        self._contexts: collections.OrderedDict[tuple[str, tuple[tuple[str, str], ...]], dict[str, np.ndarray]]
+        self._contexts: collections.OrderedDict[tuple[str, tuple[tuple[str, Any], ...]], dict[str, np.ndarray]]
         self._contexts = collections.OrderedDict()
         self.products = FreshProducts(spec, triton, redis_client, key_prefix)
 
@@ -105,7 +105,7 @@ class LiveFeatures:
         return {self._model_column(name): tensor_of(row[name][0]) for name in self.table.features
                 if row.get(name, [None])[0] is not None}  # fmt: skip
 
-    async def context_features(self, version: str | None, context: Mapping[str, str]) -> dict[str, np.ndarray]:
+    async def context_features(self, version: str | None, context: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The request's context features (those the spec has) encoded by the version's workflow, kept in process."""
         values = tuple(sorted((name, value) for name, value in context.items() if name in self.spec.context_features))
         if not values:
@@ -146,7 +146,7 @@ class LiveFeatures:
         pipe = self.redis.pipeline(transaction=True)
         if 0 <= customer_id < REDIS_MAX_BITS:
             pipe.setbit(self.keys.live_users(version), customer_id, 1)
-        pipe.delete(self.keys.online_cache(version, "user", customer_id))
+        pipe.delete(self.keys.online_answers(version, customer_id))
         await pipe.execute()
         return version
 
@@ -161,7 +161,7 @@ class LiveFeatures:
         pipe = self.redis.pipeline(transaction=True)
         if 0 <= customer_id < REDIS_MAX_BITS:
             pipe.setbit(self.keys.live_users(version), customer_id, 0)
-        pipe.delete(self.keys.online_cache(version, "user", customer_id))
+        pipe.delete(self.keys.online_answers(version, customer_id))
         await pipe.execute()
 
 

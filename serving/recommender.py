@@ -8,7 +8,7 @@ Routes, in order:
 - ``precomputed``: a known customer's nightly list from Redis;
 - ``online`` / ``online_cached``: a customer the models know but without a nightly list (evicted,
   deleted) -> the Triton ``recommend`` ensemble, whose answer is cached in Redis with a TTL under the
-  published version;
+  published version, per request context;
 - ``generic``: a new visitor -> the list of their (location, device) segment, or of all segments.
 
 Who is a new visitor comes with the list's read: the published version's known-users bitmap
@@ -71,12 +71,21 @@ Inputs = dict[str, np.ndarray]  # tensors of the recommend ensemble by name
 
 
 UNKNOWN_TO_THE_MODELS = b""  # the online cache's value for a customer the models do not know (no list is empty)
+UNKNOWN_FIELD = "?"  # its field in the customer's hash of online answers (a context field never starts with "?")
+
+ContextValue = str | int | float
+
+
+def context_field(context: Mapping[str, ContextValue]) -> str:
+    """The field of a request context in a customer's hash of cached online answers: `name=value` pairs sorted
+    by name and joined by `&` ("" without context), e.g. `device=mobile&location=DE&position=1`."""
+    return "&".join(f"{name}={context[name]}" for name in sorted(context))
 
 
 @dataclasses.dataclass(frozen=True)
 class VisitorQuery:
     customer_id: int
-    context: dict[str, str]  # e.g. {"location": "DE", "device": "mobile"}
+    context: dict[str, ContextValue]  # the spec's context features given, e.g. {"location": "DE", "position": 1}
     viewed: tuple[int, ...] = ()
     count: int = 20
     temperature: float = 0.0
@@ -253,12 +262,15 @@ class Recommender:
     async def _online(self, query: VisitorQuery, version: str | None) -> RankedList | None:
         """The Triton ensemble's answer for a customer without a nightly list (cached), or None if unknown.
 
-        That the models do not know a customer is cached too (an empty value, same TTL): where the version
-        has no known-users bitmap, a new visitor's next requests then cost the one cache read instead of a
-        Triton call each."""
-        cache_key = self.keys.online_cache(str(version), "user", query.customer_id)
-        cached = await self._redis(self.redis.get(cache_key))
-        if cached == UNKNOWN_TO_THE_MODELS:
+        Answers are cached per customer and request context (`context_field`; the ranker sees the context), in
+        one hash per customer and version, so a write-through deletes them all at once. That the models do not
+        know a customer is cached too, in the same hash (`UNKNOWN_FIELD`, whatever the context): where the
+        version has no known-users bitmap, a new visitor's next requests then cost the one cache read instead
+        of a Triton call each. The hash's TTL runs from its first answer."""
+        cache_key = self.keys.online_answers(str(version), query.customer_id)
+        field = context_field(query.context)
+        cached, unknown = await self._redis(self.redis.hmget(cache_key, [field, UNKNOWN_FIELD]))
+        if unknown is not None:
             return None
         if cached:
             return RankedList(*decode_scored_list(cached), route="online_cached", model_version=version)
@@ -266,7 +278,7 @@ class Recommender:
             return None
         features, context, fresh, degraded = await self._live_inputs(query, version)
         if self.live is not None and features is None and not degraded:  # Feast has no row: a new visitor
-            await self._redis(self.redis.set(cache_key, UNKNOWN_TO_THE_MODELS, ex=self.config.online_cache_ttl_s))
+            await self._cache_online(cache_key, UNKNOWN_FIELD, UNKNOWN_TO_THE_MODELS)
             return None
         try:
             call = self.triton.recommend(query.customer_id, top_k=self.config.online_top_k, version=version,
@@ -277,13 +289,18 @@ class Recommender:
             return await self._generic(query, version, degraded=[*degraded, "triton_unavailable"])
         if answer is None:  # a customer the models do not know: a new visitor
             if not degraded:
-                await self._redis(self.redis.set(cache_key, UNKNOWN_TO_THE_MODELS, ex=self.config.online_cache_ttl_s))
+                await self._cache_online(cache_key, UNKNOWN_FIELD, UNKNOWN_TO_THE_MODELS)
             return None
         items, scores, clicks = answer
         if not degraded:  # an answer without the customer's current features or context is not kept for the TTL
-            await self._redis(self.redis.set(cache_key, encode_recommendations(items, scores, clicks),
-                                             ex=self.config.online_cache_ttl_s))  # fmt: skip
+            await self._cache_online(cache_key, field, encode_recommendations(items, scores, clicks))
         return RankedList(items, scores, clicks, route="online", model_version=version, degraded=degraded)
+
+    async def _cache_online(self, key: str, field: str, value: bytes) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, field, value)
+        pipe.expire(key, self.config.online_cache_ttl_s, nx=True)  # the first answer starts the TTL
+        await self._redis(pipe.execute())
 
     async def _live_inputs(self, query: VisitorQuery, version: str | None
                            ) -> tuple[Inputs | None, Inputs | None, Inputs | None, list[str]]:  # fmt: skip

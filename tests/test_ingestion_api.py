@@ -231,7 +231,7 @@ def test_bad_fields_are_422_naming_the_field(client: TestClient, path: str, body
 
 def test_customer_and_product_bodies_follow_the_dataset_spec(migrated_database_url: str) -> None:
     """Another spec, other bodies: shop_events' customers carry its user features and its products its item features,
-    shown in OpenAPI, and AliCCP's are refused there."""
+    shown in OpenAPI, and AliCCP's are refused there; its recommendations take its context features."""
     from recsys.settings import PROJECT_ROOT
 
     with gateway(migrated_database_url, spec=PROJECT_ROOT / "tests" / "data" / "shop_events.yaml") as client:
@@ -253,6 +253,14 @@ def test_customer_and_product_bodies_follow_the_dataset_spec(migrated_database_u
         refused = client.post("/products", json=product(6))  # AliCCP's item features
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "attributes",
                                                                                      "item_category"]
+
+        # The request context of a recommendation is its context features, typed as their columns.
+        route = client.get("/openapi.json").json()["paths"]["/recommendations/{customer_id}"]["get"]
+        assert {"slot", "channel"} <= {parameter["name"] for parameter in route["parameters"]}
+        assert not {"location", "device", "position"} & {parameter["name"] for parameter in route["parameters"]}
+        refused = client.get("/recommendations/1", params={"slot": "top"})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["query", "slot"]
+        assert client.get("/recommendations/1", params={"slot": 2, "channel": "app"}).status_code == 200
 
 
 @pytest.mark.parametrize("method, path, params", [

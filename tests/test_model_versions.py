@@ -211,7 +211,7 @@ def test_make_serve_answers_from_the_models_of_the_version_it_names(
     def online_answers() -> tuple[set[str], list[list[int]]]:
         for user in users:  # as if the nightly run had missed these customers: the online path answers
             client.delete(*[f"{prefix}recs:{version}:user:{user}" for version in ("run_a", "run_b")])
-            client.delete(*[f"{prefix}cache:{version}:user:{user}" for version in ("run_a", "run_b")])
+            client.delete(*[f"{prefix}cache:{version}:customer:{user}" for version in ("run_a", "run_b")])
         bodies = [httpx.get(f"{url}/recommendations/{user}", params={"count": 20}, headers={"X-API-Key": key},
                             timeout=30).json() for user in users]  # fmt: skip
         answered = {(body["route"], body["model_version"]) for body in bodies}

@@ -477,7 +477,7 @@ def test_customers_forgotten_while_a_run_was_in_flight_are_erased_before_the_swi
     assert read_recommendations(client, PREFIX, "user", 5) is not None and client.getbit(KEYS.known_users("v1"), 5)
 
     client.delete(KEYS.known_users("v1"))
-    client.set(KEYS.online_cache("v1", "user", 5), b"cached")
+    client.hset(KEYS.online_answers("v1", 5), "location=DE", b"cached")
     assert erase_users(client, KEYS, ["v1"], [5]) == 2  # the list and the cached online answer
     assert not client.exists(KEYS.known_users("v1")) and not client.exists(KEYS.live_users("v1"))
 

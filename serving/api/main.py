@@ -44,6 +44,7 @@ def api_router(spec: DatasetSpec) -> APIRouter:
     router.include_router(products.catalog_router(spec))
     router.include_router(products.router)
     router.include_router(interactions.router)
+    router.include_router(recommendations.visitor_router(spec))
     router.include_router(recommendations.router)
     router.include_router(demo.router)
     return router

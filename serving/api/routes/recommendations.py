@@ -7,25 +7,27 @@ current availability and promotion flags of the listed products.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-from collections.abc import Sequence
-from typing import Annotated
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
-from recsys.database import Interaction, InteractionType, Product
+from recsys.database import SHORT_TEXT, Interaction, InteractionType, Product
+from recsys.spec import DatasetSpec, SpecError
 from serving.api.auth import AUTH_ERRORS, ReadScope
 from serving.api.deps import CustomerIdPath, ProductIdPath, get_recommender
 from serving.api.errors import is_database_unavailable
 from serving.api.rate_limit import RATE_LIMITED
 from serving.api.schemas import INT64_MAX, error_responses
 from serving.product_flags import ProductFlags
-from serving.recommender import VisitorQuery
+from serving.recommender import ContextValue, VisitorQuery
 
 log = logging.getLogger(__name__)
 
@@ -122,35 +124,94 @@ def _response(request: Request, customer_id: int | None, ranked, probabilities: 
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
-@router.get("/recommendations/{customer_id}", response_model=RecommendationResponse,
-            responses=error_responses({422: "a bad id or parameter"}))  # fmt: skip
-async def recommendations(
-    request: Request,
-    customer_id: CustomerIdPath,
-    location: Annotated[str | None, Query(max_length=64, description="the visitor's location now")] = None,
-    device: Annotated[str | None, Query(max_length=64, description="the visitor's device now")] = None,
-    session_id: Annotated[str | None, Query(max_length=128, description="products viewed in it: browsing now")] = None,
-    viewed: Annotated[list[int] | None, Query(max_length=MAX_VIEWED, description="products on screen now")] = None,
-    count: Annotated[int, Query(ge=1, le=100)] = 20,
-    temperature: Annotated[float, Query(ge=0, le=100, description="softmax sampling; 0 = ranked order")] = 0.0,
-    seed: Annotated[int | None, Query(ge=0, le=INT64_MAX, description="makes sampling reproducible")] = None,
-) -> Response:
-    for item in viewed or []:
-        if not 0 < item <= INT64_MAX:
-            raise HTTPException(422, f"viewed product id {item} is not a positive int64")
-    seen = tuple(viewed or ())
-    views_unknown = False
-    if not seen and session_id:
-        views = await _session_views(request, session_id)
-        views_unknown = views is None
-        seen = views or ()
-    context = {name: value for name, value in (("location", location), ("device", device)) if value}
-    query = VisitorQuery(customer_id=customer_id, context=context, viewed=seen, count=count,
-                         temperature=temperature, seed=seed, api_key=request.state.caller.name)  # fmt: skip
-    ranked, probabilities, promoted = await get_recommender(request).recommend(query)
-    if views_unknown and "database_unavailable" not in ranked.degraded:
-        ranked.degraded.append("database_unavailable")
-    return _response(request, customer_id, ranked, probabilities, promoted, temperature)
+# The route's own query parameters: a context feature of the spec may not take one of these names.
+VISITOR_PARAMETERS = frozenset({"session_id", "viewed", "count", "temperature", "seed"})
+
+
+def request_context(spec: DatasetSpec) -> Callable[..., dict[str, ContextValue]]:
+    """A dependency taking each of the spec's context features as a query parameter, named and typed as its
+    column (AliCCP: `position`, `location`, `device`; shop_events: `slot`, `channel`): the request's context, which
+    the ranker takes as it took each training row's, and whose segment features pick a new visitor's list. A
+    feature left out is missing, as in batch scoring (Categorify's null code)."""
+    clash = VISITOR_PARAMETERS.intersection(spec.context_features)
+    if clash:
+        raise SpecError(f"{spec.source}: context features {sorted(clash)} clash with the recommendations route's "
+                        f"own query parameters")  # fmt: skip
+    parameters = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                    annotation=Annotated[_context_type(spec, name), _context_query(spec, name)])
+                  for name in spec.context_features]  # fmt: skip
+
+    def context(**values: ContextValue | None) -> dict[str, ContextValue]:
+        return {name: value for name, value in values.items() if value is not None and value != ""}
+
+    context.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return context
+
+
+def _context_type(spec: DatasetSpec, name: str) -> Any:
+    column_type = spec.columns[name]
+    if column_type.startswith(("int", "uint")):
+        return int | None
+    return float | None if column_type.startswith(("float", "double")) else str | None
+
+
+def _context_query(spec: DatasetSpec, name: str) -> Any:
+    """The query parameter of a context feature: an integer in its column type's range, a finite number, or
+    text a segment key can hold (no `:`, which joins a segment's values)."""
+    column_type = spec.columns[name]
+    description = (f"context feature `{name}` ({column_type}) of the request, which the ranker takes as in training; "
+                   "left out: missing, as in batch scoring")
+    if column_type.startswith(("int", "uint")):
+        bits = int(column_type.removeprefix("u").removeprefix("int") or 64)
+        low, high = (0, 2**bits - 1) if column_type.startswith("u") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        return Query(ge=low, le=high, description=description)
+    if column_type.startswith(("float", "double")):
+        return Query(allow_inf_nan=False, description=description)
+    return Query(max_length=SHORT_TEXT, pattern=r"^[\w .\-]*$", description=description)
+
+
+def visitor_router(spec: DatasetSpec) -> APIRouter:
+    """`GET /recommendations/{customer_id}`, whose context parameters are the spec's context features
+    (`request_context`): built per application, for the spec its settings name."""
+    visitor = APIRouter(tags=["recommendations"], dependencies=[ReadScope],
+                        responses=error_responses({**AUTH_ERRORS, **RATE_LIMITED}))  # fmt: skip
+    context_of_request = request_context(spec)
+
+    async def recommendations(
+        request: Request,
+        customer_id: CustomerIdPath,
+        context: dict[str, ContextValue],  # the spec's context features (`request_context`), annotated below
+        session_id: Annotated[str | None, Query(max_length=128, description="products viewed in it: browsing now")]
+        = None,
+        viewed: Annotated[list[int] | None, Query(max_length=MAX_VIEWED, description="products on screen now")]
+        = None,
+        count: Annotated[int, Query(ge=1, le=100)] = 20,
+        temperature: Annotated[float, Query(ge=0, le=100, description="softmax sampling; 0 = ranked order")] = 0.0,
+        seed: Annotated[int | None, Query(ge=0, le=INT64_MAX, description="makes sampling reproducible")] = None,
+    ) -> Response:
+        for item in viewed or []:
+            if not 0 < item <= INT64_MAX:
+                raise HTTPException(422, f"viewed product id {item} is not a positive int64")
+        seen = tuple(viewed or ())
+        views_unknown = False
+        if not seen and session_id:
+            views = await _session_views(request, session_id)
+            views_unknown = views is None
+            seen = views or ()
+        query = VisitorQuery(customer_id=customer_id, context=context, viewed=seen, count=count,
+                             temperature=temperature, seed=seed, api_key=request.state.caller.name)  # fmt: skip
+        ranked, probabilities, promoted = await get_recommender(request).recommend(query)
+        if views_unknown and "database_unavailable" not in ranked.degraded:
+            ranked.degraded.append("database_unavailable")
+        return _response(request, customer_id, ranked, probabilities, promoted, temperature)
+
+    # The annotations are strings (`from __future__ import annotations`) that FastAPI resolves in this module's
+    # globals, where `context_of_request` is not: this one is given as the object.
+    recommendations.__annotations__["context"] = Annotated[dict[str, ContextValue], Depends(context_of_request)]
+    visitor.add_api_route("/recommendations/{customer_id}", recommendations, methods=["GET"],
+                          response_model=RecommendationResponse,
+                          responses=error_responses({422: "a bad id or parameter"}))  # fmt: skip
+    return visitor
 
 
 @router.get("/products/{product_id}/similar", response_model=RecommendationResponse)
