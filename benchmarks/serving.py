@@ -455,10 +455,17 @@ async def http_measurement(name: str, urls: Sequence[str], expect: bytes | None,
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=load.concurrency),
                                      headers=HEADERS) as session:  # fmt: skip
 
+        reported = False
+
         async def call(index: int) -> bool:
+            nonlocal reported
             async with session.get(urls[index % len(urls)]) as response:
                 body = await response.read()
-                return response.status == 200 and (expect is None or expect in body)
+                ok = response.status == 200 and (expect is None or expect in body)
+            if not ok and not reported:  # what a failure was, once per measurement
+                reported = True
+                print(f"  {name}: a failure: {response.status} {body[:300]!r}", flush=True)
+            return ok
 
         return await measured(name, call, load, **extra)
 

@@ -565,6 +565,21 @@ class FreshItems:
             raise ValueError("fresh items need one id, one packed feature row and one embedding each")
         return cls(raw_ids, columns.unpack(features, columns.item_columns), embeddings, columns.item_cardinality)
 
+    def item_queries(self, raw_ids: np.ndarray, codes: np.ndarray, queries: np.ndarray, known: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """The (codes, embeddings, known) of these raw ids that `ItemEmbeddings.queries` gave, with a fresh item's
+        own code and embedding where the catalog knows none: what its similar products are searched with (its code
+        is no indexed item's, so no neighbour is skipped as itself)."""
+        at = pd.Index(self.raw_ids).get_indexer(np.asarray(raw_ids, dtype=np.int64))
+        given = ~np.asarray(known, dtype=bool) & (at >= 0)
+        if not given.any():
+            return codes, queries, known
+        codes = np.array(codes, dtype=np.int64, copy=True)
+        codes[given] = self.codes[at[given]]
+        queries = np.array(queries, dtype=np.float32, copy=True)
+        queries[given] = self.embeddings[at[given]]
+        return codes, queries, known | given
+
     def raw(self, catalog: ItemCatalog, codes: np.ndarray) -> np.ndarray:
         """Raw ids of encoded ids, the fresh items' among them; MISSING stays MISSING."""
         codes = np.asarray(codes, dtype=np.int64)
@@ -765,11 +780,15 @@ class RecommendationPipeline:
         """Ranker scores of every (user row, candidate) pair; NaN where the candidate is MISSING."""
         return self.ranker.score(features, candidates, context, fresh)
 
-    def similar_items(self, codes: np.ndarray, n: int, *,
-                      unavailable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """Items nearest to each given item in the two-tower embedding space (itself and unavailable items excluded)."""
+    def similar_items(self, codes: np.ndarray, n: int, *, unavailable: np.ndarray | None = None,
+                      fresh: FreshItems | None = None, raw_ids: np.ndarray | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Items nearest to each given item in the two-tower embedding space (itself and unavailable items excluded);
+        with `fresh` and the items' `raw_ids`, a product added since the run is searched with its own embedding."""
         codes = np.asarray(codes, dtype=np.int64)
         queries, known = self.item_embeddings.queries(codes)
+        if fresh is not None and raw_ids is not None:
+            codes, queries, known = fresh.item_queries(raw_ids, codes, queries, known)
         ids = np.full((len(codes), n), MISSING, dtype=np.int64)
         similarity = np.full((len(codes), n), np.nan, dtype=np.float32)
         if known.any():

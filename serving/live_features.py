@@ -191,6 +191,8 @@ class FreshProducts:
             return None
         key = self.keys.fresh_items(version)
         self._copies.pop(version, None)
+        # Its similar products, cached as online answers (or "unknown"), change with its embedding.
+        await self.redis.delete(self.keys.online_cache(version, "similar", product_id))
         features = {name: attributes[name] for name in self.spec.item_features if name in attributes}
         if not features:
             await self.redis.hdel(key, product_id)
@@ -213,6 +215,7 @@ class FreshProducts:
         version = await _current_version(self.redis, self.keys)
         if version is not None:
             await self.redis.hdel(self.keys.fresh_items(version), product_id)
+            await self.redis.delete(self.keys.online_cache(version, "similar", product_id))
             self._copies.pop(version, None)
 
     async def tensors(self, version: str | None) -> dict[str, np.ndarray] | None:

@@ -373,20 +373,40 @@ class Recommender:
                 found[item] = decode_scored_list(cached)
         if not ask or self.triton is None:
             return found, []
+        asked = [item for item, _ in ask]
+        fresh, degraded = await self._fresh_products_among(version, asked)
         try:
-            answered = await asyncio.wait_for(self.triton.similar([item for item, _ in ask], version=version),
+            answered = await asyncio.wait_for(self.triton.similar(asked, version=version, fresh=fresh),
                                               timeout=self.config.triton_timeout_s)  # fmt: skip
         except Exception as error:  # any Triton failure falls back; the reason is logged
             log.warning("Triton similar_products failed (%s)", error)
-            return found, ["triton_unavailable"]
+            return found, [*degraded, "triton_unavailable"]
         # Similar products carry no P(click) (NaN): the promotion rule does not apply to them.
         online = {item: (items, scores, [math.nan] * len(items)) for item, (items, scores) in answered.items()}
+        if degraded:  # not cached: an added product's answer would be "unknown" for the TTL
+            return {**found, **online}, degraded
         pipe = self.redis.pipeline(transaction=False)
         for item, key in ask:
             value = encode_recommendations(*online[item]) if item in online else UNKNOWN_TO_THE_MODELS
             pipe.set(key, value, ex=self.config.online_cache_ttl_s)
         await self._redis(pipe.execute())
         return {**found, **online}, []
+
+    async def _fresh_products_among(self, version: str | None, items: Sequence[int]
+                                    ) -> tuple[Inputs | None, list[str]]:  # fmt: skip
+        """The `fresh_item_*` rows of those of `items` added since the run (None: none is), and what degraded."""
+        if self.live is None:
+            return None, []
+        try:
+            tensors = await self._redis(self.live.products.tensors(version))
+        except Exception as error:
+            log.warning("reading the products added since the run failed (%s: %s): the run's catalog alone",
+                        type(error).__name__, error)  # fmt: skip
+            return None, ["fresh_products_unavailable"]
+        if tensors is None:
+            return None, []
+        rows = np.isin(tensors["fresh_item_ids"], np.asarray(items, dtype=np.int64))
+        return ({name: value[rows] for name, value in tensors.items()} if rows.any() else None), []
 
     # -- the rules of the moment -------------------------------------------------------------------------
 

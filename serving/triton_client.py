@@ -165,10 +165,17 @@ class TritonEnsembles:
         click_probabilities = _unpadded(answer["item_ids"][0], answer[CLICK_PROBABILITIES][0])[1] if clicks else scores
         return items, scores, click_probabilities
 
-    async def similar(self, item_ids: Sequence[int], *, version: str | None = None) -> dict[int, RawList]:
-        """Similar products of each known item (unknown items are left out)."""
+    async def similar(self, item_ids: Sequence[int], *, version: str | None = None,
+                      fresh: Mapping[str, np.ndarray] | None = None) -> dict[int, RawList]:  # fmt: skip
+        """Similar products of each known item (unknown items are left out). `fresh`: products added since the run
+        (`fresh_item_*` tensors), searched with their own embeddings where the ensemble takes them."""
         ids = np.array(list(item_ids), dtype=np.int64)
-        answer = await self._infer(self._model("similar_products", version), {"item_id_raw": ids},
+        model = self._model("similar_products", version)
+        given = {}
+        if fresh:
+            accepted, _ = await self._tensors_of(model)
+            given = {name: value for name, value in fresh.items() if name in accepted}
+        answer = await self._infer(model, {"item_id_raw": ids, **given},
                                    ("item_ids", "scores", "known_items"))  # fmt: skip
         return {
             int(item): _unpadded(ids, scores)

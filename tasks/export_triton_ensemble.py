@@ -15,7 +15,8 @@ batch scoring's retrieval), with every candidate's two-tower and item-to-item sc
 the ranker's probability blended with those (`retrieval_weight`, `item_to_item_weight`: batch scoring's
 `blend_scores` with the weights batch scoring used). Products added since the run, with their embeddings and
 encoded columns, may come with a request (`fresh_item_*`, `models.online_pipeline.FreshItems`): retrieval adds them
-where Faiss would have found them, the ranker scores them, ordering names them.
+where Faiss would have found them, the ranker scores them, ordering names them; `similar_products` searches the
+similar products of one with its own embedding (`item_lookup`).
 
 The repository is self-contained: each model's version folder `<model>/1/` holds its `model.py` and
 copies of what that stage loads (the query tower or ranker SavedModel, the Faiss index, the user or
@@ -272,7 +273,7 @@ def stage_configs(columns: PipelineColumns, config: TritonEnsembleConfig) -> lis
     )  # fmt: skip
     item_lookup = StageConfig(
         "item_lookup",
-        (_ids("raw_item_ids"), top_n),
+        (_ids("raw_item_ids"), top_n, fresh_ids, fresh_features, fresh_embeddings),
         (item_codes, query_embeddings, _one("search_k", "TYPE_INT32", optional=False),
          TensorConfig("known_items", "TYPE_BOOL", (-1,))),
         {"top_n": str(config.similar_n)},
@@ -347,11 +348,11 @@ def ensemble_configs(columns: PipelineColumns) -> list[EnsembleConfig]:
     )  # fmt: skip
     similar = EnsembleConfig(
         SIMILAR_PRODUCTS,
-        inputs=(_ids(raw_item), _one("top_n", "TYPE_INT32")),
+        inputs=(_ids(raw_item), _one("top_n", "TYPE_INT32"), *_fresh_inputs()),
         outputs=(_matrix("item_ids", "TYPE_INT64"), _matrix("scores", "TYPE_FP32"),
                  TensorConfig("known_items", "TYPE_BOOL", (-1,))),
         steps=(
-            EnsembleStep("item_lookup", {"raw_item_ids": raw_item, "top_n": "top_n"},
+            EnsembleStep("item_lookup", {"raw_item_ids": raw_item, "top_n": "top_n", **fresh},
                          {"item_codes": "item_codes", "query_embeddings": "item_embeddings",
                           "search_k": "search_k", "known_items": "known_items"}),
             EnsembleStep("faiss_retrieval", {"query_embeddings": "item_embeddings", "top_k": "search_k"},

@@ -115,6 +115,11 @@ def main() -> None:
         answer["fresh_embeddings"] = embeddings.tolist()
         found = pipeline.candidates(features, top_k=args.top_k, histories=histories, fresh=fresh)["candidates"]
         answer["fresh_candidates"] = [int(((row >= fresh.offset) & (row != MISSING)).sum()) for row in found]
+        # --items may name added products: searched with their own embeddings.
+        similar_ids, similarity = pipeline.similar_items(pipeline.encode_items(args.items), args.similar_n,
+                                                         unavailable=unavailable, fresh=fresh,
+                                                         raw_ids=np.asarray(args.items))  # fmt: skip
+        answer["fresh_similar"] = {"item_ids": pipeline.raw_items(similar_ids).tolist(), "scores": _rows(similarity)}
     if args.given is not None:  # with the products added since the run, where --fresh gives them
         given = json.loads(args.given.read_text())
         rows = {name: columns.values(name, values) for name, values in given["features"].items()}

@@ -18,6 +18,7 @@ from models.online_pipeline import (
     UserFeatureTable,
     add_fresh_candidates,
     filter_candidates,
+    nearest_other_items,
     order,
     padded_rows,
     ranked_order,
@@ -284,6 +285,19 @@ def test_fresh_items_are_named_by_their_raw_ids_and_keep_their_columns(tmp_path:
     with pytest.raises(ValueError, match="one id, one packed feature row and one embedding each"):
         FreshItems.from_tensors(KINDS, np.array([900]), KINDS.pack(fresh.features, KINDS.item_columns),
                                 fresh.embeddings)  # fmt: skip
+
+
+def test_a_fresh_items_similar_products_are_searched_with_its_own_code_and_embedding():
+    """Raw ids 11 (indexed, code 4), 901 (added since the run) and 77 (unknown): only 901's row changes, to its
+    fresh code and embedding, and a fresh item's neighbours are all kept (its code is no indexed item's)."""
+    fresh = fresh_items()
+    codes, queries, known = np.array([4, MISSING, MISSING]), np.zeros((3, 2), dtype=np.float32), np.array([1, 0, 0]) > 0
+    queries[0] = [0.5, 0.5]
+    codes, queries, known = fresh.item_queries(np.array([11, 901, 77]), codes, queries, known)
+    assert codes.tolist() == [4, 6, MISSING] and known.tolist() == [True, True, False]
+    assert queries.tolist() == [[0.5, 0.5], [0.0, 1.0], [0.0, 0.0]]
+    ids, _ = nearest_other_items(codes, np.array([[4, 3, 0], [4, 3, 0], [4, 3, 0]]), np.ones((3, 3)), 2)
+    assert ids.tolist() == [[3, 0], [4, 3], [MISSING, MISSING]]
 
 
 def test_the_fresh_items_hash_round_trips_their_columns_and_embeddings():

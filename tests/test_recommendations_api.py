@@ -175,6 +175,14 @@ def in_process_list(run: Path, batch_dir: Path, spec: DatasetSpec, tmp_path: Pat
     """The in-process pipeline's ranked list for one newcomer with these encoded features (the Feast row's
     columns, the encoded id under the raw id's name) and context, with the weights the export took (those of the
     batch scoring in `batch_dir`); `fresh`: a file of products added since the run (`in_process_pipeline.py`)."""
+    return in_process_answer(run, batch_dir, spec, tmp_path, features, context, fresh)["given"]["item_ids"][0]
+
+
+def in_process_answer(run: Path, batch_dir: Path, spec: DatasetSpec, tmp_path: Path, features: dict[str, object],
+                      context: dict[str, object] | None = None, fresh: Path | None = None,
+                      items: list[int] | None = None) -> dict:  # fmt: skip
+    """`in_process_pipeline.py`'s whole answer (`in_process_list`'s arguments; `items`: those whose similar
+    products it finds, by default a known user's first)."""
     import subprocess
 
     config = TritonEnsembleConfig().with_weights_of(batch_dir)
@@ -186,7 +194,7 @@ def in_process_list(run: Path, batch_dir: Path, spec: DatasetSpec, tmp_path: Pat
     known = user_ids(run, spec)[0]
     process = subprocess.run([
         str(get_settings().trainer_python), str(Path(__file__).with_name("in_process_pipeline.py")),
-        "--run", str(run), "--users", str(known), "--items", str(stored_items(known)[0]),
+        "--run", str(run), "--users", str(known), "--items", ",".join(map(str, items or stored_items(known)[:1])),
         "--top-k", str(Settings().online_top_k), "--top-n", str(config.top_n), "--similar-n", "10",
         "--temperature", "0.5", "--seed", "1", "--retrieval-weight", str(config.retrieval_weight),
         "--item-to-item-weight", str(config.item_to_item_weight),
@@ -195,7 +203,7 @@ def in_process_list(run: Path, batch_dir: Path, spec: DatasetSpec, tmp_path: Pat
         "--output", str(output), *(("--fresh", str(fresh)) if fresh is not None else ()),
     ], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert process.returncode == 0, process.stderr[-4000:]
-    return json.loads(output.read_text())["given"]["item_ids"][0]
+    return json.loads(output.read_text())
 
 
 def stored_items(user: int) -> list[int]:
@@ -311,8 +319,9 @@ def test_a_product_created_now_is_retrieved_and_ranked_online(
 ):
     """A product the run does not know, created with an item's features: the API encodes it (`encode_features`),
     embeds it (`item_tower`) and keeps it in the version's `fresh_items`; a customer answered online then gets the
-    in-process pipeline's list with that product added, which holds it. Made unavailable, it leaves the list;
-    deleted, the hash. A product the run knows is not kept there: its features in Triton are the run's."""
+    in-process pipeline's list with that product added, which holds it; its similar products are the in-process
+    pipeline's for its embedding. Made unavailable, it leaves the list; deleted, the hash. A product the run knows
+    is not kept there: its features in Triton are the run's."""
     from recsys.recommendation_store import decode_fresh_items
 
     fresh_key = f"{PREFIX}recs:{VERSION}:fresh_items"
@@ -351,7 +360,13 @@ def test_a_product_created_now_is_retrieved_and_ranked_online(
         fresh = tmp_path / "fresh.json"
         fresh.write_text(json.dumps({"ids": ids.tolist(), "features": packed.tolist()}))
         row = feast_row(feast_store, spec, newcomer)
-        assert listed == in_process_list(trained_run, batch_scored, spec, tmp_path, row, fresh=fresh)[:100]
+        expected = in_process_answer(trained_run, batch_scored, spec, tmp_path, row, fresh=fresh, items=held[:1])
+        assert listed == expected["given"]["item_ids"][0][:100]
+        # Its similar products: the run's items nearest its own embedding, as in process (then cached).
+        similar = client.get(f"/products/{held[0]}/similar", params={"count": 5}).json()
+        assert similar["route"] == "browsing_now" and similar["degraded"] == [], similar
+        assert items_of_body(similar) == expected["fresh_similar"]["item_ids"][0][:5]
+        assert published.ttl(f"{PREFIX}cache:{VERSION}:similar:{held[0]}") > 0
 
         assert client.patch(f"/products/{held[0]}", json={"available": False}).status_code == 200
         assert held[0] not in online(newcomer)  # the gateway's product flags filter it like any product
