@@ -41,7 +41,8 @@ WINDOW_MINUTES = int(CONFIG.attribution_window.total_seconds() // 60)
     max_active_runs=1,
     doc_md=__doc__,
     tags=["recsys", "monitoring"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True},
+    # The first retry waits Airflow's `[core] default_task_retry_delay` (airflow.cfg: 120 s), then doubles.
+    default_args={"retries": 2, "retry_exponential_backoff": True},
     params={
         "hour": Param(None, type=["null", "string"],
                       description="start of the hour to monitor, ISO 8601 with a time zone (default: from the run)"),

@@ -92,7 +92,8 @@ def _model_versions(two_tower: dict, ranker: dict) -> dict[str, str]:
     max_active_runs=1,
     doc_md=__doc__,
     tags=["recsys", "training"],
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True},
+    # The first retry waits Airflow's `[core] default_task_retry_delay` (airflow.cfg: 120 s), then doubles.
+    default_args={"retries": 2, "retry_exponential_backoff": True},
     params={
         "input_dir": Param(None, type=["null", "string"],
                            description="raw CSV folder or s3://bucket/prefix (default: landing zone)"),

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.e2e
 BROKER_URL = redis_url("gateway")
 BROKER_PREFIX = "airflow-celery-test:"
 HEARTBEAT_TIMEOUT_S = 20  # how soon the scheduler gives up on a task whose worker is gone (Airflow's default: 300)
+RETRY_DELAY_S = 5  # before the lost task's retry (airflow.cfg's: 120)
 DATA_STAGE = ("csv_to_parquet", "clean_null_rows", "resplit", "validate", "nvtabular_fit_transform")
 LOST = "nvtabular_fit_transform"  # the task whose worker is lost: the longest of the data stage, a trainer step
 
@@ -95,6 +96,7 @@ def celery_airflow(tmp_path_factory: pytest.TempPathFactory,
         AIRFLOW__CELERY__BROKER_URL=BROKER_URL,
         AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__GLOBAL_KEYPREFIX=BROKER_PREFIX,
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT_S),
+        AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY=str(RETRY_DELAY_S),
     )  # fmt: skip
     running = RunningAirflow(home, env, port, target="airflow-celery")
     broker = redis.Redis.from_url(BROKER_URL)

@@ -60,9 +60,17 @@ def test_model_stage_wiring(dagbag: DagBag):
 
 
 def test_every_task_retries_with_backoff(dagbag: DagBag):
+    from datetime import timedelta
+
+    from airflow.configuration import conf
+
+    configured = timedelta(seconds=conf.getint("core", "default_task_retry_delay"))
     for task in dagbag.dags["recsys_nightly"].tasks:
         assert task.retries >= 1, task.task_id
         assert task.retry_exponential_backoff, task.task_id
+        assert task.retry_delay == configured, task.task_id  # Airflow's setting: a test may shorten it
+    template = (Path(__file__).parents[1] / "airflow.cfg.template").read_text()
+    assert "\ndefault_task_retry_delay = 120\n" in template  # two minutes before the first retry
 
 
 def test_manual_trigger_params_and_defaults(dagbag: DagBag):
