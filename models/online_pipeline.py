@@ -66,6 +66,7 @@ MISSING = -1  # a filtered or absent candidate
 FIRST_OWN_CODE = 3
 RANKER_ROWS_PER_CALL = 262_144  # users x candidates scored per ranker call: bounds memory, keeps calls large
 SMALLEST_RANKER_CALL = 64  # rows; see padded_rows
+LARGEST_PADDED_CALL = 16_384  # rows; larger calls (batch scoring's) cost far more than a compilation: not padded
 USER_FEATURES_FILE = "user_features.parquet"  # written by nvtabular_fit_transform
 USER_HISTORY_FILE = "user_history.npz"  # written by build_faiss_index next to the item-to-item source (ItemsByUser)
 ITEM_FEATURES_FILE = "item_features.parquet"
@@ -647,9 +648,12 @@ def padded_rows(rows: int) -> int:
     The restored Keras ranker compiles each new input shape on its first call: 54 ms median against 2.7 ms once
     known, for 100-280 rows on this machine (2026-12-04, a test run's DLRM). The number of valid candidates varies
     with every request (sources overlap, products added since the run), so without padding many online requests
-    paid that; with it a few dozen shapes cover every call up to `RANKER_ROWS_PER_CALL`."""
+    paid that; with it a few dozen shapes cover every call up to `LARGEST_PADDED_CALL` rows. Above that (batch
+    scoring's blocks of up to `RANKER_ROWS_PER_CALL`), an eighth more rows would cost more than the compilation."""
     if rows <= SMALLEST_RANKER_CALL:
         return SMALLEST_RANKER_CALL
+    if rows > LARGEST_PADDED_CALL:
+        return rows
     step = 1 << (rows.bit_length() - 4)  # rows > 64: 8 or more
     return -(-rows // step) * step
 

@@ -318,4 +318,5 @@ def test_ranker_calls_are_padded_to_few_sizes_and_at_most_an_eighth_more_rows():
     assert min(sizes) == 64 and len(sizes) == 1 + 8 * 6  # 64, then eight sizes in each doubling up to 4096
     for rows in range(65, 300_000, 37):
         assert rows <= padded_rows(rows) <= rows * 9 / 8
-    assert padded_rows(100) == 104 and padded_rows(1_100) == 1_152 and padded_rows(262_144) == 262_144
+    assert padded_rows(100) == 104 and padded_rows(1_100) == 1_152 and padded_rows(16_383) == 16_384
+    assert padded_rows(16_385) == 16_385 and padded_rows(262_143) == 262_143  # batch scoring's large calls: as they are
