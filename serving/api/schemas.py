@@ -106,14 +106,20 @@ class CustomerUpdate(UpdateModel):
     attributes: Attributes | None = None
 
 
+def integer_range(column_type: str) -> tuple[int, int] | None:
+    """The values a spec column of an integer type holds (`int32`: -2**31 .. 2**31 - 1), None for another type."""
+    if not column_type.startswith(("int", "uint")):
+        return None
+    bits = int(column_type.removeprefix("u").removeprefix("int") or 64)
+    return (0, 2**bits - 1) if column_type.startswith("u") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
 def _feature_type(spec: DatasetSpec, name: str) -> Any:
     """A profile attribute's type from its spec column: integers in the column type's range, finite numbers, or
     text (a multi-valued feature's tokens joined by its separator, as in the dataset's files)."""
     column_type = spec.columns[name]
-    if column_type.startswith(("int", "uint")):
-        bits = int(column_type.removeprefix("u").removeprefix("int") or 64)
-        low, high = (0, 2**bits - 1) if column_type.startswith("u") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-        return Annotated[StrictInt, Field(ge=low, le=high)]
+    if (integers := integer_range(column_type)) is not None:
+        return Annotated[StrictInt, Field(ge=integers[0], le=integers[1])]
     if column_type.startswith(("float", "double")):
         return Annotated[StrictInt | StrictFloat, Field(allow_inf_nan=False)]
     if column_type == "bool":

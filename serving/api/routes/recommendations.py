@@ -25,7 +25,7 @@ from serving.api.auth import AUTH_ERRORS, ReadScope
 from serving.api.deps import CustomerIdPath, ProductIdPath, get_recommender
 from serving.api.errors import is_database_unavailable
 from serving.api.rate_limit import RATE_LIMITED
-from serving.api.schemas import INT64_MAX, error_responses
+from serving.api.schemas import INT64_MAX, error_responses, integer_range
 from serving.product_flags import ProductFlags
 from serving.recommender import ContextValue, VisitorQuery
 
@@ -150,7 +150,7 @@ def request_context(spec: DatasetSpec) -> Callable[..., dict[str, ContextValue]]
 
 def _context_type(spec: DatasetSpec, name: str) -> Any:
     column_type = spec.columns[name]
-    if column_type.startswith(("int", "uint")):
+    if integer_range(column_type) is not None:
         return int | None
     return float | None if column_type.startswith(("float", "double")) else str | None
 
@@ -161,10 +161,8 @@ def _context_query(spec: DatasetSpec, name: str) -> Any:
     column_type = spec.columns[name]
     description = (f"context feature `{name}` ({column_type}) of the request, which the ranker takes as in training; "
                    "left out: missing, as in batch scoring")
-    if column_type.startswith(("int", "uint")):
-        bits = int(column_type.removeprefix("u").removeprefix("int") or 64)
-        low, high = (0, 2**bits - 1) if column_type.startswith("u") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-        return Query(ge=low, le=high, description=description)
+    if (integers := integer_range(column_type)) is not None:
+        return Query(ge=integers[0], le=integers[1], description=description)
     if column_type.startswith(("float", "double")):
         return Query(allow_inf_nan=False, description=description)
     return Query(max_length=SHORT_TEXT, pattern=r"^[\w .\-]*$", description=description)
