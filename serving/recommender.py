@@ -313,7 +313,7 @@ class Recommender:
         if self.live is None:
             return None, None, None, []
         degraded = []
-        features = context = fresh = None
+        features = context = None
         try:
             features = await self.live.user_features(query.customer_id)
         except Exception as error:  # any Feast failure: the run's table instead; the reason is logged
@@ -325,13 +325,8 @@ class Recommender:
         except Exception as error:
             log.warning("encoding the context failed (%s: %s): ranked without it", type(error).__name__, error)
             degraded.append("context_unavailable")
-        try:
-            fresh = await self._redis(self.live.products.tensors(version))
-        except Exception as error:
-            log.warning("reading the products added since the run failed (%s: %s): the run's catalog alone",
-                        type(error).__name__, error)  # fmt: skip
-            degraded.append("fresh_products_unavailable")
-        return features, context, fresh, degraded
+        fresh, unread = await self._fresh_products(version)
+        return features, context, fresh, [*degraded, *unread]
 
     async def _browsing_now(self, query: VisitorQuery, version: str | None,
                             found: list[PublishedList | None]) -> RankedList:  # fmt: skip
@@ -395,18 +390,23 @@ class Recommender:
     async def _fresh_products_among(self, version: str | None, items: Sequence[int]
                                     ) -> tuple[Inputs | None, list[str]]:  # fmt: skip
         """The `fresh_item_*` rows of those of `items` added since the run (None: none is), and what degraded."""
+        tensors, degraded = await self._fresh_products(version)
+        if tensors is None:
+            return None, degraded
+        rows = np.isin(tensors["fresh_item_ids"], np.asarray(items, dtype=np.int64))
+        return ({name: value[rows] for name, value in tensors.items()} if rows.any() else None), degraded
+
+    async def _fresh_products(self, version: str | None) -> tuple[Inputs | None, list[str]]:
+        """The version's products added since the run as `fresh_item_*` tensors (None: none), and what degraded:
+        unreadable, the run's catalog alone (`fresh_products_unavailable`)."""
         if self.live is None:
             return None, []
         try:
-            tensors = await self._redis(self.live.products.tensors(version))
+            return await self._redis(self.live.products.tensors(version)), []
         except Exception as error:
             log.warning("reading the products added since the run failed (%s: %s): the run's catalog alone",
                         type(error).__name__, error)  # fmt: skip
             return None, ["fresh_products_unavailable"]
-        if tensors is None:
-            return None, []
-        rows = np.isin(tensors["fresh_item_ids"], np.asarray(items, dtype=np.int64))
-        return ({name: value[rows] for name, value in tensors.items()} if rows.any() else None), []
 
     # -- the rules of the moment -------------------------------------------------------------------------
 
