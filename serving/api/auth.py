@@ -170,11 +170,16 @@ def require(scope: Scope) -> Callable[..., object]:
     """A route dependency: the caller must hold `scope` (403 otherwise)."""
 
     async def check(caller: Annotated[Caller, Depends(authenticate)]) -> Caller:
-        if scope not in caller.scopes:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"this API key lacks the {scope.value!r} scope")
-        return caller
+        return check_scope(caller, scope)
 
     return check
+
+
+def check_scope(caller: Caller, scope: Scope) -> Caller:
+    """The caller, if their key holds `scope` (403 otherwise)."""
+    if scope not in caller.scopes:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"this API key lacks the {scope.value!r} scope")
+    return caller
 
 
 # OpenAPI documentation of what every authenticated route may answer.

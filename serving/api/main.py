@@ -35,8 +35,11 @@ from serving.seen_items import SeenItemsWriter
 
 
 def api_router(spec: DatasetSpec) -> APIRouter:
-    """Every route of the gateway, one router per resource (customers' bodies follow the dataset spec)."""
+    """Every route of the gateway, one router per resource (customers' bodies follow the dataset spec). The read
+    routes come first: a request is matched against the routes in order, and reads are most of the traffic."""
     router = APIRouter()
+    router.include_router(recommendations.visitor_router(spec))
+    router.include_router(recommendations.router)
     router.include_router(health.router)
     router.include_router(metrics.router)
     router.include_router(customers.profile_router(spec))
@@ -44,8 +47,6 @@ def api_router(spec: DatasetSpec) -> APIRouter:
     router.include_router(products.catalog_router(spec))
     router.include_router(products.router)
     router.include_router(interactions.router)
-    router.include_router(recommendations.visitor_router(spec))
-    router.include_router(recommendations.router)
     router.include_router(demo.router)
     return router
 
