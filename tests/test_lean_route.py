@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import pytest
@@ -91,7 +92,34 @@ def test_context_features_are_query_parameters_unless_they_clash(tmp_path):
     assert given.count == 3 and set(given.context()) == set(spec.context_features)
     assert model.model_validate({"location": ""}).context() == {}  # an empty value is missing
     clashing = tmp_path / "spec.yaml"
-    text = open("specs/aliccp.yaml").read()
+    text = Path("specs/aliccp.yaml").read_text()
     clashing.write_text(text.replace("position", "count"))
     with pytest.raises(SpecError, match="clash"):
         visitor_parameters(load_spec(clashing))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.5])
+def test_the_answer_is_the_documented_response_model(temperature: float):
+    """`_response` serializes a dict, not the model: it must be exactly what `RecommendationResponse` documents."""
+    import json
+    import math
+
+    from starlette.requests import Request as StarletteRequest
+
+    from serving.api.routes.recommendations import RecommendationResponse, _response
+    from serving.recommender import RankedList
+
+    request = StarletteRequest({"type": "http", "state": {"request_id": "req-1"}})
+    ranked = RankedList([7, 3], [0.9, 0.4], [0.8, math.nan], route="precomputed", model_version="v1",
+                        degraded=["database_unavailable"], experiment="spring", bucket="control")  # fmt: skip
+    body = json.loads(_response(request, 42, ranked, [0.7, 0.3], [True, False], temperature).body)
+
+    strict = type("Strict", (RecommendationResponse,), {"model_config": {"extra": "forbid"}})
+    answer = strict.model_validate(body)
+    assert set(body) == set(RecommendationResponse.model_fields)
+    assert all(set(item) == set(answer.items[0].model_fields) for item in body["items"])
+    assert [(item.product_id, item.score, item.click_probability, item.promoted) for item in answer.items] == [
+        (7, 0.9, 0.8, True), (3, 0.4, None, False)]
+    assert [item.probability for item in answer.items] == ([0.7, 0.3] if temperature else [None, None])
+    assert (answer.customer_id, answer.route, answer.request_id, answer.bucket) == (42, "precomputed", "req-1",
+                                                                                    "control")

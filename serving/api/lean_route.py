@@ -42,7 +42,9 @@ class LeanReadRoute(APIRoute):
             raise TypeError(f"{self.path}: a LeanReadRoute takes the request, one path parameter and one query "
                             f"model, behind the read scope alone")  # fmt: skip
         path_name, query_name, request_name = path_field.name, query_field.name, dependant.request_param_name
-        path_value = TypeAdapter(Annotated[path_field.field_info.annotation, path_field.field_info])
+        path_value: TypeAdapter[Any] = TypeAdapter(
+            Annotated[path_field.field_info.annotation, path_field.field_info]  # type: ignore[arg-type]
+        )
         # Repeated query parameters (`viewed=1&viewed=2`) are lists; every other field takes the last value given.
         repeated = frozenset(name for name, field in model.model_fields.items() if _is_list(field.annotation))
         endpoint = self.endpoint

@@ -9,8 +9,8 @@
 - **Log.** One JSON line per request on the logger `serving.api.requests`, at INFO: request id, method,
   route template, status, duration, API key name, and a recommendation's route and degraded causes. It costs
   nothing unless that logger is enabled (e.g. uvicorn `--log-config` giving it a handler at INFO).
-- **Impressions.** A route that served recommendations leaves its `RecommendationResponse` on
-  `request.state.recommendation`; it is queued for `serving.api.impressions`' writer thread.
+- **Impressions.** A route that served recommendations leaves its answer (a `RecommendationResponse` as a dict)
+  on `request.state.recommendation`; it is queued for `serving.api.impressions`' writer thread.
 
 All of it runs after the response has been handed to the server, in a few microseconds, and no disk I/O.
 """
@@ -92,18 +92,18 @@ class ObservabilityMiddleware:
         self.metrics.observe_request(method, handler, status, seconds, api_key)
         answer = state.get("recommendation")
         if answer is not None:
-            self.metrics.observe_recommendation(handler, answer.route, answer.degraded)
+            self.metrics.observe_recommendation(handler, answer["route"], answer["degraded"])
             temperature = state.get("temperature", 0.0)
             impression = {
-                "request_id": request_id, "time": time.time(), "customer_id": answer.customer_id,
-                "handler": handler, "route": answer.route, "model_version": answer.model_version,
-                "degraded": answer.degraded, "api_key": api_key, "temperature": temperature,
-                "items": [item.product_id for item in answer.items],
+                "request_id": request_id, "time": time.time(), "customer_id": answer["customer_id"],
+                "handler": handler, "route": answer["route"], "model_version": answer["model_version"],
+                "degraded": answer["degraded"], "api_key": api_key, "temperature": temperature,
+                "items": [item["product_id"] for item in answer["items"]],
                 # Sampled lists: each item's softmax probability, what off-policy estimates reweight by.
-                "probabilities": [item.probability for item in answer.items] if temperature > 0 else None,
+                "probabilities": [item["probability"] for item in answer["items"]] if temperature > 0 else None,
             }  # fmt: skip
-            if answer.experiment is not None:  # an A/B experiment runs: the monitoring DAG compares its buckets
-                impression.update(experiment=answer.experiment, bucket=answer.bucket)
+            if answer["experiment"] is not None:  # an A/B experiment runs: the monitoring DAG compares its buckets
+                impression.update(experiment=answer["experiment"], bucket=answer["bucket"])
             candidates = state.get("candidates")
             if candidates is not None:
                 impression.update(candidate_scores=candidates[0], top_candidate=candidates[1])
@@ -114,6 +114,6 @@ class ObservabilityMiddleware:
                                     "handler": handler, "status": status, "duration_ms": round(seconds * 1000, 3),
                                     "api_key": api_key}  # fmt: skip
             if answer is not None:
-                line.update(route=answer.route, model_version=answer.model_version, degraded=answer.degraded,
-                            items=len(answer.items))  # fmt: skip
+                line.update(route=answer["route"], model_version=answer["model_version"],
+                            degraded=answer["degraded"], items=len(answer["items"]))  # fmt: skip
             request_log.info(json.dumps(line, separators=(",", ":")))
