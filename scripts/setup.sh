@@ -84,6 +84,12 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
 fi
 
+say "wrk (Debian's; benchmarks/serving.py's load generator for the gateway's cheap routes)"
+if ! command -v wrk >/dev/null; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk
+fi
+
 say "Airflow secrets in var/secrets/ (random per installation, owner-only, never committed)"
 # Kept when present: a new Fernet key would leave stored connections unreadable. airflow.cfg reads each
 # file with a `_cmd` option, so every Airflow process signs and checks with the same value.
