@@ -17,11 +17,16 @@ exported and served; a SQLite gateway database migrated and filled with every ca
   and the bare reference app (`benchmarks/bare_app.py`: a constant, and one Redis GET), all started with
   the same uvicorn settings (`--workers`, uvloop and httptools, no access log, log level warning) and the
   gateway's default budgets (Redis 50 ms, Triton 250 ms: a slower call falls back and counts as a failure);
-- a closed-loop load generator: `--concurrency` workers on one aiohttp client session (keep-alive), each
-  sending its next request when the last one answered, bounded by a request count and `--time-cap`
-  seconds, after unmeasured warm-up requests. aiohttp, not httpx: httpx's client tops out near 1,000
-  requests/s here, so it would measure itself instead of the bare app. The client shares the 2 cores
-  with the servers, alike for every measurement.
+- closed-loop load generators, `--concurrency` connections each sending its next request when the last one
+  answered (keep-alive), after unmeasured warm-up requests. The cheap routes (`bare*`, `precomputed*`,
+  `new_visitor`) are driven by **wrk** (`--load-generator wrk`, the default where it is installed, as `make setup`
+  does): one thread, `--time-cap` seconds (at most `WRK_CEILING` requests), a Lua script sending a different
+  path per request and counting the answers without the expected route. wrk costs about 0.02-0.04 ms of CPU a
+  request against aiohttp's 0.10-0.14, which on these 2 shared cores took a third of what two gateway workers
+  could use. The online and Triton measurements (and every one with `--load-generator aiohttp`) use one aiohttp
+  client session, bounded by a request count and `--time-cap` seconds; aiohttp, not httpx: httpx's client tops
+  out near 1,000 requests/s here. The generator shares the 2 cores with the servers, alike for every
+  measurement, and every row has its own CPU time per request (`client cpu`).
 
 Measured (every round is in the JSON; the table keeps, per route and concurrency, the round with the most
 requests/s: the cores are shared with other work, and the least disturbed round says most about the code):
