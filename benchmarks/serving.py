@@ -386,8 +386,10 @@ class Measurement:
     # processes: unlike requests/s, barely moved by what else runs on the shared cores.
     server_cpu_ms: float | None = None
     triton_cpu_ms: float | None = None
-    # The load generator's own CPU time per request (this process): it shares the cores with the servers.
+    # The load generator's own CPU time per request (this process, or wrk): it shares the cores with the servers.
     client_cpu_ms: float | None = None
+    # Redis' CPU time per request (its INFO cpu), which shares them too: every gateway read runs a Lua script there.
+    redis_cpu_ms: float | None = None
     round: int = 0
     top_k: int | None = None
 
@@ -427,6 +429,7 @@ class Load:
     warmup: int
     server_cpu: Callable[[], float] | None = None
     triton_cpu: Callable[[], float] | None = None
+    redis_cpu: Callable[[], float] | None = None
 
 
 async def measured(name: str, call: Callable[[int], Awaitable[bool]], load: Load, **extra: Any) -> Measurement:
@@ -437,7 +440,7 @@ async def measured(name: str, call: Callable[[int], Awaitable[bool]], load: Load
 
     if load.warmup:
         await closed_loop(shifted, count=load.warmup, concurrency=load.concurrency, time_cap_s=load.time_cap_s)
-    probes = [probe for probe in (load.server_cpu, load.triton_cpu)]
+    probes = [probe for probe in (load.server_cpu, load.triton_cpu, load.redis_cpu)]
     before = [probe() if probe else 0.0 for probe in probes]
     client_before = time.process_time()
     latencies, seconds, failures = await closed_loop(call, count=load.count, concurrency=load.concurrency,
@@ -451,7 +454,7 @@ async def measured(name: str, call: Callable[[int], Awaitable[bool]], load: Load
     return Measurement(name, load.concurrency, len(latencies), round(seconds, 3), round(len(latencies) / seconds, 1),
                        round(float(np.percentile(ms, 50)), 2), round(float(np.percentile(ms, 99)), 2),
                        round(float(ms.max()), 2), failures, cpu[0], cpu[1],
-                       client_cpu_ms=round(1000 * client_cpu_s / served, 3), **extra)  # fmt: skip
+                       client_cpu_ms=round(1000 * client_cpu_s / served, 3), redis_cpu_ms=cpu[2], **extra)  # fmt: skip
 
 
 async def http_measurement(name: str, urls: Sequence[str], expect: bytes | None, load: Load,
@@ -550,7 +553,7 @@ async def wrk_measurement(name: str, urls: Sequence[str], expect: bytes | None, 
     seconds = max(1, round(load.time_cap_s))
     if load.warmup:
         await asyncio.to_thread(run_wrk, urls, None, WRK_WARMUP_S, load.concurrency)
-    probes = [probe for probe in (load.server_cpu, load.triton_cpu)]
+    probes = [probe for probe in (load.server_cpu, load.triton_cpu, load.redis_cpu)]
     before = [probe() if probe else 0.0 for probe in probes]
     (requests, duration_us, p50_us, p99_us, max_us, failures), client_cpu_s = await asyncio.to_thread(
         run_wrk, urls, expect, seconds, load.concurrency)
@@ -561,7 +564,8 @@ async def wrk_measurement(name: str, urls: Sequence[str], expect: bytes | None, 
     elapsed = duration_us / 1e6
     return Measurement(name, load.concurrency, requests, round(elapsed, 3), round(requests / elapsed, 1),
                        round(p50_us / 1000, 2), round(p99_us / 1000, 2), round(max_us / 1000, 2), failures, cpu[0],
-                       cpu[1], client_cpu_ms=round(1000 * client_cpu_s / served, 3), **extra)  # fmt: skip
+                       cpu[1], client_cpu_ms=round(1000 * client_cpu_s / served, 3), redis_cpu_ms=cpu[2],
+                       **extra)  # fmt: skip
 
 
 async def redis_measurement(redis_url: str, keys: Sequence[str], load: Load) -> Measurement:
@@ -689,10 +693,16 @@ async def measure(args: argparse.Namespace, people: Cohorts, bare: Uvicorn, gate
     online_count = min(args.online_requests, len(people.online))
     results: list[Measurement] = []
 
+    def redis_cpu() -> float:
+        """Redis' CPU seconds so far (INFO cpu), whichever database the work was for."""
+        info = client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
     def load(concurrency: int, server: Uvicorn | None = None, *, count: int = args.requests, warmup: int = args.warmup,
              triton: bool = False) -> Load:  # fmt: skip
         server_cpu = cpu_probe(lambda: _descendants(server.process.pid)) if server is not None else None
-        return Load(count, concurrency, args.time_cap, warmup, server_cpu, triton_cpu if triton else None)
+        return Load(count, concurrency, args.time_cap, warmup, server_cpu, triton_cpu if triton else None,
+                    redis_cpu)
 
     def report(measurement: Measurement, round_index: int) -> None:
         measurement.round = round_index
@@ -856,6 +866,7 @@ def summarize(args: argparse.Namespace, measurements: list[Measurement], setup_s
             # The load generator's share of the cores while it drove the workers: what the servers could not use.
             "client_cores": round(scaled["client_cpu_ms"] * scaled["rps"] / 1000, 2),
             "server_cores": round((scaled["server_cpu_ms"] or 0.0) * scaled["rps"] / 1000, 2),
+            "redis_cores": round((scaled.get("redis_cpu_ms") or 0.0) * scaled["rps"] / 1000, 2),
         }  # fmt: skip
     if "feast_read" in unloaded:
         goals[f"feast_read_p99_ms_c{args.latency_concurrency}"] = {
@@ -907,7 +918,8 @@ def print_table(summary: dict[str, Any]) -> None:
         sign = ">=" if goal["better"] == "higher" else "<="
         route = f", {goal['route']}" if "route" in goal else ""
         if "client_cores" in goal:
-            route += f"; cores used by the load generator {goal['client_cores']}, by the gateway {goal['server_cores']}"
+            route += (f"; cores used by the load generator {goal['client_cores']}, by the gateway "
+                      f"{goal['server_cores']}, by Redis {goal.get('redis_cores')}")
         print(f"  {name}: {goal['measured']} (goal {sign} {goal['goal']}{route}): {'met' if goal['met'] else 'MISSED'}")
 
 
