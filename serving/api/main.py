@@ -104,7 +104,8 @@ def freeze_startup_objects() -> None:
     collector's full collections. Without this a full collection walked all of it, 70-75 ms every few seconds
     under load (gc callbacks, the gateway called in process at 8 concurrent requests), stalling every request in
     flight past the 50 ms Redis budget: the `*_local_copy` answers and the p99 spikes of benchmarks/serving.py.
-    `gc.freeze` is what CPython documents for long-lived servers; what requests create is collected as before.
+    `gc.freeze` moves every object tracked so far to a permanent generation that collections skip (CPython documents
+    it for servers that fork workers; the effect used here is the skipping); what requests create is collected.
     Once per process (a worker runs one app; tests build hundreds, whose objects must stay collectable)."""
     if gc.get_freeze_count() == 0:
         gc.collect()
