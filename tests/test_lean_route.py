@@ -18,6 +18,7 @@ from serving.api.lean_route import LeanReadRoute
 from serving.api.routes.recommendations import VISITOR_PARAMETERS, visitor_parameters
 
 READER, WRITER, REVOKED = "rk_reader", "rk_writer", "rk_revoked"
+ALICCP_SPEC = Path(__file__).resolve().parent.parent / "specs" / "aliccp.yaml"
 
 
 class Parameters(BaseModel):
@@ -85,14 +86,14 @@ def test_a_route_with_more_than_it_handles_is_refused_when_built():
 
 
 def test_context_features_are_query_parameters_unless_they_clash(tmp_path):
-    spec = load_spec("specs/aliccp.yaml")
+    spec = load_spec(ALICCP_SPEC)
     model = visitor_parameters(spec)
     assert set(model.model_fields) == VISITOR_PARAMETERS | set(spec.context_features)
     given = model.model_validate({name: "1" for name in spec.context_features} | {"count": "3"})
     assert given.count == 3 and set(given.context()) == set(spec.context_features)
     assert model.model_validate({"location": ""}).context() == {}  # an empty value is missing
     clashing = tmp_path / "spec.yaml"
-    text = Path("specs/aliccp.yaml").read_text()
+    text = ALICCP_SPEC.read_text()
     clashing.write_text(text.replace("position", "count"))
     with pytest.raises(SpecError, match="clash"):
         visitor_parameters(load_spec(clashing))
