@@ -549,7 +549,7 @@ async def wrk_measurement(name: str, urls: Sequence[str], expect: bytes | None, 
                           **extra: Any) -> Measurement:  # fmt: skip
     """`http_measurement`'s requests sent by wrk (`--load-generator wrk`), for `load.time_cap_s` seconds after a
     second of warm-up: a load generator in C, whose CPU time per request is a fraction of aiohttp's, so on these 2
-    shared cores the servers get the rest (the server count bound is wrk's ceiling, `WRK_CEILING`)."""
+    shared cores the servers get the rest (the request count is bounded by `WRK_CEILING`)."""
     seconds = max(1, round(load.time_cap_s))
     if load.warmup:
         await asyncio.to_thread(run_wrk, urls, None, WRK_WARMUP_S, load.concurrency)
