@@ -431,6 +431,17 @@ class Load:
     triton_cpu: Callable[[], float] | None = None
     redis_cpu: Callable[[], float] | None = None
 
+    def cpu_seconds(self) -> list[float]:
+        """The server's, Triton's and Redis' CPU seconds so far (0 for one not probed)."""
+        return [probe() if probe else 0.0 for probe in (self.server_cpu, self.triton_cpu, self.redis_cpu)]
+
+    def cpu_ms_per_request(self, before: list[float], served: int) -> list[float | None]:
+        """Each probed process's CPU milliseconds per request since `before` (None for one not probed)."""
+        after = self.cpu_seconds()
+        return [round(1000 * (end - start) / served, 3) if probe else None
+                for probe, start, end in zip((self.server_cpu, self.triton_cpu, self.redis_cpu), before, after,
+                                             strict=True)]  # fmt: skip
+
 
 async def measured(name: str, call: Callable[[int], Awaitable[bool]], load: Load, **extra: Any) -> Measurement:
     """Warm up on call(count..), then measure call(0..count-1); requests/s, latency percentiles, CPU per request."""
@@ -440,16 +451,13 @@ async def measured(name: str, call: Callable[[int], Awaitable[bool]], load: Load
 
     if load.warmup:
         await closed_loop(shifted, count=load.warmup, concurrency=load.concurrency, time_cap_s=load.time_cap_s)
-    probes = [probe for probe in (load.server_cpu, load.triton_cpu, load.redis_cpu)]
-    before = [probe() if probe else 0.0 for probe in probes]
+    before = load.cpu_seconds()
     client_before = time.process_time()
     latencies, seconds, failures = await closed_loop(call, count=load.count, concurrency=load.concurrency,
                                                      time_cap_s=load.time_cap_s)  # fmt: skip
     client_cpu_s = time.process_time() - client_before
-    after = [probe() if probe else 0.0 for probe in probes]
     served = max(len(latencies), 1)
-    cpu = [round(1000 * (end - start) / served, 3) if probe else None
-           for probe, start, end in zip(probes, before, after, strict=True)]  # fmt: skip
+    cpu = load.cpu_ms_per_request(before, served)
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return Measurement(name, load.concurrency, len(latencies), round(seconds, 3), round(len(latencies) / seconds, 1),
                        round(float(np.percentile(ms, 50)), 2), round(float(np.percentile(ms, 99)), 2),
@@ -535,11 +543,14 @@ def run_wrk(urls: Sequence[str], expect: bytes | None, seconds: int, concurrency
                                    "-s", file.name, "/".join(base[:3])], capture_output=True, text=True,
                                   check=True)  # fmt: skip
         after = os.times()
+    result: list[int] = []
     for line in finished.stdout.splitlines():
         if line.startswith("wrk-failure "):  # what a failure was, once per measurement
             print(f"  a failure: {line.removeprefix('wrk-failure ')}", flush=True)
-    line = next(line for line in finished.stdout.splitlines() if line.startswith("wrk-result "))
-    result = [int(value) for value in line.split()[1:]]
+        elif line.startswith("wrk-result "):
+            result = [int(value) for value in line.split()[1:]]
+    if not result:
+        raise RuntimeError(f"wrk printed no result line: {(finished.stdout + finished.stderr)[-2000:]}")
     if result[0] >= WRK_CEILING:
         raise RuntimeError(f"wrk reached its ceiling of {WRK_CEILING} requests: its rate would be wrong")
     return result, after.children_user + after.children_system - before.children_user - before.children_system
@@ -553,14 +564,11 @@ async def wrk_measurement(name: str, urls: Sequence[str], expect: bytes | None, 
     seconds = max(1, round(load.time_cap_s))
     if load.warmup:
         await asyncio.to_thread(run_wrk, urls, None, WRK_WARMUP_S, load.concurrency)
-    probes = [probe for probe in (load.server_cpu, load.triton_cpu, load.redis_cpu)]
-    before = [probe() if probe else 0.0 for probe in probes]
+    before = load.cpu_seconds()
     (requests, duration_us, p50_us, p99_us, max_us, failures), client_cpu_s = await asyncio.to_thread(
         run_wrk, urls, expect, seconds, load.concurrency)
-    after = [probe() if probe else 0.0 for probe in probes]
     served = max(requests, 1)
-    cpu = [round(1000 * (end - start) / served, 3) if probe else None
-           for probe, start, end in zip(probes, before, after, strict=True)]  # fmt: skip
+    cpu = load.cpu_ms_per_request(before, served)
     elapsed = duration_us / 1e6
     return Measurement(name, load.concurrency, requests, round(elapsed, 3), round(requests / elapsed, 1),
                        round(p50_us / 1000, 2), round(p99_us / 1000, 2), round(max_us / 1000, 2), failures, cpu[0],
