@@ -71,11 +71,13 @@ def tasks_by_worker(client: Any) -> dict[str, int]:
 
 
 def partitions_for(dataset: Any, client: Any | None) -> Any:
-    """`dataset` with at least two partitions per worker, so that every worker has a share (a small input is one
-    partition, which one worker would take alone); as it is without a client. Row order is kept."""
-    if client is None:
-        return dataset
-    wanted = 2 * len(client.scheduler_info()["workers"])
+    """`dataset` with at least two partitions per worker, or without a client per thread of Dask's local
+    scheduler, so that every one has a share: a small input is one partition, which one thread or worker would
+    take alone, and NVTabular's fit transforms the whole first partition once more to learn the output's dtypes
+    (`merlin.dag.executors.DaskExecutor.fit`). Row order is kept."""
+    from dask.system import CPU_COUNT  # the local scheduler's thread count (cgroup and affinity aware)
+
+    wanted = 2 * (len(client.scheduler_info()["workers"]) if client is not None else CPU_COUNT)
     if dataset.npartitions >= wanted:
         return dataset
     # Each partition numbered from 0 again: NVTabular 23.08's Categorify takes a partition's index labels for

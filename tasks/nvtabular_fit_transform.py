@@ -34,45 +34,54 @@ RAW_ID_TAG = "raw_id"
 
 
 def build_workflow(spec: DatasetSpec, categories_dir: Path):  # type: ignore[no-untyped-def]
-    """The workflow; Categorify writes its category tables under `categories_dir` (default would be the cwd)."""
+    """The workflow; Categorify writes its category tables under `categories_dir` (default would be the cwd).
+
+    Each feature group is tagged first, then every plain categorical column of every group goes through one
+    Categorify (a per-column cap in its max_size dict) and every continuous column through one FillMedian and
+    Normalize: NVTabular's fit reads the data once per statistics operator, so one operator per column read the
+    training data once per column (25 times for AliCCP). Tags pass through the operators unchanged."""
     import nvtabular as nvt
     from merlin.schema import Tags
     from nvtabular import ops
 
     from models.nvtabular_ops import PaddedListSlice, SplitTokens
 
-    def categorify(column: str):  # type: ignore[no-untyped-def]
-        # One op per column so each can carry its own cap (max_size) for huge cardinalities.
-        cap = spec.categorify.max_size.get(column, 0)
-        return ops.Categorify(freq_threshold=spec.categorify.freq_threshold, max_size=cap, out_path=str(categories_dir))
+    groups = [  # (columns, the tags Merlin Models selects them by)
+        ([spec.user_id], ops.TagAsUserID),
+        ([spec.item_id], ops.TagAsItemID),
+        (list(spec.user_features), ops.TagAsUserFeatures),
+        (list(spec.item_features), ops.TagAsItemFeatures),
+        (list(spec.user_item_features), lambda: ops.AddTags(["user_item"])),
+        (list(spec.context_features), lambda: ops.AddTags([Tags.CONTEXT])),
+    ]
+    by_kind: dict[str, list] = {"categorical": [], "continuous": [], "multi_valued": []}  # (columns, tagged node)
+    for columns, tag in groups:
+        for kind, nodes in by_kind.items():
+            chosen = [column for column in columns if spec.feature_kind(column) == kind]
+            if kind == "multi_valued":
+                nodes.extend(([column], [column] >> tag()) for column in chosen)
+            elif chosen:
+                nodes.append((chosen, chosen >> tag()))
 
-    def encoded(columns: list[str]):  # type: ignore[no-untyped-def]
-        """Each column by its kind: a category, a list of categories, or a number."""
-        node = None
-        for column in columns:
-            kind = spec.feature_kind(column)
-            if kind == "continuous":  # the median for missing values, then zero mean and unit variance
-                part = [column] >> ops.FillMedian() >> ops.Normalize() >> ops.LambdaOp(_as_float32, dtype="float32")
-            elif kind == "multi_valued":
-                options = spec.multi_valued[column]
-                tokens = [column] >> ops.LambdaOp(SplitTokens(options.separator))
-                part = tokens >> categorify(column) >> PaddedListSlice(options.max_tokens)
-            else:
-                part = [column] >> categorify(column)
-            node = part if node is None else node + part
-        return node
+    def combined(nodes: list):  # type: ignore[no-untyped-def]
+        return sum((node for _, node in nodes[1:]), nodes[0][1])
 
-    user_id = encoded([spec.user_id]) >> ops.TagAsUserID()
-    item_id = encoded([spec.item_id]) >> ops.TagAsItemID()
-    outputs = user_id + item_id
-    if spec.user_features:
-        outputs += encoded(list(spec.user_features)) >> ops.TagAsUserFeatures()
-    if spec.item_features:
-        outputs += encoded(list(spec.item_features)) >> ops.TagAsItemFeatures()
-    if spec.user_item_features:
-        outputs += encoded(list(spec.user_item_features)) >> ops.AddTags(["user_item"])
-    if spec.context_features:
-        outputs += encoded(list(spec.context_features)) >> ops.AddTags([Tags.CONTEXT])
+    def categorify(nodes: list):  # type: ignore[no-untyped-def]
+        caps = {column: spec.categorify.max_size.get(column, 0) for columns, _ in nodes for column in columns}
+        return ops.Categorify(freq_threshold=spec.categorify.freq_threshold, max_size=caps,
+                              out_path=str(categories_dir))  # fmt: skip
+
+    encoded = []
+    if by_kind["categorical"]:
+        encoded.append(combined(by_kind["categorical"]) >> categorify(by_kind["categorical"]))
+    if by_kind["continuous"]:  # the median for missing values, then zero mean and unit variance
+        encoded.append(combined(by_kind["continuous"]) >> ops.FillMedian() >> ops.Normalize()
+                       >> ops.LambdaOp(_as_float32, dtype="float32"))  # fmt: skip
+    for columns, node in by_kind["multi_valued"]:  # token by token, padded to the column's width
+        options = spec.multi_valued[columns[0]]
+        tokens = node >> ops.LambdaOp(SplitTokens(options.separator))
+        encoded.append(tokens >> categorify([(columns, tokens)]) >> PaddedListSlice(options.max_tokens))
+    outputs = sum(encoded[1:], encoded[0])
     outputs += list(spec.targets) >> ops.AddTags([Tags.BINARY_CLASSIFICATION, Tags.TARGET])
     raw_ids = [spec.user_id, spec.item_id] >> ops.Rename(postfix=RAW_SUFFIX) >> ops.AddTags([RAW_ID_TAG])
     timestamp = [spec.timestamp] >> ops.AddTags(["time"])
