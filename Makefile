@@ -11,7 +11,7 @@ MLFLOW_PORT ?= 5000
 DEMO_ROWS := $(if $(filter command line,$(origin ROWS)),$(ROWS),50000)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint unit generate-data airflow airflow-celery benchmark-data benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-final-order benchmark-off-policy benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key forget-customer serve demo mlflow
+.PHONY: help setup test test-fast lint unit generate-data airflow airflow-celery benchmark-data benchmark-scale benchmark-model benchmark-quality benchmark-movielens benchmark-ranker-ceiling benchmark-ranker-stacking benchmark-final-order benchmark-off-policy benchmark-serving benchmark-recommender-reads benchmark-call-deadline expectations migrate api api-key forget-customer serve demo mlflow
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ expectations:  ## rewrite the committed expectation suite of the default spec
 
 benchmark-data:  ## data-stage throughput against pyarrow and pandas references (1M and 4M rows)
 	$(VENV)/python benchmarks/data_stage.py
+
+benchmark-scale:  ## data stage and NVTabular at 1M, 4M, 16M rows; batch scoring of 615,599 users (about 75 min)
+	$(VENV)/python benchmarks/scale.py
 
 benchmark-model:  ## training, batch scoring and publish speed against bare Keras, the raw ranker and redis-py
 	$(VENV)/python benchmarks/model_stage.py

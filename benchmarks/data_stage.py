@@ -158,7 +158,8 @@ def _run_trainer_part(mode: str, resplit_dir: Path, output: Path) -> dict:
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
-def run(rows: int, work: Path) -> dict:
+def run(rows: int, work: Path, *, repeats: int = 2) -> dict:
+    """Every step on `rows` generated rows under `work`; the CSV conversion and its reference `repeats` more times."""
     from recsys.datagen import GeneratorConfig, generate_dataset
     from recsys.parquet_io import count_rows
 
@@ -175,9 +176,9 @@ def run(rows: int, work: Path) -> dict:
     ]
     for step, source, target in steps:
         results[step] = measure(step, input=str(source), output=str(target))
-    # The CSV conversion and its reference run twice more, alternating; each keeps its fastest run
+    # The CSV conversion and its reference run again, alternating; each keeps its fastest run
     # (page cache and a 2-core machine's noise hit whichever runs first).
-    for attempt in range(2):
+    for attempt in range(repeats):
         for step, source, target in steps[:2]:
             again = measure(step, input=str(source), output=str(target.with_name(f"{target.name}-{attempt}")))
             results[step] = min(results[step], again, key=lambda result: result["seconds"])
