@@ -158,8 +158,9 @@ def _run_trainer_part(mode: str, resplit_dir: Path, output: Path) -> dict:
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
-def run(rows: int, work: Path, *, repeats: int = 2) -> dict:
-    """Every step on `rows` generated rows under `work`; the CSV conversion and its reference `repeats` more times."""
+def run(rows: int, work: Path, *, repeats: int = 2, categorify: bool = True) -> dict:
+    """Every step on `rows` generated rows under `work`; the CSV conversion and its reference `repeats` more times;
+    with `categorify`, Categorify alone against pandas factorize too."""
     from recsys.datagen import GeneratorConfig, generate_dataset
     from recsys.parquet_io import count_rows
 
@@ -182,10 +183,9 @@ def run(rows: int, work: Path, *, repeats: int = 2) -> dict:
         for step, source, target in steps[:2]:
             again = measure(step, input=str(source), output=str(target.with_name(f"{target.name}-{attempt}")))
             results[step] = min(results[step], again, key=lambda result: result["seconds"])
-    results["nvtabular"] = {
-        **_run_trainer_part("step", run_dir / "resplit", run_dir / "nvtabular"),
-        **_run_trainer_part("categorify", run_dir / "resplit", run_dir / "unused"),
-    }
+    results["nvtabular"] = _run_trainer_part("step", run_dir / "resplit", run_dir / "nvtabular")
+    if categorify:
+        results["nvtabular"].update(_run_trainer_part("categorify", run_dir / "resplit", run_dir / "unused"))
     for step, source, _ in steps:
         splits = [path for path in source.iterdir() if path.is_dir() and path.name != "quarantine"]
         count = sum(count_rows(split) for split in splits) if splits else rows
@@ -207,11 +207,13 @@ def report(all_results: list[dict]) -> str:
             lines.append(f"| {rows:,} | {step} | {measured['rows_per_second']:,.0f} | {measured['peak_rss_mb']:,.0f} | "
                          f"{against} | {ratio} |")  # fmt: skip
         nvt = results["nvtabular"]
-        categorify_rate = nvt["rows"] / nvt["categorify_seconds"]
-        factorize_rate = nvt["rows"] / nvt["factorize_seconds"]
-        lines.append(f"| {rows:,} | Categorify (NVTabular CPU; fit {nvt['categorify_fit_seconds']:.1f} s, transform "
-                     f"{nvt['categorify_transform_seconds']:.1f} s) | {categorify_rate:,.0f} | | pandas factorize "
-                     f"{factorize_rate:,.0f} rows/s | {categorify_rate / factorize_rate:.2f} |")  # fmt: skip
+        if "categorify_seconds" in nvt:
+            categorify_rate = nvt["rows"] / nvt["categorify_seconds"]
+            factorize_rate = nvt["rows"] / nvt["factorize_seconds"]
+            fit, transform = nvt["categorify_fit_seconds"], nvt["categorify_transform_seconds"]
+            lines.append(f"| {rows:,} | Categorify (NVTabular CPU; fit {fit:.1f} s, transform {transform:.1f} s) | "
+                         f"{categorify_rate:,.0f} | | pandas factorize {factorize_rate:,.0f} rows/s | "
+                         f"{categorify_rate / factorize_rate:.2f} |")  # fmt: skip
         lines.append(f"| {rows:,} | nvtabular_fit_transform (whole step) | {nvt['rows'] / nvt['step_seconds']:,.0f} | "
                      f"{nvt['peak_rss_mb']:,.0f} | | |")  # fmt: skip
     if len(all_results) >= 2:
@@ -223,10 +225,13 @@ def report(all_results: list[dict]) -> str:
             lines.append(f"- {step}: {large[step]['rows_per_second'] / small[step]['rows_per_second']:.2f}")
         step_rate = [r["nvtabular"]["rows"] / r["nvtabular"]["step_seconds"] for r in (small, large)]
         lines.append(f"- nvtabular_fit_transform: {step_rate[1] / step_rate[0]:.2f}")
+    profiled = [results for results in all_results if "categorify_profile" in results["nvtabular"]]
+    if not profiled:
+        return "\n".join(lines)
     lines.append("")
     lines.append("Where Categorify's time goes (cProfile with Dask's synchronous scheduler; shares of that run, which "
                  "overlap: the dtype pass reads and encodes too):")  # fmt: skip
-    for results in all_results:
+    for results in profiled:
         nvt = results["nvtabular"]
         profile = nvt["categorify_profile"]
         shares = ", ".join(f"{label} {profile[label] / profile['total']:.0%}" for label, _, _ in CATEGORIFY_PROFILE)

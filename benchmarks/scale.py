@@ -1,7 +1,7 @@
 """Scale benchmark: the data stage and the NVTabular step at growing sizes, and batch scoring at AliCCP's user count.
 
     .venv/bin/python benchmarks/scale.py [--rows 1000000 4000000 16000000] [--score-users 615599]
-                                         [--score-rows 4000000] [--work DIR]
+                                         [--score-rows 4000000] [--no-categorify] [--work DIR]
 
 1. For each size of `--rows`, generated data goes through every data-stage step and the NVTabular step, each in a
    fresh process (benchmarks/data_stage.py's measurements: rows/s, peak RSS, Categorify against pandas factorize,
@@ -44,7 +44,8 @@ def step_seconds(results: dict) -> dict[str, float]:
     """Seconds of each step of one size's data_stage results."""
     seconds = {step: results[step]["seconds"] for step in DATA_STEPS}
     seconds["nvtabular_fit_transform"] = results["nvtabular"]["step_seconds"]
-    seconds["Categorify"] = results["nvtabular"]["categorify_seconds"]
+    if "categorify_seconds" in results["nvtabular"]:
+        seconds["Categorify"] = results["nvtabular"]["categorify_seconds"]
     return seconds
 
 
@@ -63,6 +64,8 @@ def scaling_report(all_results: list[dict]) -> str:
              "", "| step | " + " | ".join(f"s at {count:,}" for count in rows) + " | time ratio | b |",
              "|---|" + "---:|" * (len(rows) + 2)]  # fmt: skip
     for step in times[0]:
+        if any(step not in time for time in times):
+            continue
         seconds = [time[step] for time in times]
         lines.append(f"| {step} | " + " | ".join(f"{value:,.1f}" for value in seconds)
                      + f" | {seconds[-1] / seconds[0]:.1f} | {scaling_exponent(rows, seconds):.2f} |")  # fmt: skip
@@ -102,6 +105,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 4_000_000, 16_000_000])
     parser.add_argument("--score-users", type=int, default=ALICCP_USERS)
     parser.add_argument("--score-rows", type=int, default=4_000_000)
+    parser.add_argument("--no-categorify", action="store_true",
+                        help="skip Categorify alone against factorize (two more NVTabular passes; for large sizes)")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     results: dict = {}
@@ -110,7 +115,8 @@ def main() -> None:
             results["sizes"] = []
             for rows in sorted(args.rows):
                 # One size at a time, its files removed after: 16M rows take ~15 GB on disk.
-                results["sizes"].append(data_stage.run(rows, Path(scratch) / str(rows), repeats=0))
+                results["sizes"].append(data_stage.run(rows, Path(scratch) / str(rows), repeats=0,
+                                                       categorify=not args.no_categorify))
                 shutil.rmtree(Path(scratch) / str(rows))
                 print(f"{rows:,} rows measured", flush=True)
             print(data_stage.report(results["sizes"]))
