@@ -177,6 +177,7 @@ def run(rows: int, work: Path, *, repeats: int = 2, categorify: bool = True) -> 
     ]
     for step, source, target in steps:
         results[step] = measure(step, input=str(source), output=str(target))
+        print(f"{rows:,} rows, {step}: {results[step]['seconds']:.0f} s", flush=True)
     # The CSV conversion and its reference run again, alternating; each keeps its fastest run
     # (page cache and a 2-core machine's noise hit whichever runs first).
     for attempt in range(repeats):

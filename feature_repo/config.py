@@ -5,29 +5,49 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from feast import RepoConfig
 from feast.infra.offline_stores.dask import DaskOfflineStoreConfig
-from feast.infra.online_stores.redis import RedisOnlineStoreConfig
+from feast.infra.online_stores.redis import RedisOnlineStoreConfig, RedisType
 
 from recsys.settings import Settings, get_settings
 from recsys.spec import DatasetSpec
 
 REPO_DIR = Path(__file__).resolve().parent
+REDIS_TYPES = ("redis", "redis_cluster")  # the values of Feast's RedisType wired here (not redis_sentinel)
 
 
 @dataclasses.dataclass(frozen=True)
 class FeastStoreConfig:
-    """The online store's Redis URL and the registry file; `from_settings` reads RECSYS_FEAST_*."""
+    """The online store's Redis URL, the registry file and the kind of Redis ("redis" or "redis_cluster", Feast's
+    names: a cluster's URL names any one of its nodes); `from_settings` reads RECSYS_FEAST_*."""
 
     redis_url: str
     registry_path: Path
+    redis_type: str = "redis"
+
+    def __post_init__(self) -> None:
+        if self.redis_type not in REDIS_TYPES:
+            raise ValueError(f"Feast's Redis type must be one of {', '.join(REDIS_TYPES)}, got {self.redis_type!r}")
+
+    @property
+    def cluster(self) -> bool:
+        return self.redis_type == "redis_cluster"
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> FeastStoreConfig:
         settings = settings or get_settings()
-        return cls(redis_url=settings.feast_redis_url, registry_path=settings.feast_registry_path)
+        return cls(redis_url=settings.feast_redis_url, registry_path=settings.feast_registry_path,
+                   redis_type=settings.feast_redis_type)  # fmt: skip
+
+    def redis_client(self) -> Any:
+        """A redis-py client of the online store: a RedisCluster for a cluster (multi-key commands split by slot)."""
+        import redis
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(self.redis_url) if self.cluster else redis.Redis.from_url(self.redis_url)
 
 
 def project_name(spec: DatasetSpec) -> str:
@@ -38,12 +58,13 @@ def project_name(spec: DatasetSpec) -> str:
     return name
 
 
-def redis_connection_string(url: str) -> str:
+def redis_connection_string(url: str, *, cluster: bool = False) -> str:
     """Feast's Redis connection string (`host:port,db=1,password=...,ssl=true`) for a `redis://` URL.
 
     Settings hold a standard URL (`redis://[[user]:password@]host[:port][/db][?option=value]`,
     `rediss://` for TLS) like every other Redis client takes; Feast parses its own comma-separated
-    format, which cannot carry a comma inside a value.
+    format, which cannot carry a comma inside a value. For a cluster (`cluster`), the URL names one node and no
+    DB but 0: a Redis Cluster has DB 0 only, and Feast's cluster client takes no `db`.
     """
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
@@ -54,7 +75,10 @@ def redis_connection_string(url: str) -> str:
     database = parts.path.strip("/") or "0"
     if not database.isdigit():
         raise ValueError(f"Redis database in {redact_url(url)!r} must be a number, got {database!r}")
-    options = [("db", str(int(database)))]
+    if cluster and int(database) != 0:
+        raise ValueError(f"a Redis Cluster has DB 0 only; {redact_url(url)!r} names DB {database} "
+                         "(RECSYS_FEAST_REDIS_URL with RECSYS_FEAST_REDIS_TYPE=redis_cluster)")  # fmt: skip
+    options = [] if cluster else [("db", str(int(database)))]
     if parts.username:
         options.append(("username", unquote(parts.username)))
     if parts.password:
@@ -88,8 +112,9 @@ def repo_config(project: str, config: FeastStoreConfig, *, writes_always_land: b
         project=project,
         provider="local",
         registry=str(config.registry_path),
-        online_store=RedisOnlineStoreConfig(connection_string=redis_connection_string(config.redis_url),
-                                            skip_dedup=writes_always_land),
+        online_store=RedisOnlineStoreConfig(redis_type=RedisType(config.redis_type), skip_dedup=writes_always_land,
+                                            connection_string=redis_connection_string(config.redis_url,
+                                                                                      cluster=config.cluster)),
         offline_store=DaskOfflineStoreConfig(),
         entity_key_serialization_version=3,
         repo_path=REPO_DIR,

@@ -40,14 +40,13 @@ def online_item_features(store: FeatureStore, spec: DatasetSpec, item_ids: Seque
     return online_features(store, entity_tables(spec)[1], item_ids)
 
 
-def delete_online_rows(store: FeatureStore, table: EntityTable, ids: Sequence[int], redis_url: str) -> int:
+def delete_online_rows(store: FeatureStore, table: EntityTable, ids: Sequence[int], config: FeastStoreConfig) -> int:
     """Delete the entities' rows of every feature view from the Redis online store (a customer forgotten on
     request, serving/forget.py); return the rows deleted.
 
     Feast has no call that deletes one entity's row (its `delete_entity_values` scans every entity of a join
     key), so this deletes the Redis key Feast's Redis store writes an entity's features under, named by Feast's
     own key function: the serialized entity key and the project."""
-    import redis
     from feast.infra.online_stores.helpers import _redis_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.type_map import python_values_to_proto_values
@@ -58,7 +57,7 @@ def delete_online_rows(store: FeatureStore, table: EntityTable, ids: Sequence[in
             for value in python_values_to_proto_values([int(entity) for entity in ids], value_type)]  # fmt: skip
     if not keys:
         return 0
-    client = redis.Redis.from_url(redis_url)
+    client = config.redis_client()  # on a cluster, DEL of keys of several slots is split by slot
     try:
         return int(cast(int, client.delete(*keys)))
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
@@ -54,6 +55,9 @@ class Settings(BaseSettings):
     # Feast: the online store is Redis, in a DB index of its own (not 0) so that Feast's keys never mix
     # with ours (redis://[:password@]host:port/db, rediss:// for TLS); the registry is a local file.
     feast_redis_url: str = "redis://127.0.0.1:6379/1"
+    # Feast's name for the kind of Redis: "redis" (one server, the URL's DB) or "redis_cluster" (a Redis Cluster,
+    # the URL naming any one of its nodes, DB 0: a cluster has no other; Feast finds the other nodes).
+    feast_redis_type: Literal["redis", "redis_cluster"] = "redis"
     feast_registry_path: Path = PROJECT_ROOT / "var" / "feast" / "registry.db"
     # Feast on the gateway's online path (serving/live_features.py): a customer's features are read from its
     # online store at request time and written through when the API creates or changes the customer. Off, the

@@ -120,7 +120,7 @@ def _forget_in_feast(settings: Settings, spec: DatasetSpec, ids: list[int]) -> i
     config = FeastStoreConfig.from_settings(settings)
     if not config.registry_path.exists():  # nothing was ever applied, so nothing materialized
         return 0
-    return delete_online_rows(open_feature_store(spec, config), entity_tables(spec)[0], ids, config.redis_url)
+    return delete_online_rows(open_feature_store(spec, config), entity_tables(spec)[0], ids, config)
 
 
 def _forget_in_extracts(settings: Settings, spec: DatasetSpec, ids: list[int]) -> dict[str, Any]:

@@ -67,3 +67,47 @@ def serving_run(arguments: list[str], env: dict[str, str], log: Path, startup_ti
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+@contextmanager
+def redis_cluster(directory: Path, masters: int = 3, startup_timeout_s: float = 30) -> Iterator[list[str]]:
+    """A real Redis Cluster of `masters` primaries on loopback (`redis-server --cluster-enabled yes` on free ports,
+    joined by `redis-cli --cluster create`), stopped when the block ends; yields each node's `redis://` URL."""
+    import redis
+
+    ports = [free_port() for _ in range(masters)]
+    bus_ports = [free_port() for _ in range(masters)]  # the default, port + 10000, may be past 65535
+    processes = []
+    try:
+        for port, bus_port in zip(ports, bus_ports, strict=True):
+            node = directory / f"node-{port}"
+            node.mkdir(parents=True)
+            processes.append(subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-port", str(bus_port),
+                 "--cluster-config-file", str(node / "nodes.conf"), "--dir", str(node), "--save", "",
+                 "--appendonly", "no"],
+                stdout=(node / "redis.log").open("w"), stderr=subprocess.STDOUT))  # fmt: skip
+        deadline = time.monotonic() + startup_timeout_s
+        for port in ports:
+            while True:
+                try:
+                    redis.Redis(port=port).ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server on port {port} did not start") from None
+                    time.sleep(0.05)
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=startup_timeout_s)  # fmt: skip
+        while not all(redis.Redis(port=port).cluster("info")["cluster_state"] == "ok" for port in ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        yield [f"redis://127.0.0.1:{port}" for port in ports]
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)

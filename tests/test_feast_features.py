@@ -1,6 +1,7 @@
 """Feast: definitions generated from the spec, applied and materialized into a real Redis, read back online.
 
 The tests own Redis DB 13 and flush only that one, before and after each test; the registry lives in tmp_path.
+The Redis Cluster test starts a cluster of its own (three primaries on free loopback ports) and stops it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import redis
 from feature_repo.config import FeastStoreConfig, project_name, redact_url, redis_connection_string
 from feature_repo.definitions import build_definitions
 from feature_repo.tables import FeatureTableError
+from recsys.settings import Settings
 from recsys.spec import DatasetSpec, load_spec
 from tasks.feast_features import (
     FeastNotAppliedError,
@@ -28,6 +30,7 @@ from tasks.feast_features import (
     open_feature_store,
 )
 from tests.redis_databases import redis_url
+from tests.servers import redis_cluster
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEST_REDIS_URL = redis_url("feast")
@@ -262,3 +265,65 @@ def test_a_newer_snapshot_updates_only_what_is_newer(tmp_path: Path, spec_path: 
     before = redis_contents(redis_db13)
     assert feast_materialize(run_2, spec, store_config)["feature_views"]["user_features"]["window"] is None
     assert redis_contents(redis_db13) == before
+
+
+# --- a Redis Cluster as the online store --------------------------------------------------------------------------
+
+
+def test_a_cluster_url_becomes_a_connection_string_without_a_db():
+    assert redis_connection_string("redis://127.0.0.1:7000", cluster=True) == "127.0.0.1:7000"
+    assert redis_connection_string("redis://:s3cret@node-1:7000/0", cluster=True) == "node-1:7000,password=s3cret"
+    with pytest.raises(ValueError, match=r"DB 0 only.*RECSYS_FEAST_REDIS_TYPE=redis_cluster"):
+        redis_connection_string("redis://127.0.0.1:7000/1", cluster=True)
+    with pytest.raises(ValueError, match="redis, redis_cluster"):
+        FeastStoreConfig("redis://127.0.0.1:7000", Path("registry.db"), redis_type="redis_sentinel")
+    settings = Settings(feast_redis_url="redis://node-1:7000", feast_redis_type="redis_cluster")
+    assert FeastStoreConfig.from_settings(settings).cluster
+    assert not FeastStoreConfig.from_settings(Settings()).cluster
+
+
+def test_a_redis_cluster_holds_the_online_rows_for_reads_write_through_and_forgetting(tmp_path: Path):
+    """Materialize, the gateway's async read and write-through, and a forget, on three primaries: Feast's rows
+    spread over every node, and each path finds them wherever they are."""
+    import asyncio
+
+    from feature_repo.store import delete_online_rows
+    from feature_repo.tables import entity_tables
+
+    spec = load_spec(SPECS[0])
+    user_id, user_features = entity_columns(spec, "user")
+    ids = list(range(100, 160))
+    users = snapshot_table(spec, "user", ids, [DAY_1] * len(ids), offset=0)
+    items = snapshot_table(spec, "item", list(range(500, 540)), [DAY_1] * 40, offset=0)
+    run = write_snapshot(tmp_path / "runs" / "1" / "nvtabular", users, items)
+    with redis_cluster(tmp_path / "cluster") as nodes:
+        config = FeastStoreConfig(redis_url=nodes[1], registry_path=tmp_path / "feast" / "registry.db",
+                                  redis_type="redis_cluster")  # fmt: skip
+        feast_apply(run, spec, config)
+        materialized = feast_materialize(run, spec, config)
+        assert materialized["feature_views"]["user_features"]["rows"] == len(ids)
+        counts = [redis.Redis.from_url(node).dbsize() for node in nodes]
+        assert sum(counts) == len(ids) + len(items) and all(counts), counts
+
+        store = open_feature_store(spec, config)
+        assert online_user_features(store, spec, ids) == expected_rows(users, user_id, ids)
+        table = entity_tables(spec)[0]
+        references = [f"{table.feature_view_name}:{name}" for name in table.features]
+        changed = users[users[user_id] == 101].copy()
+        changed[user_features] = changed[user_features] + 1
+        changed["event_timestamp"] = pd.Timestamp(DAY_1 + timedelta(days=1))
+
+        async def gateway_paths() -> dict[str, list]:
+            # As serving/live_features.py does: write through with the async client, then read back.
+            writer = open_feature_store(spec, config, writes_always_land=True)
+            await writer.write_to_online_store_async(table.feature_view_name, df=changed)
+            response = await writer.get_online_features_async(features=references, entity_rows=[{user_id: 101}])
+            return response.to_dict()
+
+        assert asyncio.run(gateway_paths()) == expected_rows(changed, user_id, [101])
+
+        forgotten = ids[:25]  # keys of many slots, on every node: deleted slot by slot
+        assert delete_online_rows(store, table, forgotten, config) == len(forgotten)
+        after = online_user_features(store, spec, [*forgotten, ids[-1]])
+        assert all(after[name][:-1] == [None] * len(forgotten) for name in user_features)
+        assert after[user_features[0]][-1] == expected_rows(users, user_id, [ids[-1]])[user_features[0]][0]
