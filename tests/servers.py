@@ -1,5 +1,5 @@
-"""The gateway served for real on loopback and a free port: in a thread of the test process (uvicorn), or as its
-own process (`python -m serving.run`)."""
+"""Servers for real on loopback and free ports: the gateway in a thread of the test process (uvicorn) or as its own
+process (`python -m serving.run`), and a Redis Cluster of its own."""
 
 from __future__ import annotations
 
