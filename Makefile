@@ -70,7 +70,7 @@ expectations:  ## rewrite the committed expectation suite of the default spec
 benchmark-data:  ## data-stage throughput against pyarrow and pandas references (1M and 4M rows)
 	$(VENV)/python benchmarks/data_stage.py
 
-benchmark-scale:  ## data stage and NVTabular at 1M, 4M, 16M rows; batch scoring of 615,599 users (about 75 min)
+benchmark-scale:  ## data stage and NVTabular at 1M, 4M, 16M rows; batch scoring of 615,599 users (about 2 hours)
 	$(VENV)/python benchmarks/scale.py
 
 benchmark-model:  ## training, batch scoring and publish speed against bare Keras, the raw ranker and redis-py

@@ -14,7 +14,7 @@
    to `batch_score`, which scores every user; printed: its users/s, each step's time and the largest step
    process's peak RSS. `--score-users 0` skips it; `--rows` with no size skips part 1.
 
-Results go to benchmarks/results/scale.json. About 25 minutes for part 1 and 50 for part 2 on 2 cores.
+Results go to benchmarks/results/scale.json. About 15 minutes for part 1 and 95 for part 2 on 2 cores.
 """
 
 from __future__ import annotations
