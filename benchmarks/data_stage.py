@@ -132,10 +132,11 @@ def trainer_part(mode: str, resplit_dir: Path, output: Path) -> dict:
 
 
 # Where Categorify's time goes on the CPU: (label, module path ending, function) of NVTabular 23.08 and pandas.
+MERGES = "encoding: pandas merge with the category table"
 CATEGORIFY_PROFILE = (
     ("reading Parquet", "dask/dataframe/io/parquet/core.py", "read_parquet_part"),
     ("fit: per-partition value counts (pandas groupby)", "nvtabular/ops/categorify.py", "_top_level_groupby"),
-    ("encoding: pandas merge with the category table", "pandas/core/reshape/merge.py", "merge"),
+    (MERGES, "pandas/core/reshape/merge.py", "merge"),
     ("fit: the first partition transformed again for dtypes", "merlin/io/dataset.py", "sample_dtypes"),
 )
 
@@ -236,7 +237,7 @@ def report(all_results: list[dict]) -> str:
         nvt = results["nvtabular"]
         profile = nvt["categorify_profile"]
         shares = ", ".join(f"{label} {profile[label] / profile['total']:.0%}" for label, _, _ in CATEGORIFY_PROFILE)
-        merge = profile[CATEGORIFY_PROFILE[2][0]]
+        merge = profile[MERGES]
         factorize = nvt["factorize_seconds"]
         lines.append(f"- {results['rows']:,} rows: {shares}; the merges alone took {merge:.1f} s, "
                      f"{merge / factorize:.1f}x factorize's {factorize:.2f} s")  # fmt: skip

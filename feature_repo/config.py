@@ -5,18 +5,18 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from feast import RepoConfig
 from feast.infra.offline_stores.dask import DaskOfflineStoreConfig
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig, RedisType
 
-from recsys.settings import Settings, get_settings
+from recsys.settings import FeastRedisType, Settings, get_settings
 from recsys.spec import DatasetSpec
 
 REPO_DIR = Path(__file__).resolve().parent
-REDIS_TYPES = ("redis", "redis_cluster")  # the values of Feast's RedisType wired here (not redis_sentinel)
+REDIS_TYPES = get_args(FeastRedisType)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,8 @@ from recsys.locations import local_path
 from recsys.run_layout import RunLayout
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The kinds of Redis Feast's online store is wired for here: Feast's own RedisType values (not redis_sentinel).
+FeastRedisType = Literal["redis", "redis_cluster"]
 
 
 class Settings(BaseSettings):
@@ -57,7 +59,7 @@ class Settings(BaseSettings):
     feast_redis_url: str = "redis://127.0.0.1:6379/1"
     # Feast's name for the kind of Redis: "redis" (one server, the URL's DB) or "redis_cluster" (a Redis Cluster,
     # the URL naming any one of its nodes, DB 0: a cluster has no other; Feast finds the other nodes).
-    feast_redis_type: Literal["redis", "redis_cluster"] = "redis"
+    feast_redis_type: FeastRedisType = "redis"
     feast_registry_path: Path = PROJECT_ROOT / "var" / "feast" / "registry.db"
     # Feast on the gateway's online path (serving/live_features.py): a customer's features are read from its
     # online store at request time and written through when the API creates or changes the customer. Off, the
