@@ -89,7 +89,7 @@ benchmark-ranker-stacking:  ## ranker + two-tower score combined, on a quality r
 	@test -n "$(WORK)" || { echo "usage: make benchmark-ranker-stacking WORK=DIR (the --work folder of benchmarks/quality.py)"; exit 2; }
 	$(VENV)/python benchmarks/ranker_stacking.py --work $(WORK)
 
-benchmark-final-order:  ## grid blend vs learned orders of the retrieved candidates: RUN=<run folder> [SPEC=<its spec>]
+benchmark-final-order:  ## grid blend vs learned orders of the retrieved candidates (DLRM on them too): RUN=<run folder> [SPEC=<its spec>]
 	@test -n "$(RUN)" || { echo "usage: make benchmark-final-order RUN=DIR [SPEC=FILE] (e.g. the run of benchmarks/movielens.py --work)"; exit 2; }
 	$(VENV)/python benchmarks/final_order.py --run $(RUN) $(if $(SPEC),--spec $(SPEC))
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/movielens.py --work DIR             # a run whose validation split is carved from
                                                                     # train (DIR/run; about 14 minutes)
-    .venv/bin/python benchmarks/final_order.py --run DIR/run --spec DIR/imported/spec.yaml   # about 3 minutes
+    .venv/bin/python benchmarks/final_order.py --run DIR/run --spec DIR/imported/spec.yaml   # about 6 minutes
 
 The issue's item 3 asks for "a ranker that learns to rank what retrieval returns". Batch scoring orders each
 user's candidates with the blend of `models/blend.py`, its two weights chosen on a grid by NDCG@10 (or all five
@@ -16,7 +16,12 @@ users with train-only histories and exclusions; relevant = validation positives 
 - LambdaMART (LightGBM's `lambdarank`, a ranking objective) on the same two feature sets; LightGBM is not one of
   our dependencies: it is installed at benchmark time into `<cache>/lightgbm-4.7.0` (the cache of
   benchmarks/movielens.py) and used from there. Its number of trees is chosen inside the fitting half (on a fifth
-  of its users), never on the half it is measured on.
+  of its users), never on the half it is measured on;
+- item 3b itself: DLRM (`models.rankers.build_ranker`, the served ranker's architecture) trained on the
+  candidates (interacted ones positive, the others negative, half of them sampled), its inputs the ranker's own
+  encoded user and item features plus the candidates' retrieval scores, ranks and sources (`candidate_scores`),
+  its epochs chosen by NDCG@10 on a fifth of the fitting half (the trainer environment, about 2 minutes); alone,
+  and as the ranker of the grid's blend (the weights chosen on that fifth).
 
 Every method is fitted on one half of the users and measured (NDCG@10 of the top 10) on the other, both ways.
 Writes benchmarks/results/final_order.json.
@@ -30,6 +35,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,6 +49,8 @@ TRAINER_PYTHON = PROJECT_ROOT / ".venv-trainer" / "bin" / "python"
 LIGHTGBM = "lightgbm==4.7.0"
 TREES = (50, 100, 200, 300)  # LambdaMART's choices, made inside the fitting half
 K = 10
+DLRM_EPOCHS = 8  # most; early stopping (patience 2) on NDCG@10 of a fifth of the fitting half
+DLRM_NEGATIVES = 0.5  # the share of negative candidates DLRM trains on (all positives)
 MAX_CATEGORIES = 1_000  # integer features with more distinct values (ids, zip codes) are left out
 
 
@@ -61,6 +69,123 @@ def save_candidates(run: Path, spec_path: Path | None, output: Path) -> None:
                                                   np.random.default_rng(0))  # fmt: skip
     np.savez(output, users=users, targets=np.concatenate(targets),
              target_lengths=np.array([len(items) for items in targets]), **found)  # fmt: skip
+
+
+
+def candidate_scores(found: Any, valid: np.ndarray) -> np.ndarray:
+    """[users, width, 7] what retrieval says of each candidate, as DLRM's continuous inputs: the blend's terms (the
+    two-tower gap, the item-to-item share, three source indicators) and log ranks in the two scored sources, each
+    standardized over the valid candidates (no labels involved). 0 at MISSING candidates."""
+    from models.blend import blend_terms
+
+    raw = np.concatenate([blend_terms(found["candidates"], found["retrieval_scores"], found["item_to_item_scores"],
+                                      found["sources"]),
+                          np.log1p(ranks(valid, found["retrieval_scores"]))[..., None],
+                          np.log1p(ranks(valid, found["item_to_item_scores"]))[..., None]], axis=-1)  # fmt: skip
+    mean, std = raw[valid].mean(axis=0), raw[valid].std(axis=0)
+    return np.where(valid[..., None], (raw - mean) / np.where(std > 0, std, 1.0), 0.0)
+
+
+def ndcg_at(candidates: np.ndarray, valid: np.ndarray, scores: np.ndarray, targets: list[np.ndarray],
+            rows: np.ndarray) -> float:  # fmt: skip
+    """Mean NDCG@K of these users' top K by `scores`."""
+    from models.online_pipeline import order
+    from recsys.ranking_metrics import user_list_metrics
+
+    top, *_ = order(candidates[rows], np.where(valid[rows], scores[rows], np.nan), K)
+    return float(user_list_metrics(top, [targets[row] for row in rows], K)[f"ndcg_at_{K}"].mean())
+
+
+def dlrm_folds(run: Path, spec_path: Path | None, saved: Path, seed: int, output: Path) -> None:
+    """(Trainer environment.) The issue's item 3b as a measurement: DLRM (`build_ranker`, the served ranker's
+    architecture) trained on one half's retrieved candidates, interacted ones positive and every other one
+    negative, with the user's and item's encoded features plus each candidate's retrieval scores, ranks and
+    sources; early stopping on NDCG@10 of a fifth of that half's users. Predicts the other half (and that fifth,
+    where the blend's weights are chosen). Writes one matrix of predictions per fold."""
+    import tensorflow as tf
+    from merlin.io import Dataset
+    from merlin.schema import ColumnSchema, Schema, Tags
+
+    from models.online_pipeline import PipelineArtifacts, RecommendationPipeline
+    from models.rankers import build_ranker, ranker_input_schema
+    from recsys.device import merlin_cpu
+    from recsys.parquet_io import nvtabular_part_files
+    from recsys.ranking_metrics import hit_matrix
+    from recsys.spec import load_spec
+
+    spec = load_spec(spec_path)
+    target = spec.primary_target
+    pipeline = RecommendationPipeline(PipelineArtifacts.of_run(run), spec)
+    columns = pipeline.columns
+    data = np.load(saved)
+    users, candidates = data["users"], data["candidates"]
+    targets = np.split(data["targets"], np.cumsum(data["target_lengths"])[:-1])
+    valid = candidates >= 0
+    labels = hit_matrix(candidates, targets)
+    extra = candidate_scores(data, valid)  # [users, width, scores]
+    extra_names = [f"candidate_score_{index}" for index in range(extra.shape[-1])]
+    features, _ = pipeline.user_features(users)
+    train_schema = Dataset([str(path) for path in nvtabular_part_files(run / "nvtabular" / "train")],
+                           engine="parquet", cpu=merlin_cpu()).schema  # fmt: skip
+    schema = ranker_input_schema(train_schema, target) + Schema(
+        [ColumnSchema(name, tags=[Tags.CONTINUOUS], dtype=np.float32) for name in extra_names])
+
+    def pairs(rows: np.ndarray, negatives: float, rng: np.random.Generator) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Model inputs of these users' candidate pairs (negatives sampled at this rate), labels, positions."""
+        mask = np.zeros(valid.shape, dtype=bool)
+        mask[rows] = valid[rows]
+        if negatives < 1.0:
+            mask &= labels.astype(bool) | (rng.random(valid.shape) < negatives)
+        user_rows, slots = np.nonzero(mask)
+        items = candidates[user_rows, slots]
+        values = {}
+        for column in columns.ranker_columns:
+            if column in pipeline.catalog.columns:
+                raw = pipeline.catalog.columns[column][items]
+            elif column in features:
+                raw = np.asarray(features[column])[user_rows]
+            else:
+                raw = columns.missing(column, len(items))
+            values[column] = columns.values(column, raw)
+        for index, name in enumerate(extra_names):
+            values[name] = extra[user_rows, slots, index].astype(np.float32)
+        return values, labels[user_rows, slots].astype(np.float32), np.stack([user_rows, slots])
+
+    def predict(model, rows: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+        values, _, (user_rows, slots) = pairs(rows, 1.0, np.random.default_rng(0))
+        scores = np.full(valid.shape, np.nan)
+        batches = tf.data.Dataset.from_tensor_slices(values).batch(8192)
+        scores[user_rows, slots] = model.predict(batches, verbose=0).reshape(-1)
+        return scores
+
+    rng = np.random.default_rng(seed)
+    halves = np.array_split(rng.permutation(len(users)), 2)  # as main()'s, from the same seed
+    result: dict[str, np.ndarray] = {}
+    for fold, fit_on in enumerate(halves):
+        inner = np.random.default_rng(seed + 1 + fold).permutation(fit_on)
+        choose_on, train_on = inner[: len(inner) // 5], inner[len(inner) // 5 :]
+        tf.keras.utils.set_random_seed(fold)
+        model = build_ranker(schema, model="dlrm", target=target)
+        model.compile(optimizer=tf.keras.optimizers.Adam(1e-3))
+        values, label_values, _ = pairs(train_on, DLRM_NEGATIVES, rng)
+        batches = tf.data.Dataset.from_tensor_slices((values, label_values)).shuffle(len(label_values), seed=fold)
+        best: dict = {"ndcg": -1.0}
+        for epoch in range(1, DLRM_EPOCHS + 1):
+            model.fit(batches.batch(1024), epochs=1, verbose=0)
+            chosen = predict(model, choose_on)
+            value = float(ndcg_at(candidates, valid, chosen, targets, choose_on))
+            print(f"DLRM on candidates, fold {fold}, epoch {epoch}: NDCG@{K} {value:.4f} on {len(choose_on)} users "
+                  f"({len(label_values):,} training pairs, {int(label_values.sum()):,} positive)", flush=True)
+            if value > best["ndcg"]:
+                best = {"ndcg": value, "epoch": epoch, "weights": model.get_weights(), "chosen": chosen}
+            elif epoch - best["epoch"] >= 2:
+                break
+        model.set_weights(best["weights"])
+        result[f"measured_{fold}"] = predict(model, halves[1 - fold])
+        result[f"chosen_{fold}"] = best["chosen"]
+        result[f"choose_users_{fold}"] = choose_on
+        result[f"epochs_{fold}"] = np.array(best["epoch"])
+    np.savez(output, **result)
 
 
 def lightgbm_path() -> Path:
@@ -132,16 +257,26 @@ def main() -> int:
     parser.add_argument("--spec", type=Path, default=None, help="the run's dataset spec (default: AliCCP's)")
     parser.add_argument("--seed", type=int, default=1, help="of the split of users into halves")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "final_order.json")
-    parser.add_argument("--candidates-only", type=Path, default=None, help=argparse.SUPPRESS)  # the trainer half
+    parser.add_argument("--candidates-only", type=Path, default=None, help=argparse.SUPPRESS)  # the trainer halves
+    parser.add_argument("--dlrm-only", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    saved = args.run.parent / "final_order_candidates.npz"
     if args.candidates_only:
         save_candidates(args.run, args.spec, args.candidates_only)
         return 0
+    if args.dlrm_only:
+        dlrm_folds(args.run, args.spec, saved, args.seed, args.dlrm_only)
+        return 0
 
-    saved = args.run.parent / "final_order_candidates.npz"
+    trainer = [str(TRAINER_PYTHON), __file__, "--run", str(args.run), "--seed", str(args.seed),
+               *(["--spec", str(args.spec)] if args.spec else [])]  # fmt: skip
+    quiet = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "1"}  # TensorFlow's INFO lines, one per graph placeholder
     if not saved.exists():
-        subprocess.run([str(TRAINER_PYTHON), __file__, "--run", str(args.run), "--candidates-only", str(saved),
-                        *(["--spec", str(args.spec)] if args.spec else [])], check=True)  # fmt: skip
+        subprocess.run([*trainer, "--candidates-only", str(saved)], check=True, env=quiet)
+    dlrm_saved = args.run.parent / f"final_order_dlrm_{args.seed}.npz"
+    if not dlrm_saved.exists():
+        subprocess.run([*trainer, "--dlrm-only", str(dlrm_saved)], check=True, env=quiet)
+    dlrm = np.load(dlrm_saved)
     sys.path.insert(0, str(lightgbm_path()))
     import lightgbm
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -163,8 +298,10 @@ def main() -> int:
         top, *_ = order(candidates, np.where(valid, scores, np.nan), K)
         return user_list_metrics(top, targets, K)[f"ndcg_at_{K}"]
 
-    def blended(weight: float, item_to_item: float, sources: tuple | list = (0.0, 0.0, 0.0)) -> np.ndarray:
-        return blend_scores(candidates, found["ranker_scores"], found["retrieval_scores"], weight,
+    def blended(weight: float, item_to_item: float, sources: tuple | list = (0.0, 0.0, 0.0),
+                ranker: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+        ranker_scores = found["ranker_scores"] if ranker is None else ranker
+        return blend_scores(candidates, ranker_scores, found["retrieval_scores"], weight,
                             found["item_to_item_scores"], item_to_item, sources=found["sources"],
                             source_weights=sources)  # fmt: skip
 
@@ -193,9 +330,18 @@ def main() -> int:
         mask[rows] = True
         return valid & mask[:, None]
 
-    for fit_on, measured_on in (halves, halves[::-1]):
+    for fold, (fit_on, measured_on) in enumerate((halves, halves[::-1])):
         best = max(grid, key=lambda pair: grid[pair][fit_on].mean())
         record("grid (served)", grid[best], measured_on, best)
+        # Item 3b: DLRM trained on the fitting half's candidates, alone and as the ranker of the served blend (its
+        # weights chosen on the fifth of the fitting half DLRM stopped on, the only users it predicts there).
+        retrained, chose_on = dlrm[f"measured_{fold}"], dlrm[f"choose_users_{fold}"]
+        record("DLRM trained on the candidates: features, scores, ranks, sources", ndcg(retrained), measured_on,
+               int(dlrm[f"epochs_{fold}"]))
+        with_retrained = {pair: ndcg_at(candidates, valid, blended(*pair, ranker=dlrm[f"chosen_{fold}"]),
+                                        targets, chose_on) for pair in grid}  # fmt: skip
+        pair = max(with_retrained, key=lambda key: with_retrained[key])
+        record("grid, with that DLRM as its ranker", ndcg(blended(*pair, ranker=retrained)), measured_on, pair)
         weights = fit_blend_weights(found["candidates"][fit_on], found["ranker_scores"][fit_on],
                                     found["retrieval_scores"][fit_on], found["item_to_item_scores"][fit_on],
                                     found["sources"][fit_on], [targets[row] for row in fit_on])  # fmt: skip
