@@ -114,9 +114,9 @@ def main() -> None:
         if args.rows:
             results["sizes"] = []
             for rows in sorted(args.rows):
-                # One size at a time, its files removed after: 16M rows take ~15 GB on disk.
+                # One size at a time, each step's input removed once read (lean), the rest after.
                 results["sizes"].append(data_stage.run(rows, Path(scratch) / str(rows), repeats=0,
-                                                       categorify=not args.no_categorify))
+                                                       categorify=not args.no_categorify, lean=True))
                 shutil.rmtree(Path(scratch) / str(rows))
                 print(f"{rows:,} rows measured", flush=True)
             print(data_stage.report(results["sizes"]))
