@@ -87,13 +87,14 @@ def candidate_scores(found: Any, valid: np.ndarray) -> np.ndarray:
 
 
 def ndcg_at(candidates: np.ndarray, valid: np.ndarray, scores: np.ndarray, targets: list[np.ndarray],
-            rows: np.ndarray) -> float:  # fmt: skip
-    """Mean NDCG@K of these users' top K by `scores`."""
+            rows: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """NDCG@K of each of these users' (all by default) top K by `scores`."""
     from models.online_pipeline import order
     from recsys.ranking_metrics import user_list_metrics
 
+    rows = np.arange(len(candidates)) if rows is None else rows
     top, *_ = order(candidates[rows], np.where(valid[rows], scores[rows], np.nan), K)
-    return float(user_list_metrics(top, [targets[row] for row in rows], K)[f"ndcg_at_{K}"].mean())
+    return user_list_metrics(top, [targets[row] for row in rows], K)[f"ndcg_at_{K}"]
 
 
 def dlrm_folds(run: Path, spec_path: Path | None, saved: Path, seed: int, output: Path) -> None:
@@ -173,7 +174,7 @@ def dlrm_folds(run: Path, spec_path: Path | None, saved: Path, seed: int, output
         for epoch in range(1, DLRM_EPOCHS + 1):
             model.fit(batches.batch(1024), epochs=1, verbose=0)
             chosen = predict(model, choose_on)
-            value = float(ndcg_at(candidates, valid, chosen, targets, choose_on))
+            value = float(ndcg_at(candidates, valid, chosen, targets, choose_on).mean())
             print(f"DLRM on candidates, fold {fold}, epoch {epoch}: NDCG@{K} {value:.4f} on {len(choose_on)} users "
                   f"({len(label_values):,} training pairs, {int(label_values.sum()):,} positive)", flush=True)
             if value > best["ndcg"]:
@@ -282,8 +283,7 @@ def main() -> int:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     from models.blend import blend_scores, blend_terms, fit_blend_weights
-    from models.online_pipeline import order
-    from recsys.ranking_metrics import hit_matrix, user_list_metrics
+    from recsys.ranking_metrics import hit_matrix
     from tasks.batch_score import ITEM_TO_ITEM_WEIGHTS, RETRIEVAL_WEIGHTS
 
     data = np.load(saved)
@@ -295,8 +295,7 @@ def main() -> int:
     labels = hit_matrix(candidates, targets)
 
     def ndcg(scores: np.ndarray) -> np.ndarray:
-        top, *_ = order(candidates, np.where(valid, scores, np.nan), K)
-        return user_list_metrics(top, targets, K)[f"ndcg_at_{K}"]
+        return ndcg_at(candidates, valid, scores, targets)
 
     def blended(weight: float, item_to_item: float, sources: tuple | list = (0.0, 0.0, 0.0),
                 ranker: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
@@ -339,7 +338,7 @@ def main() -> int:
         record("DLRM trained on the candidates: features, scores, ranks, sources", ndcg(retrained), measured_on,
                int(dlrm[f"epochs_{fold}"]))
         with_retrained = {pair: ndcg_at(candidates, valid, blended(*pair, ranker=dlrm[f"chosen_{fold}"]),
-                                        targets, chose_on) for pair in grid}  # fmt: skip
+                                        targets, chose_on).mean() for pair in grid}  # fmt: skip
         pair = max(with_retrained, key=lambda key: with_retrained[key])
         record("grid, with that DLRM as its ranker", ndcg(blended(*pair, ranker=retrained)), measured_on, pair)
         weights = fit_blend_weights(found["candidates"][fit_on], found["ranker_scores"][fit_on],
