@@ -5,18 +5,18 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from feast import RepoConfig
 from feast.infra.offline_stores.dask import DaskOfflineStoreConfig
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig, RedisType
 
-from recsys.settings import FeastRedisType, Settings, get_settings
+from recsys.redis_connection import REDIS_TYPES, redis_client
+from recsys.settings import Settings, get_settings
 from recsys.spec import DatasetSpec
 
 REPO_DIR = Path(__file__).resolve().parent
-REDIS_TYPES = get_args(FeastRedisType)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +44,7 @@ class FeastStoreConfig:
 
     def redis_client(self) -> Any:
         """A redis-py client of the online store: a RedisCluster for a cluster (multi-key commands split by slot)."""
-        import redis
-        from redis.cluster import RedisCluster
-
-        return RedisCluster.from_url(self.redis_url) if self.cluster else redis.Redis.from_url(self.redis_url)
+        return redis_client(self.redis_url, self.redis_type)
 
 
 def project_name(spec: DatasetSpec) -> str:

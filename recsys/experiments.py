@@ -2,8 +2,8 @@
 
 While an experiment runs, Redis holds it (`recsys.recommendation_store`'s key layout):
 
-    {prefix}recs:experiment   hash: name, challenger, control (the version current at the start), share, salt,
-                              started_at, mlflow_run_id
+    {<prefix>recs}:experiment hash: name, challenger, control (the version current at the start), share, salt,
+                             started_at, mlflow_run_id
 
 A customer is in the challenger bucket when a stable hash of the experiment's salt and their id falls below the
 share (`bucket_of`): the same customer stays in the same bucket on every worker and host, for the whole

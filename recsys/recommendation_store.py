@@ -2,27 +2,32 @@
 
 This is the contract between the publisher (`tasks/publish_recommendations.py`, which writes it) and every
 reader: the gateway (`serving/recommender.py`) and a web tier that reads Redis itself (docs/redis-contract.md).
-Readers resolve the pointer `{prefix}recs:current` to a version and read that version's keys.
+Readers resolve the pointer `{<prefix>recs}:current` to a version and read that version's keys.
 
-Key layout (prefix `recsys:` by default; DESIGN.md, "Publishing a batch to Redis atomically"):
+Key layout 2 (prefix `recsys:` by default; DESIGN.md, "Publishing a batch to Redis atomically"). The
+control keys share the hash tag `{<prefix>recs}`, one slot on a Redis Cluster, so that the transactions that move
+the pointers may WATCH them all; a version's lists carry no tag and spread over the cluster (`RecommendationKeys`):
 
-    {prefix}recs:current                     string: the version readers use
-    {prefix}recs:previous                    string: the version `rollback` switches back to
-    {prefix}recs:versions                    list: retained versions, newest publish first
-    {prefix}recs:loading                     set: versions whose load has started but not been switched to
-    {prefix}recs:forgotten                   set: customers erased on request (serving/forget.py), whose lists a
+    {<prefix>recs}:current                   string: the version readers use
+    {<prefix>recs}:previous                  string: the version `rollback` switches back to
+    {<prefix>recs}:versions                  list: retained versions, newest publish first
+    {<prefix>recs}:loading                   set: versions whose load has started but not been switched to
+    {<prefix>recs}:forgotten                 set: customers erased on request (serving/forget.py), whose lists a
                                              publish erases from its version before switching to it
-    {prefix}recs:experiment                  hash: the running A/B experiment (recsys/experiments.py): name,
+    {<prefix>recs}:experiment                hash: the running A/B experiment (recsys/experiments.py): name,
                                              the challenger version (kept from retirement), share, salt, times
-    {prefix}recs:{version}:meta              hash: status, counts, times, model versions, fingerprint
-    {prefix}recs:{version}:user:{user_id}    value: one user's list (raw ids, best first)
-    {prefix}recs:{version}:segment:{segment} value: a new visitor's generic list ("3:1", "*" for all)
-    {prefix}recs:{version}:similar:{item_id} value: the items similar to one item
-    {prefix}recs:{version}:known_users       string: a bitmap, bit `user_id` set for every user with a list
-    {prefix}recs:{version}:live_users        string: a bitmap, bit `user_id` set by the gateway for every customer
+    {<prefix>recs}:meta:<version>            hash: status, counts, times, model versions, fingerprint
+    <prefix>recs:<version>:user:<user_id>    value: one user's list (raw ids, best first)
+    <prefix>recs:<version>:segment:<segment> value: a new visitor's generic list ("3:1", "*" for all)
+    <prefix>recs:<version>:similar:<item_id> value: the items similar to one item
+    <prefix>recs:<version>:known_users       string: a bitmap, bit `user_id` set for every user with a list
+    <prefix>recs:<version>:live_users        string: a bitmap, bit `user_id` set by the gateway for every customer
                                              whose features it wrote to Feast since (serving/live_features.py)
-    {prefix}recs:{version}:fresh_items       hash: product id -> a product the version does not know, added with
+    <prefix>recs:<version>:fresh_items       hash: product id -> a product the version does not know, added with
                                              features since (`encode_fresh_item`; serving/live_features.py)
+
+Layout 1 (until 2026-12-05) had the control keys without the tag (`<prefix>recs:current`, meta hashes at
+`<prefix>recs:<version>:meta`): readers of layout 2 do not see a version published in layout 1; publish it again.
 
 The bitmap lets a reader tell a visitor the models do not know (a new visitor: the generic list) from a
 known customer whose list is missing (evicted, deleted: the online path), in the same round trip as the
@@ -89,33 +94,49 @@ class Recommendations(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class RecommendationKeys:
-    """The Redis key names, in one place for the publisher and every reader."""
+    """The Redis key names, in one place for the publisher and every reader.
+
+    The control keys (the pointers, the lists of versions, the experiment, every version's meta hash) share one hash
+    tag, `{<prefix>recs}`: on a Redis Cluster they live in one slot, so that the publisher's and the rollback's
+    WATCH/MULTI transactions over them are allowed there. A version's lists have no tag and spread over the slots."""
 
     prefix: str = DEFAULT_KEY_PREFIX
 
+    def __post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            raise ValueError(f"key prefix {self.prefix!r}: no '{{' or '}}' (they would change the keys' hash tags)")
+
+    @property
+    def control(self) -> str:
+        """What every control key starts with: the hash tag of their slot."""
+        return f"{{{self.prefix}recs}}:"
+
     @property
     def current(self) -> str:
-        return f"{self.prefix}recs:current"
+        return f"{self.control}current"
 
     @property
     def previous(self) -> str:
-        return f"{self.prefix}recs:previous"
+        return f"{self.control}previous"
 
     @property
     def versions(self) -> str:
-        return f"{self.prefix}recs:versions"
+        return f"{self.control}versions"
 
     @property
     def loading(self) -> str:
-        return f"{self.prefix}recs:loading"
+        return f"{self.control}loading"
 
     @property
     def forgotten(self) -> str:
-        return f"{self.prefix}recs:forgotten"
+        return f"{self.control}forgotten"
 
     @property
     def experiment(self) -> str:
-        return f"{self.prefix}recs:experiment"
+        return f"{self.control}experiment"
+
+    def meta(self, version: str) -> str:
+        return f"{self.control}meta:{version}"
 
     @property
     def versions_prefix(self) -> str:
@@ -123,10 +144,8 @@ class RecommendationKeys:
         return f"{self.prefix}recs:"
 
     def namespace(self, version: str) -> str:
+        """What the names of a version's lists, bitmaps and fresh products start with (not its meta hash's)."""
         return f"{self.versions_prefix}{version}:"
-
-    def meta(self, version: str) -> str:
-        return f"{self.namespace(version)}meta"
 
     def data(self, version: str, kind: str, key: str | int) -> str:
         return f"{self.namespace(version)}{kind}:{key}"
@@ -192,12 +211,11 @@ def decode_scored_list(value: bytes) -> ScoredList:
 # --- erasing a customer (serving/forget.py, and every publish for the customers forgotten meanwhile) ---------
 
 # A bitmap bit is cleared only where the version has the bitmap: SETBIT would create one, and a version without a
-# known-users bitmap would then call everyone unknown.
+# known-users bitmap would then call everyone unknown. One key a call: a version's two bitmaps may live in different
+# slots of a Redis Cluster.
 _CLEAR_BITS = """
-for index, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
-    for _, bit in ipairs(ARGV) do redis.call('SETBIT', key, bit, 0) end
-  end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for _, bit in ipairs(ARGV) do redis.call('SETBIT', KEYS[1], bit, 0) end
 end
 return 0
 """
@@ -206,20 +224,26 @@ return 0
 def erase_users(client: redis.Redis, keys: RecommendationKeys, versions: Sequence[str], user_ids: Sequence[int]
                 ) -> int:  # fmt: skip
     """Delete the users' lists and cached online answers under every version named, and clear their bits in the
-    versions' known-users and live-users bitmaps; return the keys deleted."""
+    versions' known-users and live-users bitmaps; return the keys deleted. One key a command, so that a Redis
+    Cluster's pipeline sends each to its slot's node."""
     deleted = 0
-    clear_bits = client.register_script(_CLEAR_BITS)
     for start in range(0, len(user_ids), 1_000):
         chunk = [int(user) for user in user_ids[start:start + 1_000]]
         bits = [user for user in chunk if 0 <= user < REDIS_MAX_BITS]
         pipe = client.pipeline(transaction=False)
+        deletes = 0
         for version in versions:
-            pipe.delete(*[keys.data(version, "user", user) for user in chunk],
-                        *[keys.online_answers(version, user) for user in chunk])  # fmt: skip
+            for user in chunk:
+                pipe.delete(keys.data(version, "user", user))
+                pipe.delete(keys.online_answers(version, user))
+                deletes += 2
+        for version in versions:
             if bits:
-                clear_bits(keys=[keys.known_users(version), keys.live_users(version)], args=bits, client=pipe)
-        replies = pipe.execute()
-        deleted += sum(replies[::2] if bits else replies)  # each version's DEL, then its script when bits clear
+                for bitmap in (keys.known_users(version), keys.live_users(version)):
+                    # EVAL, not a registered script's EVALSHA: a cluster pipeline does not load scripts first
+                    # (and blocks its `eval` method: the command itself is routed by its key).
+                    pipe.execute_command("EVAL", _CLEAR_BITS, 1, bitmap, *bits)
+        deleted += sum(pipe.execute()[:deletes])
     return deleted
 
 

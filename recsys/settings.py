@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
@@ -15,11 +14,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recsys.list_defaults import TOP_K
 from recsys.locations import local_path
+from recsys.redis_connection import RedisType
 from recsys.run_layout import RunLayout
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# The kinds of Redis Feast's online store is wired for here: Feast's own RedisType values (not redis_sentinel).
-FeastRedisType = Literal["redis", "redis_cluster"]
 
 
 class Settings(BaseSettings):
@@ -59,7 +57,7 @@ class Settings(BaseSettings):
     feast_redis_url: str = "redis://127.0.0.1:6379/1"
     # Feast's name for the kind of Redis: "redis" (one server, the URL's DB) or "redis_cluster" (a Redis Cluster,
     # the URL naming any one of its nodes, DB 0: a cluster has no other; Feast finds the other nodes).
-    feast_redis_type: FeastRedisType = "redis"
+    feast_redis_type: RedisType = "redis"
     feast_registry_path: Path = PROJECT_ROOT / "var" / "feast" / "registry.db"
     # Feast on the gateway's online path (serving/live_features.py): a customer's features are read from its
     # online store at request time and written through when the API creates or changes the customer. Off, the
@@ -72,6 +70,9 @@ class Settings(BaseSettings):
     # (tasks/publish_recommendations.py); every key written there starts with the prefix.
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_key_prefix: str = "recsys:"
+    # "redis" (one server, the URL's DB) or "redis_cluster" (a Redis Cluster, the URL naming any one of its nodes, DB
+    # 0): the publisher, the gateway and the operators' commands all make their clients from it (docs/deploy.md).
+    redis_type: RedisType = "redis"
 
     # The API gateway's main database (customers, products, interactions; serving/api/): a SQLite file by
     # default, PostgreSQL by URL (postgresql://user:password@host:port/db, driven by psycopg 3). Created and

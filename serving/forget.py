@@ -7,7 +7,7 @@
 1. the **database**: a tombstone row per id (`forgotten_customers`, the id alone), the customer and, with them,
    their interactions (ON DELETE CASCADE), in one transaction. The tombstone comes first, so a forget that
    fails half-way is retried to the end (every step is idempotent), and the API refuses to create the id again;
-2. **Redis**: the id joins `{prefix}recs:forgotten`; their lists and cached online answers under every kept
+2. **Redis**: the id joins `{<prefix>recs}:forgotten`; their lists and cached online answers under every kept
    version (the list of versions, the current and previous pointers, versions still loading) are deleted and
    their bits in each version's known-users and live-users bitmaps cleared; their seen-items set is deleted.
    A publish erases the forgotten ids from its own version before switching to it, so a nightly run that read
@@ -93,10 +93,10 @@ def _forget_in_database(database_url: str, ids: list[int]) -> dict[str, int]:
 
 
 def _forget_in_redis(settings: Settings, ids: list[int]) -> int:
-    import redis
+    from recsys.redis_connection import redis_client
 
     keys = RecommendationKeys(settings.redis_key_prefix)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings.redis_url, settings.redis_type)
     try:
         # First the tombstone, then the versions: a publish reads the set after its load, so either it sees
         # the ids or its version is already listed as loading here.
@@ -106,6 +106,7 @@ def _forget_in_redis(settings: Settings, ids: list[int]) -> int:
                                                      *cast(set[Any], client.smembers(keys.loading)),
                                                      *pointers] if version is not None}  # fmt: skip
         deleted = erase_users(client, keys, sorted(versions), ids)
+        # DEL of several keys: redis-py's cluster client splits it by slot.
         deleted += int(cast(int, client.delete(*[seen_key(settings.redis_key_prefix, customer) for customer in ids])))
     finally:
         client.close()

@@ -1,6 +1,13 @@
 """The gateway's reads of the published lists: the version pointer, a visitor's lists, the items they saw since the
 nightly run, whether the models know them and a read token of their API key, in one Redis round trip (a Lua
 script), and a version's lists by name. Key names from recsys/recommendation_store.py, as the publisher writes them.
+
+On a Redis Cluster a script may touch the keys of one slot only, and these live in many. There the pointer and the
+running experiment are read at most once every `CONTROL_TTL_S` (one node: they share a slot) and kept in process,
+and the rest is one pipeline that redis-py's cluster client sends to the nodes at once; the bucket is drawn in
+Python (`recsys.experiments.bucket_of`, the script's hash), and a new visitor's segment lists are read once per
+version and kept. A pointer kept a second too long reads a complete version all the same: versions never change once
+published, and the one before the current is kept (tasks/publish_recommendations.py).
 """
 
 from __future__ import annotations
@@ -9,9 +16,11 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any, NamedTuple
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
-from recsys.recommendation_store import REDIS_MAX_BITS, RecommendationKeys, ScoredList, decode_scored_list
+from recsys.experiments import CHALLENGER, bucket_of
+from recsys.recommendation_store import REDIS_MAX_BITS, RecommendationKeys, ScoredList, as_text, decode_scored_list
+from recsys.redis_connection import is_cluster, mget_across_slots
 from serving.seen_items import seen_key
 from serving.token_bucket import TOKEN_BUCKET_STEP, read_bucket_key
 
@@ -33,7 +42,8 @@ REDIS_FAILURES = (RedisError, TimeoutError, OSError)
 # whose features the gateway wrote since the nightly run (the version's `live_users` bitmap,
 # serving/live_features.py: the online path answers them), else, when the first list is missing, the user's bit
 # (1 known, 0 not, -1 the version has no bitmap) followed, for 0, by the lists read for an unknown user.
-# It reads keys it derives (not passed in KEYS): fine on one Redis server, not on Redis Cluster.
+# It reads keys it derives (not passed in KEYS): fine on one Redis server, not on Redis Cluster (ListReader's
+# cluster path).
 _CURRENT_AND_LISTS = """
 if ARGV[3] ~= '' then
   local bucket, rate, burst = KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -84,6 +94,19 @@ return reply
 """
 
 
+# The read bucket's step alone (KEYS[1] the bucket; ARGV: tokens a second, size): a Redis Cluster's read pipeline.
+_READ_BUCKET = """
+local bucket, rate, burst = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local allowed, wait
+""" + TOKEN_BUCKET_STEP + """
+return {allowed, tostring(wait)}
+"""
+# How long a gateway on a Redis Cluster keeps the version pointer and the running experiment before reading them
+# again: a switch, a rollback or an experiment's start or stop reaches it within this many seconds.
+CONTROL_TTL_S = 1.0
+# Segment lists a gateway on a Redis Cluster keeps per process (all are dropped when more would be kept).
+SEGMENT_LISTS_KEPT = 10_000
+
 PublishedList = ScoredList  # item ids, order scores and P(click), best first
 
 
@@ -126,6 +149,11 @@ class ListReader:
         self.read_rate_per_s = read_rate_per_s
         self.read_burst = read_burst
         self._current_and_lists = redis_client.register_script(_CURRENT_AND_LISTS)
+        self.cluster = is_cluster(redis_client)
+        self.control_ttl_s = CONTROL_TTL_S
+        self._control: tuple[float, str | None, list[Any]] | None = None  # (read at, version, experiment fields)
+        self._bucket_sha: str | None = None  # the read bucket's script, loaded on every primary
+        self._segments: dict[tuple[str, str], PublishedList | None] = {}  # (version, segment) -> its list
 
     async def timed(self, call: Awaitable[Any]) -> Any:
         """`call` within the read timeout. asyncio.timeout rather than wait_for: no task created per call, on the
@@ -140,6 +168,8 @@ class ListReader:
         the nightly run; with `ask_known`, when the first list is missing, whether the models know the customer,
         and if not the lists of `segments_if_unknown`: all in one round trip, which also takes a token of
         `api_key`'s read bucket (ReadRateLimited when there is none)."""
+        if self.cluster:
+            return await self._current_on_cluster(kind, keys, customer, ask_known, segments_if_unknown, api_key)
         prefix = self.keys.versions_prefix
         member = "" if not ask_known else str(customer if 0 <= customer < REDIS_MAX_BITS else -1)
         limited = api_key is not None and self.read_rate_per_s is not None
@@ -164,7 +194,96 @@ class ListReader:
                             experiment=experiment[0] if experiment else None,
                             bucket=experiment[1] if experiment else None)  # fmt: skip
 
+    async def _current_on_cluster(self, kind: str, keys: Sequence[str], customer: int, ask_known: bool,
+                                  segments_if_unknown: Sequence[str], api_key: str | None) -> CurrentLists:  # fmt: skip
+        """`current` on a Redis Cluster (module doc): the same answers, from the pointer kept in process and one
+        pipeline over the nodes (a second round trip for a new visitor's segment lists)."""
+        version, experiment = await self._pointer_and_experiment()
+        bucket = None
+        if experiment[0] is not None and customer > 0:
+            bucket = bucket_of(customer, as_text(experiment[0]), float(experiment[1]))
+            if bucket == CHALLENGER and experiment[2] is not None:
+                version = as_text(experiment[2])
+        limited = api_key is not None and self.read_rate_per_s is not None
+        bucket_key = read_bucket_key(self.key_prefix, str(api_key)) if limited else None
+        bit_asked = ask_known and 0 <= customer < REDIS_MAX_BITS
+        try:
+            replies = await self._read_on_cluster(version, kind, keys, customer, ask_known, bit_asked, bucket_key)
+        except NoScriptError:  # a node restarted or failed over since the bucket's script was loaded
+            self._bucket_sha = None
+            replies = await self._read_on_cluster(version, kind, keys, customer, ask_known, bit_asked, bucket_key)
+        if limited:
+            replies = self._raise_if_limited(replies, api_key)
+        if version is None:
+            return CurrentLists(None, [None] * len(keys), frozenset(), None, [])
+        seen = frozenset(int(item) for item in replies[0])
+        decoded = [decode_scored_list(value) if value else None for value in replies[1 : 1 + len(keys)]]
+        marks = replies[1 + len(keys) :]
+        live = bit_asked and marks[1] == 1
+        known: bool | None = None
+        segments: list[PublishedList | None] = []
+        if ask_known and not live and decoded[0] is None and marks[0]:  # the version has a known-users bitmap
+            known = bit_asked and marks[2] == 1
+            if not known:
+                segments = await self._segment_lists(version, segments_if_unknown)
+        return CurrentLists(version, decoded, seen, known, segments, live=live,
+                            experiment=as_text(experiment[3]) if bucket else None, bucket=bucket)  # fmt: skip
+
+    async def _read_on_cluster(self, version: str | None, kind: str, keys: Sequence[str], customer: int,
+                               ask_known: bool, bit_asked: bool, bucket_key: str | None) -> list[Any]:  # fmt: skip
+        """One pipeline, which redis-py sends to the nodes at once: the read bucket's step (when `bucket_key`), then
+        under `version` the customer's seen items, the lists, and when asked whether the version has a known-users
+        bitmap and the customer's live and known bits."""
+        pipe = self.redis.pipeline(transaction=False)
+        if bucket_key is not None:
+            if self._bucket_sha is None:  # a cluster pipeline loads no script itself: SCRIPT LOAD on every primary
+                self._bucket_sha = as_text(await self.timed(self.redis.script_load(_READ_BUCKET)))
+            pipe.execute_command("EVALSHA", self._bucket_sha, 1, bucket_key, str(self.read_rate_per_s),
+                                 str(self.read_burst))  # fmt: skip
+        if version is not None:
+            pipe.smembers(seen_key(self.key_prefix, customer))
+            for key in keys:
+                pipe.get(self.keys.data(version, kind, key))
+            if ask_known:
+                pipe.exists(self.keys.known_users(version))
+            if bit_asked:
+                pipe.getbit(self.keys.live_users(version), customer)
+                pipe.getbit(self.keys.known_users(version), customer)
+        return await self.timed(pipe.execute()) if len(pipe) else []
+
+    async def _segment_lists(self, version: str, segments: Sequence[str]) -> list[PublishedList | None]:
+        """A version's segment lists, read once per process (a version's lists never change) and handed out as
+        copies; a cluster's new visitor then costs one round trip, as on one server."""
+        missing = [segment for segment in segments if (version, segment) not in self._segments]
+        if missing:
+            if len(self._segments) + len(missing) > SEGMENT_LISTS_KEPT:
+                self._segments.clear()
+            for segment, found in zip(missing, await self.published(version, "segment", missing), strict=True):
+                self._segments[(version, segment)] = found
+        kept = (self._segments[(version, segment)] for segment in segments)
+        return [None if found is None else (list(found[0]), list(found[1]), list(found[2])) for found in kept]
+
+    async def _pointer_and_experiment(self) -> tuple[str | None, list[Any]]:
+        """The current version and the running experiment's salt, share, challenger and name (None each without
+        one), read from Redis at most once every `control_ttl_s` (one node: the control keys share a slot)."""
+        now = asyncio.get_running_loop().time()
+        if self._control is None or now - self._control[0] >= self.control_ttl_s:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(self.keys.current)
+            pipe.hmget(self.keys.experiment, ["salt", "share", "challenger", "name"])
+            version, experiment = await self.timed(pipe.execute())
+            self._control = (now, None if version is None else as_text(version), experiment)
+        return self._control[1], self._control[2]
+
+    @staticmethod
+    def _raise_if_limited(replies: list[Any], api_key: str | None) -> list[Any]:
+        """The replies after the read bucket's first; ReadRateLimited when it took no token."""
+        allowed, wait = replies[0]
+        if int(allowed) == 0:
+            raise ReadRateLimited(str(api_key), float(wait))
+        return replies[1:]
+
     async def published(self, version: str, kind: str, keys: Sequence[str]) -> list[PublishedList | None]:
         names = [self.keys.data(version, kind, key) for key in keys]
-        values = await self.timed(self.redis.mget(names)) if names else []
+        values = await self.timed(mget_across_slots(self.redis, names)) if names else []
         return [decode_scored_list(value) if value else None for value in values]

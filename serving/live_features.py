@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from recsys.recommendation_store import REDIS_MAX_BITS, RecommendationKeys, decode_fresh_items, encode_fresh_item
+from recsys.redis_connection import is_cluster
 from recsys.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ class LiveFeatures:
         self.store = store
         self.triton = triton
         self.redis = redis_client
+        # The live bit and the cached answer change together in one MULTI/EXEC, except on a Redis Cluster, where
+        # they live in different slots: there the bit is set first, so a reader between the two at worst answers
+        # online from the answer cached before (dropped by the next command).
+        self.one_slot_transactions = not is_cluster(redis_client)
         self.keys = RecommendationKeys(key_prefix)
         self.timeout_s = timeout_s
         self.table = entity_tables(spec)[0]
@@ -143,7 +148,7 @@ class LiveFeatures:
                **{name: encoded[self._model_column(name)] for name in self.table.features},
                "event_timestamp": datetime.fromtimestamp(snapshot_time, tz=UTC)}  # fmt: skip
         await self.store.write_to_online_store_async(self.table.feature_view_name, df=pd.DataFrame([row]))
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=self.one_slot_transactions)
         if 0 <= customer_id < REDIS_MAX_BITS:
             pipe.setbit(self.keys.live_users(version), customer_id, 1)
         pipe.delete(self.keys.online_answers(version, customer_id))
@@ -158,7 +163,7 @@ class LiveFeatures:
         version = await self._current_version()
         if version is None:
             return
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=self.one_slot_transactions)
         if 0 <= customer_id < REDIS_MAX_BITS:
             pipe.setbit(self.keys.live_users(version), customer_id, 0)
         pipe.delete(self.keys.online_answers(version, customer_id))

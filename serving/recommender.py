@@ -61,6 +61,7 @@ from recsys.recommendation_store import (
     encode_recommendations,
     segment_key,
 )
+from recsys.redis_connection import mget_across_slots
 from serving.list_reader import REDIS_FAILURES, ListReader, PublishedList
 from serving.live_features import LiveFeatures
 from serving.product_flags import NIGHTLY_VIEW, ProductFlags, ProductFlagsCache
@@ -370,7 +371,7 @@ class Recommender:
         keys = [self.keys.online_cache(str(version), "similar", item) for item in items]
         found: dict[int, PublishedList] = {}
         ask = []
-        for item, key, cached in zip(items, keys, await self._redis(self.redis.mget(keys)), strict=True):
+        for item, key, cached in zip(items, keys, await self._redis(mget_across_slots(self.redis, keys)), strict=True):
             if cached is None:
                 ask.append((item, key))
             elif cached != UNKNOWN_TO_THE_MODELS:

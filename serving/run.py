@@ -53,6 +53,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from recsys.redis_connection import redis_client
 from recsys.run_layout import RunLayout, runs_dir
 from recsys.settings import PROJECT_ROOT, Settings, get_settings
 from serving.api.metrics import MULTIPROCESS_DIR_ENV, MULTIPROCESS_ON_ENV
@@ -210,7 +211,6 @@ def triton_for(settings: Settings, repository: Path | None, *, enabled: bool) ->
     if remote:
         raise ServeError(f"Triton does not answer at {', '.join(remote)} (RECSYS_TRITON_URL), which is not local: "
                          "start it there, or pass --no-triton")  # fmt: skip
-    import redis
 
     def server_on(url: str, models: Path, **options: Any) -> TritonServer:
         http_port = urllib.parse.urlsplit(url).port or 8000
@@ -231,7 +231,7 @@ def triton_for(settings: Settings, repository: Path | None, *, enabled: bool) ->
                 # Resolved: the next nightly export replaces the link and deletes the folder the server started on.
                 started(stack.enter_context(server_on(url, repository.resolve())), url)
         else:
-            client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+            client = redis_client(settings.redis_url, settings.redis_type, socket_timeout=5)
             stack.callback(client.close)
             latest_published_repository(settings.data_root, client, settings.redis_key_prefix)  # something to serve
             settings.triton_models_dir.mkdir(parents=True, exist_ok=True)
@@ -293,13 +293,11 @@ def warm_up(settings: Settings) -> None:
     """
     import asyncio
 
-    import redis
-
     from recsys.recommendation_store import RecommendationKeys
     from serving.triton_client import TritonEnsembles
 
     keys = RecommendationKeys(settings.redis_key_prefix)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    client = redis_client(settings.redis_url, settings.redis_type, socket_timeout=5)
     try:
         version = _text(client.get(keys.current))
         ids = {}

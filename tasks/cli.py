@@ -211,6 +211,7 @@ def _publish_recommendations(args: argparse.Namespace) -> dict:
         args.input, redis_url=args.redis_url or settings.redis_url, version=args.version,
         key_prefix=args.key_prefix or settings.redis_key_prefix, keep_versions=args.keep_versions,
         expire_after_s=args.expire_after_s, progress=not args.quiet, switch=not args.stage,
+        redis_type=settings.redis_type,
     )  # fmt: skip
 
 
@@ -219,7 +220,8 @@ def _rollback_recommendations(args: argparse.Namespace) -> dict:
     from tasks.publish_recommendations import rollback
 
     settings = get_settings()
-    return rollback(args.redis_url or settings.redis_url, args.key_prefix or settings.redis_key_prefix)
+    return rollback(args.redis_url or settings.redis_url, args.key_prefix or settings.redis_key_prefix,
+                    settings.redis_type)  # fmt: skip
 
 
 def _experiment(args: argparse.Namespace) -> dict:
@@ -235,17 +237,19 @@ def _experiment(args: argparse.Namespace) -> dict:
     )
 
     settings = get_settings()
-    redis_url, prefix = args.redis_url or settings.redis_url, args.key_prefix or settings.redis_key_prefix
+    redis = {"redis_url": args.redis_url or settings.redis_url, "redis_type": settings.redis_type,
+             "key_prefix": args.key_prefix or settings.redis_key_prefix}
     tracking = {"tracking_uri": settings.mlflow_tracking_uri}
     if args.action == "start":
-        experiment = start_experiment(redis_url, prefix, args.name, args.challenger, args.share, salt=args.salt,
-                                      artifact_root=settings.mlflow_artifact_root, **tracking)  # fmt: skip
+        experiment = start_experiment(**redis, name=args.name, challenger=args.challenger, share=args.share,
+                                      salt=args.salt, artifact_root=settings.mlflow_artifact_root,
+                                      **tracking)  # fmt: skip
     elif args.action == "stop":
-        experiment = stop_experiment(redis_url, prefix, **tracking)
+        experiment = stop_experiment(**redis, **tracking)
     elif args.action == "promote":
-        experiment = promote_challenger(redis_url, prefix, **tracking)
+        experiment = promote_challenger(**redis, **tracking)
     else:
-        running = running_experiment(redis_url, prefix)
+        running = running_experiment(**redis)
         if running is None:
             return {"running": False}
         totals = experiment_totals(settings.mlflow_tracking_uri, running.name)
@@ -258,8 +262,8 @@ def _quality_gate(args: argparse.Namespace) -> dict:
     from tasks.quality_gate import published_model_versions, quality_gate
 
     settings = get_settings()
-    published = published_model_versions(settings.redis_url, settings.redis_key_prefix) if args.check_published \
-        else None  # fmt: skip
+    published = published_model_versions(settings.redis_url, settings.redis_key_prefix, settings.redis_type) \
+        if args.check_published else None  # fmt: skip
     decision = quality_gate({"ranker": args.ranker_version, "two_tower": args.two_tower_version},
                             tracking_uri=settings.mlflow_tracking_uri, tolerance=args.tolerance, mode=args.mode,
                             batch_dir=args.batch_score, published_versions=published)  # fmt: skip

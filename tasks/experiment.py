@@ -23,6 +23,7 @@ import redis
 
 from recsys.experiments import Experiment
 from recsys.recommendation_store import RecommendationKeys, as_text
+from recsys.redis_connection import redis_client
 
 AB_TESTS_EXPERIMENT = "recsys-ab-tests"
 
@@ -35,9 +36,9 @@ def current_experiment(client: redis.Redis, key_prefix: str) -> Experiment | Non
     return Experiment.from_hash(cast(dict[Any, Any], client.hgetall(RecommendationKeys(key_prefix).experiment)))
 
 
-def running_experiment(redis_url: str, key_prefix: str) -> Experiment | None:
+def running_experiment(redis_url: str, key_prefix: str, redis_type: str = "redis") -> Experiment | None:
     """The running experiment, read with a client of its own."""
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url, redis_type)
     try:
         return current_experiment(client, key_prefix)
     finally:
@@ -45,12 +46,13 @@ def running_experiment(redis_url: str, key_prefix: str) -> Experiment | None:
 
 
 def start_experiment(redis_url: str, key_prefix: str, name: str, challenger: str, share: float, *,
-                     tracking_uri: str, artifact_root: str | Path, salt: str | None = None) -> Experiment:  # fmt: skip
+                     tracking_uri: str, artifact_root: str | Path, salt: str | None = None, redis_type: str = "redis"
+                     ) -> Experiment:  # fmt: skip
     """Serve `challenger` to `share` of customers (by a stable hash of their id and the salt) from now on."""
     if not 0 < share < 1:
         raise ExperimentError(f"share must be between 0 and 1 (exclusive), got {share}")
     keys = RecommendationKeys(key_prefix)
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url, redis_type)
     try:
         running = current_experiment(client, key_prefix)
         if running is not None:
@@ -76,10 +78,11 @@ def start_experiment(redis_url: str, key_prefix: str, name: str, challenger: str
     return experiment
 
 
-def stop_experiment(redis_url: str, key_prefix: str, *, tracking_uri: str, outcome: str = "stopped") -> Experiment:
+def stop_experiment(redis_url: str, key_prefix: str, *, tracking_uri: str, outcome: str = "stopped",
+                    redis_type: str = "redis") -> Experiment:  # fmt: skip
     """End the running experiment: everyone is served the current version again."""
     keys = RecommendationKeys(key_prefix)
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url, redis_type)
     try:
         experiment = current_experiment(client, key_prefix)
         if experiment is None:
@@ -91,15 +94,16 @@ def stop_experiment(redis_url: str, key_prefix: str, *, tracking_uri: str, outco
     return experiment
 
 
-def promote_challenger(redis_url: str, key_prefix: str, *, tracking_uri: str) -> Experiment:
+def promote_challenger(redis_url: str, key_prefix: str, *, tracking_uri: str, redis_type: str = "redis"
+                       ) -> Experiment:  # fmt: skip
     """Make the running experiment's challenger the current version (the old one becomes previous), then stop."""
     from tasks.publish_recommendations import make_current
 
-    experiment = running_experiment(redis_url, key_prefix)
+    experiment = running_experiment(redis_url, key_prefix, redis_type)
     if experiment is None:
         raise ExperimentError("no experiment is running")
-    make_current(redis_url, experiment.challenger, key_prefix)
-    return stop_experiment(redis_url, key_prefix, tracking_uri=tracking_uri, outcome="promoted")
+    make_current(redis_url, experiment.challenger, key_prefix, redis_type)
+    return stop_experiment(redis_url, key_prefix, tracking_uri=tracking_uri, outcome="promoted", redis_type=redis_type)
 
 
 def experiment_totals(tracking_uri: str, name: str) -> dict[str, Any]:

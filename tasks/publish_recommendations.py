@@ -1,6 +1,6 @@
 """Publish the nightly batch recommendations to Redis for the web tier: versioned, atomic, with rollback.
 
-Readers resolve the pointer `{prefix}recs:current` to a version and read that version's keys, so a
+Readers resolve the pointer `{<prefix>recs}:current` to a version and read that version's keys, so a
 publish never touches what readers can see until its last step:
 
 1. claim the version: its meta hash says `loading` (leftovers of an earlier, killed attempt of the
@@ -10,7 +10,7 @@ publish never touches what readers can see until its last step:
    created: a key that already exists is a duplicated id in the input;
 3. verify that each kind's keys created equal the rows read (else refuse: the version is marked
    `failed` and expires, the pointer does not move);
-4. erase the lists of customers forgotten since the run read its data (`{prefix}recs:forgotten`);
+4. erase the lists of customers forgotten since the run read its data (`{<prefix>recs}:forgotten`);
 5. switch `current` (and `previous`, kept for rollback) in one MULTI/EXEC, WATCHing the pointers and
    the version's meta hash, so a concurrent rollback or a second publisher cannot interleave;
 6. retire versions beyond `keep_versions`: their keys get a TTL (`expire_after_s`), they are never
@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import logging
 import queue
@@ -59,6 +60,7 @@ from recsys.recommendation_store import (
     erase_users,
     hash_as_text,
 )
+from recsys.redis_connection import redis_client
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -118,6 +120,7 @@ def publish_recommendations(
     redis_url: str,
     version: str,
     key_prefix: str = DEFAULT_KEY_PREFIX,
+    redis_type: str = "redis",
     keep_versions: int = DEFAULT_KEEP_VERSIONS,
     expire_after_s: int = DEFAULT_EXPIRE_AFTER_S,
     abandoned_after_s: float = DEFAULT_ABANDONED_AFTER_S,
@@ -147,7 +150,7 @@ def publish_recommendations(
     model_versions = _model_versions(batch_dir)
     keys = RecommendationKeys(key_prefix)
     started = time.perf_counter()
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url, redis_type)
     try:
         abandoned = _retire_abandoned_loads(client, keys, version, abandoned_after_s, expire_after_s)
         status = as_text(client.hget(keys.meta(version), "status") or b"")
@@ -206,16 +209,18 @@ def publish_recommendations(
     return metrics
 
 
-def rollback(redis_url: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> dict[str, str | None]:
+def rollback(redis_url: str, key_prefix: str = DEFAULT_KEY_PREFIX, redis_type: str = "redis"
+             ) -> dict[str, str | None]:  # fmt: skip
     """Swap `current` and `previous` in one MULTI/EXEC; a second rollback undoes the first."""
     keys = RecommendationKeys(key_prefix)
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url, redis_type)
     try:
-        with client.pipeline() as pipe:
+        with client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(keys.current, keys.previous)
-                    current, previous = as_texts(pipe.mget(keys.current, keys.previous))
+                    # Two GETs: a cluster pipeline blocks MGET (same slot or not).
+                    current, previous = as_texts([pipe.get(keys.current), pipe.get(keys.previous)])
                     if previous is None:
                         raise PublishError("nothing to roll back to: no previous version")
                     pipe.watch(keys.meta(previous))
@@ -499,7 +504,7 @@ def _claim(client: redis.Redis, keys: RecommendationKeys, version: str, batch_di
         "model_versions": json.dumps(model_versions, sort_keys=True),
         **{f"rows_{source.kind}": source.rows for source in sources},
     }
-    with client.pipeline() as pipe:
+    with client.pipeline(transaction=True) as pipe:
         while True:
             try:
                 pipe.watch(meta_key)
@@ -585,11 +590,12 @@ def _load(client: redis.Redis, keys: RecommendationKeys, version: str, sources: 
     return created, fingerprint.hexdigest(), time.perf_counter() - started
 
 
-def make_current(redis_url: str, version: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> str | None:
+def make_current(redis_url: str, version: str, key_prefix: str = DEFAULT_KEY_PREFIX, redis_type: str = "redis"
+                 ) -> str | None:  # fmt: skip
     """Point `current` at a complete version (a staged one, an experiment's challenger), as a publish's switch
     does; return the version that was current."""
     keys = RecommendationKeys(key_prefix)
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url, redis_type)
     try:
         fingerprint = as_text(client.hget(keys.meta(version), "fingerprint") or b"")
         return _switch(client, keys, version, None, fingerprint)
@@ -602,7 +608,7 @@ def _switch(client: redis.Redis, keys: RecommendationKeys, version: str, attempt
     """Point `current` at `version` in one MULTI/EXEC (without `move_pointers`, only mark it complete and keep
     it); return the version that was current."""
     meta_key = keys.meta(version)
-    with client.pipeline() as pipe:
+    with client.pipeline(transaction=True) as pipe:
         while True:
             try:
                 pipe.watch(keys.current, keys.previous, meta_key)
@@ -634,7 +640,7 @@ def _switch(client: redis.Redis, keys: RecommendationKeys, version: str, attempt
 
 def _set_status(client: redis.Redis, meta_key: str, expected: set[str], new: str, **fields: str) -> bool:
     """Change a version's status only if it is one of `expected` (WATCH: no lost update)."""
-    with client.pipeline() as pipe:
+    with client.pipeline(transaction=True) as pipe:
         while True:
             try:
                 pipe.watch(meta_key)
@@ -668,14 +674,12 @@ def _for_each_version_key(client: redis.Redis, keys: RecommendationKeys, version
     return done
 
 
-def _scan_chunks(client: redis.Redis, pattern: str, count: int) -> Iterator[list[Any]]:
-    cursor = 0
-    while True:
-        cursor, found = cast(tuple[int, list[Any]], client.scan(cursor, match=pattern, count=count))
-        if found:
-            yield found
-        if cursor == 0:
-            return
+def _scan_chunks(client: redis.Redis, pattern: str, count: int) -> Iterator[tuple[Any, ...]]:
+    """The keys matching `pattern` in chunks of `count`; on a Redis Cluster, every primary's (redis-py's scan_iter
+    walks them all)."""
+    found = client.scan_iter(match=pattern, count=count)
+    while chunk := tuple(itertools.islice(found, count)):
+        yield chunk
 
 
 def _expire_version(client: redis.Redis, keys: RecommendationKeys, version: str, expire_after_s: int) -> int:

@@ -173,13 +173,12 @@ def _versions_by_alias(client: Any, alias: str) -> dict[str, str | None]:
     return versions
 
 
-def published_model_versions(redis_url: str, key_prefix: str) -> dict[str, str]:
+def published_model_versions(redis_url: str, key_prefix: str, redis_type: str = "redis") -> dict[str, str]:
     """The model versions of the recommendations readers see now ({} when nothing is published)."""
-    import redis
-
     from recsys.recommendation_store import RecommendationKeys, version_metadata
+    from recsys.redis_connection import redis_client
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url, redis_type)
     try:
         current = client.get(RecommendationKeys(key_prefix).current)
         if current is None:

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from recsys.parquet_io import count_rows
+from recsys.recommendation_store import RecommendationKeys
 from tests.redis_databases import redis_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -213,9 +214,9 @@ def test_data_stage_end_to_end(airflow_env, medium_raw: Path, tmp_path: Path, sp
     process, rerun = run_dag(airflow_env, tmp_path / "data", {"input_dir": str(medium_raw), "stage_publish": True})
     assert process.returncode == 0 and rerun is not None and rerun != run, (process.stdout + process.stderr)[-3000:]
     redis_client = redis.Redis.from_url(E2E_REDIS_URL)
-    assert redis_client.get("e2e:recs:current").decode() == version
-    assert redis_client.hget(f"e2e:recs:{rerun.name}:meta", "status") == b"complete"
-    assert rerun.name in {value.decode() for value in redis_client.lrange("e2e:recs:versions", 0, -1)}
+    assert redis_client.get(RecommendationKeys("e2e:").current).decode() == version
+    assert redis_client.hget(RecommendationKeys("e2e:").meta(rerun.name), "status") == b"complete"
+    assert rerun.name in {value.decode() for value in redis_client.lrange(RecommendationKeys("e2e:").versions, 0, -1)}
     for user in users[spec.user_id]:
         before = read_recommendations_of_version(redis_client, "e2e:", version, int(user))
         after = read_recommendations_of_version(redis_client, "e2e:", rerun.name, int(user))
@@ -246,7 +247,7 @@ def check_published_recommendations(run: Path, spec, key_prefix: str) -> str:  #
     from recsys.recommendation_store import read_recommendations
 
     client = redis.Redis.from_url(E2E_REDIS_URL)
-    version = client.get(f"{key_prefix}recs:current").decode()
+    version = client.get(RecommendationKeys(key_prefix).current).decode()
     assert version == run.name  # the run's own version is the one readers see
     valid = pq.read_table(run / "resplit" / "valid").to_pandas()
     train = pq.read_table(run / "resplit" / "train").to_pandas()

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from recsys.experiments import CHALLENGER, CONTROL, bucket_of, compare_buckets, mean_interval, wilson_interval
+from recsys.recommendation_store import RecommendationKeys
 from tasks.experiment import (
     AB_TESTS_EXPERIMENT,
     ExperimentError,
@@ -107,10 +108,10 @@ def client() -> Iterator[redis.Redis]:
 
 def publish_version(client: redis.Redis, version: str, *, current: bool) -> None:
     """A complete version as the publisher leaves it (what the experiment commands check)."""
-    client.hset(f"{PREFIX}recs:{version}:meta", mapping={"status": "complete", "fingerprint": version})
-    client.lpush(f"{PREFIX}recs:versions", version)
+    client.hset(RecommendationKeys(PREFIX).meta(version), mapping={"status": "complete", "fingerprint": version})
+    client.lpush(RecommendationKeys(PREFIX).versions, version)
     if current:
-        client.set(f"{PREFIX}recs:current", version)
+        client.set(RecommendationKeys(PREFIX).current, version)
 
 
 def test_start_stop_and_promote_are_checked_and_recorded_in_mlflow(client: redis.Redis, mlflow_tracking_uri: str,
@@ -136,14 +137,15 @@ def test_start_stop_and_promote_are_checked_and_recorded_in_mlflow(client: redis
     assert run.data.tags["status"] == "running"
 
     stop_experiment(REDIS_URL, PREFIX, tracking_uri=mlflow_tracking_uri)
-    assert current_experiment(client, PREFIX) is None and client.get(f"{PREFIX}recs:current") == b"v1"
+    assert current_experiment(client, PREFIX) is None and client.get(RecommendationKeys(PREFIX).current) == b"v1"
     assert mlflow.get_run(started.mlflow_run_id).data.tags["status"] == "stopped"
     with pytest.raises(ExperimentError, match="no experiment"):
         stop_experiment(REDIS_URL, PREFIX, tracking_uri=mlflow_tracking_uri)
 
     again = start_experiment(REDIS_URL, PREFIX, "autumn", "v2", 0.5, **arguments)
     promote_challenger(REDIS_URL, PREFIX, tracking_uri=mlflow_tracking_uri)
-    assert client.get(f"{PREFIX}recs:current") == b"v2" and client.get(f"{PREFIX}recs:previous") == b"v1"
+    keys = RecommendationKeys(PREFIX)
+    assert client.get(keys.current) == b"v2" and client.get(keys.previous) == b"v1"
     assert current_experiment(client, PREFIX) is None
     assert mlflow.get_run(again.mlflow_run_id).data.tags["status"] == "promoted"
     assert mlflow.get_run(again.mlflow_run_id).info.status == "FINISHED"

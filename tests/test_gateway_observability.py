@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from recsys.impression_log import partition_dir, read_impressions
-from recsys.recommendation_store import encode_recommendations
+from recsys.recommendation_store import RecommendationKeys, encode_recommendations
 from recsys.settings import Settings
 from serving.api.impressions import ImpressionLog
 from serving.api.main import create_app
@@ -50,7 +50,7 @@ def published() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(REDIS_URL)
     _delete_prefix(client)
     scores = [1.0 - index / 100 for index in range(30)]
-    client.set(f"{PREFIX}recs:current", VERSION)
+    client.set(RecommendationKeys(PREFIX).current, VERSION)
     client.set(f"{PREFIX}recs:{VERSION}:user:{CUSTOMER}", encode_recommendations(CUSTOMER_ITEMS, scores))
     client.set(f"{PREFIX}recs:{VERSION}:segment:*", encode_recommendations(GENERIC_ITEMS, scores[:20]))
     yield client

@@ -15,7 +15,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
-from recsys.recommendation_store import encode_recommendations
+from recsys.recommendation_store import RecommendationKeys, encode_recommendations
 from recsys.settings import Settings
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
@@ -31,7 +31,7 @@ NIGHTLY = ([11, 12, 13, 14], [0.9, 0.8, 0.7, 0.6])
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
     store = redis.Redis.from_url(REDIS_URL)
-    store.set(f"{PREFIX}recs:current", "v1")
+    store.set(RecommendationKeys(PREFIX).current, "v1")
     store.set(f"{PREFIX}recs:v1:user:{CUSTOMER}", encode_recommendations(*NIGHTLY))
     database_url = f"sqlite:///{tmp_path / 'gateway.db'}"
     upgrade(database_url)

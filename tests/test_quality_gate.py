@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
-from recsys.recommendation_store import version_metadata
+from recsys.recommendation_store import RecommendationKeys, version_metadata
 from tasks.publish_recommendations import publish_recommendations
 from tasks.quality_gate import (
     BATCH_SCORE_DIR_TAG,
@@ -245,7 +245,8 @@ def test_a_reviewers_promotion_is_honoured_by_the_next_gate_and_publish(tracking
     publish(decision)
     assert live() == {"ranker": "2", "two_tower": "2"}
     client = redis.Redis.from_url(REDIS_URL)
-    assert client.get(f"{key_prefix}recs:current") == b"night2"  # serving.run picks night2's Triton repository
+    # serving.run picks night2's Triton repository
+    assert client.get(RecommendationKeys(key_prefix).current) == b"night2"
     assert json.loads(version_metadata(client, key_prefix, "night2")["model_versions"]) == held["versions"]
     client.close()
 

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 
 from feature_repo.config import FeastStoreConfig
 from feature_repo.store import online_user_features, open_feature_store
-from recsys.recommendation_store import decode_recommendations, decode_scored_list
+from recsys.recommendation_store import RecommendationKeys, decode_recommendations, decode_scored_list
 from recsys.settings import Settings, get_settings
 from recsys.spec import DatasetSpec
 from serving.api.main import create_app
@@ -886,7 +886,7 @@ def test_an_ab_experiment_serves_each_bucket_its_version_and_logs_it(
     publish_recommendations(batch_scored, redis_url=REDIS_URL, version="v1", key_prefix=prefix, progress=False)
     staged = publish_recommendations(batch_scored, redis_url=REDIS_URL, version="v2", key_prefix=prefix,
                                      progress=False, switch=False)  # fmt: skip
-    assert staged["switched"] is False and published.get(f"{prefix}recs:current") == b"v1"
+    assert staged["switched"] is False and published.get(RecommendationKeys(prefix).current) == b"v1"
     users = user_ids(trained_run, spec)
     challenger = next(user for user in users if bucket_of(user, "salt-1", 0.5) == CHALLENGER)
     control = next(user for user in users if bucket_of(user, "salt-1", 0.5) == CONTROL)

@@ -18,6 +18,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy.orm import sessionmaker
 
 from recsys.database import create_database_engine
+from recsys.redis_connection import async_redis_client, redis_client
 from recsys.settings import Settings, get_settings
 from recsys.spec import DatasetSpec, load_spec
 from serving.api import metrics
@@ -54,13 +55,11 @@ def api_router(spec: DatasetSpec) -> APIRouter:
 
 def build_recommender(settings: Settings, sessions: sessionmaker) -> Recommender:  # type: ignore[type-arg]
     """Redis and Triton clients with their timeouts; nothing connects until the first request."""
-    import redis.asyncio
-
     from serving.triton_client import TritonEnsembles
 
     timeout_s = settings.redis_timeout_ms / 1000
-    client = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=timeout_s,
-                                          socket_connect_timeout=timeout_s)  # fmt: skip
+    client = async_redis_client(settings.redis_url, settings.redis_type, socket_timeout=timeout_s,
+                                socket_connect_timeout=timeout_s)  # fmt: skip
     config = RecommenderConfig(
         key_prefix=settings.redis_key_prefix, segment_features=load_spec(settings.spec).segment_features,
         redis_timeout_s=timeout_s, triton_timeout_s=settings.triton_timeout_ms / 1000,
@@ -89,12 +88,11 @@ def build_live_features(settings: Settings, triton: object, client: object) -> L
 
 def build_seen_items_writer(settings: Settings) -> SeenItemsWriter:
     """A synchronous Redis client for the routes that run in threads; nothing connects until the first write."""
-    import redis
-
     from recsys.interactions import types_excluding_seen
 
     timeout_s = settings.redis_timeout_ms / 1000
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    client = redis_client(settings.redis_url, settings.redis_type, socket_timeout=timeout_s,
+                          socket_connect_timeout=timeout_s)  # fmt: skip
     return SeenItemsWriter(client, settings.redis_key_prefix, types_excluding_seen(load_spec(settings.spec)),
                            ttl_s=settings.seen_items_ttl_s)  # fmt: skip
 
