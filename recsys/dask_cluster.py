@@ -1,4 +1,5 @@
-"""Where NVTabular's Dask work runs (trainer environment): in this process, on a LocalCluster, or on a cluster.
+"""Where the Dask work of the NVTabular step and of batch scoring runs (trainer environment): in this process, on a
+LocalCluster, or on a cluster.
 
 `RECSYS_DASK_SCHEDULER` (or a step's `--dask-scheduler`) chooses:
 - unset or empty: one process, as NVTabular runs without a client (the default; enough up to tens of millions
@@ -11,6 +12,7 @@
 With a client, NVTabular finds it as merlin.core's global client (`merlin.core.utils.Distributed`), and every
 worker reads the step's input and writes its part of the output and of Categorify's tables itself: the run
 folder (`RECSYS_DATA_ROOT`) must be storage every worker reaches under the same path (a shared file system).
+Batch scoring submits its shards of users as tasks (tasks/batch_score.py), which write into the output folder.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def scheduler_from_environment() -> str | None:
 
 @contextlib.contextmanager
 def dask_execution(scheduler: str | None) -> Iterator[Any | None]:
-    """The block's Dask client for NVTabular (None: no client, one process)."""
+    """The block's Dask client, also NVTabular's global one (None: no client, one process)."""
     if not scheduler:
         yield None
         return
@@ -56,7 +58,7 @@ def dask_execution(scheduler: str | None) -> Iterator[Any | None]:
         if workers == 0:
             raise RuntimeError(f"the Dask scheduler at {scheduler} has no workers: start some with "
                                f"`dask worker {scheduler}` in the trainer environment")  # fmt: skip
-        log.info("NVTabular on Dask: %s, %d workers", scheduler, workers)
+        log.info("Dask: %s, %d workers", scheduler, workers)
         stack.enter_context(Distributed(client=client))
         yield client
 

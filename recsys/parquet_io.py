@@ -13,10 +13,14 @@ READ_BATCH_ROWS = 256_000
 
 
 class PartitionWriter:
-    """Writes one partition directory as `part-00000.parquet`, `part-00001.parquet`, ... of bounded size."""
+    """Writes one partition directory as `part-00000.parquet`, `part-00001.parquet`, ... of bounded size; with a
+    `stem`, as `<stem>-00000.parquet`, ... (several writers sharing a directory, e.g. `part-00003`: every name still
+    matches `part_files` and sorts by writer, then file)."""
 
-    def __init__(self, directory: Path, schema: pa.Schema, rows_per_file: int = ROWS_PER_FILE) -> None:
+    def __init__(self, directory: Path, schema: pa.Schema, rows_per_file: int = ROWS_PER_FILE, stem: str = "part"
+                 ) -> None:  # fmt: skip
         self.directory = Path(directory)
+        self.stem = stem
         self.directory.mkdir(parents=True, exist_ok=True)
         self.schema = schema
         self.rows_per_file = rows_per_file
@@ -43,9 +47,8 @@ class PartitionWriter:
             offset += take
         return placements
 
-    @staticmethod
-    def _file_name(index: int) -> str:
-        return f"part-{index:05d}.parquet"
+    def _file_name(self, index: int) -> str:
+        return f"{self.stem}-{index:05d}.parquet"
 
     def _open_next(self) -> None:
         if self._writer is not None:

@@ -37,6 +37,7 @@ from models.blend import (
     fit_blend_weights,
 )
 from models.online_pipeline import ItemsByUser, PipelineArtifacts, RecommendationPipeline, order
+from recsys.dask_cluster import dask_execution, tasks_by_worker
 from recsys.list_defaults import SIMILAR_N, TOP_K, TOP_N
 from recsys.outputs import atomic_output_dir
 from recsys.parquet_io import PartitionWriter, nvtabular_part_files
@@ -96,6 +97,8 @@ RETRIEVAL_WEIGHTS = (DEFAULT_RETRIEVAL_WEIGHT, 0.0, 0.5, 4.0)
 ITEM_TO_ITEM_WEIGHTS = (DEFAULT_ITEM_TO_ITEM_WEIGHT, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 CHOICE_K = 10  # the weights maximize NDCG@10 on validation
 BLEND_USERS_FILE = "blend_users.npy"  # the validation users the weights were chosen on (evaluate leaves them out)
+# Users a Dask task scores at most (on a cluster: `batch_score(dask_scheduler=...)`), in whole batches.
+USERS_PER_SHARD = 50_000
 
 
 def read_unavailable(path: Path | None, spec: DatasetSpec) -> set[int]:
@@ -300,40 +303,116 @@ def _best_of_grid(grid: dict[tuple[float, float], np.ndarray], rows: np.ndarray)
     return max(grid, key=lambda pair: float(grid[pair][rows].mean()))
 
 
-def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: BatchScoreConfig = BatchScoreConfig(),
-                model_versions: dict[str, str] | None = None) -> dict:  # fmt: skip
-    """Score every user of the run's feature table; write users/, segments/, similar/ and _metrics.json."""
-    from tqdm import tqdm
+@dataclasses.dataclass(frozen=True)
+class _Scoring:
+    """What scoring a user needs besides the user: the run's pipeline, each user's items to leave out, the
+    unavailable items and the blend weights."""
 
+    pipeline: RecommendationPipeline
+    seen_items: dict[int, np.ndarray]  # encoded items by raw user id
+    unavailable: np.ndarray  # bool by item code
+    weights: dict[str, Any]
+
+
+def _scoring(run_dir: Path, spec: DatasetSpec, config: BatchScoreConfig) -> tuple[_Scoring, set[int]]:
+    """The run's pipeline and what it leaves out (blend weights not chosen yet: {}), and the unavailable raw ids."""
     run = RunLayout(run_dir)
     pipeline = RecommendationPipeline(PipelineArtifacts.of_run(run.root), spec)
     unavailable_raw = read_unavailable(config.unavailable_items, spec)
     unavailable = np.zeros(len(pipeline.item_raw_ids), dtype=bool)
     codes = pipeline.encode_items(sorted(unavailable_raw))
     unavailable[codes[codes >= 0]] = True
-    seen_items = seen_items_by_user(run.nvtabular, spec)
+    return _Scoring(pipeline, seen_items_by_user(run.nvtabular, spec), unavailable, {}), unavailable_raw
+
+
+def _score_users(scoring: _Scoring, users: np.ndarray, config: BatchScoreConfig, writer: PartitionWriter,
+                 progress: Any = None) -> None:  # fmt: skip
+    """The lists of `users`, in batches of `config.users_per_batch` from the first, written in their order."""
+    pipeline, weights = scoring.pipeline, scoring.weights
+    for start in range(0, len(users), config.users_per_batch):
+        batch = users[start : start + config.users_per_batch]
+        features, _ = pipeline.user_features(batch)
+        excluded = [scoring.seen_items.get(int(user), np.empty(0, dtype=np.int64)) for user in batch]
+        histories = pipeline.histories.of_users(batch) if pipeline.histories is not None else None
+        result = pipeline.recommend(features, top_k=config.top_k, top_n=config.top_n, histories=histories,
+                                    excluded=excluded, unavailable=scoring.unavailable,
+                                    retrieval_weight=weights["retrieval_weight"],
+                                    item_to_item_weight=weights["item_to_item_weight"],
+                                    source_weights=weights["source_weights"])  # fmt: skip
+        lists = _lists(pipeline.raw_items(result["items"]), result["scores"], result["click_probabilities"])
+        writer.write(pa.table({"user_id": pa.array(batch), **lists}, schema=USER_SCHEMA))
+        if progress is not None:
+            progress.update(len(batch))
+
+
+# A Dask worker's scoring state, loaded by its first shard of a run and kept for the next (one run at a time).
+_WORKER_SCORING: dict[tuple[str, str], _Scoring] = {}
+
+
+def _score_shard(run_dir: str, spec: DatasetSpec, config: BatchScoreConfig, weights: dict[str, Any],
+                 users: np.ndarray, directory: str, shard: int) -> int:  # fmt: skip
+    """A Dask task: score `users` with the run's models and write them as `<directory>/part-<shard>-*.parquet`."""
+    key = (str(run_dir), repr(config))
+    if key not in _WORKER_SCORING:
+        _WORKER_SCORING.clear()
+        _WORKER_SCORING[key] = _scoring(Path(run_dir), spec, config)[0]
+    scoring = dataclasses.replace(_WORKER_SCORING[key], weights=weights)
+    with PartitionWriter(Path(directory), USER_SCHEMA, stem=f"part-{shard:05d}") as writer:
+        _score_users(scoring, users, config, writer)
+    return len(users)
+
+
+def _release_worker_scoring() -> None:
+    _WORKER_SCORING.clear()
+
+
+def _shards(users: np.ndarray, config: BatchScoreConfig, workers: int) -> list[np.ndarray]:
+    """`users` cut into whole batches of `config.users_per_batch`, at least two shards a worker where there are
+    enough batches and at most USERS_PER_SHARD users a shard: each batch holds the users one process's batch
+    would, so the lists are the same."""
+    batches = -(-len(users) // config.users_per_batch)
+    shards = max(min(2 * workers, batches), -(-len(users) // USERS_PER_SHARD), 1)
+    per_shard = -(-batches // shards) * config.users_per_batch
+    return [users[start : start + per_shard] for start in range(0, len(users), per_shard)]
+
+
+def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: BatchScoreConfig = BatchScoreConfig(),
+                model_versions: dict[str, str] | None = None, dask_scheduler: str | None = None) -> dict:  # fmt: skip
+    """Score every user of the run's feature table; write users/, segments/, similar/ and _metrics.json.
+
+    `dask_scheduler` (`recsys.dask_cluster`; None: in this process): where the users are scored, in shards of whole
+    batches, each Dask task loading the run's models once per worker and writing its own part files into the output
+    folder, which must be storage every worker reaches (as the run folder). The weights, the generic and the
+    similar lists are made here."""
+    from tqdm import tqdm
+
+    run = RunLayout(run_dir)
+    scoring, unavailable_raw = _scoring(run.root, spec, config)
+    pipeline, unavailable = scoring.pipeline, scoring.unavailable
     user_ids = pipeline.user_table.raw_user_ids
     weights = choose_blend_weights(pipeline, run.nvtabular, spec, config, unavailable)
     tuned_users = weights.pop("users")
+    scoring = dataclasses.replace(scoring, weights=weights)
 
-    started = time.perf_counter()
-    with atomic_output_dir(Path(output_dir)) as staging:
-        with PartitionWriter(staging / "users", USER_SCHEMA) as writer:
-            progress = tqdm(total=len(user_ids), unit="user", desc="batch_score", mininterval=5)
-            for start in range(0, len(user_ids), config.users_per_batch):
-                batch = user_ids[start : start + config.users_per_batch]
-                features, _ = pipeline.user_features(batch)
-                excluded = [seen_items.get(int(user), np.empty(0, dtype=np.int64)) for user in batch]
-                histories = pipeline.histories.of_users(batch) if pipeline.histories is not None else None
-                result = pipeline.recommend(features, top_k=config.top_k, top_n=config.top_n, histories=histories,
-                                           excluded=excluded, unavailable=unavailable,
-                                           retrieval_weight=weights["retrieval_weight"],
-                                           item_to_item_weight=weights["item_to_item_weight"],
-                                           source_weights=weights["source_weights"])  # fmt: skip
-                lists = _lists(pipeline.raw_items(result["items"]), result["scores"], result["click_probabilities"])
-                writer.write(pa.table({"user_id": pa.array(batch), **lists}, schema=USER_SCHEMA))
-                progress.update(len(batch))
-            progress.close()
+    dask = None
+    with dask_execution(dask_scheduler) as client, atomic_output_dir(Path(output_dir)) as staging:
+        started = time.perf_counter()
+        if client is None:
+            with PartitionWriter(staging / "users", USER_SCHEMA) as writer:
+                progress = tqdm(total=len(user_ids), unit="user", desc="batch_score", mininterval=5)
+                _score_users(scoring, user_ids, config, writer, progress)
+                progress.close()
+        else:
+            (staging / "users").mkdir()
+            shards = _shards(np.asarray(user_ids), config, len(client.scheduler_info()["workers"]))
+            futures = [client.submit(_score_shard, str(run.root.resolve()), spec, config, weights, shard,
+                                     str((staging / "users").resolve()), number, pure=False)
+                       for number, shard in enumerate(shards)]  # fmt: skip
+            scored = sum(client.gather(futures))
+            client.run(_release_worker_scoring)  # long-lived workers do not keep the models until the next run
+            if scored != len(user_ids):
+                raise RuntimeError(f"the Dask tasks scored {scored} users of {len(user_ids)}")
+            dask = {"scheduler": dask_scheduler, "shards": len(shards), "tasks_by_worker": tasks_by_worker(client)}
         user_seconds = time.perf_counter() - started
 
         segments = segment_lists(run.resplit, spec, config.top_n, unavailable_raw)
@@ -360,9 +439,10 @@ def batch_score(run_dir: Path, output_dir: Path, spec: DatasetSpec, config: Batc
             "unavailable_items": len(unavailable_raw),
             "model_versions": model_versions or {},
         }
+        if dask is not None:
+            metrics["dask"] = dask
         np.save(staging / BLEND_USERS_FILE, tuned_users)
         (staging / "_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("batch_score: %d users at %.0f users/s, %d segments, %d similar lists", metrics["users"],
              metrics["users_per_second"] or 0, metrics["segments"], metrics["similar_items"])  # fmt: skip
     return metrics
-

@@ -22,6 +22,7 @@ from recsys.errors import InputDataError
 from recsys.list_defaults import SIMILAR_N, TOP_K, TOP_N
 from recsys.run_layout import runs_dir
 from recsys.spec import SpecError, load_spec
+from tasks.batch_score import BatchScoreConfig
 from tasks.build_faiss_index import FaissIndexConfig
 from tasks.clean_null_rows import DEFAULT_MAX_NULL_FEATURES
 from tasks.csv_to_parquet import CsvToParquetConfig
@@ -140,14 +141,15 @@ def _build_faiss_index(args: argparse.Namespace) -> dict:
 
 
 def _batch_score(args: argparse.Namespace) -> dict:
-    from tasks.batch_score import BatchScoreConfig, batch_score
+    from tasks.batch_score import batch_score
 
     config = BatchScoreConfig(top_k=args.top_k, top_n=args.top_n, similar_n=args.similar_n,
                               unavailable_items=args.unavailable_items, retrieval_weight=args.retrieval_weight,
                               item_to_item_weight=args.item_to_item_weight, source_weights=args.source_weights,
-                              blend=args.blend)  # fmt: skip
+                              blend=args.blend, users_per_batch=args.users_per_batch)  # fmt: skip
     versions = json.loads(args.model_versions) if args.model_versions else None
-    return batch_score(args.input, args.output, load_spec(args.spec), config, model_versions=versions)
+    return batch_score(args.input, args.output, load_spec(args.spec), config, model_versions=versions,
+                       dask_scheduler=args.dask_scheduler)  # fmt: skip
 
 
 def _demo_data(args: argparse.Namespace) -> dict:
@@ -393,9 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
         step = _step_parser(subparsers, name, handler, help_text)
         step.add_argument("--input", type=Path, required=True)
         step.add_argument("--output", type=Path, required=True)
-        if name == "nvtabular-fit-transform":
+        if name in ("nvtabular-fit-transform", "batch-score"):
+            work = "NVTabular runs" if name == "nvtabular-fit-transform" else "the users are scored"
             step.add_argument("--dask-scheduler", default=scheduler_from_environment(),
-                              help="where NVTabular runs: a Dask scheduler's address, or 'local' for a LocalCluster "
+                              help=f"where {work}: a Dask scheduler's address, or 'local' for a LocalCluster "
                                    "(default: RECSYS_DASK_SCHEDULER; unset: this process)")  # fmt: skip
         if name == "csv-to-parquet":
             step.add_argument("--max-bad-row-fraction", type=float, default=CsvToParquetConfig.max_bad_row_fraction)
@@ -449,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--top-k", type=int, default=TOP_K)
             step.add_argument("--top-n", type=int, default=TOP_N)
             step.add_argument("--similar-n", type=int, default=SIMILAR_N)
+            step.add_argument("--users-per-batch", type=int, default=BatchScoreConfig.users_per_batch,
+                              help="users scored together (on Dask, a task scores whole batches)")  # fmt: skip
             step.add_argument("--unavailable-items", type=Path, default=None,
                               help="CSV with an item id column: items never recommended")  # fmt: skip
             step.add_argument("--model-versions", default=None, help="JSON: registered versions scored with")

@@ -1,7 +1,7 @@
-"""The NVTabular step on Dask (issue 20, item 1; `recsys/dask_cluster.py`): a real `dask scheduler` and two
-`dask worker` processes of the trainer environment on loopback, and a LocalCluster, each run the step the way the
-DAG runs it (the trainer CLI in a subprocess); the outputs equal the single-process run's (conftest's
-`nvtabular_output`), and both workers did a share of the work."""
+"""The NVTabular step and batch scoring on Dask (issue 20, item 1; `recsys/dask_cluster.py`): a real `dask
+scheduler` and two `dask worker` processes of the trainer environment on loopback, and a LocalCluster, each run the
+step the way the DAG runs it (the trainer CLI in a subprocess); the outputs equal the single-process run's
+(conftest's `nvtabular_output` and `batch_scored`), and both workers did a share of the work."""
 
 from __future__ import annotations
 
@@ -121,3 +121,25 @@ def test_a_scheduler_that_does_not_answer_fails_the_step_naming_it(tmp_path: Pat
     with pytest.raises(TrainerStepError, match=f"no Dask scheduler answers at {address}"):
         nvtabular_step(tmp_path / "resplit", tmp_path / "out", "--dask-scheduler", address)
     assert not (tmp_path / "out").exists()
+
+
+def read_lists(directory: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(path) for path in sorted(directory.glob("part-*.parquet"))], ignore_index=True)
+
+
+def test_batch_scoring_on_a_dask_cluster_writes_the_lists_one_process_writes(trained_run, batch_scored,
+                                                                              tmp_path: Path):  # fmt: skip
+    """362 users in batches of 64: three shards of two batches over the two workers."""
+    with dask_cluster(2, tmp_path) as address:
+        metrics = run_trainer_step(get_settings().trainer_python, "batch-score",
+                                   ["--input", str(trained_run), "--output", str(tmp_path / "distributed"),
+                                    "--dask-scheduler", address, "--users-per-batch", "64"])  # fmt: skip
+    # The same lists, in the same order (shards in user order), though batches of 64 users, not 512: a user's list
+    # does not depend on whom they are scored with.
+    for folder in ("users", "segments", "similar"):
+        pd.testing.assert_frame_equal(read_lists(batch_scored / folder), read_lists(tmp_path / "distributed" / folder))
+    assert len(list((tmp_path / "distributed" / "users").glob("part-*.parquet"))) == metrics["dask"]["shards"] > 1
+    tasks = metrics["dask"]["tasks_by_worker"]
+    assert len(tasks) == 2 and all(count > 0 for count in tasks.values()), tasks  # both scored a share
+    single = json.loads((batch_scored / "_metrics.json").read_text())
+    assert metrics["users"] == single["users"] and metrics["blend"] == single["blend"]
