@@ -98,13 +98,17 @@ def _redis_answers(url: str) -> bool:
         client.close()
 
 
-def ensure_redis(url: str, *, allow_start: bool = True) -> bool:
-    """Make sure Redis at `url` answers; start a local one if none does. Returns whether one was started."""
+def ensure_redis(url: str, *, allow_start: bool = True, cluster: bool = False) -> bool:
+    """Make sure Redis at `url` answers; start a local one if none does (never for a Redis Cluster's node: a single
+    server there would not be the cluster). Returns whether one was started."""
     if _redis_answers(url):
         log.info("Redis answers at %s", _redacted(url))
         return False
     parts = urllib.parse.urlsplit(url)
     where = _redacted(url)
+    if cluster:
+        raise ServeError(f"the Redis Cluster node at {where} (RECSYS_REDIS_URL, RECSYS_REDIS_TYPE=redis_cluster) "
+                         "does not answer: start the cluster, this command starts none")  # fmt: skip
     if parts.scheme != "redis" or parts.hostname not in LOCAL_HOSTS or parts.password:
         raise ServeError(f"Redis does not answer at {where} (RECSYS_REDIS_URL), and it is not a local "
                          "password-less redis:// URL this command could start a server for: start it")  # fmt: skip
@@ -372,7 +376,8 @@ def serve(args: argparse.Namespace, settings: Settings) -> None:
 
     from serving.api.migrate import upgrade
 
-    ensure_redis(settings.redis_url, allow_start=not args.no_redis_start)
+    ensure_redis(settings.redis_url, allow_start=not args.no_redis_start,
+                 cluster=settings.redis_type == "redis_cluster")  # fmt: skip
     with triton_for(settings, args.model_repository, enabled=not args.no_triton):
         if not args.no_triton:
             warm_up(settings)

@@ -87,6 +87,8 @@ def test_redis_that_answers_is_used_and_one_that_cannot_be_started_is_refused() 
     assert ensure_redis(REDIS_URL) is False
     with pytest.raises(ServeError, match="--no-redis-start"):
         ensure_redis(f"redis://127.0.0.1:{free_port()}/0", allow_start=False)
+    with pytest.raises(ServeError, match=r"Redis Cluster node .* does not answer: start the cluster"):
+        ensure_redis(f"redis://127.0.0.1:{free_port()}/0", cluster=True)
     with pytest.raises(ServeError, match="password"):
         ensure_redis(f"redis://:secret@127.0.0.1:{free_port()}/0")
 
