@@ -113,6 +113,8 @@ def main() -> int:
     client = redis.Redis.from_url(args.redis_url)
     if client.connection_pool.connection_kwargs.get("db", 0) == 0:
         parser.error("the benchmark flushes its database: give one other than 0")
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         batch_dir = Path(work) / "batch"
         generate_batch(batch_dir, args.users, args.items, args.similar, args.similar_items)
