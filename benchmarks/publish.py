@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/publish.py [--users 100000] [--items 100] [--repeats 3]
                                            [--redis-url redis://127.0.0.1:6379/6]
+    .venv/bin/python benchmarks/publish.py --redis-type redis_cluster --redis-url redis://127.0.0.1:7000
 
 Generates a batch_score-shaped output (users x items lists, plus segment and similar-item lists),
 then, in the same run and on the same dedicated Redis database (flushed before every measurement,
@@ -12,6 +13,8 @@ never database 0), alternates:
   pipelines of plain SETs (transaction=False) in chunks of the same size.
 Goal (issue): publish keys/s at 0.8 or better of the reference. Then a steady-state run publishes two
 more versions on top of the first, the last one retiring the first (EXPIRE of its keys after the swap).
+With `--redis-type redis_cluster` the URL names a node of a Redis Cluster, which the benchmark flushes (every
+primary): both the publish and the reference go through redis-py's cluster client.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from recsys.parquet_io import PartitionWriter  # noqa: E402
 from recsys.recommendation_store import RecommendationKeys  # noqa: E402
+from recsys.redis_connection import redis_client  # noqa: E402
 from tasks.publish_recommendations import (  # noqa: E402
     PIPELINE_CHUNK,
     _batches,
@@ -106,13 +110,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=PIPELINE_CHUNK)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6", help="a database this benchmark flushes")
+    parser.add_argument("--redis-type", default="redis", choices=["redis", "redis_cluster"])
     parser.add_argument("--work", type=Path, default=None, help="folder for the generated batch (default: temporary)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "publish.json")
     args = parser.parse_args()
 
-    client = redis.Redis.from_url(args.redis_url)
-    if client.connection_pool.connection_kwargs.get("db", 0) == 0:
+    client = redis_client(args.redis_url, args.redis_type)
+    if args.redis_type == "redis" and client.connection_pool.connection_kwargs.get("db", 0) == 0:
         parser.error("the benchmark flushes its database: give one other than 0")
+    target = {"redis_url": args.redis_url, "redis_type": args.redis_type, "key_prefix": PREFIX,
+              "chunk_size": args.chunk_size, "progress": False}  # fmt: skip
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as work:
@@ -127,8 +134,7 @@ def main() -> int:
         for repeat in range(args.repeats):
             client.flushdb()
             started = time.perf_counter()
-            metrics = publish_recommendations(batch_dir, redis_url=args.redis_url, version="v1", key_prefix=PREFIX,
-                                              chunk_size=args.chunk_size, progress=False)  # fmt: skip
+            metrics = publish_recommendations(batch_dir, version="v1", **target)
             publish_s.append(time.perf_counter() - started)
             load_rates.append(metrics["keys_per_s"])
             assert metrics["keys_total"] == total
@@ -144,20 +150,18 @@ def main() -> int:
 
         # Steady state: two more versions on top of v1; publishing v3 retires v1 after its swap.
         client.flushdb()
-        publish_recommendations(batch_dir, redis_url=args.redis_url, version="v1", key_prefix=PREFIX,
-                                chunk_size=args.chunk_size, progress=False)  # fmt: skip
-        publish_recommendations(batch_dir, redis_url=args.redis_url, version="v2", key_prefix=PREFIX,
-                                chunk_size=args.chunk_size, progress=False)  # fmt: skip
+        publish_recommendations(batch_dir, version="v1", **target)
+        publish_recommendations(batch_dir, version="v2", **target)
         started = time.perf_counter()
-        steady = publish_recommendations(batch_dir, redis_url=args.redis_url, version="v3", key_prefix=PREFIX,
-                                         chunk_size=args.chunk_size, progress=False)  # fmt: skip
+        steady = publish_recommendations(batch_dir, version="v3", **target)
         steady_s = time.perf_counter() - started
         client.flushdb()
 
     rates = {name: (total / min(seconds), total / statistics.median(seconds))
              for name, seconds in (("publish", publish_s), ("set", reference_s), ("execute_command", raw_s))}
     result = {
-        "keys": total, "users": args.users, "items": args.items, "chunk_size": args.chunk_size,
+        "redis_type": args.redis_type, "keys": total, "users": args.users, "items": args.items,
+        "chunk_size": args.chunk_size,
         "keys_per_s": {name: {"best": round(best), "median": round(median)} for name, (best, median) in rates.items()},
         "publish_load_phase_keys_per_s": {"best": max(load_rates), "median": statistics.median(load_rates)},
         "ratio_to_set": {"best": round(rates["publish"][0] / rates["set"][0], 3),
