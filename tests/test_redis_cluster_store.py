@@ -7,6 +7,7 @@ stops it; the single-server comparisons use the publish tests' Redis database.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +29,10 @@ from serving.api.rate_limit import TokenBucket
 from serving.forget import _forget_in_redis
 from serving.list_reader import CurrentLists, ListReader, ReadRateLimited
 from serving.seen_items import seen_key
+from tasks.cli import main as cli_main
 from tasks.publish_recommendations import make_current, publish_recommendations, rollback
 from tests.api_keys import authorized
+from tests.conftest import environment
 from tests.servers import redis_cluster
 from tests.test_publish_recommendations import PREFIX, REDIS_URL, expected_scored_lists, lists_table, write_batch
 
@@ -246,3 +249,29 @@ def test_the_api_serves_a_customer_and_a_new_visitor_from_a_cluster(cluster: Any
         statuses = [client.get("/recommendations/4").status_code for _ in range(4)]
         assert statuses[:3] == [200] * 3 and statuses[3] == 429  # six reads a burst, three spent above
         assert client.post("/products", json={"id": 9_999}).status_code == 429  # three writes a burst, spent
+
+
+def test_the_operators_commands_work_on_a_cluster(cluster: Any, cluster_url: str, mlflow_tracking_uri: str,
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture):  # fmt: skip
+    """`recsys publish-recommendations`, `experiment start/status/promote` and `rollback-recommendations` as an
+    operator runs them, with RECSYS_REDIS_TYPE=redis_cluster and the cluster's URL in the environment."""
+    settings = {"RECSYS_REDIS_URL": cluster_url, "RECSYS_REDIS_TYPE": CLUSTER, "RECSYS_REDIS_KEY_PREFIX": PREFIX,
+                "RECSYS_MLFLOW_TRACKING_URI": mlflow_tracking_uri,
+                "RECSYS_MLFLOW_ARTIFACT_ROOT": str(tmp_path / "artifacts")}  # fmt: skip
+
+    def recsys(*arguments: str) -> dict:
+        assert cli_main(list(arguments)) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    with environment(settings):
+        for seed, version in enumerate(["v1", "v2"]):
+            batch = write_batch(tmp_path / version, seed=seed)
+            staged = ["--stage"] if version == "v2" else []
+            recsys("publish-recommendations", "--input", str(batch), "--version", version, "--quiet", *staged)
+        assert pointers(cluster) == ("v1", None)
+        assert recsys("experiment", "start", "spring", "--challenger", "v2", "--share", "0.5")["control"] == "v1"
+        assert recsys("experiment", "status")["challenger"] == "v2"
+        recsys("experiment", "promote")
+        assert pointers(cluster) == ("v2", "v1") and not cluster.exists(KEYS.experiment)
+        assert recsys("rollback-recommendations") == {"current": "v1", "previous": "v2"}
+    assert pointers(cluster) == ("v1", "v2")
