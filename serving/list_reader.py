@@ -22,7 +22,7 @@ from recsys.experiments import CHALLENGER, bucket_of
 from recsys.recommendation_store import REDIS_MAX_BITS, RecommendationKeys, ScoredList, as_text, decode_scored_list
 from recsys.redis_connection import is_cluster, mget_across_slots
 from serving.seen_items import seen_key
-from serving.token_bucket import TOKEN_BUCKET_STEP, read_bucket_key
+from serving.token_bucket import TOKEN_BUCKET, TOKEN_BUCKET_STEP, read_bucket_key
 
 # Redis down, unreachable or too slow: asyncio.timeout raises TimeoutError, sockets OSError.
 REDIS_FAILURES = (RedisError, TimeoutError, OSError)
@@ -94,13 +94,6 @@ return reply
 """
 
 
-# The read bucket's step alone (KEYS[1] the bucket; ARGV: tokens a second, size): a Redis Cluster's read pipeline.
-_READ_BUCKET = """
-local bucket, rate, burst = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local allowed, wait
-""" + TOKEN_BUCKET_STEP + """
-return {allowed, tostring(wait)}
-"""
 # How long a gateway on a Redis Cluster keeps the version pointer and the running experiment before reading them
 # again: a switch, a rollback or an experiment's start or stop reaches it within this many seconds.
 CONTROL_TTL_S = 1.0
@@ -197,7 +190,7 @@ class ListReader:
     async def _current_on_cluster(self, kind: str, keys: Sequence[str], customer: int, ask_known: bool,
                                   segments_if_unknown: Sequence[str], api_key: str | None) -> CurrentLists:  # fmt: skip
         """`current` on a Redis Cluster (module doc): the same answers, from the pointer kept in process and one
-        pipeline over the nodes (a second round trip for a new visitor's segment lists)."""
+        pipeline over the nodes (a new visitor's segment lists from the process's copy of the version's)."""
         version, experiment = await self._pointer_and_experiment()
         bucket = None
         if experiment[0] is not None and customer > 0:
@@ -237,7 +230,7 @@ class ListReader:
         pipe = self.redis.pipeline(transaction=False)
         if bucket_key is not None:
             if self._bucket_sha is None:  # a cluster pipeline loads no script itself: SCRIPT LOAD on every primary
-                self._bucket_sha = as_text(await self.timed(self.redis.script_load(_READ_BUCKET)))
+                self._bucket_sha = as_text(await self.timed(self.redis.script_load(TOKEN_BUCKET)))
             pipe.execute_command("EVALSHA", self._bucket_sha, 1, bucket_key, str(self.read_rate_per_s),
                                  str(self.read_burst))  # fmt: skip
         if version is not None:

@@ -22,6 +22,16 @@ TOKEN_BUCKET_STEP = """
 """
 
 
+# The step as a script of its own: KEYS[1] the bucket; ARGV: tokens a second, bucket size. Returns {allowed (0/1),
+# seconds to wait}. The write limit's round trip, and a read's on a Redis Cluster (serving/list_reader.py).
+TOKEN_BUCKET = """
+local bucket, rate, burst = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local allowed, wait
+""" + TOKEN_BUCKET_STEP + """
+return {allowed, tostring(wait)}
+"""
+
+
 def read_bucket_key(key_prefix: str, api_key_name: str) -> str:
     return f"{key_prefix}ratelimit-read:{api_key_name}"
 

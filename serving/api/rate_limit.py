@@ -24,18 +24,9 @@ from fastapi import Depends, HTTPException, Request, status
 
 from serving.api.auth import Caller, authenticate
 from serving.list_reader import REDIS_FAILURES
-from serving.token_bucket import TOKEN_BUCKET_STEP, write_bucket_key
+from serving.token_bucket import TOKEN_BUCKET, write_bucket_key
 
 log = logging.getLogger(__name__)
-
-# KEYS[1]: the bucket; ARGV: tokens per second, bucket size. Returns {allowed (0/1), seconds to wait}.
-TOKEN_BUCKET = """
-local bucket, rate, burst = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local allowed, wait
-""" + TOKEN_BUCKET_STEP + """
-return {allowed, tostring(wait)}
-"""
-
 
 class TokenBucket:
     """The script, registered once on the gateway's Redis client."""
