@@ -112,6 +112,11 @@ class RecommendationKeys:
         return f"{{{self.prefix}recs}}:"
 
     @property
+    def patterns(self) -> tuple[str, ...]:
+        """SCAN MATCH patterns that together match every key under the prefix: the control keys start with '{'."""
+        return f"{self.prefix}*", f"{self.control}*"
+
+    @property
     def current(self) -> str:
         return f"{self.control}current"
 

@@ -9,6 +9,9 @@ module-scoped fixtures)."""
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from recsys.recommendation_store import RecommendationKeys
 
 SERVER = os.environ.get("RECSYS_TEST_REDIS_SERVER", "redis://127.0.0.1:6379").rstrip("/")
 
@@ -32,3 +35,12 @@ assert len(set(DATABASES.values())) == len(DATABASES)
 def redis_url(name: str) -> str:
     """The URL of the tests' database named `name` (a key of DATABASES)."""
     return f"{SERVER}/{DATABASES[name]}"
+
+
+def delete_keys_under(client: Any, prefix: str) -> int:
+    """Delete every key a deployment with this key prefix wrote (its control keys too, which start with '{'); return
+    how many. A test's cleanup before and after it, on a database other modules share by prefix."""
+    keys = [key for pattern in RecommendationKeys(prefix).patterns for key in client.scan_iter(pattern, count=1000)]
+    for key in keys:
+        client.delete(key)
+    return len(keys)

@@ -20,7 +20,7 @@ from recsys.settings import Settings
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tests.api_keys import new_key
-from tests.redis_databases import redis_url
+from tests.redis_databases import delete_keys_under, redis_url
 from tests.servers import free_port, served
 
 REDIS_URL = redis_url("api")
@@ -42,9 +42,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dic
         with served(app) as base_url:
             yield base_url, headers
     finally:
-        store = redis.Redis.from_url(REDIS_URL)
-        for key in store.scan_iter(f"{PREFIX}*"):
-            store.delete(key)
+        delete_keys_under(redis.Redis.from_url(REDIS_URL), PREFIX)
 
 
 def test_no_request_makes_the_gateway_fail(gateway: tuple[str, dict[str, str]]) -> None:

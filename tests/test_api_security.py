@@ -21,7 +21,7 @@ from serving.api import keys
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tests.api_keys import new_key
-from tests.redis_databases import redis_url
+from tests.redis_databases import delete_keys_under, redis_url
 from tests.servers import free_port
 
 REDIS_URL = redis_url("api")
@@ -33,9 +33,7 @@ def database(tmp_path: Path) -> Iterator[str]:
     url = f"sqlite:///{tmp_path / 'gateway.db'}"
     upgrade(url)
     yield url
-    store = redis.Redis.from_url(REDIS_URL)
-    for key in store.scan_iter(f"{PREFIX}*"):
-        store.delete(key)
+    delete_keys_under(redis.Redis.from_url(REDIS_URL), PREFIX)
 
 
 def gateway(database_url: str, **overrides: object) -> TestClient:

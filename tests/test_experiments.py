@@ -23,7 +23,7 @@ from tasks.experiment import (
     stop_experiment,
 )
 from tasks.monitor import MonitoringConfig, monitor
-from tests.redis_databases import redis_url
+from tests.redis_databases import delete_keys_under, redis_url
 from tests.test_monitor import HOUR, WINDOW, at, database, impression, write_impressions
 
 REDIS_URL = redis_url("api")  # shared with other in-process gateways: keys under PREFIX only
@@ -100,9 +100,9 @@ def test_injected_clicks_that_favour_one_bucket_make_it_the_declared_winner(tmp_
 @pytest.fixture
 def client() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(REDIS_URL)
+    delete_keys_under(client, PREFIX)  # an experiment an interrupted earlier run left would be "running"
     yield client
-    for key in client.scan_iter(f"{PREFIX}*"):
-        client.delete(key)
+    delete_keys_under(client, PREFIX)
     client.close()
 
 

@@ -25,7 +25,7 @@ from serving.forget import forget_customers
 from tasks.extract_interactions import partition_path
 from tasks.monitor import floor_hour
 from tests.api_keys import authorized
-from tests.redis_databases import redis_url
+from tests.redis_databases import delete_keys_under, redis_url
 
 REDIS_URL = redis_url("api")  # shared with other in-process gateways: keys under PREFIX only
 PREFIX = "forget-test:"
@@ -73,11 +73,11 @@ def extract_rows(customers: list[int]) -> pa.Table:
 @pytest.fixture
 def settings(migrated_database_url: str, tmp_path: Path) -> Iterator[Settings]:
     client = redis.Redis.from_url(REDIS_URL)
+    delete_keys_under(client, PREFIX)
     yield Settings(database_url=migrated_database_url, redis_url=REDIS_URL, redis_key_prefix=PREFIX,
                     landing_dir=str(tmp_path / "landing"), impressions_dir=tmp_path / "impressions",
                     feast_registry_path=tmp_path / "no-feast" / "registry.db", live_features=False)  # fmt: skip
-    for key in client.scan_iter(f"{PREFIX}*"):
-        client.delete(key)
+    delete_keys_under(client, PREFIX)
     client.close()
 
 

@@ -28,7 +28,7 @@ from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tasks.monitor import MonitoringConfig, floor_hour, monitor_hour
 from tests.api_keys import authorized
-from tests.redis_databases import redis_url
+from tests.redis_databases import delete_keys_under, redis_url
 from tests.servers import free_port
 
 REDIS_URL = redis_url("gateway")
@@ -40,9 +40,7 @@ GENERIC_ITEMS = list(range(2_001, 2_021))
 
 
 def _delete_prefix(client: redis.Redis) -> None:
-    keys = list(client.scan_iter(f"{PREFIX}*"))
-    if keys:
-        client.delete(*keys)
+    delete_keys_under(client, PREFIX)
 
 
 @pytest.fixture

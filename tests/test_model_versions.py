@@ -27,7 +27,7 @@ from serving.triton_client import TritonEnsembles
 from serving.triton_server import TritonServer
 from tasks.cli import main as recsys_cli
 from tasks.publish_recommendations import rollback
-from tests.redis_databases import redis_url
+from tests.redis_databases import delete_keys_under, redis_url
 
 pytestmark = pytest.mark.e2e
 
@@ -64,9 +64,7 @@ def pointer() -> Iterator[tuple[redis.Redis, str]]:
     prefix = f"versions-test-{uuid.uuid4().hex[:8]}:"
     client = redis.Redis.from_url(REDIS_URL)
     yield client, prefix
-    keys = list(client.scan_iter(f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
+    delete_keys_under(client, prefix)
     client.close()
 
 

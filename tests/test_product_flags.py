@@ -20,7 +20,7 @@ from recsys.settings import Settings
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
 from tests.api_keys import authorized
-from tests.redis_databases import redis_url
+from tests.redis_databases import delete_keys_under, redis_url
 
 REDIS_URL = redis_url("api")
 PREFIX = "flags-test:"
@@ -44,8 +44,7 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
                 assert test_client.post("/products", json={"id": product}).status_code == 201
             yield test_client
     finally:
-        for key in store.scan_iter(f"{PREFIX}*"):
-            store.delete(key)
+        delete_keys_under(store, PREFIX)
 
 
 def count_reads(client: TestClient) -> list[list[int]]:

@@ -38,7 +38,7 @@ from tasks.quality_gate import (
     quality_gate,
 )
 from tasks.track_training import VALIDATION_FINGERPRINT_TAG, configure_mlflow
-from tests.redis_databases import redis_url
+from tests.redis_databases import delete_keys_under, redis_url
 from tests.test_publish_recommendations import write_batch
 
 REDIS_URL = redis_url("quality_gate")
@@ -65,8 +65,7 @@ def key_prefix() -> Iterator[str]:
     prefix = f"gate-test-{uuid.uuid4().hex[:8]}:"
     yield prefix
     client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=f"{prefix}*", count=1000):
-        client.delete(key)
+    delete_keys_under(client, prefix)
     client.close()
 
 

@@ -21,7 +21,7 @@ import redis
 from recsys.recommendation_store import RecommendationKeys
 from recsys.settings import Settings
 from serving.run import ServeError, ensure_redis, latest_published_repository, triton_for
-from tests.redis_databases import redis_url
+from tests.redis_databases import delete_keys_under, redis_url
 from tests.servers import free_port
 
 REDIS_URL = redis_url("gateway")
@@ -32,9 +32,7 @@ def client() -> Iterator[tuple[redis.Redis, str]]:
     prefix = f"serve-run-test-{uuid.uuid4().hex[:8]}:"
     connection = redis.Redis.from_url(REDIS_URL)
     yield connection, prefix
-    keys = list(connection.scan_iter(f"{prefix}*"))
-    if keys:
-        connection.delete(*keys)
+    delete_keys_under(connection, prefix)
     connection.close()
 
 
