@@ -5,6 +5,8 @@ export AIRFLOW_HOME := $(ROOT)/var/airflow
 export AIRFLOW_CONFIG := $(ROOT)/airflow.cfg
 VENV := $(ROOT)/.venv/bin
 ROWS ?= 50000
+# Processes `make test` runs the suite on (pytest-xdist): 2 fit this 2-core machine (docs/testing.md).
+TEST_WORKERS ?= 2
 API_PORT ?= 8100
 MLFLOW_PORT ?= 5000
 # `make demo ROWS=...` sets the demo's size; generate-data keeps its own default.
@@ -25,8 +27,8 @@ lint:  ## ruff (with Airflow's AIR rules) and mypy
 	$(VENV)/ruff check .
 	$(VENV)/mypy
 
-unit:  ## pytest only, every tier
-	$(VENV)/pytest
+unit:  ## pytest only, every tier, on TEST_WORKERS processes (pytest-xdist; a module's tests on one)
+	$(VENV)/pytest -n $(TEST_WORKERS) --dist loadscope
 
 test-fast:  ## the unit tier only (no trained model, no DAG run, no Triton): under 3 minutes on 2 cores
 	$(VENV)/pytest -m unit

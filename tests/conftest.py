@@ -12,6 +12,7 @@ import uuid
 import prometheus_client  # noqa: F401  isort: skip
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -29,10 +30,45 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TRAINER_FIXTURES = {"nvtabular_output", "trained_pipeline", "trained_run", "trainer_python"}
 
 
+# `make test` runs on two pytest-xdist workers, a module's tests all on one (its module-scoped fixtures, its Redis
+# prefix). Modules that flush a Redis database another module uses go to the same worker too: the end-to-end runs'
+# DBs 11 and 12, Feast's DB 13, the publish tests' DB 14 (the cluster test compares with it). The session's fixtures
+# (trained runs, databases) are built once per worker that asks, each under its own temporary folder.
+WORKER_GROUPS = {
+    "test_e2e_nightly": "e2e_databases", "test_airflow_scheduler": "e2e_databases",
+    "test_demo_command": "e2e_databases",
+    "test_feast_features": "feast_database", "test_feature_kinds": "feast_database",
+    "test_publish_recommendations": "publish_database", "test_redis_cluster_store": "publish_database",
+}  # fmt: skip
+
+
+def worker_group(nodeid: str) -> str:
+    """The group of a test: its module's, or the shared one in WORKER_GROUPS."""
+    module = nodeid.split("::", 1)[0]
+    return WORKER_GROUPS.get(module.rsplit("/", 1)[-1].removesuffix(".py"), module)
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: `make test` passes -n
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's scope scheduling with `worker_group` as the scope. Not its `loadgroup` with xdist_group markers:
+    xdist 3.8 marks a group by rewriting `item._nodeid`, which pytest 9.2's nodes no longer read, so every test was
+    scheduled alone (a module's fixtures set up on both workers at once, each deleting the other's keys)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkerGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return ByWorkerGroup(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """One tier per test (pyproject.toml's markers): `e2e` and `trainer` where a module or test is marked so,
-    `trainer` also for a test that uses a trained-run fixture, `unit` for the rest (`make test-fast`)."""
+    `trainer` also for a test that uses a trained-run fixture, `unit` for the rest (`make test-fast`); and one
+    worker group per module, or per set of modules in WORKER_GROUPS."""
     for item in items:
+        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        item.add_marker(pytest.mark.xdist_group(WORKER_GROUPS.get(module, module)))
         if item.get_closest_marker("e2e") or item.get_closest_marker("trainer"):
             continue
         trains = TRAINER_FIXTURES & set(getattr(item, "fixturenames", ()))
