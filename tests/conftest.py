@@ -64,11 +64,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """One tier per test (pyproject.toml's markers): `e2e` and `trainer` where a module or test is marked so,
-    `trainer` also for a test that uses a trained-run fixture, `unit` for the rest (`make test-fast`); and one
-    worker group per module, or per set of modules in WORKER_GROUPS."""
+    `trainer` also for a test that uses a trained-run fixture, `unit` for the rest (`make test-fast`)."""
     for item in items:
-        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-        item.add_marker(pytest.mark.xdist_group(WORKER_GROUPS.get(module, module)))
         if item.get_closest_marker("e2e") or item.get_closest_marker("trainer"):
             continue
         trains = TRAINER_FIXTURES & set(getattr(item, "fixturenames", ()))
