@@ -36,7 +36,7 @@ sys.path.insert(0, str(PROJECT_ROOT))
 
 from recsys.parquet_io import PartitionWriter  # noqa: E402
 from recsys.recommendation_store import RecommendationKeys  # noqa: E402
-from recsys.redis_connection import redis_client  # noqa: E402
+from recsys.redis_connection import REDIS_TYPES, check_redis_type, redis_client  # noqa: E402
 from tasks.publish_recommendations import (  # noqa: E402
     PIPELINE_CHUNK,
     _batches,
@@ -110,13 +110,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=PIPELINE_CHUNK)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6", help="a database this benchmark flushes")
-    parser.add_argument("--redis-type", default="redis", choices=["redis", "redis_cluster"])
+    parser.add_argument("--redis-type", default="redis", choices=REDIS_TYPES)
     parser.add_argument("--work", type=Path, default=None, help="folder for the generated batch (default: temporary)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "publish.json")
     args = parser.parse_args()
 
     client = redis_client(args.redis_url, args.redis_type)
-    if args.redis_type == "redis" and client.connection_pool.connection_kwargs.get("db", 0) == 0:
+    if not check_redis_type(args.redis_type) and client.connection_pool.connection_kwargs.get("db", 0) == 0:
         parser.error("the benchmark flushes its database: give one other than 0")
     target = {"redis_url": args.redis_url, "redis_type": args.redis_type, "key_prefix": PREFIX,
               "chunk_size": args.chunk_size, "progress": False}  # fmt: skip

@@ -54,16 +54,20 @@ def remove(redis_url: str, redis_type: str) -> None:
     from recsys.redis_connection import redis_client
 
     client = redis_client(redis_url, redis_type)
-    for key in [*client.scan_iter(f"{PREFIX}*"), *client.scan_iter(f"{RecommendationKeys(PREFIX).control}*")]:
+    for key in [key for pattern in RecommendationKeys(PREFIX).patterns for key in client.scan_iter(pattern)]:
         client.delete(key)
 
 
-def redis_cpu_s(redis_url: str, redis_type: str) -> float:
-    """CPU seconds Redis has used (user and system), summed over a cluster's primaries."""
+def redis_servers(redis_url: str, redis_type: str) -> list:
+    """A client of each server: the one, or a cluster's primaries (whose INFO is per node)."""
     from recsys.redis_connection import is_cluster, redis_client
 
     client = redis_client(redis_url, redis_type)
-    nodes = [node.redis_connection for node in client.get_primaries()] if is_cluster(client) else [client]
+    return [node.redis_connection for node in client.get_primaries()] if is_cluster(client) else [client]
+
+
+def redis_cpu_s(nodes: list) -> float:
+    """CPU seconds the servers have used (user and system), summed."""
     return sum(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]) for info in
                (node.info("cpu") for node in nodes))  # fmt: skip
 
@@ -75,6 +79,7 @@ async def measure(redis_url: str, redis_type: str, calls: int, rounds: int) -> d
     from serving.recommender import Recommender, RecommenderConfig, VisitorQuery
 
     client = async_redis_client(redis_url, redis_type)
+    servers = redis_servers(redis_url, redis_type)
 
     async def no_flags(items):  # type: ignore[no-untyped-def]  # the rules are not measured here
         return {}
@@ -99,12 +104,12 @@ async def measure(redis_url: str, redis_type: str, calls: int, rounds: int) -> d
         for name, call in routes.items():
             for _ in range(calls // 10):  # warm-up
                 await call()
-            served = redis_cpu_s(redis_url, redis_type)
+            served = redis_cpu_s(servers)
             cpu, wall = time.process_time(), time.perf_counter()
             for _ in range(calls):
                 await call()
             result = ((time.process_time() - cpu) / calls * 1e6, (time.perf_counter() - wall) / calls * 1e6,
-                      (redis_cpu_s(redis_url, redis_type) - served) / calls * 1e6)  # fmt: skip
+                      (redis_cpu_s(servers) - served) / calls * 1e6)  # fmt: skip
             print(f"round {round_number + 1}/{rounds} {name:24s} cpu {result[0]:7.1f} us  wall {result[1]:7.1f} us  "
                   f"redis cpu {result[2]:6.1f} us")  # fmt: skip
             best[name] = min(best.get(name, result), result)
@@ -114,16 +119,18 @@ async def measure(redis_url: str, redis_type: str, calls: int, rounds: int) -> d
 
 
 def main() -> None:
+    from recsys.redis_connection import REDIS_TYPES, check_redis_type
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6")
-    parser.add_argument("--redis-type", default="redis", choices=["redis", "redis_cluster"])
+    parser.add_argument("--redis-type", default="redis", choices=REDIS_TYPES)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     import redis
 
-    single = args.redis_type == "redis"
-    if single and redis.Redis.from_url(args.redis_url).connection_pool.connection_kwargs.get("db", 0) == 0:
+    database = redis.Redis.from_url(args.redis_url).connection_pool.connection_kwargs.get("db", 0)
+    if not check_redis_type(args.redis_type) and database == 0:  # a cluster has DB 0 only: prefix keys alone
         raise SystemExit("refusing Redis database 0: pass a dedicated --redis-url")
     publish(args.redis_url, args.redis_type)
     try:

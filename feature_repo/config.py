@@ -12,7 +12,7 @@ from feast import RepoConfig
 from feast.infra.offline_stores.dask import DaskOfflineStoreConfig
 from feast.infra.online_stores.redis import RedisOnlineStoreConfig, RedisType
 
-from recsys.redis_connection import REDIS_TYPES, redis_client
+from recsys.redis_connection import check_redis_type, redis_client
 from recsys.settings import Settings, get_settings
 from recsys.spec import DatasetSpec
 
@@ -29,12 +29,11 @@ class FeastStoreConfig:
     redis_type: str = "redis"
 
     def __post_init__(self) -> None:
-        if self.redis_type not in REDIS_TYPES:
-            raise ValueError(f"Feast's Redis type must be one of {', '.join(REDIS_TYPES)}, got {self.redis_type!r}")
+        check_redis_type(self.redis_type)
 
     @property
     def cluster(self) -> bool:
-        return self.redis_type == "redis_cluster"
+        return check_redis_type(self.redis_type)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> FeastStoreConfig:

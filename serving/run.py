@@ -53,7 +53,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from recsys.redis_connection import redis_client
+from recsys.redis_connection import check_redis_type, redis_client
 from recsys.run_layout import RunLayout, runs_dir
 from recsys.settings import PROJECT_ROOT, Settings, get_settings
 from serving.api.metrics import MULTIPROCESS_DIR_ENV, MULTIPROCESS_ON_ENV
@@ -377,7 +377,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> None:
     from serving.api.migrate import upgrade
 
     ensure_redis(settings.redis_url, allow_start=not args.no_redis_start,
-                 cluster=settings.redis_type == "redis_cluster")  # fmt: skip
+                 cluster=check_redis_type(settings.redis_type))  # fmt: skip
     with triton_for(settings, args.model_repository, enabled=not args.no_triton):
         if not args.no_triton:
             warm_up(settings)

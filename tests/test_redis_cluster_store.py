@@ -21,7 +21,7 @@ import redis.asyncio
 from fastapi.testclient import TestClient
 
 from recsys.errors import InputDataError
-from recsys.recommendation_store import RecommendationKeys, as_text, read_recommendations
+from recsys.recommendation_store import RecommendationKeys
 from recsys.settings import Settings
 from serving.api.main import create_app
 from serving.api.migrate import upgrade
@@ -34,7 +34,15 @@ from tasks.publish_recommendations import make_current, publish_recommendations,
 from tests.api_keys import authorized
 from tests.conftest import environment
 from tests.servers import redis_cluster
-from tests.test_publish_recommendations import PREFIX, REDIS_URL, expected_scored_lists, lists_table, write_batch
+from tests.test_publish_recommendations import (
+    PREFIX,
+    REDIS_URL,
+    assert_readers_see,
+    expected_scored_lists,
+    lists_table,
+    pointers,
+    write_batch,
+)
 
 KEYS = RecommendationKeys(PREFIX)
 CLUSTER = "redis_cluster"
@@ -67,20 +75,6 @@ def single(cluster: Any) -> Iterator[Any]:
 def publish(url: str, batch: Path, version: str, redis_type: str = CLUSTER, **options: Any) -> dict:
     return publish_recommendations(batch, redis_url=url, version=version, key_prefix=PREFIX, redis_type=redis_type,
                                    progress=False, **options)  # fmt: skip
-
-
-def pointers(client: Any) -> tuple[str | None, str | None]:
-    return tuple(None if value is None else as_text(value) for value in client.mget(KEYS.current, KEYS.previous))
-
-
-def assert_readers_see(client: Any, version: str, batch: Path) -> None:
-    """Every list of `batch` reads back whole from `version` with the web tier's reader (two GETs)."""
-    for kind, folder, id_column in (("user", "users", "user_id"), ("segment", "segments", "segment"),
-                                    ("similar", "similar", "item_id")):  # fmt: skip
-        for key, (items, scores, _) in expected_scored_lists(batch, folder, id_column).items():
-            found = read_recommendations(client, PREFIX, kind, key)
-            assert found is not None and found.version == version, (kind, key)
-            assert (found.item_ids, found.scores) == (items, scores), (kind, key)
 
 
 def keys_of(client: Any, version: str) -> list[bytes]:
