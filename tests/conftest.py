@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import pickle
 import shutil
 import uuid
 
@@ -10,9 +12,9 @@ import uuid
 # tests build (in this one process) metrics that their own registries do not report. The gateway never imports
 # Feast; its multiprocess mode is serving.run's (serving/api/metrics.py).
 import prometheus_client  # noqa: F401  isort: skip
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import pytest
@@ -32,8 +34,8 @@ TRAINER_FIXTURES = {"nvtabular_output", "trained_pipeline", "trained_run", "trai
 
 # `make test` runs on two pytest-xdist workers, a module's tests all on one (its module-scoped fixtures, its Redis
 # prefix). Modules that flush a Redis database another module uses go to the same worker too: the end-to-end runs'
-# DBs 11 and 12, Feast's DB 13, the publish tests' DB 14 (the cluster test compares with it). The session's fixtures
-# (trained runs, databases) are built once per worker that asks, each under its own temporary folder.
+# DBs 11 and 12, Feast's DB 13, the publish tests' DB 14 (the cluster test compares with it). The session's generated
+# data and trained runs are built once for all workers (built_once); its databases once per worker that asks.
 WORKER_GROUPS = {
     "test_e2e_nightly": "e2e_databases", "test_airflow_scheduler": "e2e_databases",
     "test_demo_command": "e2e_databases",
@@ -42,22 +44,35 @@ WORKER_GROUPS = {
 }  # fmt: skip
 
 
+# The groups that take minutes on one worker (docs/testing.md), handed out first, longest first, so that no run
+# ends waiting on one of them started late; the rest follow in xdist's order (most tests first).
+LONGEST_GROUPS = ("e2e_databases", "test_model_versions", "test_recommendations_api", "test_airflow_celery",
+                  "test_train_ranker", "test_outputs")  # fmt: skip
+
+
 def worker_group(nodeid: str) -> str:
-    """The group of a test: its module's, or the shared one in WORKER_GROUPS."""
-    module = nodeid.split("::", 1)[0]
-    return WORKER_GROUPS.get(module.rsplit("/", 1)[-1].removesuffix(".py"), module)
+    """The group of a test: its module's name, or the shared group in WORKER_GROUPS."""
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return WORKER_GROUPS.get(module, module)
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: `make test` passes -n
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """xdist's scope scheduling with `worker_group` as the scope. Not its `loadgroup` with xdist_group markers:
-    xdist 3.8 marks a group by rewriting `item._nodeid`, which pytest 9.2's nodes no longer read, so every test was
-    scheduled alone (a module's fixtures set up on both workers at once, each deleting the other's keys)."""
+    """xdist's scope scheduling with `worker_group` as the scope, LONGEST_GROUPS first. Not its `loadgroup` with
+    xdist_group markers: xdist 3.8 marks a group by rewriting `item._nodeid`, which pytest 9.2's nodes no longer
+    read, so every test was scheduled alone (a module's fixtures set up on both workers at once, each deleting the
+    other's keys)."""
     from xdist.scheduler import LoadScopeScheduling
 
     class ByWorkerGroup(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return worker_group(nodeid)
+
+        def _assign_work_unit(self, node: Any) -> None:  # xdist hands out the queue's first group
+            for group in reversed(LONGEST_GROUPS):
+                if group in self.workqueue:
+                    self.workqueue.move_to_end(group, last=False)
+            super()._assign_work_unit(node)
 
     return ByWorkerGroup(config, log)
 
@@ -106,20 +121,52 @@ def spec() -> DatasetSpec:
     return load_spec()
 
 
+T = TypeVar("T")
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], T]) -> T:
+    """`build(folder)`'s result, built once for the whole session: under pytest-xdist the first worker to ask builds
+    into a folder of the session's temporary root while holding a lock, and the others wait and read its result
+    (pickled), so two workers never train the same run. A build that fails leaves no result: the next asker tries
+    again. Tests treat what is built as read-only, or write only into subfolders of their own."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: its own temporary folder
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent / "built_once"  # the session's root, above each worker's
+    shared.mkdir(exist_ok=True)
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this worker dies
+        result_file = shared / f"{name}.pickle"
+        if result_file.exists():
+            return pickle.loads(result_file.read_bytes())
+        folder = shared / name
+        shutil.rmtree(folder, ignore_errors=True)  # a failed build's leftovers
+        folder.mkdir()
+        result = build(folder)
+        result_file.write_bytes(pickle.dumps(result))
+        return result
+
+
 @pytest.fixture(scope="session")
 def small_raw(tmp_path_factory: pytest.TempPathFactory, spec: DatasetSpec) -> Path:
     """10k generated AliCCP-format rows (train.csv, test.csv, oracle file)."""
-    out = tmp_path_factory.mktemp("raw") / "small"
-    generate_dataset(GeneratorConfig(rows=10_000, seed=7), out, spec, progress=False)
-    return out
+
+    def build(folder: Path) -> Path:
+        generate_dataset(GeneratorConfig(rows=10_000, seed=7), folder / "small", spec, progress=False)
+        return folder / "small"
+
+    return built_once(tmp_path_factory, "small_raw", build)
 
 
 @pytest.fixture(scope="session")
 def medium_raw(tmp_path_factory: pytest.TempPathFactory, spec: DatasetSpec) -> Path:
     """50k generated rows, the size the end-to-end tests run on."""
-    out = tmp_path_factory.mktemp("raw") / "medium"
-    generate_dataset(GeneratorConfig(rows=50_000, seed=11, base_logit=SMALL_DATA_BASE_LOGIT), out, spec, progress=False)
-    return out
+
+    def build(folder: Path) -> Path:
+        config = GeneratorConfig(rows=50_000, seed=11, base_logit=SMALL_DATA_BASE_LOGIT)
+        generate_dataset(config, folder / "medium", spec, progress=False)
+        return folder / "medium"
+
+    return built_once(tmp_path_factory, "medium_raw", build)
 
 
 # The tests' trained runs: as the DAG runs the steps (tasks/pipeline.py), briefly trained.
@@ -129,9 +176,13 @@ TEST_PIPELINE = PipelineConfig(two_tower_epochs=2, ranker_epochs=1)
 @pytest.fixture(scope="session")
 def nvtabular_output(medium_raw: Path, tmp_path_factory: pytest.TempPathFactory, spec) -> tuple[Path, Path, dict]:
     """The data stage on the 50k rows, NVTabular run as the DAG runs it: (resplit dir, output dir, metrics)."""
-    layout = RunLayout(tmp_path_factory.mktemp("nvt"))
-    result = run_pipeline(medium_raw, layout, TEST_PIPELINE, until="nvtabular_fit_transform", skip=("validate",))
-    return layout.resplit, layout.nvtabular, result.metrics["nvtabular_fit_transform"]
+
+    def build(folder: Path) -> tuple[Path, Path, dict]:
+        layout = RunLayout(folder)
+        result = run_pipeline(medium_raw, layout, TEST_PIPELINE, until="nvtabular_fit_transform", skip=("validate",))
+        return layout.resplit, layout.nvtabular, result.metrics["nvtabular_fit_transform"]
+
+    return built_once(tmp_path_factory, "nvtabular_output", build)
 
 
 @pytest.fixture(scope="session")
@@ -139,13 +190,17 @@ def trained_pipeline(nvtabular_output: tuple[Path, Path, dict], tmp_path_factory
                      ) -> tuple[Path, dict[str, dict]]:  # fmt: skip
     """<run>/nvtabular, two_tower, ranker, faiss_index as the DAG lays them out, trained for real (briefly); the
     Faiss index with the item-to-item source. With what each training step returned: (run folder, {step: metrics})."""
-    resplit, nvtabular, _ = nvtabular_output
-    layout = RunLayout(tmp_path_factory.mktemp("trained") / "run")
-    layout.root.mkdir()
-    layout.nvtabular.symlink_to(nvtabular)
-    layout.resplit.symlink_to(resplit)
-    result = run_pipeline(None, layout, TEST_PIPELINE, start="train_two_tower", until="build_faiss_index")
-    return layout.root, result.metrics
+
+    def build(folder: Path) -> tuple[Path, dict[str, dict]]:
+        resplit, nvtabular, _ = nvtabular_output
+        layout = RunLayout(folder / "run")
+        layout.root.mkdir()
+        layout.nvtabular.symlink_to(nvtabular)
+        layout.resplit.symlink_to(resplit)
+        result = run_pipeline(None, layout, TEST_PIPELINE, start="train_two_tower", until="build_faiss_index")
+        return layout.root, result.metrics
+
+    return built_once(tmp_path_factory, "trained_pipeline", build)
 
 
 @pytest.fixture(scope="session")
@@ -160,10 +215,12 @@ def batch_scored(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
     outside the run (an export finds no batch scoring in the run unless a test names one). Read-only for tests."""
     from recsys.trainer_env import run_trainer_step
 
-    output = tmp_path_factory.mktemp("batch_scored") / "batch_score"
-    run_trainer_step(get_settings().trainer_python, "batch-score",
-                     ["--input", str(trained_run), "--output", str(output)])  # fmt: skip
-    return output
+    def build(folder: Path) -> Path:
+        run_trainer_step(get_settings().trainer_python, "batch-score",
+                         ["--input", str(trained_run), "--output", str(folder / "batch_score")])  # fmt: skip
+        return folder / "batch_score"
+
+    return built_once(tmp_path_factory, "batch_scored", build)
 
 
 @pytest.fixture(scope="session")
@@ -173,9 +230,11 @@ def compared_rankers(nvtabular_output: tuple[Path, Path, dict], tmp_path_factory
     the 50k rows, as the DAG's comparison task trains them: {model: its output folder}. Read-only for tests."""
     from tasks.compare_rankers import train_rankers_for_comparison
 
-    _, nvtabular, _ = nvtabular_output
-    output = tmp_path_factory.mktemp("comparison")
-    return train_rankers_for_comparison(nvtabular, output, trainer_python=get_settings().trainer_python, epochs=1)
+    def build(folder: Path) -> dict[str, Path]:
+        _, nvtabular, _ = nvtabular_output
+        return train_rankers_for_comparison(nvtabular, folder, trainer_python=get_settings().trainer_python, epochs=1)
+
+    return built_once(tmp_path_factory, "compared_rankers", build)
 
 
 def latest_raw_features(run: Path, spec: DatasetSpec, kind: str) -> dict[int, dict[str, int]]:
