@@ -166,6 +166,9 @@ class Interaction(Base):
     cookie_id: Mapped[str | None] = mapped_column(String(CLIENT_ID_TEXT))
     location: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
     device: Mapped[str | None] = mapped_column(String(SHORT_TEXT))
+    # The spec's other context features by name (recsys.interactions.event_context_features; validated by
+    # serving.api.schemas.interaction_model); the extract copies them.
+    context: Mapped[dict[str, Any]] = mapped_column(AttributesType, default=dict)
     # When it happened (the client's event time, UTC); `received_at` is when the gateway stored it.
     timestamp: Mapped[datetime]
     received_at: Mapped[datetime]

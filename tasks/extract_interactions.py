@@ -24,19 +24,21 @@ day make one row:
   (`conversion`) is 1 if any event was a purchase. Any other target cannot be derived and is refused;
 - location and device <- the first event's, else the customer's (columns `location`, `device`; another spec
   names its own with `IngestionColumns`);
+- the spec's other context features (`recsys.interactions.event_context_features`: the default spec's `position`,
+  shop_events' `slot` and `channel`) <- the first event's `context`, by name;
 - item features <- the product's attributes named like a spec item feature (`item_category`, ...) as they are
   at extract time, and user features <- the customer's profile attributes named like a spec user feature
   (`user_age`, ...), each cast to the column's type (a value that does not fit is left null and counted);
-- every other column (user-item crosses, position, features nobody sent) is null.
+- every other column (user-item crosses, features nobody sent) is null.
 
 How the nightly run uses them. `csv_to_parquet` reads every day found under `<input>/interactions/` (all
 of them, not only the run's) into a split of its own, `gateway` (GATEWAY_SPLIT). `clean_null_rows` drops
 the gateway rows with more than 5 null features (its threshold), counted over `extracted_features(spec)`
 only, the features an extract can fill: the user and item features, and the context columns that
-`IngestionColumns` maps. The user-item crosses and the position are null in every such row, so counting them
-would drop every row; a customer without profile attributes still leaves the spec's 12 user features null, and
-that row is dropped. The returned
-metrics count those rows in advance (`rows_over_5_null_features`, at the default threshold). `resplit`
+`IngestionColumns` maps. The user-item crosses are null in every such row, and an event's `context` (the
+default spec's position) is sent by few clients, so counting them would drop most rows; a customer without
+profile attributes still leaves the spec's 12 user features null, and that row is dropped. The returned metrics
+count those rows in advance (`rows_over_5_null_features`, at the default threshold). `resplit`
 adds every remaining gateway row to `train` (validation stays the held-out test rows), and `validate`
 checks their null fractions over the extracted features only.
 
@@ -60,7 +62,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys.interactions import ENGAGED_TYPES, PURCHASE_TYPES
+from recsys.interactions import ENGAGED_TYPES, PURCHASE_TYPES, IngestionColumns, event_context_features
 from recsys.outputs import atomic_write_text
 from recsys.spec import DatasetSpec, SpecError, load_spec
 
@@ -74,28 +76,6 @@ GATEWAY_SPLIT = "gateway"  # the split csv_to_parquet and clean_null_rows give t
 _INTEGER_RANGES = {f"int{bits}": (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) for bits in (8, 16, 32, 64)}
 
 
-@dataclasses.dataclass(frozen=True)
-class IngestionColumns:
-    """The spec columns that the gateway's context fields fill; None: not exported. (Customers' and products'
-    attributes are named after the spec's user and item features already.)"""
-
-    location: str | None = "location"
-    device: str | None = "device"
-
-    @classmethod
-    def matching(cls, spec: DatasetSpec) -> IngestionColumns:
-        """The default names, each kept only where the spec has that column."""
-        defaults = cls()
-        return cls(**{field.name: name if (name := getattr(defaults, field.name)) in spec.columns else None
-                      for field in dataclasses.fields(cls)})  # fmt: skip
-
-    def check(self, spec: DatasetSpec) -> None:
-        for field in dataclasses.fields(self):
-            name = getattr(self, field.name)
-            if name is not None and name not in spec.columns:
-                raise SpecError(f"{spec.source}: the gateway's {field.name} maps to '{name}', which is not a column")
-
-
 def partition_path(landing_dir: Path, day: date) -> Path:
     # recsys.locations.INTERACTION_FILES names the same layout, for fetching extracts from an S3 landing zone.
     return Path(landing_dir) / INTERACTIONS_FOLDER / f"day={day.isoformat()}" / "part-00000.parquet"
@@ -106,11 +86,11 @@ def extracted_features(spec: DatasetSpec, columns: IngestionColumns | None = Non
 
     The user and item features (from customers' and products' attributes) and the context features that
     `columns` maps (default: `IngestionColumns.matching(spec)`). `clean_null_rows` counts a gateway
-    row's nulls over these only: the others (user-item crosses, position, ...) are null in every row.
+    row's nulls over these only: the others are null in every row (user-item crosses) or sent by few clients
+    (an event's `context`: the default spec's position), and counting them would drop most rows.
     """
     columns = columns or IngestionColumns.matching(spec)
-    mapped = {getattr(columns, field.name) for field in dataclasses.fields(columns)}
-    filled = set(spec.user_features) | set(spec.item_features) | mapped
+    filled = set(spec.user_features) | set(spec.item_features) | columns.mapped()
     return tuple(name for name in spec.features if name in filled)
 
 
@@ -220,6 +200,7 @@ class _Group:
     customer_device: str | None
     attributes: dict[str, Any]
     product_attributes: dict[str, Any]
+    context: dict[str, Any]  # the first event's `context`: the spec's other context features by name
     events: int
 
 
@@ -231,7 +212,7 @@ def _groups(connection: Any, start: datetime, end: datetime) -> Iterator[_Group]
     query = (
         select(Interaction.customer_id, Interaction.product_id, Interaction.session_id, Interaction.type,
                Interaction.timestamp, Interaction.location, Interaction.device, Customer.location, Customer.device,
-               Customer.attributes, Product.attributes)
+               Customer.attributes, Product.attributes, Interaction.context)
         .join(Customer, Customer.id == Interaction.customer_id)
         .join(Product, Product.id == Interaction.product_id)
         .where(Interaction.timestamp >= start, Interaction.timestamp < end)
@@ -242,7 +223,7 @@ def _groups(connection: Any, start: datetime, end: datetime) -> Iterator[_Group]
     key: tuple[int, int, str] | None = None
     for row in connection.execution_options(yield_per=READ_BATCH_ROWS).execute(query):
         (customer_id, product_id, session_id, kind, timestamp, location, device, customer_location,
-         customer_device, attributes, product_attributes) = row  # fmt: skip
+         customer_device, attributes, product_attributes, context) = row  # fmt: skip
         if group is not None and key == (customer_id, product_id, session_id):
             group.types.add(str(kind))
             group.events += 1
@@ -251,7 +232,8 @@ def _groups(connection: Any, start: datetime, end: datetime) -> Iterator[_Group]
             yield group
         key = (customer_id, product_id, session_id)
         group = _Group(customer_id, product_id, timestamp, location, device, {str(kind)}, customer_location,
-                       customer_device, attributes or {}, product_attributes or {}, events=1)  # fmt: skip
+                       customer_device, attributes or {}, product_attributes or {}, context or {},
+                       events=1)  # fmt: skip
     if group is not None:
         yield group
 
@@ -263,6 +245,7 @@ class _RowBuilder:
         self.spec, self.columns, self.targets = spec, columns, targets
         self.features = [(name, "attributes") for name in spec.user_features]
         self.features += [(name, "product_attributes") for name in spec.item_features]
+        self.features += [(name, "context") for name in event_context_features(spec, columns)]
         self.counted_features = extracted_features(spec, columns)  # as clean_null_rows counts a gateway row's nulls
         self.values: dict[str, list[Any]] = {name: [] for name in spec.columns}
         self.pending = self.rows = self.events = self.rows_over_null_limit = self.attribute_values_dropped = 0
@@ -286,7 +269,7 @@ class _RowBuilder:
             self.columns.device: group.device or group.customer_device,
         }
         row.update((name, self._cast(name, value)) for name, value in mapped.items() if name is not None)
-        for name, owner in self.features:  # the customer's or the product's attributes
+        for name, owner in self.features:  # the customer's or the product's attributes, the event's context
             attributes = getattr(group, owner)
             if name in attributes:
                 value = self._cast(name, attributes[name])

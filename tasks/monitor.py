@@ -78,10 +78,9 @@ from pathlib import Path
 from typing import Any
 
 from recsys.impression_log import read_impressions
-from recsys.interactions import ENGAGED_TYPES
+from recsys.interactions import ENGAGED_TYPES, IngestionColumns
 from recsys.run_layout import RunLayout, safe_run_id
 from recsys.spec import DatasetSpec, load_spec
-from tasks.extract_interactions import IngestionColumns
 
 log = logging.getLogger(__name__)
 

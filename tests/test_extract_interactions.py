@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from recsys.settings import Settings
-from recsys.spec import DatasetSpec, SpecError, parse_spec
+from recsys.interactions import IngestionColumns
+from recsys.settings import PROJECT_ROOT, Settings
+from recsys.spec import DatasetSpec, SpecError, load_spec, parse_spec
 from serving.api.main import create_app
 from tasks.batch_score import read_unavailable
 from tasks.cli import main as recsys_main
 from tasks.extract_interactions import (
-    IngestionColumns,
     arrow_schema,
     export_unavailable_items,
     extract_interactions,
@@ -89,8 +89,9 @@ def test_interactions_posted_through_the_api_appear_in_their_days_extract(
 ) -> None:
     # Customer 1, session s-1: a view, a click, a purchase of product 10 -> one row, both targets 1.
     # The view is 01:30 on May 1st in +02:00 notation: 23:30 UTC on April 30th, so another day.
-    post(client, type="view", timestamp="2024-05-01T08:00:00Z", location="IT", device="desktop")
-    post(client, type="click", timestamp="2024-05-01T08:01:00+00:00")
+    post(client, type="view", timestamp="2024-05-01T08:00:00Z", location="IT", device="desktop",
+         context={"position": 3})
+    post(client, type="click", timestamp="2024-05-01T08:01:00+00:00", context={"position": 1})
     post(client, type="purchase", timestamp="2024-05-01T10:05:00+02:00")
     # The same customer and product in another session: a row of its own, a view only.
     post(client, type="view", session_id="s-2", timestamp="2024-05-01T20:00:00Z")
@@ -121,8 +122,8 @@ def test_interactions_posted_through_the_api_appear_in_their_days_extract(
     assert bought["user_profile"] is None  # a string in an int32 column: left null, counted
     assert carted["user_age"] is None
     assert bought["item_intention"] is None  # not sent
-    unknown = (*spec.user_item_features, "position")  # never known to the gateway
-    assert all(row[name] is None for row in rows for name in unknown)
+    assert (bought["position"], viewed["position"], carted["position"]) == (3, None, None)  # the first event's context
+    assert all(row[name] is None for row in rows for name in spec.user_item_features)  # never known to the gateway
 
     assert metrics["interactions"] == 5 and metrics["rows"] == 3
     assert metrics["positive_rows"] == {"click": 2, "conversion": 1}
@@ -131,6 +132,27 @@ def test_interactions_posted_through_the_api_appear_in_their_days_extract(
     assert metrics["rows_over_5_null_features"] == 3
     assert "user_item_categories" in metrics["features_never_filled"]
     assert "user_age" not in metrics["features_never_filled"]
+
+
+def test_another_specs_context_features_come_from_the_events_context(migrated_database_url: str,
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    """shop_events' context features (`slot`, `channel`) are neither location nor device: a gateway on that spec
+    takes them in an interaction's `context`, and its extract writes them into their own columns."""
+    path = PROJECT_ROOT / "tests" / "data" / "shop_events.yaml"
+    app = create_app(Settings(database_url=migrated_database_url, redis_url=redis_url("api"), spec=path))
+    with authorized(TestClient(app), migrated_database_url) as client:
+        assert client.post("/customers", json={"id": 1, "attributes": {"customer_segment": 4}}).status_code == 201
+        assert client.post("/products", json={"id": 10, "attributes": {"sku_brand": 9}}).status_code == 201
+        post(client, timestamp="2024-05-01T08:00:00Z", context={"slot": 2, "channel": "app"})
+        post(client, type="click", session_id="s-2", timestamp="2024-05-01T09:00:00Z", context={"channel": "web"})
+
+    spec = load_spec(path)
+    extract_interactions(migrated_database_url, tmp_path, DAY, spec=spec)
+    rows = pq.read_table(partition_path(tmp_path, DAY)).to_pylist()
+    assert [(row["customer"], row["sku"], row["slot"], row["channel"], row["clicked"]) for row in rows] == [
+        (1, 10, 2, "app", 0), (1, 10, None, "web", 1),
+    ]  # fmt: skip
+    assert {row["customer_segment"] for row in rows} == {4} and {row["sku_brand"] for row in rows} == {9}
 
 
 def test_a_rerun_replaces_the_day_with_the_same_bytes_and_picks_up_late_events(

@@ -219,6 +219,11 @@ BAD_BODIES = [
     ("/interactions", interaction(session_id="has space"), "session_id"),
     ("/interactions", interaction(session_id=""), "session_id"),
     ("/interactions", interaction(customer_id=None), "customer_id"),
+    # An event's context is the spec's context features other than location and device (AliCCP's int32 position).
+    ("/interactions", interaction(context={"position": "top"}), "position"),
+    ("/interactions", interaction(context={"position": 2**31}), "position"),
+    ("/interactions", interaction(context={"location": "DE"}), "location"),  # a field of its own
+    ("/interactions", interaction(context={"slot": 1}), "slot"),
 ]
 
 
@@ -261,6 +266,15 @@ def test_customer_and_product_bodies_follow_the_dataset_spec(migrated_database_u
         refused = client.get("/recommendations/1", params={"slot": "top"})
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["query", "slot"]
         assert client.get("/recommendations/1", params={"slot": 2, "channel": "app"}).status_code == 200
+
+        # An interaction's context is its context features (neither is filled by location or device here).
+        context = client.get("/openapi.json").json()["components"]["schemas"]["InteractionContext"]
+        assert list(context["properties"]) == ["slot", "channel"] and context["additionalProperties"] is False
+        sent = interaction(customer_id=1, product_id=5, context={"slot": 2, "channel": "app"})
+        stored = client.post("/interactions", json=sent)
+        assert stored.status_code == 201 and stored.json()["context"] == {"slot": 2, "channel": "app"}
+        refused = client.post("/interactions", json=interaction(customer_id=1, product_id=5, context={"position": 1}))
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "context", "position"]
 
 
 @pytest.mark.parametrize("method, path, params", [
@@ -343,6 +357,14 @@ def test_an_event_id_makes_a_post_idempotent(client: TestClient) -> None:
     conflicting = client.post("/interactions", json=interaction(event_id="evt-1", type="purchase"))
     assert conflicting.status_code == 409
     assert len(client.get("/interactions").json()["data"]) == 1
+    # The context counts too: a feature not sent is the same as one sent as null, another value is a conflict.
+    with_context = client.post("/interactions", json=interaction(event_id="evt-2", context={"position": 2}))
+    assert with_context.status_code == 201 and with_context.json()["context"] == {"position": 2}
+    again = client.post("/interactions", json=interaction(event_id="evt-2", context={"position": 2}))
+    assert again.status_code == 200 and again.json() == with_context.json()
+    assert client.post("/interactions", json=interaction(event_id="evt-2", context={"position": 3})).status_code == 409
+    unsent = client.post("/interactions", json=interaction(event_id="evt-1", context={"position": None}))
+    assert unsent.status_code == 200 and unsent.json()["context"] == {}
 
 
 def test_the_idempotency_key_header_makes_a_post_idempotent(client: TestClient) -> None:

@@ -48,6 +48,7 @@ def api_router(spec: DatasetSpec) -> APIRouter:
     router.include_router(customers.router)
     router.include_router(products.catalog_router(spec))
     router.include_router(products.router)
+    router.include_router(interactions.event_router(spec))
     router.include_router(interactions.router)
     router.include_router(demo.router)
     return router

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from recsys.database import CLIENT_ID_TEXT, SHORT_TEXT, InteractionType
+from recsys.interactions import event_context_features
 from recsys.spec import DatasetSpec
 
 INT64_MAX = 2**63 - 1
@@ -243,6 +244,8 @@ class ProductsPublic(BaseModel):
 # Interactions
 
 
+# The body a gateway takes is `interaction_model(spec)`'s, whose `context` is the spec's other context features;
+# this is its base (a free-form context, name -> int, number or string).
 class InteractionCreate(RequestModel):
     type: InteractionType
     customer_id: EntityId
@@ -252,6 +255,7 @@ class InteractionCreate(RequestModel):
     # Where and on what the event happened; when absent, the extract uses the customer's.
     location: ContextValue | None = None
     device: ContextValue | None = None
+    context: Attributes = Field(default_factory=dict)
     timestamp: AwareDatetime = Field(description="when it happened, with a time zone (ISO 8601)")
     event_id: ClientId | None = Field(
         default=None, description="idempotency key: the same event posted again is stored once"
@@ -277,6 +281,19 @@ class InteractionCreate(RequestModel):
             raise ValueError("timestamp is before 1970")
         return value.astimezone(UTC)
 
+    def stored_fields(self) -> dict[str, Any]:
+        """The columns an interaction row stores of this body (the context without the features not sent)."""
+        return {**self.model_dump(), "context": stored_attributes(self.context)}
+
+
+def interaction_model(spec: DatasetSpec) -> type[InteractionCreate]:
+    """The interaction body of the dataset `spec`: `context` holds its context features that `location` and
+    `device` do not fill (`recsys.interactions.event_context_features`), each optional, typed as its column."""
+    context = features_model(spec, event_context_features(spec), "InteractionContext")
+    text = "the event's context: the dataset's context features other than location and device, each optional"
+    return create_model(InteractionCreate.__name__, __base__=InteractionCreate,
+                        context=(context, Field(default_factory=context, description=text)))  # type: ignore[call-overload]  # fmt: skip
+
 
 class InteractionPublic(PublicModel):
     id: int
@@ -288,13 +305,14 @@ class InteractionPublic(PublicModel):
     cookie_id: str | None
     location: str | None
     device: str | None
+    context: dict[str, int | float | str]
     timestamp: datetime
     received_at: datetime
     request_id: str | None
 
     def same_event(self, other: InteractionCreate) -> bool:
         """Whether `other` is this stored interaction posted again (same fields, same instant)."""
-        return all(getattr(self, name) == value for name, value in other.model_dump().items())
+        return all(getattr(self, name) == value for name, value in other.stored_fields().items())
 
 
 class InteractionsPublic(BaseModel):

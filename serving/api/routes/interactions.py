@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from recsys.database import Customer, Interaction, InteractionType, Product, utc_now
+from recsys.spec import DatasetSpec
 from serving.api.auth import AUTH_ERRORS, AdminScope, IngestScope
 from serving.api.deps import InteractionIdPath, SeenItemsDep, SessionDep
 from serving.api.persistence import get_or_404
@@ -36,9 +37,10 @@ from serving.api.schemas import (
     InteractionPublic,
     InteractionsPublic,
     error_responses,
+    interaction_model,
 )
 
-# Posting needs the ingest scope; reading them back (personal data) needs admin.
+# Posting needs the ingest scope (`event_router`); reading them back (personal data) needs admin.
 router = APIRouter(prefix="/interactions", tags=["interactions"], responses=error_responses(AUTH_ERRORS))
 
 IdempotencyKeyHeader = Annotated[
@@ -48,36 +50,46 @@ IdempotencyKeyHeader = Annotated[
 ]  # fmt: skip
 
 
-@router.post(
-    "", response_model=InteractionPublic, status_code=status.HTTP_201_CREATED, dependencies=[IngestScope, RateLimit],
-    responses={
-        200: {"model": InteractionPublic, "description": "this event_id was stored before: the stored interaction"},
-        **error_responses({404: "unknown customer or product", 409: "event_id stored with other fields",
-                           503: "database busy or unavailable: nothing acknowledged, retry with the same key",
-                           **RATE_LIMITED}),
-    },
-)  # fmt: skip
-def create_interaction(body: InteractionCreate, session: SessionDep, seen_items: SeenItemsDep, response: Response,
-                       idempotency_key: IdempotencyKeyHeader = None) -> InteractionPublic:  # fmt: skip
-    """Store an interaction; the answer (201, or 200 for a replay) comes only after the commit. Then, when the
-    spec's `exclude_seen` counts its type, its product is kept out of the customer's lists at once."""
-    body = _with_idempotency_key(body, idempotency_key)
-    if body.event_id is not None and (stored := _stored_event(session, body.event_id)) is not None:
-        return _replayed(stored, body, response)
-    get_or_404(session, Customer, body.customer_id, "customer")
-    get_or_404(session, Product, body.product_id, "product")
-    interaction = Interaction(**body.model_dump(), received_at=utc_now())
-    session.add(interaction)
-    try:
-        session.commit()
-    except IntegrityError as error:
-        session.rollback()
+def event_router(spec: DatasetSpec) -> APIRouter:
+    """Posting interactions, whose body's `context` is the spec's other context features (`interaction_model`):
+    the route is built per application, for the spec its settings name."""
+    events = APIRouter(prefix="/interactions", tags=["interactions"], responses=error_responses(AUTH_ERRORS))
+
+    def create_interaction(body: InteractionCreate, session: SessionDep, seen_items: SeenItemsDep, response: Response,
+                           idempotency_key: IdempotencyKeyHeader = None) -> InteractionPublic:  # fmt: skip
+        """Store an interaction; the answer (201, or 200 for a replay) comes only after the commit. Then, when the
+        spec's `exclude_seen` counts its type, its product is kept out of the customer's lists at once."""
+        body = _with_idempotency_key(body, idempotency_key)
         if body.event_id is not None and (stored := _stored_event(session, body.event_id)) is not None:
-            return _replayed(stored, body, response)  # the same event, posted concurrently
-        raise HTTPException(status.HTTP_409_CONFLICT, "the customer or product was deleted meanwhile") from error
-    # Only now, committed, is the interaction acknowledged (a commit that fails raises: 503 or 500, never 201).
-    seen_items.note(interaction.customer_id, interaction.product_id, interaction.type)
-    return InteractionPublic.model_validate(interaction)
+            return _replayed(stored, body, response)
+        get_or_404(session, Customer, body.customer_id, "customer")
+        get_or_404(session, Product, body.product_id, "product")
+        interaction = Interaction(**body.stored_fields(), received_at=utc_now())
+        session.add(interaction)
+        try:
+            session.commit()
+        except IntegrityError as error:
+            session.rollback()
+            if body.event_id is not None and (stored := _stored_event(session, body.event_id)) is not None:
+                return _replayed(stored, body, response)  # the same event, posted concurrently
+            raise HTTPException(status.HTTP_409_CONFLICT, "the customer or product was deleted meanwhile") from error
+        # Only now, committed, is the interaction acknowledged (a commit that fails raises: 503 or 500, never 201).
+        seen_items.note(interaction.customer_id, interaction.product_id, interaction.type)
+        return InteractionPublic.model_validate(interaction)
+
+    # FastAPI reads the body's model from the annotation: the spec's, not the free-form base mypy checks against.
+    create_interaction.__annotations__["body"] = interaction_model(spec)
+    events.post(
+        "", response_model=InteractionPublic, status_code=status.HTTP_201_CREATED,
+        dependencies=[IngestScope, RateLimit],
+        responses={
+            200: {"model": InteractionPublic, "description": "this event_id was stored before: the stored interaction"},
+            **error_responses({404: "unknown customer or product", 409: "event_id stored with other fields",
+                               503: "database busy or unavailable: nothing acknowledged, retry with the same key",
+                               **RATE_LIMITED}),
+        },
+    )(create_interaction)  # fmt: skip
+    return events
 
 
 def _with_idempotency_key(body: InteractionCreate, key: str | None) -> InteractionCreate:
