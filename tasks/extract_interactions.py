@@ -25,7 +25,8 @@ day make one row:
 - location and device <- the first event's, else the customer's (columns `location`, `device`; another spec
   names its own with `IngestionColumns`);
 - the spec's other context features (`recsys.interactions.event_context_features`: the default spec's `position`,
-  shop_events' `slot` and `channel`) <- the first event's `context`, by name;
+  shop_events' `slot` and `channel`) <- the first event's `context`, by name, cast like the attributes below (a
+  value that does not fit is left null and counted in `attribute_values_dropped`);
 - item features <- the product's attributes named like a spec item feature (`item_category`, ...) as they are
   at extract time, and user features <- the customer's profile attributes named like a spec user feature
   (`user_age`, ...), each cast to the column's type (a value that does not fit is left null and counted);
