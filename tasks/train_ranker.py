@@ -57,7 +57,12 @@ def predict(model: Any, dataset: Any, batch_size: int) -> Any:
     import merlin.models.tf as mm
 
     loader = mm.Loader(dataset, batch_size=batch_size, shuffle=False)
-    return model.predict(loader, verbose=0).reshape(-1)
+    try:
+        return model.predict(loader, verbose=0).reshape(-1)
+    finally:
+        # Joins the loader's daemon thread: one still inside TensorFlow's C++ code when the interpreter exits can
+        # abort the process ("terminate called without an active exception", seen once in CI after a predict).
+        loader.stop()
 
 
 def train_ranker(nvtabular_dir: Path, output_dir: Path, spec: DatasetSpec,

@@ -11,6 +11,7 @@ from recsys.settings import get_settings
 from recsys.trainer_env import run_trainer_step
 
 RELOAD = """
+import faulthandler; faulthandler.enable(all_threads=True)  # an abort prints every thread's stack
 import sys, json
 import numpy as np, pandas as pd, tensorflow as tf
 import merlin.models.tf as mm
@@ -61,7 +62,7 @@ def test_saved_model_reloads_with_the_same_predictions(ranker_run, nvtabular_out
     _, nvtabular_dir, _ = nvtabular_output
     process = subprocess.run([str(get_settings().trainer_python), "-c", RELOAD, str(out), str(nvtabular_dir)],
                              capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.returncode == 0, f"stdout: {process.stdout[-500:]}\nstderr: {process.stderr[-4000:]}"
     result = json.loads(process.stdout.strip().splitlines()[-1])
     assert result["n"] == len(pd.read_parquet(out / "valid_predictions.parquet"))
     assert result["max_abs_diff"] < 1e-5
