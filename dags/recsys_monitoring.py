@@ -17,13 +17,18 @@ Which hour: the latest one whose attribution windows have all closed when the ru
 (window 60 min, run at 12:00: the hour 10:00-11:00), or the `hour` Param. Alerts (CTR or precision below,
 PSI above their thresholds; CTR and precision only on hours with `min_impressions` served lists) are logged as
 JSON WARNING lines, POSTed to `alert_webhook_url` when set, and fail the task when `fail_on_alert` is on.
+
+Alongside, a second task removes the impression hours older than `RECSYS_IMPRESSIONS_RETENTION_DAYS` (90 days,
+a day at least) at the run's time (`tasks.monitor.remove_expired_impressions`; by hand: `recsys
+expire-impressions`). The two are independent: a failed monitoring hour still fails the run, and the hours a
+run monitors are far younger than any retention.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Context, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 # The Params' defaults are the step's own (a quarter of a second to import: no pandas, MLflow or TensorFlow).
@@ -31,6 +36,11 @@ from tasks.monitor import AlertThresholds, MonitoringConfig
 
 CONFIG, THRESHOLDS = MonitoringConfig(), AlertThresholds()
 WINDOW_MINUTES = int(CONFIG.attribution_window.total_seconds() // 60)
+
+
+def run_time(context: Context) -> datetime:
+    """A scheduled run's data interval end; a manual run has none and takes the time it was triggered for."""
+    return context.get("data_interval_end") or context["dag_run"].run_after
 
 
 @dag(
@@ -82,10 +92,8 @@ def recsys_monitoring() -> None:
         params = context["params"]
         config = MonitoringConfig(attribution_window=timedelta(minutes=params["attribution_window_minutes"]),
                                   k=params["k"], match_without_request_id=params["match_without_request_id"])
-        # A scheduled run has a data interval; a manual one without the Param takes the time it was triggered for.
-        run_end = context.get("data_interval_end") or context["dag_run"].run_after
         hour = datetime.fromisoformat(params["hour"]) if params["hour"] else (
-            hour_to_monitor(run_end, config.attribution_window))  # fmt: skip
+            hour_to_monitor(run_time(context), config.attribution_window))  # fmt: skip
         if not database_is_current(settings.database_url):
             raise AirflowSkipException("no gateway database at the newest migration: nothing to monitor")
         thresholds = AlertThresholds(min_ctr=params["min_ctr"], min_precision_at_k=params["min_precision_at_k"],
@@ -99,7 +107,17 @@ def recsys_monitoring() -> None:
         except MonitoringAlertError as alert:
             raise AirflowFailException(str(alert)) from alert  # the data will not change with a retry
 
+    @task
+    def expire_impressions() -> dict:
+        from recsys.settings import get_settings
+        from tasks.monitor import remove_expired_impressions
+
+        context, settings = get_current_context(), get_settings()
+        return remove_expired_impressions(settings.impressions_path, now=run_time(context),
+                                          retention_days=settings.impressions_retention_days)
+
     monitor_recommendations()
+    expire_impressions()
 
 
 recsys_monitoring()

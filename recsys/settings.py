@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     # first: what the monitoring step's off-policy estimates of other temperatures need (a few hundred bytes more
     # a sampled line; tasks/monitor.py).
     impressions_candidate_scores: bool = False
+    # How long the impression files are kept: the monitoring DAG removes older hours after each run, which also
+    # bounds what a forget rewrites (recsys/impression_log.py). A day at least: the writer only appends to now.
+    impressions_retention_days: int = Field(default=90, ge=1)
     # The dataset spec the gateway follows (segment features, which interactions keep an item out of a
     # customer's lists: `exclude_seen`); unset: specs/aliccp.yaml, as the nightly DAG's default.
     spec: Path | None = None

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 from models.blend import BLEND_METHODS, SOURCES
@@ -337,6 +337,16 @@ def _import_atomic(args: argparse.Namespace) -> dict:
     return import_atomic(args.input, args.out, config)
 
 
+def _expire_impressions(args: argparse.Namespace) -> dict:
+    from recsys.settings import get_settings
+    from tasks.monitor import remove_expired_impressions
+
+    settings = get_settings()
+    return remove_expired_impressions(args.impressions_dir or settings.impressions_path, now=datetime.now(UTC),
+                                      retention_days=settings.impressions_retention_days if args.retention_days is None
+                                      else args.retention_days)  # fmt: skip
+
+
 def _step_parser(subparsers: argparse._SubParsersAction, name: str, handler: Callable, help_text: str
                  ) -> argparse.ArgumentParser:  # fmt: skip
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -607,6 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--min-impressions", type=int, default=None,
                          help=f"served lists before CTR alerts ({AlertThresholds.min_impressions})")
     monitor.add_argument("--webhook-url", default=None, help="POST alerts here as JSON")
+    expire_help = "remove the impression hours older than the retention period (the monitoring DAG does it hourly)"
+    expire = subparsers.add_parser("expire-impressions", help=expire_help, description=expire_help)
+    expire.set_defaults(handler=_expire_impressions)
+    expire.add_argument("--metrics-json", type=Path, default=None, help="also write the step's metrics here")
+    expire.add_argument("--impressions-dir", type=Path, default=None, help="default: RECSYS_IMPRESSIONS_DIR")
+    expire.add_argument("--retention-days", type=int, default=None,
+                        help="default: RECSYS_IMPRESSIONS_RETENTION_DAYS (90)")
     for command in (extract, unavailable, monitor):
         command.add_argument("--database-url", default=None, help="default: RECSYS_DATABASE_URL")
     return parser

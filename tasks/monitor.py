@@ -77,7 +77,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from recsys.impression_log import read_impressions
+from recsys.impression_log import read_impressions, remove_hours_before
 from recsys.interactions import ENGAGED_TYPES, IngestionColumns
 from recsys.run_layout import RunLayout, safe_run_id
 from recsys.spec import DatasetSpec, load_spec
@@ -586,4 +586,17 @@ def monitor(hour: datetime, *, impressions_dir: Path, database_url: str, runs_di
         summary = "; ".join(f"{alert['model_version']} {alert['metric']} {alert['value']:.4g} {alert['condition']} "
                             f"{alert['threshold']}" for alert in alerts)  # fmt: skip
         raise MonitoringAlertError(f"monitoring {report['hour']}: {summary}")
+    return report
+
+
+def remove_expired_impressions(impressions_dir: Path, *, now: datetime, retention_days: int) -> dict[str, Any]:
+    """Remove the impression hours that ended `retention_days` or more before `now` (the monitoring DAG's second
+    task); idempotent."""
+    if retention_days < 1:
+        raise ValueError(f"impressions are kept a day at least (the writer appends to the current hour), got "
+                         f"retention_days={retention_days}")  # fmt: skip
+    cutoff = now.astimezone(UTC) - timedelta(days=retention_days)
+    hours, files = remove_hours_before(impressions_dir, cutoff)
+    report = {"removed_before": hour_label(cutoff), "hours_removed": hours, "files_removed": files}
+    log.info("impressions: %s", json.dumps(report))
     return report

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import redis
 
+from recsys.impression_log import partition_dir, read_impressions
 from recsys.run_layout import safe_run_id
 from recsys.spec import load_spec
 from tests.servers import free_port
@@ -219,8 +220,12 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, small_raw: Path) -> Iterat
     # The gateway's database and impressions that the monitoring DAG reads (hand-checked in test_monitor.py).
     gateway_database = database(home / "gateway.db", EVENTS)
     write_impressions(home / "impressions", IMPRESSIONS)
+    write_impressions(home / "impressions", [{**IMPRESSIONS[0], "time": EXPIRED_HOUR.isoformat()}])
     port = free_port()
-    env = airflow_environment(home, port, RECSYS_DATABASE_URL=gateway_database)
+    # The monitored hour's files are kept a month past today, whenever the test runs; EXPIRED_HOUR's are not.
+    retention_days = (datetime.now(UTC) - HOUR).days + 30
+    env = airflow_environment(home, port, RECSYS_DATABASE_URL=gateway_database,
+                              RECSYS_IMPRESSIONS_RETENTION_DAYS=str(retention_days))  # fmt: skip
     for url in (E2E_REDIS_URL, E2E_FEAST_REDIS_URL):
         redis.Redis.from_url(url).flushdb()
     running = RunningAirflow(home, env, port)
@@ -230,6 +235,8 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, small_raw: Path) -> Iterat
     finally:
         running.stop()
 
+
+EXPIRED_HOUR = datetime(2020, 1, 1, 5, tzinfo=UTC)
 
 SECRET_FILES = ("airflow_jwt_secret", "airflow_api_secret_key", "airflow_fernet_key", "airflow_passwords.json")
 
@@ -290,6 +297,11 @@ def test_the_monitoring_dag_runs_triggered_and_scheduled(airflow: RunningAirflow
     experiment = client.get_experiment_by_name(MONITORING_EXPERIMENT)
     [v1] = client.search_runs([experiment.experiment_id], filter_string="tags.model_version = 'v1'")
     assert v1.data.metrics["ctr"] == 0.75 and v1.data.metrics["precision_at_2"] == 0.5  # as in test_monitor.py
+    # The run's other task removed the impressions older than the retention, and only those.
+    impressions = Path(airflow.env["RECSYS_IMPRESSIONS_DIR"])
+    assert airflow.task_states("recsys_monitoring", run_id)["expire_impressions"][0] == "success"
+    assert not partition_dir(impressions, EXPIRED_HOUR).parent.exists()
+    assert read_impressions(impressions, HOUR)[0]
 
     # Unpaused, the scheduler creates the run of the latest hour (catchup is off) and it succeeds.
     scheduled = airflow.wait_for_run("recsys_monitoring", 300, run_type="scheduled")

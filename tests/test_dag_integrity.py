@@ -96,7 +96,8 @@ def test_monitoring_runs_hourly_with_alert_params(dagbag: DagBag):
     dag = dagbag.dags["recsys_monitoring"]
     assert dag.schedule == "@hourly" and dag.catchup is False
     assert dag.doc_md and "recsys_monitoring" in dag.doc_md
-    assert dag.task_ids == ["monitor_recommendations"]
+    assert sorted(dag.task_ids) == ["expire_impressions", "monitor_recommendations"]
+    assert not dag.get_task("expire_impressions").upstream_task_ids  # a failed hour still fails the run
     assert all(task.retries >= 1 and task.retry_exponential_backoff for task in dag.tasks)
     params = dag.params
     assert params["hour"] is None and params["attribution_window_minutes"] == 60 and params["k"] == 10

@@ -350,7 +350,9 @@ def test_the_dag_task_fails_on_an_alert_and_calls_the_webhook(tmp_path: Path, we
            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"), "RECSYS_DATABASE_URL": url,
            "RECSYS_IMPRESSIONS_DIR": str(tmp_path / "impressions"), "RECSYS_DATA_ROOT": str(tmp_path / "data"),
            "RECSYS_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "RECSYS_MLFLOW_ARTIFACT_ROOT": str(tmp_path / "artifacts")}  # fmt: skip
+           "RECSYS_MLFLOW_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+           # the DAG's other task keeps the fixed hour's files, however old they get
+           "RECSYS_IMPRESSIONS_RETENTION_DAYS": str(36_500)}  # fmt: skip
     airflow = str(project / ".venv/bin/airflow")
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
     conf = {"hour": "2026-11-26T11:00:00Z", "attribution_window_minutes": 30, "min_ctr": 0.2, "min_impressions": 20,
