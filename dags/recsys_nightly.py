@@ -23,6 +23,10 @@ whose weights it takes), logged as an MLflow artifact. With `compare_rankers`, `
 trains DLRM, DCN-v2, MLP and NCF on the same data and logs their comparison (report figure 5.4) to the
 MLflow experiment `recsys_ranker_comparison`.
 
+Housekeeping, on its own so that it runs whatever becomes of the run: `expire_runs` deletes the folders of older
+runs that nothing reads any more (`tasks/expire_runs.py`: the `RECSYS_KEEP_RUNS` newest, those of the last two
+days, the versions Redis may serve, the quality gate's champion and challenger and Feast's sources are kept).
+
 The tasks whose step runs in the trainer environment (the NVTabular step, training, the index, batch scoring, the
 demo data) take the Celery queue `trainer` (`make airflow-celery`; the LocalExecutor ignores queues).
 
@@ -147,6 +151,17 @@ def _model_versions(two_tower: dict, ranker: dict) -> dict[str, str]:
     },
 )
 def recsys_nightly() -> None:
+    @task
+    def expire_runs() -> dict:
+        from tasks.expire_runs import expire_runs as step
+
+        context, _, settings, _, _ = _run()
+        # The run's time, not the clock's: a scheduled run's data interval end, else when it was triggered for.
+        now = context.get("data_interval_end") or context["dag_run"].run_after
+        return step(settings.data_root, redis_url=settings.redis_url, redis_type=settings.redis_type,
+                    key_prefix=settings.redis_key_prefix, tracking_uri=settings.mlflow_tracking_uri,
+                    keep_runs=settings.keep_runs, now=now)  # fmt: skip
+
     @task
     def extract_interactions() -> dict:
         """The gateway's interactions of one day into the landing zone (seed 000: replayable inputs)."""
@@ -377,6 +392,7 @@ def recsys_nightly() -> None:
             raise _fail_without_retry(error) from error
 
     # Each task returns the path of its output; TaskFlow hands it to the next as an XComArg (a str at run time).
+    expire_runs()  # on its own: older runs' folders go whatever becomes of this run
     parquet = csv_to_parquet()
     extract_interactions() >> parquet
     cleaned = clean_null_rows(parquet)  # type: ignore[arg-type]

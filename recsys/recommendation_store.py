@@ -295,6 +295,16 @@ def version_metadata(client: redis.Redis, key_prefix: str, version: str) -> dict
     return hash_as_text(client.hgetall(RecommendationKeys(key_prefix).meta(version)))
 
 
+def versions_in_use(client: redis.Redis, key_prefix: str) -> set[str]:
+    """Every version the store may still serve or switch to: the pointers (current, previous), a running
+    experiment's challenger, the retained versions and those being loaded."""
+    keys = RecommendationKeys(key_prefix)
+    found = [*as_texts(client.mget(keys.current, keys.previous)),
+             *as_texts(client.hmget(keys.experiment, ["challenger"])),
+             *as_texts(client.lrange(keys.versions, 0, -1)), *as_texts(client.smembers(keys.loading))]  # fmt: skip
+    return {version for version in found if version is not None}
+
+
 def _reader_keys(key_prefix: str, kind: str) -> RecommendationKeys:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")

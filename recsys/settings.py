@@ -120,6 +120,8 @@ class Settings(BaseSettings):
     # How long the impression files are kept: the monitoring DAG removes older hours after each run, which also
     # bounds what a forget rewrites (recsys/impression_log.py). A day at least: the writer only appends to now.
     impressions_retention_days: int = Field(default=90, ge=1)
+    # How many of the newest runs' folders the nightly DAG keeps besides those still in use (tasks/expire_runs.py).
+    keep_runs: int = Field(default=7, ge=1)
     # The dataset spec the gateway follows (segment features, which interactions keep an item out of a
     # customer's lists: `exclude_seen`); unset: specs/aliccp.yaml, as the nightly DAG's default.
     spec: Path | None = None

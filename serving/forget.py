@@ -25,8 +25,8 @@ rows of theirs, as the database has none. The result counts what each store gave
 Known limits: the gateway worker that answers the request drops its in-process copies of the customer's
 answers; another worker's copy (answers kept for when Redis is down) answers no longer than the online cache's
 TTL after it was kept (`RecommenderConfig.local_copy_ttl_s`). Finished runs' folders under `<data_root>/runs/`
-and MLflow's artifacts keep what each run read until they are deleted; a remote (s3://) landing zone is not
-rewritten (the extracts are written locally).
+keep what each run read until the nightly `expire_runs` removes them (tasks/expire_runs.py), MLflow's artifacts
+until they are deleted; a remote (s3://) landing zone is not rewritten (the extracts are written locally).
 """
 
 from __future__ import annotations

@@ -347,11 +347,28 @@ def _expire_impressions(args: argparse.Namespace) -> dict:
                                       else args.retention_days)  # fmt: skip
 
 
+def _expire_runs(args: argparse.Namespace) -> dict:
+    from recsys.settings import get_settings
+    from tasks.expire_runs import expire_runs
+
+    settings = get_settings()
+    return expire_runs(settings.data_root, redis_url=settings.redis_url, redis_type=settings.redis_type,
+                       key_prefix=settings.redis_key_prefix, tracking_uri=settings.mlflow_tracking_uri,
+                       keep_runs=settings.keep_runs if args.keep_runs is None else args.keep_runs)  # fmt: skip
+
+
 def _step_parser(subparsers: argparse._SubParsersAction, name: str, handler: Callable, help_text: str
                  ) -> argparse.ArgumentParser:  # fmt: skip
+    parser = _housekeeping_parser(subparsers, name, handler, help_text)
+    parser.add_argument("--spec", type=Path, default=None, help="dataset spec YAML (default: specs/aliccp.yaml)")
+    return parser
+
+
+def _housekeeping_parser(subparsers: argparse._SubParsersAction, name: str, handler: Callable, help_text: str
+                         ) -> argparse.ArgumentParser:  # fmt: skip
+    """A command that reads no dataset (no --spec)."""
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
     parser.set_defaults(handler=handler)
-    parser.add_argument("--spec", type=Path, default=None, help="dataset spec YAML (default: specs/aliccp.yaml)")
     parser.add_argument("--metrics-json", type=Path, default=None, help="also write the step's metrics here")
     return parser
 
@@ -617,13 +634,14 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--min-impressions", type=int, default=None,
                          help=f"served lists before CTR alerts ({AlertThresholds.min_impressions})")
     monitor.add_argument("--webhook-url", default=None, help="POST alerts here as JSON")
-    expire_help = "remove the impression hours older than the retention period (the monitoring DAG does it hourly)"
-    expire = subparsers.add_parser("expire-impressions", help=expire_help, description=expire_help)
-    expire.set_defaults(handler=_expire_impressions)
-    expire.add_argument("--metrics-json", type=Path, default=None, help="also write the step's metrics here")
+    expire = _housekeeping_parser(subparsers, "expire-impressions", _expire_impressions,
+                                  "remove the impression hours older than the retention (the monitoring DAG does it)")
     expire.add_argument("--impressions-dir", type=Path, default=None, help="default: RECSYS_IMPRESSIONS_DIR")
     expire.add_argument("--retention-days", type=int, default=None,
                         help="default: RECSYS_IMPRESSIONS_RETENTION_DAYS (90)")
+    expire_runs = _housekeeping_parser(subparsers, "expire-runs", _expire_runs,
+                                       "remove the folders of older runs nothing uses (the nightly DAG does it)")
+    expire_runs.add_argument("--keep-runs", type=int, default=None, help="default: RECSYS_KEEP_RUNS (7)")
     for command in (extract, unavailable, monitor):
         command.add_argument("--database-url", default=None, help="default: RECSYS_DATABASE_URL")
     return parser

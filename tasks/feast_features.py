@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from feast import FeatureStore, FileSource
 from feast.errors import FeatureViewNotFoundException
 
-from feature_repo.config import FeastStoreConfig, project_name, redact_url
+from feature_repo.config import FeastStoreConfig, project_name, redact_url, repo_config
 from feature_repo.definitions import build_definitions
 from feature_repo.store import online_features, online_item_features, online_user_features, open_feature_store
 from feature_repo.tables import EVENT_TIMESTAMP, EntityTable, entity_tables
@@ -43,6 +43,7 @@ __all__ = [
     "online_item_features",
     "online_user_features",
     "open_feature_store",
+    "registered_source_paths",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,17 @@ def feast_apply(nvtabular_dir: Path, spec: DatasetSpec, store_config: FeastStore
     log.info("feast_apply: project %s, views %s, sources in %s", metrics["project"],
              ", ".join(metrics["feature_views"]), nvtabular_dir)  # fmt: skip
     return metrics
+
+
+def registered_source_paths(store_config: FeastStoreConfig | None = None) -> set[Path]:
+    """The files the registry's sources read, every project's (each the tables of the run that applied it last);
+    none without a registry."""
+    config = store_config or FeastStoreConfig.from_settings()
+    if not config.registry_path.exists():
+        return set()
+    store = FeatureStore(config=repo_config("registry_reader", config))
+    return {Path(source.path) for project in store.list_projects()
+            for source in store.registry.list_data_sources(project.name) if isinstance(source, FileSource)}  # fmt: skip
 
 
 def materialization_window(event_times: pd.Series, last_end: datetime | None) -> tuple[datetime, datetime] | None:

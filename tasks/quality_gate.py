@@ -173,6 +173,21 @@ def _versions_by_alias(client: Any, alias: str) -> dict[str, str | None]:
     return versions
 
 
+def batch_dirs_the_gate_may_publish(tracking_uri: str) -> set[Path]:
+    """The batch scores of the `champion` and `challenger` model versions (their `batch_score_dir` tags): what a
+    later run's gate republishes when a reviewer promotes or keeps them."""
+    from mlflow.tracking import MlflowClient
+
+    client, found = MlflowClient(tracking_uri), set()
+    for alias in (CHAMPION, CHALLENGER):
+        for model, version in _versions_by_alias(client, alias).items():
+            if version is not None:
+                tag = client.get_model_version(model, version).tags.get(BATCH_SCORE_DIR_TAG)
+                if tag:
+                    found.add(Path(tag))
+    return found
+
+
 def published_model_versions(redis_url: str, key_prefix: str, redis_type: str = "redis") -> dict[str, str]:
     """The model versions of the recommendations readers see now ({} when nothing is published)."""
     from recsys.recommendation_store import RecommendationKeys, version_metadata
