@@ -9,7 +9,8 @@ to the new names, ensemble steps included. `ModelFollower.sync` then loads the c
 (Triton loads the stages they name with them) and `encode_features` (and a running A/B experiment's
 challenger's, which serve its bucket) and, once the current version has been
 current (and loaded) for `grace_s`, unloads the others: a request already on its way to an older version's
-models finishes there. The gateway calls the ensembles of the version its Redis read returned (`versioned_name`), so
+models finishes there. An unloaded version's models then leave the serving repository (`unstage_version`): their
+hard links would keep the run's export on disk after `expire_runs` deleted the run. The gateway calls the ensembles of the version its Redis read returned (`versioned_name`), so
 the `model_version` of an answer is the version whose models produced it; in the seconds between a pointer move
 and the load, such a call fails and the gateway answers the generic list (`triton_unavailable`).
 """
@@ -92,6 +93,20 @@ def stage_version(exported: Path, repository: Path, version: str) -> list[str]:
     return names
 
 
+def unstage_version(repository: Path, version: str) -> list[str]:
+    """Delete `version`'s models from `repository` (Triton has unloaded them); return their names. Their files are
+    hard links to the run's export, so they would keep its disk space after `expire_runs` deletes the run; a later
+    load (a rollback) lays them out again from the export. Each is renamed aside first, then deleted."""
+    repository = Path(repository)
+    names = sorted(folder.name for folder in repository.iterdir() if folder.is_dir()
+                   and folder.name == versioned_name(folder.name.split(SEPARATOR)[0], version))  # fmt: skip
+    for name in names:
+        aside = repository / f".{name}.removing-{uuid.uuid4().hex[:8]}"
+        (repository / name).rename(aside)
+        shutil.rmtree(aside)
+    return names
+
+
 class ModelFollower:
     """Keeps the Triton at `triton_url` (explicit model control on `repository`) serving the current version.
 
@@ -142,6 +157,7 @@ class ModelFollower:
                 for model in self.served_models(old):
                     self.triton.unload_model(model, unload_dependents=True)
                 self.loaded.discard(old)
+                unstage_version(self.repository, old)
                 log.info("Triton unloaded version %s (current: %s)", old, version)
         return version
 

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from recsys.recommendation_store import RecommendationKeys
 from recsys.spec import DatasetSpec
-from serving.model_versions import ModelFollower, stage_version, versioned_name
+from serving.model_versions import SEPARATOR, ModelFollower, stage_version, unstage_version, versioned_name
 from serving.triton_client import TritonEnsembles
 from serving.triton_server import TritonServer
 from tasks.cli import main as recsys_cli
@@ -89,6 +89,11 @@ def ready(url: str, model: str) -> bool:
         client.close()
 
 
+def staged(repository: Path) -> set[str]:
+    """The versions with models in the serving repository (staging folders, hidden, left out)."""
+    return {folder.name.split(SEPARATOR, 1)[1] for folder in repository.iterdir() if not folder.name.startswith(".")}
+
+
 def test_triton_serves_the_version_the_pointer_names_through_publish_and_rollback(
         published: tuple[Path, np.ndarray, np.ndarray], pointer: tuple[redis.Redis, str], tmp_path: Path):  # fmt: skip
     data_root, users, withheld = published
@@ -120,9 +125,12 @@ def test_triton_serves_the_version_the_pointer_names_through_publish_and_rollbac
             follower.sync()
             assert not ready(server.http_url, versioned_name("recommend", "run_a"))
             assert not ready(server.http_url, versioned_name("query_tower", "run_a"))  # its stages went with it
+            # Unloaded, its models left the serving repository (their hard links would keep the run's export).
+            assert staged(repository) == {"run_b"}
 
             rollback(REDIS_URL, prefix)
             assert follower.sync() == "run_a"
+            assert staged(repository) == {"run_a", "run_b"}  # laid out again from run_a's export
             clock.now += GRACE_S
             follower.sync()
             again = answers(server.http_url, users, "run_a")
@@ -140,6 +148,7 @@ def test_triton_serves_the_version_the_pointer_names_through_publish_and_rollbac
             clock.now += GRACE_S
             follower.sync()
             assert not ready(server.http_url, versioned_name("recommend", "run_b"))
+            assert staged(repository) == {"run_a"}
         finally:
             follower.close()
 
@@ -164,6 +173,11 @@ def test_a_version_is_laid_out_once_under_its_own_names(published: tuple[Path, n
     assert 'model_name: "query_tower--2026-12-01_nightly"' in config and 'model_name: "query_tower"' not in config
     # The export's own config is untouched (the laid-out files are hard links; the config is written anew).
     assert 'name: "recommend"' in (exported / "recommend" / "config.pbtxt").read_text()
+    # Unstaged, the version's models go, another version's stay, and the export keeps its files.
+    other = stage_version(exported, tmp_path / "models", "2026-12-01 nightly-2")
+    assert unstage_version(tmp_path / "models", "2026-12-01 nightly") == sorted(names)
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == sorted(other)
+    assert (exported / "recommend" / "config.pbtxt").is_file()
 
     async def without_a_version() -> None:
         triton = TritonEnsembles("http://127.0.0.1:1", timeout_s=1, versioned=True)
