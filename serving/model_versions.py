@@ -10,9 +10,10 @@ to the new names, ensemble steps included. `ModelFollower.sync` then loads the c
 challenger's, which serve its bucket) and, once the current version has been
 current (and loaded) for `grace_s`, unloads the others: a request already on its way to an older version's
 models finishes there. An unloaded version's models then leave the serving repository (`unstage_version`): their
-hard links would keep the run's export on disk after `expire_runs` deleted the run. The gateway calls the ensembles of the version its Redis read returned (`versioned_name`), so
-the `model_version` of an answer is the version whose models produced it; in the seconds between a pointer move
-and the load, such a call fails and the gateway answers the generic list (`triton_unavailable`).
+hard links would keep the run's export on disk after `expire_runs` deleted the run. The gateway calls the
+ensembles of the version its Redis read returned (`versioned_name`), so the `model_version` of an answer is the
+version whose models produced it; in the seconds between a pointer move and the load, such a call fails and the
+gateway answers the generic list (`triton_unavailable`).
 """
 
 from __future__ import annotations
