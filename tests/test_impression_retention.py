@@ -124,7 +124,7 @@ def test_forgets_and_the_writer_go_on_while_hours_are_removed(tmp_path: Path):
         forgetter.join()
         other_removal.join()
     assert errors == []
-    assert 0 < report["hours_removed"] <= 150 and report["files_removed"] <= 150  # the rest went by the other
+    assert report["hours_removed"] <= 150 and report["files_removed"] <= 150  # the rest went by the other
     hours = hours_on_disk(tmp_path)
     assert len(hours) == 151 and hours[0] == "date=2026-11-05/hour=14" and hours[-1] == "date=2026-12-05/hour=14"
     remove_customers(tmp_path, [13])
